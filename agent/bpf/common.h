@@ -1,0 +1,163 @@
+/* Shared by every monitor program: in-kernel target filtering, followed children,
+ * counters, and the event transport (ring buffer or perf buffer).
+ *
+ * Kernel structs are never read through header types: the headers BCC compiles
+ * against belong to another kernel (KERNEL.md). Offsets come from the running
+ * kernel's BTF as -D constants (agent/kernel/btf.py), read with bpf_probe_read_kernel.
+ */
+#ifndef EBPF_AGENT_COMMON_H
+#define EBPF_AGENT_COMMON_H
+
+#ifndef MAX_TARGET_PIDS
+#define MAX_TARGET_PIDS 10240
+#endif
+#ifndef MAX_TARGET_UIDS
+#define MAX_TARGET_UIDS 1024
+#endif
+#ifndef MAX_TARGET_COMMS
+#define MAX_TARGET_COMMS 256
+#endif
+#ifndef MAX_FOLLOWED
+#define MAX_FOLLOWED 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 512
+#endif
+
+#define COMM_LEN 16
+
+/* target_flags[0]: which filters are active (userspace sets a bit when a set is non-empty). */
+#define TF_PIDS   1
+#define TF_UIDS   2
+#define TF_COMMS  4
+#define TF_FOLLOW 8
+
+/* counters[] indices; agent/monitors/base.py KERNEL_COUNTERS mirrors this list. */
+#define CNT_SEEN          0  /* events that matched the targets in the kernel */
+#define CNT_SUBMITTED     1  /* handed to the ring/perf buffer */
+#define CNT_DROPPED       2  /* the buffer was full: lost in the kernel */
+#define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
+#define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
+#define NR_COUNTERS       8
+
+struct comm_key { char comm[COMM_LEN]; };
+
+BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS);
+BPF_HASH(target_uids, u32, u8, MAX_TARGET_UIDS);
+BPF_HASH(target_comms, struct comm_key, u8, MAX_TARGET_COMMS);
+/* Descendants of target pids, added at fork, removed at exit. LRU so that a full
+ * table forgets the oldest instead of refusing new children. */
+BPF_TABLE("lru_hash", u32, u8, followed_pids, MAX_FOLLOWED);
+BPF_ARRAY(target_flags, u32, 1);
+BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
+
+static __always_inline void count(u32 idx)
+{
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline u32 active_filters(void)
+{
+    u32 zero = 0;
+    u32 *f = target_flags.lookup(&zero);
+    return f ? *f : 0;
+}
+
+static __always_inline int pid_matches(u32 tgid, u32 flags)
+{
+    if (!(flags & TF_PIDS))
+        return 1;
+    if (target_pids.lookup(&tgid))
+        return 1;
+    return (flags & TF_FOLLOW) && followed_pids.lookup(&tgid);
+}
+
+static __always_inline int uid_matches(u32 uid, u32 flags)
+{
+    return !(flags & TF_UIDS) || target_uids.lookup(&uid);
+}
+
+static __always_inline int comm_matches(struct comm_key *key, u32 flags)
+{
+    return !(flags & TF_COMMS) || target_comms.lookup(key);
+}
+
+/* Pid and uid filters for the current task; comm is separate because the exec
+ * monitor also accepts the comm a process takes after exec. */
+static __always_inline int current_pid_uid_match(u32 flags)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 uid = (u32)bpf_get_current_uid_gid();
+    return pid_matches(tgid, flags) && uid_matches(uid, flags);
+}
+
+static __always_inline int current_matches(void)
+{
+    u32 flags = active_filters();
+    if (!flags)
+        return 1;
+    if (!current_pid_uid_match(flags))
+        return 0;
+    if (flags & TF_COMMS) {
+        struct comm_key key = {};
+        bpf_get_current_comm(&key.comm, sizeof(key.comm));
+        return comm_matches(&key, flags);
+    }
+    return 1;
+}
+
+static __always_inline u32 current_ppid(void)
+{
+    u64 task = bpf_get_current_task();
+    u64 parent = 0;
+    u32 ppid = 0;
+    bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(task + OFF_TASK_STRUCT_REAL_PARENT));
+    bpf_probe_read_kernel(&ppid, sizeof(ppid), (void *)(parent + OFF_TASK_STRUCT_TGID));
+    return ppid;
+}
+
+/* Follow children of targets: sched_process_fork runs in the parent (current) with
+ * the child's pid (its tid: for a new thread that is not a tgid, which is harmless:
+ * it is removed at that thread's exit). include/trace/events/sched.h. */
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 flags = active_filters();
+    if (!(flags & TF_PIDS) || !(flags & TF_FOLLOW))
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (!target_pids.lookup(&parent) && !followed_pids.lookup(&parent))
+        return 0;
+    u32 child = args->child_pid;
+    u8 one = 1;
+    if (followed_pids.update(&child, &one))
+        count(CNT_FOLLOW_FULL);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    followed_pids.delete(&tid);
+    return 0;
+}
+
+#ifdef USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+/* Submit one event; a full buffer is a counted drop, never a silent one. */
+static __always_inline void submit_event(void *ctx, void *data, u64 size)
+{
+#ifdef USE_RINGBUF
+    int err = events.ringbuf_output(data, size, 0);
+#else
+    int err = events.perf_submit(ctx, data, size);
+#endif
+    count(err ? CNT_DROPPED : CNT_SUBMITTED);
+}
+
+#endif /* EBPF_AGENT_COMMON_H */

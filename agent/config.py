@@ -1,0 +1,219 @@
+"""Configuration: config/agent.yaml, then EBPF_AGENT_* environment, then CLI flags.
+
+Unknown keys and bad values are errors that name the file, the field path and the
+reason (``ConfigError``); the CLI turns them into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "agent.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    unix_socket: Path | None = None
+    unix_socket_mode: Literal["0600", "0660"] = "0600"
+    unix_socket_group: str | None = None
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # Host headers accepted (DNS-rebinding guard); the bind address is always added.
+    trusted_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    cors_origins: list[str] = Field(default_factory=list)
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class StreamSettings(Section):
+    replay_buffer: int = Field(65536, ge=16, le=10_000_000)
+    heartbeat_s: float = Field(15.0, gt=0, le=3600)
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600)
+    max_subscribers: int = Field(256, ge=1, le=100_000)
+
+
+class OutputSettings(Section):
+    directory: Path = Path("output")
+    formats: list[Literal["console", "csv", "jsonl"]] = Field(default_factory=lambda: ["jsonl"])
+    queue_size: int = Field(65536, ge=16, le=10_000_000)
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+def _power_of_two(v: int) -> int:
+    if v & (v - 1):
+        raise ValueError(f"{v} is not a power of two")
+    return v
+
+
+class TransportSettingsModel(Section):
+    kind: Literal["auto", "ringbuf", "perf"] = "auto"
+    ringbuf_pages: int = Field(512, ge=1, le=65536)
+    perf_pages: int = Field(64, ge=1, le=4096)
+
+    _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
+
+
+class TargetSettings(Section):
+    pids: list[int] = Field(default_factory=list)
+    uids: list[int] = Field(default_factory=list)
+    comms: list[str] = Field(default_factory=list)
+    follow_children: bool = True
+    max_pids: int = Field(10240, ge=1, le=1_000_000)
+    max_uids: int = Field(1024, ge=1, le=65536)
+    max_comms: int = Field(256, ge=1, le=65536)
+
+
+class MonitorConfig(Section):
+    enabled: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EBPF_AGENT_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    transport: TransportSettingsModel = Field(default_factory=TransportSettingsModel)
+    targets: TargetSettings = Field(default_factory=TargetSettings)
+    monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # Bearer token for the API (EBPF_AGENT_TOKEN), or a file holding it.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    pid_file: Path | None = None
+
+    def resolve_token(self) -> str | None:
+        if self.token is not None and self.token.get_secret_value():
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            try:
+                value = self.token_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"token_file {self.token_file}: {e.strerror}") from None
+            if not value:
+                raise ConfigError(f"token_file {self.token_file} is empty")
+            return value
+        return None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The YAML file's data as the lowest-priority settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _settings_class(data: dict[str, Any]) -> type[Settings]:
+    """Settings whose sources are: CLI flags (init), then the environment, then ``data``."""
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _YamlSource(settings_cls, data))
+
+    return FileSettings
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _has_path(data: Any, loc: tuple[Any, ...]) -> bool:
+    for key in loc:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _format_errors(err: ValidationError, path: Path | None, data: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        field = ".".join(str(p) for p in loc)
+        origin = str(path) if path and _has_path(data, loc) else "EBPF_AGENT_* environment/flags"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{origin}: {field}: {msg}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, registry: Any = None
+) -> Settings:
+    """Settings from the YAML file at ``path`` (None: built-in defaults), the environment
+    and ``overrides`` (nested dicts, as CLI flags give them). With ``registry``, each
+    monitor's options are validated against that monitor's Options model."""
+    data = read_yaml(path) if path is not None else {}
+    try:
+        settings: Settings = _settings_class(data)(**(overrides or {}))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, path, data)) from None
+    if registry is not None:
+        validate_monitor_options(settings, registry, path)
+    return settings
+
+
+def validate_monitor_options(settings: Settings, registry: Any, path: Path | None) -> None:
+    where = str(path) if path else "config"
+    for name, mon in settings.monitors.items():
+        if name not in registry:
+            known = ", ".join(registry.names())
+            raise ConfigError(f"{where}: monitors.{name}: unknown monitor (known: {known})")
+        try:
+            registry.get(name).Options(**mon.options)
+        except ValidationError as e:
+            parts = []
+            for err in e.errors():
+                field = ".".join(str(p) for p in err["loc"])
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                parts.append(f"{where}: monitors.{name}.options.{field}: {msg}")
+            raise ConfigError("; ".join(parts)) from None

@@ -1,0 +1,411 @@
+"""The monitor manager: one control thread owns every BCC object.
+
+Handlers (REST, CLI) never touch BPF objects; they send commands to the control
+thread and wait on a Future (Tetragon's sensor manager does the same). Each running
+monitor also has a poller thread that drains its ring/perf buffer into the sinks; the
+control thread stops and joins that poller before it detaches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from agent.core.events import Event
+from agent.core.targets import (
+    KINDS,
+    TargetKind,
+    TargetLimits,
+    TargetSet,
+    check_capacity,
+    validate_values,
+)
+from agent.kernel.capabilities import CapabilityReport
+from agent.monitors.base import (
+    BaseMonitor,
+    MonitorContext,
+    MonitorError,
+    MonitorOptions,
+    MonitorRegistry,
+    TransportSettings,
+)
+from agent.output.writer import OutputWriter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+POLL_TIMEOUT_MS = 100
+
+
+class UnknownMonitor(KeyError):
+    pass
+
+
+class MonitorUnsupported(Exception):
+    """This kernel cannot run the monitor (or these options); 409 with the reason."""
+
+
+class OptionsInvalid(ValueError):
+    """Options that fail validation; 422. ``errors`` is pydantic's list."""
+
+    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@dataclass
+class OutputConfig:
+    formats: tuple[str, ...] = ()
+    directory: Path = Path("output")
+    queue_size: int = 65536
+    flush_interval_s: float = 1.0
+
+
+class MonitorSink:
+    """Counts what a monitor delivers and fans it out. Runs on the poller thread."""
+
+    def __init__(self, publish: Callable[[Event], None] | None) -> None:
+        self.delivered = 0
+        self._publish = publish
+        self.writer: OutputWriter | None = None
+
+    def publish(self, event: Event) -> None:
+        self.delivered += 1
+        if self._publish is not None:
+            self._publish(event)
+        if self.writer is not None:
+            self.writer.offer(event)
+
+
+@dataclass
+class Running:
+    monitor: BaseMonitor
+    options: MonitorOptions
+    sink: MonitorSink
+    started_at: str
+    started_mono: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    rate: float = 0.0
+    poll_error: str | None = None
+
+
+class MonitorManager:
+    def __init__(
+        self,
+        registry: MonitorRegistry,
+        report: CapabilityReport,
+        targets: TargetSet | None = None,
+        limits: TargetLimits | None = None,
+        transport: TransportSettings | None = None,
+        output: OutputConfig | None = None,
+        publish: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.report = report
+        self.limits = limits or TargetLimits()
+        self.transport = transport or TransportSettings()
+        self.output = output or OutputConfig()
+        self._publish = publish
+        self._targets = targets or TargetSet()
+        check_capacity(self._targets, self.limits)
+        self._running: dict[str, Running] = {}
+        self._failed: dict[str, str] = {}
+        self._last_options: dict[str, MonitorOptions] = {}
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._control_loop, name="bpf-control", daemon=True)
+        self._started = time.monotonic()
+        self._closed = False
+        self._thread.start()
+
+    # -- the control thread --------------------------------------------------------
+    def _control_loop(self) -> None:
+        while True:
+            item = self._commands.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._closed:
+            fut.set_exception(RuntimeError("the monitor manager is shut down"))
+        else:
+            self._commands.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[[], T], timeout: float | None = 120) -> T:
+        return self.submit(fn).result(timeout)
+
+    async def acall(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.submit(fn))
+
+    # -- monitors ------------------------------------------------------------------
+    def monitor_class(self, name: str) -> type[BaseMonitor]:
+        if name not in self.registry:
+            raise UnknownMonitor(name)
+        return self.registry.get(name)
+
+    def parse_options(self, name: str, options: dict[str, Any] | None) -> MonitorOptions:
+        cls = self.monitor_class(name)
+        try:
+            return cls.Options(**(options or {}))
+        except ValidationError as e:
+            raise OptionsInvalid(f"invalid options for {name}", e.errors()) from None
+
+    def start_monitor(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        parsed = self.parse_options(name, options)
+        return self.call(lambda: self._start(name, parsed))
+
+    def stop_monitor(self, name: str) -> dict[str, Any]:
+        self.monitor_class(name)
+        return self.call(lambda: self._stop(name))
+
+    def _unsupported_reason(self, cls: type[BaseMonitor], options: MonitorOptions) -> str | None:
+        return self.report.support_reason(cls) or cls.option_errors(options, self.report)
+
+    def _start(self, name: str, options: MonitorOptions) -> dict[str, Any]:
+        cls = self.monitor_class(name)
+        current = self._running.get(name)
+        if current is not None:
+            if current.options == options:
+                return self._info(name)
+            self._stop(name)
+        reason = self._unsupported_reason(cls, options)
+        if reason:
+            raise MonitorUnsupported(f"{name} cannot run on this kernel: {reason}")
+        sink = MonitorSink(self._publish)
+        ctx = MonitorContext(
+            targets=self._targets,
+            sink=sink,
+            transport=self.transport,
+            limits=self.limits,
+            ringbuf_supported=self.report.feature("ringbuf").available,
+            kernel_offsets=self.report.kernel_offsets,
+        )
+        monitor = cls(options, ctx)
+        try:
+            monitor.load()
+        except MonitorError as e:
+            self._failed[name] = str(e)
+            raise MonitorUnsupported(str(e)) from e
+        if self.output.formats:
+            sink.writer = OutputWriter(
+                name, self.output.formats, self.output.directory, monitor,
+                self.output.queue_size, self.output.flush_interval_s,
+            )
+        run = Running(monitor, options, sink, _now_iso(), time.monotonic())
+        run.thread = threading.Thread(target=self._poll_loop, args=(run,), name=f"poll-{name}",
+                                      daemon=True)
+        self._running[name] = run
+        self._failed.pop(name, None)
+        self._last_options[name] = options
+        run.thread.start()
+        log.info("monitor %s started", name)
+        return self._info(name)
+
+    def _poll_loop(self, run: Running) -> None:
+        last_tick, last_delivered = time.monotonic(), 0
+        try:
+            while not run.stop.is_set():
+                run.monitor.poll(POLL_TIMEOUT_MS)
+                now = time.monotonic()
+                if now - last_tick >= 1.0:
+                    delivered = run.sink.delivered
+                    run.rate = (delivered - last_delivered) / (now - last_tick)
+                    last_tick, last_delivered = now, delivered
+                    run.monitor.periodic()
+        except Exception as e:  # reported in the monitor's state, never silent
+            run.poll_error = f"poller failed: {e}"
+            log.exception("monitor %s: poller failed", run.monitor.name)
+
+    def _stop(self, name: str) -> dict[str, Any]:
+        run = self._running.pop(name, None)
+        if run is not None:
+            run.stop.set()
+            if run.thread is not None:
+                run.thread.join(timeout=5)
+            run.monitor.close()
+            if run.sink.writer is not None:
+                run.sink.writer.close()
+            if run.poll_error:
+                self._failed[name] = run.poll_error
+            log.info("monitor %s stopped", name)
+        return self._info(name)
+
+    def _info(self, name: str) -> dict[str, Any]:
+        cls = self.monitor_class(name)
+        run = self._running.get(name)
+        info: dict[str, Any] = {"name": name, "description": cls.description}
+        options = run.options if run else self._last_options.get(name) or _defaults(cls)
+        info["options"] = options.model_dump(mode="json") if options else {}
+        static_reason = self.report.support_reason(cls)
+        if run is not None:
+            info["state"] = "failed" if run.poll_error else "running"
+            if run.poll_error:
+                info["reason"] = run.poll_error
+        elif static_reason:
+            info["state"], info["reason"] = "unsupported", static_reason
+        elif name in self._failed:
+            info["state"], info["reason"] = "failed", self._failed[name]
+        else:
+            info["state"] = "stopped"
+        return info
+
+    def monitors(self) -> list[dict[str, Any]]:
+        return self.call(lambda: [self._info(c.name) for c in self.registry])
+
+    def monitor_info(self, name: str) -> dict[str, Any]:
+        self.monitor_class(name)
+        return self.call(lambda: self._info(name))
+
+    def running(self) -> list[str]:
+        return self.call(lambda: sorted(self._running))
+
+    # -- targets -------------------------------------------------------------------
+    def targets(self) -> dict[str, Any]:
+        """The targets as the kernel maps hold them (the stored set when none runs)."""
+
+        def read() -> dict[str, Any]:
+            for run in self._running.values():
+                reader = getattr(run.monitor, "read_targets", None)
+                if reader is not None and getattr(run.monitor, "bpf", None) is not None:
+                    return dict(reader())
+            return self._targets.as_dict()
+
+        return self.call(read)
+
+    def update_targets(self, kind: TargetKind, op: str, values: Any) -> dict[str, Any]:
+        """``op``: replace, add or remove. Validation errors raise TargetError (422) and
+        change nothing."""
+        if kind not in KINDS:
+            raise ValueError(kind)
+        parsed = validate_values(kind, values)
+
+        def apply() -> dict[str, Any]:
+            current = self._targets.get(kind)
+            new = {"replace": parsed, "add": current | parsed, "remove": current - parsed}[op]
+            updated = self._targets.with_values(kind, frozenset(new))
+            check_capacity(updated, self.limits)
+            self._apply_targets(updated)
+            return updated.as_dict()
+
+        return self.call(apply)
+
+    def set_follow_children(self, follow: bool) -> dict[str, Any]:
+        def apply() -> dict[str, Any]:
+            updated = TargetSet(self._targets.pids, self._targets.uids, self._targets.comms, follow)
+            self._apply_targets(updated)
+            return updated.as_dict()
+
+        return self.call(apply)
+
+    def _apply_targets(self, updated: TargetSet) -> None:
+        self._targets = updated
+        for run in self._running.values():
+            run.monitor.ctx.targets = updated
+            run.monitor.set_targets(updated)
+
+    # -- stats ---------------------------------------------------------------------
+    def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
+        self.monitor_class(name)
+
+        def read() -> dict[str, Any]:
+            run = self._running.get(name)
+            out = self._counters(name, run)
+            if run is not None:
+                out.update(run.monitor.stats(**query))
+            return out
+
+        return self.call(read)
+
+    def _counters(self, name: str, run: Running | None) -> dict[str, Any]:
+        if run is None:
+            return {"name": name, "state": self._info(name)["state"]}
+        kernel = run.monitor.kernel_counters()
+        writer = run.sink.writer
+        return {
+            "name": name,
+            "state": "running",
+            "started_at": run.started_at,
+            "uptime_s": round(time.monotonic() - run.started_mono, 3),
+            "kernel": kernel,
+            "events_seen_kernel": kernel.get("seen", 0),
+            "events_dropped_kernel": kernel.get("dropped", 0),
+            "events_delivered": run.sink.delivered,
+            "events_dropped_userspace": writer.dropped if writer else 0,
+            "events_per_second": round(run.rate, 1),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            return {name: self._counters(name, self._running.get(name)) for name in
+                    self.registry.names()}
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "agent": {
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self._started, 3),
+                "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+                "rss_bytes": _rss_bytes(),
+            },
+            "monitors": self.call(read),
+        }
+
+    # -- lifecycle -----------------------------------------------------------------
+    def shutdown(self, timeout: float = 30) -> None:
+        """Stop every monitor (detaching every probe) and end the control thread."""
+        if self._closed:
+            return
+
+        def stop_all() -> None:
+            for name in list(self._running):
+                try:
+                    self._stop(name)
+                except Exception:
+                    log.exception("stopping %s failed", name)
+
+        try:
+            self.call(stop_all, timeout=timeout)
+        finally:
+            self._closed = True
+            self._commands.put(None)
+            self._thread.join(timeout)
+
+
+def _defaults(cls: type[BaseMonitor]) -> MonitorOptions | None:
+    try:
+        return cls.Options()
+    except ValidationError:
+        return None  # options with required fields (func: patterns) have no default
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

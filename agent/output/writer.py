@@ -1,0 +1,169 @@
+"""A bounded queue and a writer thread per monitor, so slow disks or terminals never
+stall the thread that drains the kernel buffer; what does not fit is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from agent.core.events import Event, encode_event
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("console", "csv", "jsonl")
+_STOP = object()
+
+
+class OutputPathError(ValueError):
+    """A path that would leave the configured output directory."""
+
+
+def safe_path(directory: Path, relative: str) -> Path:
+    """``directory/relative``, refusing anything that resolves outside ``directory``."""
+    base = directory.resolve()
+    candidate = (base / relative).resolve()
+    if candidate == base or base not in candidate.parents:
+        raise OutputPathError(f"{relative!r} escapes the output directory {base}")
+    return candidate
+
+
+class _Format:
+    def write(self, event: Event) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleFormat(_Format):
+    def __init__(self, line: Callable[[Event], str], stream: IO[str] | None = None) -> None:
+        self._line, self._stream = line, stream or sys.stdout
+
+    def write(self, event: Event) -> None:
+        self._stream.write(self._line(event) + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+class CsvFormat(_Format):
+    """RFC 4180 CSV (csv.QUOTE_MINIMAL with \\r\\n line ends); bytes that are not UTF-8
+    are written back as the original bytes (surrogateescape)."""
+
+    def __init__(self, path: Path, header: Sequence[str], row: Callable[[Event], list]) -> None:
+        new = not path.exists() or path.stat().st_size == 0
+        self._file = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+        self._csv = csv.writer(self._file)
+        self._row = row
+        if new:
+            self._csv.writerow(header)
+
+    def write(self, event: Event) -> None:
+        self._csv.writerow(self._row(event))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class JsonlFormat(_Format):
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "ab")  # noqa: SIM115
+
+    def write(self, event: Event) -> None:
+        self._file.write(encode_event(event) + b"\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class OutputWriter:
+    """Writes one monitor's events in the chosen formats from its own thread."""
+
+    def __init__(
+        self,
+        name: str,
+        formats: Sequence[str],
+        directory: Path,
+        monitor: Any,
+        queue_size: int = 65536,
+        flush_interval_s: float = 1.0,
+        console: IO[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.dropped = 0
+        self.written = 0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._flush_interval = flush_interval_s
+        self._formats: list[_Format] = []
+        if any(f != "console" for f in formats):
+            directory.mkdir(parents=True, exist_ok=True)
+        for fmt in dict.fromkeys(formats):
+            if fmt == "console":
+                self._formats.append(ConsoleFormat(monitor.console_line, console))
+            elif fmt == "csv":
+                path = safe_path(directory, f"{name}.csv")
+                self._formats.append(CsvFormat(path, monitor.CSV_FIELDS, monitor.csv_row))
+            elif fmt == "jsonl":
+                self._formats.append(JsonlFormat(safe_path(directory, f"{name}.jsonl")))
+            else:
+                raise ValueError(f"unknown output format {fmt!r}")
+        self._thread = threading.Thread(target=self._run, name=f"output-{name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, event: Event) -> None:
+        """Never blocks: a full queue drops the event and counts it."""
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=self._flush_interval)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._write(item)
+            now = time.monotonic()
+            if now - last_flush >= self._flush_interval:
+                self._flush()
+                last_flush = now
+        self._flush()
+        for f in self._formats:
+            f.close()
+
+    def _write(self, event: Event) -> None:
+        for f in self._formats:
+            try:
+                f.write(event)
+            except Exception:
+                log.exception("output %s: write failed", self.name)
+        self.written += 1
+
+    def _flush(self) -> None:
+        for f in self._formats:
+            try:
+                f.flush()
+            except Exception:
+                log.exception("output %s: flush failed", self.name)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, flush and close the files."""
+        self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)

@@ -69,3 +69,27 @@ class CollectingSink:
 @pytest.fixture
 def sink() -> Iterator[CollectingSink]:
     yield CollectingSink()
+
+
+def prog_ids_held_by(pid: int) -> set[int]:
+    """BPF program ids a process holds fds for (/proc/PID/fdinfo: "prog_id:"); this
+    bpftool build has no "pids" field, so ownership is read here."""
+    ids: set[int] = set()
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
+def loaded_prog_ids() -> set[int]:
+    """Every BPF program the kernel has loaded, as ``bpftool prog show`` lists them."""
+    import json
+
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, check=True)
+    return {p["id"] for p in json.loads(out.stdout)}

@@ -65,7 +65,8 @@ def validate_comm(value: object) -> str:
         raise TargetError("comms: empty process name")
     if len(raw) > COMM_MAX_BYTES:
         raise TargetError(
-            f"comms: {value!r} is {len(raw)} bytes; the kernel keeps {COMM_MAX_BYTES} (TASK_COMM_LEN)"
+            f"comms: {value!r} is {len(raw)} bytes; "
+            f"the kernel keeps {COMM_MAX_BYTES} (TASK_COMM_LEN)"
         )
     if b"\0" in raw:
         raise TargetError(f"comms: {value!r} contains a NUL byte")

@@ -107,7 +107,7 @@ class BaseMonitor(ABC):
         """Monitor-specific figures (aggregating monitors return their tables)."""
         return {}
 
-    def periodic(self) -> None:
+    def periodic(self) -> None:  # noqa: B027 (optional hook)
         """Called about once a second on the poller thread (snapshots, housekeeping)."""
 
     def csv_row(self, event: Event) -> list[Any]:
@@ -243,9 +243,9 @@ class BccMonitor(BaseMonitor):
 
     def open_buffer(self) -> None:
         if self.use_ringbuf:
-            self.bpf["events"].open_ring_buffer(self._on_raw_event)
+            self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
         else:
-            self.bpf["events"].open_perf_buffer(
+            self.bpf[b"events"].open_perf_buffer(
                 self._on_raw_event, page_cnt=self.ctx.transport.perf_pages, lost_cb=self._on_lost
             )
 
@@ -283,14 +283,14 @@ class BccMonitor(BaseMonitor):
     def set_targets(self, targets: TargetSet) -> None:
         if self.bpf is None:
             return
-        old_pids = {k.value for k in self.bpf["target_pids"].keys()}
+        old_pids = {k.value for k in self.bpf[b"target_pids"]}
         new_flags = (
             (TF_PIDS if targets.pids else 0)
             | (TF_UIDS if targets.uids else 0)
             | (TF_COMMS if targets.comms else 0)
             | (TF_FOLLOW if targets.follow_children else 0)
         )
-        flags = self.bpf["target_flags"]
+        flags = self.bpf[b"target_flags"]
         # Narrowing to "everything" first, widening last: never a window where an
         # active filter flag points at a half-written map.
         flags[ctypes.c_int(0)] = ctypes.c_uint32(
@@ -304,19 +304,19 @@ class BccMonitor(BaseMonitor):
         flags[ctypes.c_int(0)] = ctypes.c_uint32(new_flags)
 
     def _read_flags(self) -> int:
-        return int(self.bpf["target_flags"][ctypes.c_int(0)].value)
+        return int(self.bpf[b"target_flags"][ctypes.c_int(0)].value)
 
     def _sync_ids(self, map_name: str, wanted: frozenset[int]) -> None:
         table = self.bpf[map_name]
-        present = {k.value for k in table.keys()}
+        present = {k.value for k in table}
         for v in present - wanted:
             del table[table.Key(v)]
         for v in wanted - present:
             table[table.Key(v)] = table.Leaf(1)
 
     def _sync_comms(self, wanted: frozenset[str]) -> None:
-        table = self.bpf["target_comms"]
-        present = {bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape") for k in table.keys()}
+        table = self.bpf[b"target_comms"]
+        present = {bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape") for k in table}
         for c in present - wanted:
             table.__delitem__(self._comm_key(table, c))
         for c in wanted - present:
@@ -330,7 +330,7 @@ class BccMonitor(BaseMonitor):
 
     def _seed_followed(self, targets: TargetSet) -> None:
         """Reset followed children: the living descendants of the target pids."""
-        table = self.bpf["followed_pids"]
+        table = self.bpf[b"followed_pids"]
         table.clear()
         if not (targets.pids and targets.follow_children):
             return
@@ -340,11 +340,11 @@ class BccMonitor(BaseMonitor):
     def read_targets(self) -> dict[str, list]:
         """The target maps as the kernel holds them."""
         return {
-            "pids": sorted(k.value for k in self.bpf["target_pids"].keys()),
-            "uids": sorted(k.value for k in self.bpf["target_uids"].keys()),
+            "pids": sorted(k.value for k in self.bpf[b"target_pids"]),
+            "uids": sorted(k.value for k in self.bpf[b"target_uids"]),
             "comms": sorted(
                 bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape")
-                for k in self.bpf["target_comms"].keys()
+                for k in self.bpf[b"target_comms"]
             ),
             "follow_children": bool(self._read_flags() & TF_FOLLOW),
         }
@@ -352,7 +352,7 @@ class BccMonitor(BaseMonitor):
     def kernel_counters(self) -> dict[str, int]:
         if self.bpf is None:
             return {}
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         out = {}
         for i, name in enumerate(KERNEL_COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))

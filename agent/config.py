@@ -7,7 +7,7 @@ reason (``ConfigError``); the CLI turns them into one line and exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -66,10 +66,15 @@ class TransportSettingsModel(Section):
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
 
 
+U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# TASK_COMM_LEN is 16 with the NUL; the length is checked in bytes by TargetSet too.
+Comm = Annotated[str, Field(min_length=1, max_length=15)]
+
+
 class TargetSettings(Section):
-    pids: list[int] = Field(default_factory=list)
-    uids: list[int] = Field(default_factory=list)
-    comms: list[str] = Field(default_factory=list)
+    pids: list[U32] = Field(default_factory=list)
+    uids: list[U32] = Field(default_factory=list)
+    comms: list[Comm] = Field(default_factory=list)
     follow_children: bool = True
     max_pids: int = Field(10240, ge=1, le=1_000_000)
     max_uids: int = Field(1024, ge=1, le=65536)
@@ -169,7 +174,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def _has_path(data: Any, loc: tuple[Any, ...]) -> bool:
     for key in loc:
-        if not isinstance(data, dict) or key not in data:
+        in_dict = isinstance(data, dict) and key in data
+        in_list = isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)
+        if not (in_dict or in_list):
             return False
         data = data[key]
     return True

@@ -53,7 +53,7 @@ class CapabilityReport:
         if self.tracefs is None:
             return False
         category, event = name.split(":", 1)
-        return (Path(self.tracefs) / "events" / category / event).is_dir()
+        return _is_dir(Path(self.tracefs) / "events" / category / event)
 
     def support_reason(self, monitor_cls: Any) -> str | None:
         """Why ``monitor_cls`` cannot run here, or None when it can."""
@@ -69,11 +69,26 @@ class CapabilityReport:
         return out
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # tracefs is root-only (0700): a non-root check sees EACCES
+        return False
+
+
 def find_tracefs() -> Path | None:
     for p in TRACEFS_CANDIDATES:
-        if (p / "events").is_dir():
+        if _is_dir(p / "events"):
             return p
     return None
+
+
+def _tracefs_feature(tracefs: Path | None) -> Feature:
+    if tracefs is not None:
+        return Feature(True, str(tracefs))
+    if os.geteuid() != 0:
+        return Feature(False, "tracefs not readable (root only)")
+    return Feature(False, "tracefs not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
 
 
 def kernel_config() -> dict[str, str]:
@@ -144,7 +159,7 @@ def _check_kprobes(tracefs: Path | None, config: dict[str, str]) -> Feature:
         if config.get("CONFIG_KPROBES") != "y":
             return Feature(False, "CONFIG_KPROBES is not set in this kernel")
         return Feature(True, "CONFIG_KPROBES=y")
-    if tracefs and (tracefs / "kprobe_events").exists():
+    if tracefs and _is_dir(tracefs) and (tracefs / "kprobe_events").exists():
         return Feature(True, f"{tracefs}/kprobe_events present")
     return Feature(False, "no kprobe_events in tracefs")
 
@@ -188,8 +203,7 @@ def build_report(registry: Any | None = None) -> CapabilityReport:
             "CONFIG_BPF_SYSCALL" if config else "from /sys/fs/bpf",
         ),
         "btf": btf_feature,
-        "tracefs": Feature(tracefs is not None, str(tracefs) if tracefs else "tracefs not mounted"
-                           " (mount -t tracefs tracefs /sys/kernel/tracing)"),
+        "tracefs": _tracefs_feature(tracefs),
         "bcc": _check_bcc(),
         "kernel_headers": _check_headers(),
         "ringbuf": _check_ringbuf(),

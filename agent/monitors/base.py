@@ -129,13 +129,17 @@ class MonitorRegistry:
     def register(self, name: str, description: str = "") -> Callable[[M], M]:
         def decorate(cls: M) -> M:
             existing = self._classes.get(name)
-            if existing is not None and existing.__qualname__ != cls.__qualname__:
+            # Re-registering the very same class (a module imported twice) is harmless.
+            same = existing is not None and (existing.__module__, existing.__qualname__) == (
+                cls.__module__, cls.__qualname__)
+            if existing is not None and not same:
                 raise DuplicateMonitorError(
                     f"monitor name {name!r} registered twice: {existing.__module__}."
                     f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
                 )
             cls.name = name
-            cls.description = description or (cls.__doc__ or "").strip().splitlines()[0]
+            doc_lines = (cls.__doc__ or "").strip().splitlines()
+            cls.description = description or (doc_lines[0] if doc_lines else name)
             self._classes[name] = cls
             return cls
 

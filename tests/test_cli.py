@@ -1,0 +1,92 @@
+"""The ebpf-agent command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(REPO / ".venv" / "bin" / "ebpf-agent")
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def wait_for_line(path: Path, needle: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["run", "nosuch"], 2, "unknown monitor 'nosuch'"),
+        (["run", "exec", "--pid", "-1"], 2, "targets.pids.0"),
+        (["run", "exec", "--comm", "x" * 16], 2, "targets.comms.0"),
+        (["run", "exec", "--option", "exec.max_args=0"], 2, "max_args"),
+        (["run", "exec", "--option", "nope"], 2, "MONITOR.KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code(args, code, message) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_broken_config_file_names_file_and_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("output:\n  queue_size: -5\n")
+    proc = run_cli("--config", str(cfg), "run", "exec")
+    assert proc.returncode == 2
+    assert f"{cfg}: output.queue_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_root_gets_one_clear_line() -> None:
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CLI,
+                           "run", "exec", "--duration", "1"], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert "needs root" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_writes_jsonl_and_stops_on_duration(kernel, tmp_path: Path) -> None:
+    agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--format", "csv",
+                              "--output-dir", str(tmp_path), "--duration", "4"],
+                             stderr=subprocess.PIPE, text=True)
+    assert agent.stderr is not None
+    assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
+    marker = subprocess.Popen(["/bin/echo", "cli-duration-marker"], stdout=subprocess.DEVNULL)
+    marker.wait()
+    assert agent.wait(timeout=20) == 0
+    events = [json.loads(x) for x in (tmp_path / "exec.jsonl").read_text().splitlines()]
+    mine = [e for e in events if e["argv"] == ["/bin/echo", "cli-duration-marker"]]
+    assert [(e["pid"], e["ppid"], e["ret"]) for e in mine] == [(marker.pid, os.getpid(), 0)]
+    assert "cli-duration-marker" in (tmp_path / "exec.csv").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_flushes(kernel, tmp_path: Path, sig) -> None:
+    agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--output-dir",
+                              str(tmp_path), "--pid", str(os.getpid())],
+                             stderr=subprocess.PIPE, text=True)
+    assert agent.stderr is not None
+    assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
+    subprocess.run(["/bin/echo", "cli-signal-marker"], stdout=subprocess.DEVNULL, check=True)
+    time.sleep(0.5)
+    agent.send_signal(sig)
+    assert agent.wait(timeout=20) == 0
+    lines = (tmp_path / "exec.jsonl").read_text().splitlines()
+    assert any(json.loads(x)["argv"] == ["/bin/echo", "cli-signal-marker"] for x in lines)
+    # --pid of this test: every event is this process or its descendants.
+    assert all(json.loads(x)["ppid"] == os.getpid() for x in lines)

@@ -1,0 +1,75 @@
+"""Output files stay inside the output directory; queues are bounded and count drops."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.output.writer import OutputPathError, OutputWriter, safe_path
+
+
+@pytest.mark.parametrize("name", ["../x.csv", "/etc/passwd", "a/../../x", ".", ""])
+def test_paths_escaping_the_directory_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(OutputPathError):
+        safe_path(tmp_path / "out", name)
+
+
+def test_symlink_escape_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(tmp_path)
+    with pytest.raises(OutputPathError):
+        safe_path(out, "link/x.csv")
+    assert safe_path(out, "exec.csv") == (out / "exec.csv").resolve()
+
+
+class _Mon:
+    CSV_FIELDS = ("pid", "argv")
+
+    def csv_row(self, e: dict) -> list:
+        return [e["pid"], json.dumps(e["argv"])]
+
+    def console_line(self, e: dict) -> str:
+        return f"pid={e['pid']}"
+
+
+class _Blocking(io.StringIO):
+    """A console that blocks until released: the writer thread stalls on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.release.wait(10)
+        return super().write(s)
+
+
+def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    console = _Blocking()
+    w = OutputWriter("t", ["console"], tmp_path, _Mon(), queue_size=16, console=console)
+    for i in range(100):
+        w.offer({"pid": i, "argv": []})
+    # One event may be in the writer's hands; the queue holds 16; the rest are dropped.
+    assert w.dropped in (100 - 16, 100 - 17)
+    console.release.set()
+    w.close()
+    assert console.getvalue().count("pid=") == 100 - w.dropped
+
+
+def test_files_written_and_flushed_on_close(tmp_path: Path) -> None:
+    w = OutputWriter("m", ["csv", "jsonl"], tmp_path, _Mon())
+    for i in range(3):
+        w.offer({"pid": i, "argv": ["a,b", 'q"', "n\nl"]})
+    w.close()
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["pid", "argv"]
+    assert [json.loads(r[1]) for r in rows[1:]] == [["a,b", 'q"', "n\nl"]] * 3
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [json.loads(x)["pid"] for x in lines] == [0, 1, 2]

@@ -33,7 +33,7 @@ class ApiSettings(Section):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     # Host headers accepted (DNS-rebinding guard); the bind address is always added.
-    trusted_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    trusted_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]
     cors_origins: list[str] = Field(default_factory=list)
     shutdown_timeout_s: float = Field(5.0, gt=0, le=60)
 
@@ -47,7 +47,7 @@ class StreamSettings(Section):
 
 class OutputSettings(Section):
     directory: Path = Path("output")
-    formats: list[Literal["console", "csv", "jsonl"]] = Field(default_factory=lambda: ["jsonl"])
+    formats: list[Literal["console", "csv", "jsonl"]] = ["jsonl"]  # pydantic copies defaults
     queue_size: int = Field(65536, ge=16, le=10_000_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
 
@@ -96,13 +96,13 @@ class Settings(BaseSettings):
         env_prefix="EBPF_AGENT_", env_nested_delimiter="__", extra="forbid"
     )
 
-    api: ApiSettings = Field(default_factory=ApiSettings)
-    stream: StreamSettings = Field(default_factory=StreamSettings)
-    output: OutputSettings = Field(default_factory=OutputSettings)
-    transport: TransportSettingsModel = Field(default_factory=TransportSettingsModel)
-    targets: TargetSettings = Field(default_factory=TargetSettings)
+    api: ApiSettings = ApiSettings()
+    stream: StreamSettings = StreamSettings()
+    output: OutputSettings = OutputSettings()
+    transport: TransportSettingsModel = TransportSettingsModel()
+    targets: TargetSettings = TargetSettings()
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    logging: LoggingSettings = LoggingSettings()
     # Bearer token for the API (EBPF_AGENT_TOKEN), or a file holding it.
     token: SecretStr | None = None
     token_file: Path | None = None

@@ -38,7 +38,7 @@ class TargetSet:
         return getattr(self, kind)
 
     def with_values(self, kind: TargetKind, values: frozenset) -> TargetSet:
-        return replace(self, **{kind: values})
+        return replace(self, **{kind: values})  # type: ignore[arg-type]
 
     def as_dict(self) -> dict:
         return {

@@ -341,7 +341,7 @@ class BccMonitor(BaseMonitor):
         for pid in procfs.descendants(targets.pids):
             table[table.Key(pid)] = table.Leaf(1)
 
-    def read_targets(self) -> dict[str, list]:
+    def read_targets(self) -> dict[str, Any]:
         """The target maps as the kernel holds them."""
         return {
             "pids": sorted(k.value for k in self.bpf[b"target_pids"]),

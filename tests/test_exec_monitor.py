@@ -281,3 +281,19 @@ def test_kernel_drops_are_counted(sink):
     assert before_poll["dropped"] > 0
     assert before_poll["seen"] == before_poll["submitted"] + before_poll["dropped"]
     assert len(sink.events) == before_poll["submitted"]
+
+
+def test_existing_descendants_of_a_new_target_are_followed(sink):
+    """Children forked before the pid became a target are found in /proc and followed."""
+    outer = subprocess.Popen(
+        ["/bin/sh", "-c", "/bin/sh -c 'read go; /bin/echo seeded-marker'; true"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)  # the inner shell exists before the monitor learns of the target
+    try:
+        with exec_monitor(sink, TargetSet(pids=frozenset({outer.pid}))) as m:
+            _go(outer)
+            found = wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "seeded-marker"])
+    finally:
+        outer.kill()
+    assert len(found) == 1 and found[0]["ppid"] != outer.pid

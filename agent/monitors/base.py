@@ -288,6 +288,7 @@ class BccMonitor(BaseMonitor):
         if self.bpf is None:
             return
         old_pids = {k.value for k in self.bpf[b"target_pids"]}
+        old_follow = bool(self._read_flags() & TF_FOLLOW)
         new_flags = (
             (TF_PIDS if targets.pids else 0)
             | (TF_UIDS if targets.uids else 0)
@@ -295,15 +296,16 @@ class BccMonitor(BaseMonitor):
             | (TF_FOLLOW if targets.follow_children else 0)
         )
         flags = self.bpf[b"target_flags"]
-        # Narrowing to "everything" first, widening last: never a window where an
-        # active filter flag points at a half-written map.
+        # While the maps are rewritten only filters active both before and after stay
+        # on: a filter being added is switched on once its map is full, one being
+        # removed is switched off before its map empties.
         flags[ctypes.c_int(0)] = ctypes.c_uint32(
             self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS)
         )
         self._sync_ids("target_pids", targets.pids)
         self._sync_ids("target_uids", targets.uids)
         self._sync_comms(targets.comms)
-        if old_pids != set(targets.pids) or not targets.follow_children:
+        if old_pids != set(targets.pids) or old_follow != targets.follow_children:
             self._seed_followed(targets)
         flags[ctypes.c_int(0)] = ctypes.c_uint32(new_flags)
 
@@ -311,7 +313,7 @@ class BccMonitor(BaseMonitor):
         return int(self.bpf[b"target_flags"][ctypes.c_int(0)].value)
 
     def _sync_ids(self, map_name: str, wanted: frozenset[int]) -> None:
-        table = self.bpf[map_name]
+        table = self.bpf[map_name.encode()]
         present = {k.value for k in table}
         for v in present - wanted:
             del table[table.Key(v)]

@@ -38,8 +38,13 @@ class MonotonicClock:
         import time
 
         self._offset_ns = time.time_ns() - time.monotonic_ns()
+        self._second = -1
+        self._prefix = ""
 
     def iso(self, ts_ns: int) -> str:
         wall = ts_ns + self._offset_ns
-        dt = datetime.fromtimestamp(wall // 1_000_000_000, UTC)
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{wall % 1_000_000_000:09d}Z"
+        second, nanos = divmod(wall, 1_000_000_000)
+        if second != self._second:  # formatting the date part once a second is enough
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = second
+        return f"{self._prefix}{nanos:09d}Z"

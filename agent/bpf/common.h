@@ -31,6 +31,10 @@
 #define TF_UIDS   2
 #define TF_COMMS  4
 #define TF_FOLLOW 8
+/* Set by userspace once the target maps are written. Programs attach when BCC loads
+ * them, before that: until then nothing matches, instead of everything. */
+#define TF_READY  16
+#define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS)
 
 /* counters[] indices; agent/monitors/base.py KERNEL_COUNTERS mirrors this list. */
 #define CNT_SEEN          0  /* events that matched the targets in the kernel */
@@ -96,7 +100,9 @@ static __always_inline int current_pid_uid_match(u32 flags)
 static __always_inline int current_matches(void)
 {
     u32 flags = active_filters();
-    if (!flags)
+    if (!(flags & TF_READY))
+        return 0;
+    if (!(flags & TF_FILTERS))
         return 1;
     if (!current_pid_uid_match(flags))
         return 0;

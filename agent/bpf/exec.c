@@ -40,7 +40,7 @@ static __always_inline int read_args(struct exec_event *e, const char *const *ar
 static __always_inline int on_enter(const char *filename, const char *const *argv)
 {
     u32 flags = active_filters();
-    if (flags && !current_pid_uid_match(flags))
+    if (!(flags & TF_READY) || !current_pid_uid_match(flags))
         return 0;
     u32 zero = 0;
     struct exec_event *e = scratch.lookup(&zero);

@@ -30,7 +30,7 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 # Mirrors the CNT_* indices of agent/bpf/common.h.
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
-TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW = 1, 2, 4, 8
+TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 
 
 class MonitorError(Exception):
@@ -196,7 +196,8 @@ class BccMonitor(BaseMonitor):
     """A monitor whose kernel side is one BCC program including agent/bpf/common.h."""
 
     BPF_SOURCE: ClassVar[str] = ""  # file name in agent/bpf/
-    REQUIRED_FEATURES = ("root", "bcc", "tracefs", "btf", "kernel_headers")
+    REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
+        "root", "bcc", "tracefs", "btf", "kernel_headers")
 
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
@@ -235,8 +236,8 @@ class BccMonitor(BaseMonitor):
 
         try:
             self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
+            self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
             self.attach()
-            self.set_targets(self.ctx.targets)
             self.open_buffer()
         except Exception as e:
             self.close()
@@ -294,13 +295,14 @@ class BccMonitor(BaseMonitor):
             | (TF_UIDS if targets.uids else 0)
             | (TF_COMMS if targets.comms else 0)
             | (TF_FOLLOW if targets.follow_children else 0)
+            | TF_READY
         )
         flags = self.bpf[b"target_flags"]
         # While the maps are rewritten only filters active both before and after stay
         # on: a filter being added is switched on once its map is full, one being
         # removed is switched off before its map empties.
         flags[ctypes.c_int(0)] = ctypes.c_uint32(
-            self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS)
+            self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS | TF_READY)
         )
         self._sync_ids("target_pids", targets.pids)
         self._sync_ids("target_uids", targets.uids)

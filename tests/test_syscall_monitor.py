@@ -1,0 +1,419 @@
+"""SyscallMonitor against ground truth: a compiled program makes exactly N getppid(2) and
+M failing open(2) calls per round, and the monitor must report exactly those."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import CollectingSink, compile_c
+from pydantic import ValidationError
+
+from agent.core.targets import TargetSet
+from agent.kernel.btf import kernel_offsets
+from agent.kernel.syscalls import category, syscall_names
+from agent.monitors.base import BPF_DIR, MonitorContext, TransportSettings, default_registry
+from agent.monitors.syscall import (
+    SC_CFG_ARMED,
+    SC_CFG_SLOW,
+    SC_COMM_LEN,
+    SC_COUNTERS,
+    SC_GENERATIONS,
+    SC_HIST_SLOTS,
+    ScConfig,
+    SyscallEvent,
+    SyscallMonitor,
+    SyscallOptions,
+    merge_stat,
+    sort_limit,
+    sum_columns,
+)
+
+N_GETPPID = 1000
+M_OPEN = 7
+COMM = "sc_workload"
+NR = {name: nr for nr, name in syscall_names().items()}
+EVENT_FIELDS = {
+    "monitor", "timestamp", "ts_ns", "pid", "tid", "comm", "syscall", "nr", "category",
+    "latency_ns", "ret",
+}
+
+# Commands on stdin, one per line: "g" runs a round (N getppid, M opens of a missing
+# file, then a nanosleep of SLEEP_MS ms when > 0) and answers "done"; EOF or "q" exits.
+# syscall(SYS_...) and not the libc wrappers: glibc's nanosleep() is clock_nanosleep(2).
+WORKLOAD_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    long n = atol(argv[1]), m = atol(argv[2]), sleep_ms = atol(argv[3]);
+    char line[64];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready\n");
+    while (fgets(line, sizeof(line), stdin) && line[0] == 'g') {
+        for (long i = 0; i < n; i++)
+            syscall(SYS_getppid);
+        for (long i = 0; i < m; i++)
+            open("/nonexistent-ebpf-agent-test/x", O_RDONLY);
+        if (sleep_ms > 0) {
+            struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
+            syscall(SYS_nanosleep, &ts, NULL);
+        }
+        printf("done\n");
+    }
+    return 0;
+}
+"""
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workload_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory.mktemp("syscall"), COMM, WORKLOAD_C)
+
+
+class Workload:
+    """The ground-truth program, started and waiting for its first command."""
+
+    def __init__(self, binary: Path, n: int = N_GETPPID, m: int = M_OPEN, sleep_ms: int = 0):
+        self.proc = subprocess.Popen(
+            [str(binary), str(n), str(m), str(sleep_ms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._line() == "ready"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def round(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("g\n")
+        self.proc.stdin.flush()
+        assert self._line() == "done"
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=10) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def workload(binary: Path, **kw: int) -> Iterator[Workload]:
+    w = Workload(binary, **kw)
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+@contextmanager
+def monitor(
+    sink: CollectingSink,
+    targets: TargetSet | None = None,
+    transport: str = "auto",
+    **options: object,
+) -> Iterator[SyscallMonitor]:
+    default_registry.discover()
+    cls = default_registry.get("syscall")
+    ctx = MonitorContext(
+        targets=targets or TargetSet(),
+        sink=sink,
+        kernel_offsets=kernel_offsets(),
+        transport=TransportSettings(kind=transport),
+    )
+    m = cls(cls.Options(**options), ctx)
+    assert isinstance(m, SyscallMonitor)
+    m.load()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def by_name(stats: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in stats["syscalls"]}
+
+
+def drain(m: SyscallMonitor, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        m.poll(50)
+
+
+def pid_targets(pid: int) -> TargetSet:
+    return TargetSet(pids=frozenset({pid}))
+
+
+# -- without a kernel ---------------------------------------------------------------------
+
+LAYOUT_C = r"""
+#include <stdio.h>
+#include <stddef.h>
+typedef unsigned long long u64;
+typedef long long s64;
+typedef unsigned int u32;
+typedef int s32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+#include "syscall.h"
+#define OFF(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f))
+#define SIZE(s) printf(#s " %zu\n", sizeof(struct s))
+#define CONST(c) printf(#c " %d\n", c)
+int main(void)
+{
+    SIZE(syscall_event);
+    OFF(syscall_event, ts_ns); OFF(syscall_event, latency_ns); OFF(syscall_event, ret);
+    OFF(syscall_event, pid); OFF(syscall_event, tid); OFF(syscall_event, nr);
+    OFF(syscall_event, _pad); OFF(syscall_event, comm);
+    SIZE(sc_config);
+    OFF(sc_config, slow_ns); OFF(sc_config, gen); OFF(sc_config, flags);
+    SIZE(sc_stat); SIZE(sc_proc_stat); SIZE(sc_errno_key); SIZE(sc_proc_key);
+    CONST(SC_COMM_LEN); CONST(SC_HIST_SLOTS); CONST(SC_GENERATIONS);
+    CONST(SC_CFG_ARMED); CONST(SC_CFG_SLOW); CONST(SC_NR_COUNTERS);
+    CONST(SC_CNT_PROC_FULL); CONST(SC_CNT_ERRNO_FULL); CONST(SC_CNT_NR_RANGE);
+    return 0;
+}
+"""
+
+
+def c_layout(tmp_path: Path) -> dict[str, int]:
+    source = LAYOUT_C.replace('"syscall.h"', f'"{BPF_DIR}/syscall.h"')
+    binary = compile_c(tmp_path, "layout", source)
+    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+def test_header_and_python_mirrors_agree(tmp_path: Path) -> None:
+    c = c_layout(tmp_path)
+    for struct, name in ((SyscallEvent, "syscall_event"), (ScConfig, "sc_config")):
+        assert ctypes.sizeof(struct) == c[name]
+        for field, *_ in struct._fields_:
+            assert getattr(struct, field).offset == c[f"{name}.{field}"], field
+    # BCC's per-CPU tables need values whose size is a multiple of 8.
+    assert c["sc_stat"] % 8 == 0 and c["sc_proc_stat"] % 8 == 0
+    assert (c["SC_COMM_LEN"], c["SC_HIST_SLOTS"], c["SC_GENERATIONS"]) == (
+        SC_COMM_LEN, SC_HIST_SLOTS, SC_GENERATIONS)
+    assert (c["SC_CFG_ARMED"], c["SC_CFG_SLOW"]) == (SC_CFG_ARMED, SC_CFG_SLOW)
+    assert [c["SC_CNT_PROC_FULL"], c["SC_CNT_ERRNO_FULL"], c["SC_CNT_NR_RANGE"]] == list(
+        range(len(SC_COUNTERS)))
+    assert c["SC_NR_COUNTERS"] >= len(SC_COUNTERS)
+
+
+def test_options_validate() -> None:
+    assert SyscallOptions().slow_threshold_us is None
+    assert SyscallOptions(slow_threshold_us=0).slow_threshold_us == 0
+    with pytest.raises(ValidationError):
+        SyscallOptions(slow_threshold_us=-1)
+    with pytest.raises(ValidationError):
+        SyscallOptions(bogus=1)  # type: ignore[call-arg]
+
+
+def test_parse_event_and_console_line() -> None:
+    e = SyscallEvent(ts_ns=time.monotonic_ns(), latency_ns=52_000_000, ret=-2, pid=10, tid=11,
+                     nr=NR["openat"], comm=b"cat")
+    m = SyscallMonitor(SyscallOptions(), MonitorContext(targets=TargetSet(),
+                                                        sink=CollectingSink()))
+    event = m.parse_event(bytes(e))
+    assert set(event) == EVENT_FIELDS
+    assert event["syscall"] == "openat" and event["category"] == category("openat")
+    assert (event["pid"], event["tid"], event["ret"], event["comm"]) == (10, 11, -2, "cat")
+    line = m.console_line(event)
+    assert "openat = -2 ENOENT" in line and "52000.0us" in line
+    assert [event.get(f) for f in m.CSV_FIELDS] == m.csv_row(event)
+
+
+def test_merge_sort_and_column_helpers() -> None:
+    class S:
+        def __init__(self, count: int, mn: int, mx: int) -> None:
+            self.count, self.errors, self.total_ns = count, 0, count * mx
+            self.min_ns, self.max_ns = mn, mx
+
+    merged = merge_stat([S(2, 5, 9), S(0, 0, 0), S(1, 3, 4)])
+    assert merged == {"count": 3, "errors": 0, "total_ns": 22, "min_ns": 3, "max_ns": 9}
+    assert merge_stat([S(1, 0, 0)])["min_ns"] is None  # exit_group: no latency
+    from array import array
+    # 3 entries x 2 CPUs, entry-major as the kernel lays per-CPU values out
+    assert sum_columns(array("Q", [1, 10, 2, 20, 3, 30]), 3) == [11, 22, 33]
+    rows = [{"nr": 1, "count": 5, "total_ns": 1}, {"nr": 2, "count": 9, "total_ns": 0}]
+    assert [r["nr"] for r in sort_limit(list(rows), "count", None)] == [2, 1]
+    assert [r["nr"] for r in sort_limit(list(rows), "time", 1)] == [1]
+
+
+# -- on the kernel ------------------------------------------------------------------------
+
+
+def test_exact_counts_for_a_target_pid(kernel: None, sink: CollectingSink,
+                                       workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid)) as m:
+        w.round()
+        w.finish()  # exit_group is counted at sys_enter
+        rows = by_name(m.stats())
+        counters = m.kernel_counters()
+    getppid, openat = rows["getppid"], rows["openat"]
+    assert (getppid["count"], getppid["errors"], getppid["errnos"]) == (N_GETPPID, 0, {})
+    assert (openat["count"], openat["errors"]) == (M_OPEN, M_OPEN)
+    assert openat["errnos"] == {"ENOENT": M_OPEN}
+    assert getppid["nr"] == NR["getppid"] and getppid["category"] == category("getppid")
+    assert 0 < getppid["min_ns"] <= getppid["max_ns"] <= getppid["total_ns"]
+    assert getppid["total_ns"] >= N_GETPPID * getppid["min_ns"]
+    assert len(getppid["histogram"]) == SC_HIST_SLOTS
+    assert sum(getppid["histogram"]) == N_GETPPID
+    exit_group = rows["exit_group"]
+    assert exit_group["count"] == 1 and exit_group["min_ns"] is None
+    assert counters["nr_out_of_range"] == 0 and counters["pending_full"] == 0
+
+
+def test_no_targets_counts_at_least_the_workload(kernel: None, sink: CollectingSink,
+                                                 workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink) as m:
+        w.round()
+        rows = by_name(m.stats())
+        w.finish()
+    assert rows["getppid"]["count"] >= N_GETPPID
+    assert rows["openat"]["errnos"].get("ENOENT", 0) >= M_OPEN
+
+
+def test_comm_target_gives_exact_counts(kernel: None, sink: CollectingSink,
+                                        workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, TargetSet(comms=frozenset({COMM}))) as m:
+        w.round()
+        rows = by_name(m.stats())
+        w.finish()
+    assert rows["getppid"]["count"] == N_GETPPID
+    assert rows["openat"]["errnos"] == {"ENOENT": M_OPEN}
+
+
+def test_filtered_process_counts_nothing(kernel: None, sink: CollectingSink,
+                                         workload_bin: Path) -> None:
+    idle = subprocess.Popen(["sleep", "60"])
+    try:
+        with workload(workload_bin) as w, monitor(sink, pid_targets(idle.pid)) as m:
+            w.round()
+            rows = by_name(m.stats())
+            w.finish()
+    finally:
+        idle.kill()
+        idle.wait()
+    assert "getppid" not in rows and "openat" not in rows
+
+
+def test_slow_calls_become_events(kernel: None, sink: CollectingSink,
+                                  workload_bin: Path) -> None:
+    with workload(workload_bin, sleep_ms=50) as w, monitor(
+        sink, pid_targets(w.pid), slow_threshold_us=20_000
+    ) as m:
+        w.round()
+        drain(m)
+        w.finish()
+    mine = [e for e in sink.events if e["pid"] == w.pid]
+    sleeps = [e for e in mine if e["syscall"] == "nanosleep"]
+    assert len(sleeps) == 1
+    e = sleeps[0]
+    assert set(e) == EVENT_FIELDS
+    assert e["latency_ns"] >= 50_000_000 and e["ret"] == 0 and e["nr"] == NR["nanosleep"]
+    assert (e["monitor"], e["comm"], e["tid"]) == ("syscall", COMM, w.pid)
+    assert e["category"] == category("nanosleep")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", e["timestamp"])
+    wall = datetime.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - wall).total_seconds()) < 60
+    assert all(e["latency_ns"] > 20_000_000 for e in mine)
+    assert not [e for e in mine if e["syscall"] in ("getppid", "openat")]
+
+
+@pytest.mark.parametrize("transport", ["ringbuf", "perf"])
+def test_threshold_changes_at_run_time_and_zero_streams_every_call(
+    kernel: None, sink: CollectingSink, workload_bin: Path, transport: str
+) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid), transport) as m:
+        w.round()
+        drain(m)
+        assert not sink.events  # threshold off: no event at all
+        m.set_slow_threshold_us(0)
+        w.round()
+        drain(m)
+        counters = m.kernel_counters()
+        w.finish()
+    getppid = [e for e in sink.events if e["syscall"] == "getppid"]
+    assert len(getppid) == N_GETPPID
+    assert counters["dropped"] == 0
+
+
+def test_per_process_counts_are_exact(kernel: None, sink: CollectingSink,
+                                      workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, per_process=True) as m:
+        w.round()
+        stats = m.stats()
+        counters = m.kernel_counters()
+        w.finish()
+    proc = next(p for p in stats["processes"] if p["pid"] == w.pid)
+    assert proc["comm"] == COMM
+    calls = {s["name"]: s for s in proc["syscalls"]}
+    assert calls["getppid"]["count"] == N_GETPPID
+    assert (calls["openat"]["count"], calls["openat"]["errors"]) == (M_OPEN, M_OPEN)
+    assert proc["count"] == sum(s["count"] for s in proc["syscalls"])
+    assert counters["process_overflow"] == 0
+
+
+def test_reset_starts_a_new_window(kernel: None, sink: CollectingSink,
+                                   workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid), per_process=True) as m:
+        w.round()
+        first = m.stats(reset=True)
+        w.round()
+        w.round()
+        second = m.stats()
+        closed = m.stats(reset=True)
+        empty = m.stats()
+        w.finish()
+    assert by_name(first)["getppid"]["count"] == N_GETPPID
+    assert by_name(second)["getppid"]["count"] == 2 * N_GETPPID
+    assert by_name(second)["openat"]["errnos"] == {"ENOENT": 2 * M_OPEN}
+    assert by_name(closed)["getppid"]["count"] == 2 * N_GETPPID
+    assert "getppid" not in by_name(empty)
+    proc = next(p for p in closed["processes"] if p["pid"] == w.pid)
+    assert {s["name"]: s["count"] for s in proc["syscalls"]}["getppid"] == 2 * N_GETPPID
+    assert not empty["processes"] or all(p["pid"] == w.pid for p in empty["processes"])
+    assert 0 <= empty["interval_s"] < closed["interval_s"]
+
+
+def test_sort_limit_and_snapshot_rows(kernel: None, sink: CollectingSink,
+                                      workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid)) as m:
+        w.round()
+        by_count = m.stats()["syscalls"]
+        by_time = m.stats(sort="time", limit=2)["syscalls"]
+        rows = m.snapshot_rows()
+        with pytest.raises(ValueError):
+            m.stats(sort="bogus")
+        w.finish()
+    assert by_count[0]["name"] == "getppid"
+    assert [r["count"] for r in by_count] == sorted((r["count"] for r in by_count), reverse=True)
+    assert len(by_time) == 2 and by_time[0]["total_ns"] >= by_time[1]["total_ns"]
+    assert all(tuple(r) == SyscallMonitor.SNAPSHOT_FIELDS for r in rows)
+    assert {r["name"]: r["count"] for r in rows}["getppid"] == N_GETPPID

@@ -175,6 +175,8 @@ def test_pid_target_follows_children_and_filters_others(sink):
             child = wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "child-marker"])
             grandchild = wait_for(m, sink, lambda e: e["argv"][-1:] == ["grandchild-marker"])
             drain(m)
+            # Followed children share the kernel map but are not the operator's targets.
+            assert m.read_targets()["pids"] == [shell.pid]
     finally:
         shell.kill()
     assert len(child) == 1 and child[0]["ppid"] == shell.pid

@@ -25,6 +25,7 @@
 #endif
 
 #define COMM_LEN 16
+#define ERR_EEXIST 17  /* include/uapi/asm-generic/errno-base.h */
 
 /* target_flags[0]: which filters are active (userspace sets a bit when a set is non-empty). */
 #define TF_PIDS   1
@@ -46,12 +47,15 @@
 
 struct comm_key { char comm[COMM_LEN]; };
 
-BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS);
+/* target_pids holds the operator's pids (PID_TARGET) and their descendants, added at
+ * fork and removed at exit (PID_FOLLOWED), in one map: a task that is not a target
+ * costs a single lookup on every hook. A plain hash, so that followed children can
+ * never evict an operator's pid; a full map is counted (CNT_FOLLOW_FULL). */
+#define PID_TARGET   1
+#define PID_FOLLOWED 2
+BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS + MAX_FOLLOWED);
 BPF_HASH(target_uids, u32, u8, MAX_TARGET_UIDS);
 BPF_HASH(target_comms, struct comm_key, u8, MAX_TARGET_COMMS);
-/* Descendants of target pids, added at fork, removed at exit. LRU so that a full
- * table forgets the oldest instead of refusing new children. */
-BPF_TABLE("lru_hash", u32, u8, followed_pids, MAX_FOLLOWED);
 BPF_ARRAY(target_flags, u32, 1);
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 
@@ -73,9 +77,8 @@ static __always_inline int pid_matches(u32 tgid, u32 flags)
 {
     if (!(flags & TF_PIDS))
         return 1;
-    if (target_pids.lookup(&tgid))
-        return 1;
-    return (flags & TF_FOLLOW) && followed_pids.lookup(&tgid);
+    u8 *kind = target_pids.lookup(&tgid);
+    return kind && (*kind == PID_TARGET || (flags & TF_FOLLOW));
 }
 
 static __always_inline int uid_matches(u32 uid, u32 flags)
@@ -133,11 +136,13 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     if (!(flags & TF_PIDS) || !(flags & TF_FOLLOW))
         return 0;
     u32 parent = bpf_get_current_pid_tgid() >> 32;
-    if (!target_pids.lookup(&parent) && !followed_pids.lookup(&parent))
+    if (!target_pids.lookup(&parent))
         return 0;
     u32 child = args->child_pid;
-    u8 one = 1;
-    if (followed_pids.update(&child, &one))
+    u8 followed = PID_FOLLOWED;
+    /* BPF_NOEXIST: never demote an operator's pid; -EEXIST is not a failure. */
+    int err = target_pids.insert(&child, &followed);
+    if (err && err != -ERR_EEXIST)
         count(CNT_FOLLOW_FULL);
     return 0;
 }
@@ -145,7 +150,9 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    followed_pids.delete(&tid);
+    u8 *kind = target_pids.lookup(&tid);
+    if (kind && *kind == PID_FOLLOWED)
+        target_pids.delete(&tid);
     return 0;
 }
 

@@ -31,6 +31,7 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 # Mirrors the CNT_* indices of agent/bpf/common.h.
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
+PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
 
 
 class MonitorError(Exception):
@@ -288,7 +289,7 @@ class BccMonitor(BaseMonitor):
     def set_targets(self, targets: TargetSet) -> None:
         if self.bpf is None:
             return
-        old_pids = {k.value for k in self.bpf[b"target_pids"]}
+        old_pids = self._operator_pids()
         old_follow = bool(self._read_flags() & TF_FOLLOW)
         new_flags = (
             (TF_PIDS if targets.pids else 0)
@@ -304,7 +305,7 @@ class BccMonitor(BaseMonitor):
         flags[ctypes.c_int(0)] = ctypes.c_uint32(
             self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS | TF_READY)
         )
-        self._sync_ids("target_pids", targets.pids)
+        self._sync_pids(targets.pids)
         self._sync_ids("target_uids", targets.uids)
         self._sync_comms(targets.comms)
         if old_pids != set(targets.pids) or old_follow != targets.follow_children:
@@ -313,6 +314,16 @@ class BccMonitor(BaseMonitor):
 
     def _read_flags(self) -> int:
         return int(self.bpf[b"target_flags"][ctypes.c_int(0)].value)
+
+    def _operator_pids(self) -> set[int]:
+        return {k.value for k, v in self.bpf[b"target_pids"].items() if v.value == PID_TARGET}
+
+    def _sync_pids(self, wanted: frozenset[int]) -> None:
+        table = self.bpf[b"target_pids"]
+        for pid in self._operator_pids() - wanted:
+            del table[table.Key(pid)]
+        for pid in wanted:
+            table[table.Key(pid)] = table.Leaf(PID_TARGET)
 
     def _sync_ids(self, map_name: str, wanted: frozenset[int]) -> None:
         table = self.bpf[map_name.encode()]
@@ -338,17 +349,19 @@ class BccMonitor(BaseMonitor):
 
     def _seed_followed(self, targets: TargetSet) -> None:
         """Reset followed children: the living descendants of the target pids."""
-        table = self.bpf[b"followed_pids"]
-        table.clear()
+        table = self.bpf[b"target_pids"]
+        for key, kind in list(table.items()):
+            if kind.value == PID_FOLLOWED:
+                del table[key]
         if not (targets.pids and targets.follow_children):
             return
-        for pid in procfs.descendants(targets.pids):
-            table[table.Key(pid)] = table.Leaf(1)
+        for pid in procfs.descendants(targets.pids) - targets.pids:
+            table[table.Key(pid)] = table.Leaf(PID_FOLLOWED)
 
     def read_targets(self) -> dict[str, Any]:
         """The target maps as the kernel holds them."""
         return {
-            "pids": sorted(k.value for k in self.bpf[b"target_pids"]),
+            "pids": sorted(self._operator_pids()),
             "uids": sorted(k.value for k in self.bpf[b"target_uids"]),
             "comms": sorted(
                 bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape")

@@ -50,6 +50,7 @@ class OutputSettings(Section):
     formats: list[Literal["console", "csv", "jsonl"]] = ["jsonl"]  # pydantic copies defaults
     queue_size: int = Field(65536, ge=16, le=10_000_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
+    snapshot_interval_s: float = Field(10.0, gt=0, le=86400)  # aggregate tables to CSV
 
 
 def _power_of_two(v: int) -> int:

@@ -90,3 +90,25 @@ def test_signal_stops_cleanly_and_flushes(kernel, tmp_path: Path, sig) -> None:
     assert any(json.loads(x)["argv"] == ["/bin/echo", "cli-signal-marker"] for x in lines)
     # --pid of this test: every event is this process or its descendants.
     assert all(json.loads(x)["ppid"] == os.getpid() for x in lines)
+
+
+def test_syscall_snapshots_go_to_csv(kernel, tmp_path: Path) -> None:
+    """Aggregating monitors write their tables as periodic CSV snapshot rows."""
+    target = subprocess.Popen(["/bin/sh", "-c", "while :; do cat /nonexistent 2>/dev/null; "
+                               "sleep 0.05; done"])
+    try:
+        proc = subprocess.run(
+            [CLI, "run", "syscall", "--pid", str(target.pid), "--format", "csv",
+             "--output-dir", str(tmp_path), "--duration", "3"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        target.kill()
+    assert proc.returncode == 0, proc.stderr
+    import csv
+
+    with open(tmp_path / "syscall-snapshot.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) >= {"timestamp", "name", "nr", "count", "errors"}
+    openat = [r for r in rows if r["name"] == "openat"]
+    assert openat and int(openat[-1]["errors"]) >= 1 and int(openat[-1]["count"]) >= 1

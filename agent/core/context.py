@@ -40,6 +40,7 @@ def build_manager(
             out.directory,
             out.queue_size,
             out.flush_interval_s,
+            out.snapshot_interval_s,
         ),
         publish=publish,
     )

@@ -71,6 +71,7 @@ class OutputConfig:
     directory: Path = Path("output")
     queue_size: int = 65536
     flush_interval_s: float = 1.0
+    snapshot_interval_s: float = 10.0
 
 
 class MonitorSink:
@@ -224,6 +225,8 @@ class MonitorManager:
 
     def _poll_loop(self, run: Running) -> None:
         last_tick, last_delivered = time.monotonic(), 0
+        last_snapshot = last_tick
+        writer = run.sink.writer
         try:
             while not run.stop.is_set():
                 run.monitor.poll(POLL_TIMEOUT_MS)
@@ -233,6 +236,11 @@ class MonitorManager:
                     run.rate = (delivered - last_delivered) / (now - last_tick)
                     last_tick, last_delivered = now, delivered
                     run.monitor.periodic()
+                if writer is not None and writer.wants_snapshots and (
+                    now - last_snapshot >= self.output.snapshot_interval_s
+                ):
+                    writer.offer_snapshot(run.monitor.snapshot_rows())
+                    last_snapshot = now
         except Exception as e:  # reported in the monitor's state, never silent
             run.poll_error = f"poller failed: {e}"
             log.exception("monitor %s: poller failed", run.monitor.name)
@@ -243,6 +251,9 @@ class MonitorManager:
             run.stop.set()
             if run.thread is not None:
                 run.thread.join(timeout=5)
+            writer = run.sink.writer
+            if writer is not None and writer.wants_snapshots:
+                writer.offer_snapshot(run.monitor.snapshot_rows())  # the final totals
             run.monitor.close()
             if run.sink.writer is not None:
                 run.sink.writer.close()

@@ -75,6 +75,8 @@ class BaseMonitor(ABC):
     REQUIRED_TRACEPOINTS: ClassVar[tuple[str, ...]] = ()
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = ()
     CSV_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
+    SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         self.options = options
@@ -110,6 +112,10 @@ class BaseMonitor(ABC):
 
     def periodic(self) -> None:  # noqa: B027 (optional hook)
         """Called about once a second on the poller thread (snapshots, housekeeping)."""
+
+    def snapshot_rows(self) -> list[dict[str, Any]]:
+        """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors)."""
+        return []
 
     def csv_row(self, event: Event) -> list[Any]:
         return [event.get(f) for f in self.CSV_FIELDS]

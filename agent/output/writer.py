@@ -88,6 +88,10 @@ class JsonlFormat(_Format):
         self._file.close()
 
 
+class SnapshotRows(list):  # type: ignore[type-arg]
+    """A batch of snapshot rows travelling through the queue next to events."""
+
+
 class OutputWriter:
     """Writes one monitor's events in the chosen formats from its own thread."""
 
@@ -107,6 +111,7 @@ class OutputWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._flush_interval = flush_interval_s
         self._formats: list[_Format] = []
+        self._snapshots: CsvFormat | None = None
         if any(f != "console" for f in formats):
             directory.mkdir(parents=True, exist_ok=True)
         for fmt in dict.fromkeys(formats):
@@ -115,6 +120,12 @@ class OutputWriter:
             elif fmt == "csv":
                 path = safe_path(directory, f"{name}.csv")
                 self._formats.append(CsvFormat(path, monitor.CSV_FIELDS, monitor.csv_row))
+                fields = getattr(monitor, "SNAPSHOT_FIELDS", ())
+                if fields:
+                    self._snapshots = CsvFormat(
+                        safe_path(directory, f"{name}-snapshot.csv"), fields,
+                        lambda row, cols=fields: [row.get(c) for c in cols],
+                    )
             elif fmt == "jsonl":
                 self._formats.append(JsonlFormat(safe_path(directory, f"{name}.jsonl")))
             else:
@@ -129,6 +140,16 @@ class OutputWriter:
         except queue.Full:
             self.dropped += 1
 
+    @property
+    def wants_snapshots(self) -> bool:
+        return self._snapshots is not None
+
+    def offer_snapshot(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._queue.put_nowait(SnapshotRows(rows))
+        except queue.Full:
+            self.dropped += len(rows)
+
     def _run(self) -> None:
         last_flush = time.monotonic()
         while True:
@@ -138,14 +159,16 @@ class OutputWriter:
                 item = None
             if item is _STOP:
                 break
-            if item is not None:
+            if isinstance(item, SnapshotRows):
+                self._write_snapshot(item)
+            elif item is not None:
                 self._write(item)
             now = time.monotonic()
             if now - last_flush >= self._flush_interval:
                 self._flush()
                 last_flush = now
         self._flush()
-        for f in self._formats:
+        for f in self._all_formats():
             f.close()
 
     def _write(self, event: Event) -> None:
@@ -156,8 +179,16 @@ class OutputWriter:
                 log.exception("output %s: write failed", self.name)
         self.written += 1
 
+    def _write_snapshot(self, rows: SnapshotRows) -> None:
+        assert self._snapshots is not None
+        for row in rows:
+            self._snapshots.write(row)
+
+    def _all_formats(self) -> list[_Format]:
+        return self._formats + ([self._snapshots] if self._snapshots else [])
+
     def _flush(self) -> None:
-        for f in self._formats:
+        for f in self._all_formats():
             try:
                 f.flush()
             except Exception:

@@ -5,6 +5,7 @@ stall the thread that drains the kernel buffer; what does not fit is dropped and
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import queue
 import sys
@@ -88,6 +89,10 @@ class JsonlFormat(_Format):
         self._file.close()
 
 
+def _pick(fields: Sequence[str], row: dict[str, Any]) -> list[Any]:
+    return [row.get(f) for f in fields]
+
+
 class SnapshotRows(list):  # type: ignore[type-arg]
     """A batch of snapshot rows travelling through the queue next to events."""
 
@@ -124,7 +129,7 @@ class OutputWriter:
                 if fields:
                     self._snapshots = CsvFormat(
                         safe_path(directory, f"{name}-snapshot.csv"), fields,
-                        lambda row, cols=fields: [row.get(c) for c in cols],
+                        functools.partial(_pick, fields),
                     )
             elif fmt == "jsonl":
                 self._formats.append(JsonlFormat(safe_path(directory, f"{name}.jsonl")))

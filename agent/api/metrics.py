@@ -1,0 +1,84 @@
+"""Prometheus metrics: a collector that reads the manager and the hub at scrape time.
+
+One CollectorRegistry per app (two apps in one process never share series). Labels are
+bounded: the monitor name and the stream kind; never a pid, uid or comm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from agent.api.deps import AppContext
+
+# (metric suffix, key in MonitorManager._counters, counter?)
+MONITOR_SERIES = (
+    ("events_seen", "events_seen_kernel", True, "events seen by the kernel programs"),
+    ("events_delivered", "events_delivered", True, "events delivered to userspace sinks"),
+    ("events_dropped_kernel", "events_dropped_kernel", True,
+     "events dropped in the kernel (buffer full)"),
+    ("events_dropped_userspace", "events_dropped_userspace", True,
+     "events dropped by full output queues"),
+    ("events_per_second", "events_per_second", False, "delivery rate over the last second"),
+)
+
+
+class AgentCollector(Collector):
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def describe(self) -> list[Metric]:
+        return []  # no scrape at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        manager, hub = self.ctx.manager, self.ctx.hub
+        if manager is None or hub is None:
+            return
+        stats = manager.stats()
+        yield from _agent(stats["agent"])
+        yield from _monitors(stats["monitors"])
+        yield from _streams(hub.stats())
+
+
+def _agent(agent: dict) -> Iterator[Metric]:
+    yield GaugeMetricFamily("ebpf_agent_uptime_seconds", "seconds since start",
+                            value=agent["uptime_s"])
+    yield CounterMetricFamily("ebpf_agent_cpu_seconds", "user+system CPU seconds",
+                              value=agent["cpu_s"])
+    yield GaugeMetricFamily("ebpf_agent_resident_memory_bytes", "RSS", value=agent["rss_bytes"])
+
+
+def _monitors(monitors: dict[str, dict]) -> Iterator[Metric]:
+    running = GaugeMetricFamily("ebpf_agent_monitor_running", "1 while the monitor runs",
+                                labels=["monitor"])
+    for name, m in monitors.items():
+        running.add_metric([name], 1.0 if m.get("state") == "running" else 0.0)
+    yield running
+    for suffix, key, is_counter, doc in MONITOR_SERIES:
+        family_cls = CounterMetricFamily if is_counter else GaugeMetricFamily
+        family = family_cls(f"ebpf_agent_monitor_{suffix}", doc, labels=["monitor"])
+        for name, m in monitors.items():
+            if key in m:
+                family.add_metric([name], float(m[key]))
+        yield family
+
+
+def _streams(hub: dict) -> Iterator[Metric]:
+    yield CounterMetricFamily("ebpf_agent_stream_events_published",
+                              "events entered into the stream hub", value=hub["published"])
+    subs = GaugeMetricFamily("ebpf_agent_stream_subscribers", "connected subscribers",
+                             labels=["kind"])
+    delivered = CounterMetricFamily("ebpf_agent_stream_events_delivered",
+                                    "events sent to subscribers", labels=["kind"])
+    dropped = CounterMetricFamily("ebpf_agent_stream_events_dropped",
+                                  "events subscribers lost (slow or stalled)", labels=["kind"])
+    totals = hub["totals"]
+    for kind in ("sse", "ws"):
+        subs.add_metric([kind], sum(1 for s in hub["subscribers"] if s["kind"] == kind))
+        delivered.add_metric([kind], totals.get(f"{kind}_delivered", 0))
+        dropped.add_metric([kind], totals.get(f"{kind}_dropped", 0))
+    yield from (subs, delivered, dropped)

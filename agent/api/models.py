@@ -1,0 +1,89 @@
+"""Response and request bodies as the OpenAPI document describes them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class Open(BaseModel):
+    """Documents the keys every response has; monitors may add more."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="a message, or a list of {loc, msg, type} for 422")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "starting"]
+    autostart_errors: dict[str, str] = Field(default_factory=dict)
+
+
+class MonitorInfo(BaseModel):
+    name: str
+    description: str
+    state: Literal["stopped", "running", "failed", "unsupported"]
+    options: dict[str, Any]
+    reason: str | None = Field(None, description="why it is unsupported or failed")
+
+
+class Targets(BaseModel):
+    pids: list[int]
+    uids: list[int]
+    comms: list[str]
+    follow_children: bool
+
+
+class MonitorStats(Open):
+    name: str
+    state: str
+
+
+class AgentFigures(Open):
+    pid: int
+    uptime_s: float
+    cpu_s: float
+    rss_bytes: int
+
+
+class StreamStats(Open):
+    published: int
+    capacity: int
+    subscribers: list[dict[str, Any]]
+
+
+class AgentStats(BaseModel):
+    agent: AgentFigures
+    monitors: dict[str, MonitorStats]
+    streams: StreamStats
+
+
+class Capabilities(Open):
+    kernel: str
+    machine: str
+    features: dict[str, Any]
+    monitors: list[dict[str, Any]]
+
+
+# Target values: strict, so "12" or 1.5 for a pid are rejected rather than coerced.
+TargetValues = list[StrictInt] | list[StrictStr]
+FollowChildren = StrictBool
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    503: {"model": ErrorBody, "description": "the agent is starting or shutting down"},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {404: "unknown monitor", 409: "this kernel cannot run the monitor",
+                    422: "invalid options or values; nothing was changed"}
+    return {**ERROR_RESPONSES,
+            **{c: {"model": ErrorBody, "description": descriptions[c]} for c in codes}}

@@ -1,0 +1,79 @@
+"""Monitors: list, inspect, start (with options), stop, statistics."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+
+from agent.api.deps import ManagerDep, SettingsDep
+from agent.api.errors import call
+from agent.api.models import ERROR_RESPONSES, MonitorInfo, MonitorStats, errors
+from agent.core.manager import MonitorManager
+
+router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
+# Keys a monitor's stats() may accept; passed only when given and accepted.
+STATS_QUERY = ("sort", "limit", "reset")
+
+
+@router.get("", response_model=list[MonitorInfo], response_model_exclude_unset=True,
+            summary="every registered monitor with its state")
+async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
+    return await call(manager.monitors)
+
+
+@router.get("/{name}", response_model=MonitorInfo, response_model_exclude_unset=True,
+            responses=errors(404))
+async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
+    return await call(manager.monitor_info, name)
+
+
+@router.post("/{name}/start", response_model=MonitorInfo, response_model_exclude_unset=True,
+             responses=errors(404, 409, 422),
+             summary="start, or apply new options to a running monitor")
+async def start_monitor(
+    name: str,
+    manager: ManagerDep,
+    settings: SettingsDep,
+    options: Annotated[dict[str, Any] | None, Body(
+        description="the monitor's options; absent: a running monitor keeps its options "
+        "and a stopped one starts with the configured ones")] = None,
+) -> dict[str, Any]:
+    if options is None:
+        info = await call(manager.monitor_info, name)
+        if info["state"] == "running":
+            return info
+        configured = settings.monitors.get(name)
+        options = dict(configured.options) if configured else {}
+    return await call(manager.start_monitor, name, options, value_error_is_422=True)
+
+
+@router.post("/{name}/stop", response_model=MonitorInfo, response_model_exclude_unset=True,
+             responses=errors(404), summary="stop (idempotent): detaches every probe")
+async def stop_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
+    return await call(manager.stop_monitor, name)
+
+
+@router.get("/{name}/stats", response_model=MonitorStats, responses=errors(404, 422),
+            summary="counters, and the tables of aggregating monitors")
+async def monitor_stats(
+    name: str,
+    manager: ManagerDep,
+    sort: Annotated[str | None, Query(max_length=64, description="table sort key")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=100_000, description="rows per table")] = None,
+    reset: Annotated[bool | None, Query(description="clear the tables after reading")] = None,
+) -> dict[str, Any]:
+    given = {"sort": sort, "limit": limit, "reset": reset}
+    query = _accepted(manager, name, {k: v for k, v in given.items() if v is not None})
+    return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
+
+
+def _accepted(manager: MonitorManager, name: str, query: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``query`` the monitor's stats() takes (exec's takes none)."""
+    if not query or name not in manager.registry:
+        return {}
+    params = inspect.signature(manager.registry.get(name).stats).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return query
+    return {k: v for k, v in query.items() if k in params}

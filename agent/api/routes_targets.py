@@ -1,0 +1,62 @@
+"""Targets: read back from the kernel maps; replace, add or remove pids, uids, comms."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, HTTPException
+
+from agent.api.deps import ManagerDep
+from agent.api.errors import call, validation_detail
+from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
+from agent.core.manager import MonitorManager
+
+router = APIRouter(prefix="/targets", tags=["targets"], responses=ERROR_RESPONSES)
+Kind = Literal["pids", "uids", "comms"]
+ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^32-1; "
+                                          "comms: 1-15 byte process names")]
+
+
+@router.get("", response_model=Targets, summary="the targets as the kernel maps hold them")
+async def get_targets(manager: ManagerDep) -> dict[str, Any]:
+    return await call(manager.targets)
+
+
+# Declared before /{kind}: "follow_children" is not a kind.
+@router.put("/follow_children", response_model=Targets, responses=errors(422))
+async def put_follow_children(
+    follow: Annotated[FollowChildren, Body(description="children of target pids are "
+                                           "followed in the kernel")],
+    manager: ManagerDep,
+) -> dict[str, Any]:
+    await call(manager.set_follow_children, follow)
+    return await call(manager.targets)
+
+
+@router.put("/{kind}", response_model=Targets, responses=errors(422),
+            summary="replace the values of one kind")
+async def replace_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
+    return await _update(manager, kind, "replace", values)
+
+
+@router.post("/{kind}", response_model=Targets, responses=errors(422), summary="add values")
+async def add_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
+    return await _update(manager, kind, "add", values)
+
+
+@router.delete("/{kind}/{value}", response_model=Targets, responses=errors(422),
+               summary="remove one value (idempotent)")
+async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:
+    parsed: int | str = value
+    if kind != "comms":
+        if not value.isascii() or not value.isdigit():
+            raise HTTPException(422, validation_detail(f"{kind}: {value!r} is not an integer",
+                                                       ("path", "value")))
+        parsed = int(value)
+    return await _update(manager, kind, "remove", [parsed])
+
+
+async def _update(manager: MonitorManager, kind: Kind, op: str, values: list[Any]) -> Any:
+    await call(manager.update_targets, kind, op, values)
+    # Answer with what the kernel maps now hold, not with what was asked for.
+    return await call(manager.targets)

@@ -1,0 +1,358 @@
+"""``ebpf-agent serve``: security checks, sockets, PID file, daemon mode, uvicorn.
+
+We bind the sockets ourselves so one uvicorn server can serve TCP and a unix socket at
+once, with the unix socket's mode and group set before anyone can connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import grp
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from agent.config import ConfigError, Settings
+from agent.monitors.base import MonitorRegistry
+
+log = logging.getLogger(__name__)
+EXIT_REFUSED = 2  # like config errors in agent.cli
+
+
+class StartupRefused(ConfigError):
+    """A start-up the agent refuses; the CLI prints it and exits non-zero."""
+
+
+# -- security checks ---------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_security(settings: Settings) -> str | None:
+    """The token (None: no authentication), or StartupRefused when unsafe."""
+    api = settings.api
+    token = settings.resolve_token()
+    if token is None and not is_loopback(api.host):
+        raise StartupRefused(
+            f"refusing to listen on {api.host}:{api.port} without a token: anyone who can "
+            "reach that address could load kernel programs as root. Set EBPF_AGENT_TOKEN "
+            "(or token_file), or listen on 127.0.0.1 / a unix socket."
+        )
+    if (api.tls_certfile is None) != (api.tls_keyfile is None):
+        raise StartupRefused("api.tls_certfile and api.tls_keyfile go together")
+    return token
+
+
+# -- PID file ----------------------------------------------------------------------------
+class PidFile:
+    """An flock'ed PID file. flock (not fcntl/lockf) because the lock belongs to the open
+    file, which the daemon inherits across fork; it dies with the last holder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                holder = _read_pid(self.path)
+                raise StartupRefused(
+                    f"another ebpf-agent (pid {holder or '?'}) holds {self.path}"
+                ) from None
+            raise
+        holder = _read_pid(self.path)
+        if holder and holder != os.getpid() and _alive_agent(holder):
+            os.close(fd)  # a live agent that does not lock (an older one): leave it alone
+            raise StartupRefused(f"pid {holder} in {self.path} is a running ebpf-agent")
+        self._fd = fd
+
+    def write(self, pid: int) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if _read_pid(self.path) == os.getpid():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive_agent(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ProcessLookupError, PermissionError, OSError):
+        return False
+    return b"ebpf-agent" in cmdline or b"agent.cli" in cmdline
+
+
+# -- daemon ------------------------------------------------------------------------------
+class Daemon:
+    """Double fork; the original process waits until the daemon is serving (or failed),
+    so ``serve --daemon`` exits 0 only when the API is up."""
+
+    def __init__(self) -> None:
+        self._w: int | None = None
+
+    def fork(self) -> int | None:
+        """The exit code in the original process; None in the daemon."""
+        r, w = os.pipe()
+        if os.fork() > 0:
+            os.close(w)
+            return self._wait(r)
+        os.close(r)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        os.chdir("/")
+        self._w = w
+        return None
+
+    @staticmethod
+    def _wait(r: int) -> int:
+        with os.fdopen(r, "rb") as f:
+            message = f.read().decode(errors="replace")
+        if message.startswith("ok"):
+            return 0
+        print(f"ebpf-agent: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        return 1
+
+    def report(self, message: str) -> None:
+        if self._w is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._w, message.encode())
+            os.close(self._w)
+        self._w = None
+
+    def detach_stdio(self) -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+
+# -- sockets -----------------------------------------------------------------------------
+def tcp_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise StartupRefused(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def unix_socket(path: Path, mode: str, group: str | None) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise StartupRefused(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            raise StartupRefused(f"{path} is in use by another server")
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink()  # stale: left by an agent that was killed
+        finally:
+            probe.close()
+    gid = _group_id(group) if group else -1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    perms = int(mode, 8)
+    # The umask makes the socket file born with at most ``perms``: no window in which
+    # another user could connect before chmod.
+    old = os.umask(0o777 & ~perms)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise StartupRefused(f"cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, perms)
+    if gid != -1:
+        os.chown(path, -1, gid)
+    sock.listen(2048)
+    return sock
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupRefused(f"api.unix_socket_group: no group {name!r}") from None
+
+
+def bind_sockets(settings: Settings) -> list[socket.socket]:
+    api = settings.api
+    sockets = [tcp_socket(api.host, api.port)]
+    if api.unix_socket is not None:
+        try:
+            sockets.append(unix_socket(api.unix_socket, api.unix_socket_mode,
+                                       api.unix_socket_group))
+        except BaseException:
+            sockets[0].close()
+            raise
+    return sockets
+
+
+def describe(sock: socket.socket, tls: bool) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+# -- uvicorn -----------------------------------------------------------------------------
+class AgentServer(uvicorn.Server):
+    """uvicorn's server, ending event streams first on shutdown: uvicorn waits for open
+    connections (up to api.shutdown_timeout_s) before the lifespan shutdown runs, so the
+    streams must end by themselves for SIGTERM to be quick."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(self.config.app, "state", None)
+        ctx = getattr(state, "ctx", None)
+        if ctx is not None:
+            ctx.begin_shutdown()
+            await asyncio.sleep(0)  # let the streams see it before connections are closed
+        await super().shutdown(sockets)
+
+
+@contextlib.contextmanager
+def _signals_end_cleanly() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it once serve() returns, with the handler
+    it found installed: make that a no-op so a SIGTERM'ed agent exits 0."""
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    api, stream = settings.api, settings.stream
+    return uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,  # keep the agent's logging set-up (agent.cli)
+        # uvicorn types it int but only ever passes it to asyncio.wait_for
+        timeout_graceful_shutdown=api.shutdown_timeout_s,  # type: ignore[arg-type]
+        ssl_certfile=str(api.tls_certfile) if api.tls_certfile else None,
+        ssl_keyfile=str(api.tls_keyfile) if api.tls_keyfile else None,
+        ws_ping_interval=stream.heartbeat_s,  # WebSocket heartbeat: protocol pings
+        ws_ping_timeout=stream.stall_timeout_s,
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
+def _report_when_ready(app: Any, daemon: Daemon) -> None:
+    """The original process exits once the configured monitors are up (or failed)."""
+    app.state.ctx.autostart_done.wait(300)
+    daemon.report("ok")
+    daemon.detach_stdio()
+
+
+def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -> int:
+    token = check_security(settings)  # before forking: refusals reach the terminal
+    pid_file = PidFile(settings.pid_file) if settings.pid_file else None
+    if pid_file is not None:
+        pid_file.acquire()
+    runner = Daemon()
+    if daemon and (code := runner.fork()) is not None:
+        return code
+    try:
+        return _serve(settings, registry, token, runner if daemon else None, pid_file)
+    except BaseException as e:
+        runner.report(f"start-up failed: {e}")
+        raise
+    finally:
+        if pid_file is not None:
+            pid_file.release()
+
+
+def _serve(settings: Settings, registry: MonitorRegistry, token: str | None,
+           daemon: Daemon | None, pid_file: PidFile | None) -> int:
+    from agent.api.app import create_app
+
+    if pid_file is not None:
+        pid_file.write(os.getpid())
+    sockets = bind_sockets(settings)
+    app = create_app(settings, registry)
+    tls = settings.api.tls_certfile is not None
+    where = ", ".join(describe(s, tls) for s in sockets)
+
+    def started() -> None:
+        log.info("ebpf-agent API listening on %s (%s)", where,
+                 "bearer token required" if token else "no token: loopback only, no auth")
+        if daemon is not None:
+            threading.Thread(target=_report_when_ready, args=(app, daemon), daemon=True).start()
+
+    server = AgentServer(uvicorn_config(app, settings), started)
+    try:
+        with _signals_end_cleanly():
+            server.run(sockets=sockets)  # uvicorn's loop factory (uvloop when present)
+    finally:
+        for s in sockets:
+            s.close()
+        if settings.api.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                settings.api.unix_socket.unlink()
+    if not server.started:
+        if daemon is not None:
+            daemon.report("the API did not start (see the log)")
+        return 1
+    log.info("ebpf-agent stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""Live event streams: the hub (one bounded ring) and the SSE / WebSocket wire formats."""

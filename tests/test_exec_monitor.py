@@ -18,7 +18,7 @@ from agent.core.targets import TargetSet
 from agent.kernel.btf import kernel_offsets
 from agent.monitors.base import MonitorContext, TransportSettings, default_registry
 from agent.output.writer import OutputWriter
-from tests.conftest import CollectingSink, loaded_prog_ids, prog_ids_held_by
+from tests.conftest import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
@@ -267,8 +267,8 @@ def test_stop_leaves_no_programs(sink):
     before = prog_ids_held_by(os.getpid())
     with exec_monitor(sink):
         loaded = prog_ids_held_by(os.getpid()) - before
-        # sys_enter/exit of execve and execveat, fork and exit tracking.
-        assert len(loaded) == 6
+        # sys_enter/exit of execve and execveat, sched_process_exec, fork and exit.
+        assert len(loaded) == 7
         assert loaded <= loaded_prog_ids()
     assert not (loaded_prog_ids() & loaded)
 
@@ -300,3 +300,38 @@ def test_existing_descendants_of_a_new_target_are_followed(sink):
     finally:
         outer.kill()
     assert len(found) == 1 and found[0]["ppid"] != outer.pid
+
+
+FORK_EXEC = r"""
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    for (int i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            /* String literals in .rodata: a page the fresh child has not touched. */
+            execl("/bin/true", "true", "rodata-marker", "second,arg", (char *)0);
+            _exit(127);
+        }
+        waitpid(pid, 0, 0);
+    }
+    return 0;
+}
+"""
+
+
+def test_argv_in_untouched_pages_of_a_fresh_child(sink, tmp_path: Path):
+    """The caller's argv may be unreadable from BPF (no page faults there): the monitor
+    reads the new image's argument area instead, which the kernel just wrote."""
+    binary = compile_c(tmp_path, "forkexec", "#include <stdlib.h>\n" + FORK_EXEC)
+    with exec_monitor(sink) as m:
+        gen = subprocess.run([str(binary), "30"], check=True)
+        assert gen.returncode == 0
+        drain(m, 10)
+    mine = [e for e in sink.events if e["filename"] == "/bin/true" and e["comm"] == "true"
+            and e["ppid"] != os.getpid()]
+    assert len(mine) == 30
+    assert all(e["argv"] == ["true", "rodata-marker", "second,arg"] for e in mine)
+    assert all(e["ret"] == 0 and not e["truncated"] for e in mine)

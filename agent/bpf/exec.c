@@ -110,6 +110,41 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
     return on_enter(args->filename, args->argv);
 }
 
+/* sched_process_exec fires in exec_binprm() once the new image is in place, only for
+ * an exec that succeeds (include/trace/events/sched.h). The kernel has just copied argv
+ * onto the new stack (mm->arg_start..arg_end, fs/exec.c), so those pages are present.
+ * The caller's argv read at sys_enter may not be: a BPF program cannot fault pages in,
+ * and a child fresh from fork() often has not touched the (file-backed) page holding
+ * its argument strings yet; that read then comes back empty. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct exec_event *e = pending.lookup(&tgid);
+    if (!e)
+        return 0;
+    u64 task = bpf_get_current_task();
+    u64 mm = 0, start = 0, end = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + OFF_TASK_STRUCT_MM));
+    bpf_probe_read_kernel(&start, sizeof(start), (void *)(mm + OFF_MM_STRUCT_ARG_START));
+    bpf_probe_read_kernel(&end, sizeof(end), (void *)(mm + OFF_MM_STRUCT_ARG_END));
+    if (!start || end <= start)
+        return 0;
+    u64 len = end - start;
+    u32 cut = 0;
+    if (len > ARGS_AREA) {
+        len = ARGS_AREA;
+        cut = EXEC_F_ARGS_CUT;
+    }
+    asm volatile("" : "+r"(len));
+    if (bpf_probe_read_user(e->args, len, (void *)start) == 0) {
+        e->args_size = len;
+        e->flags |= EXEC_F_ARGS_RAW | cut;
+    }
+    if (!e->filename[0])
+        TP_DATA_LOC_READ_STR(e->filename, filename, sizeof(e->filename));
+    return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_exit_execve)
 {
     return on_exit(args, args->ret);

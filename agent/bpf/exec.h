@@ -19,6 +19,10 @@
 
 #define EXEC_F_ARGS_TRUNCATED 1   /* more than ARGS_MAX arguments */
 #define EXEC_F_COMM_MATCHED   2   /* the caller's comm matched the comm filter */
+/* args holds the new image's argument area (mm->arg_start..arg_end) as the kernel
+ * laid it out: every argument NUL-terminated, args_count not set; userspace splits. */
+#define EXEC_F_ARGS_RAW       4
+#define EXEC_F_ARGS_CUT       8   /* that area was longer than ARGS_AREA */
 
 struct exec_event {
     u64 ts_ns;                 /* bpf_ktime_get_ns() at sys_enter: CLOCK_MONOTONIC */

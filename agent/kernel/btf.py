@@ -122,7 +122,13 @@ def vmlinux_btf() -> BTF:
 
 
 # Offsets every monitor's BPF program receives (see agent/bpf/common.h).
-TASK_FIELDS = (("task_struct", "real_parent"), ("task_struct", "tgid"))
+TASK_FIELDS = (
+    ("task_struct", "real_parent"),
+    ("task_struct", "tgid"),
+    ("task_struct", "mm"),
+    ("mm_struct", "arg_start"),
+    ("mm_struct", "arg_end"),
+)
 
 
 def kernel_offsets(btf: BTF | None = None) -> dict[str, int]:

@@ -15,6 +15,8 @@ from agent.monitors.base import BccMonitor, MonitorOptions, register_monitor
 FILENAME_SIZE = 256  # agent/bpf/exec.h
 COMM_LEN = 16
 EXEC_F_ARGS_TRUNCATED = 1
+EXEC_F_ARGS_RAW = 4  # agent/bpf/exec.h
+EXEC_F_ARGS_CUT = 8
 
 
 class ExecOptions(MonitorOptions):
@@ -56,6 +58,7 @@ class ExecMonitor(BccMonitor):
         "syscalls:sys_exit_execve",
         "syscalls:sys_enter_execveat",
         "syscalls:sys_exit_execveat",
+        "sched:sched_process_exec",
         "sched:sched_process_fork",
         "sched:sched_process_exit",
     )
@@ -85,8 +88,12 @@ class ExecMonitor(BccMonitor):
         # The kernel sends only the used part of args[]; pad to the struct's size.
         full = raw.ljust(ctypes.sizeof(self._struct), b"\0")
         e = self._struct.from_buffer_copy(full)
-        argv, cut = split_args(raw[self._args_offset : self._args_offset + e.args_size],
-                               e.args_count, self.options.arg_size)
+        area = raw[self._args_offset : self._args_offset + e.args_size]
+        if e.flags & EXEC_F_ARGS_RAW:
+            argv, cut = split_arg_area(area, self.options.max_args, self.options.arg_size,
+                                       bool(e.flags & EXEC_F_ARGS_CUT))
+        else:
+            argv, cut = split_args(area, e.args_count, self.options.arg_size)
         return {
             "monitor": "exec",
             "timestamp": self._clock.iso(e.ts_ns),
@@ -124,6 +131,26 @@ def split_args(area: bytes, count: int, arg_size: int) -> tuple[list[str], bool]
     truncated = False
     argv = []
     for p in parts:
+        if len(p) > arg_size:
+            p, truncated = p[:arg_size], True
+        argv.append(p.decode("utf-8", "surrogateescape"))
+    return argv, truncated
+
+
+def split_arg_area(
+    area: bytes, max_args: int, arg_size: int, area_cut: bool
+) -> tuple[list[str], bool]:
+    """The new image's argument area: NUL-terminated strings back to back. When the
+    kernel side had to cut the area, its last string has no NUL and is incomplete."""
+    parts = area.split(b"\0")
+    complete, tail = parts[:-1], parts[-1]
+    truncated = area_cut
+    if area_cut and tail:
+        complete.append(tail)
+    if len(complete) > max_args:
+        complete, truncated = complete[:max_args], True
+    argv = []
+    for p in complete:
         if len(p) > arg_size:
             p, truncated = p[:arg_size], True
         argv.append(p.decode("utf-8", "surrogateescape"))

@@ -335,3 +335,19 @@ def test_argv_in_untouched_pages_of_a_fresh_child(sink, tmp_path: Path):
     assert len(mine) == 30
     assert all(e["argv"] == ["true", "rodata-marker", "second,arg"] for e in mine)
     assert all(e["ret"] == 0 and not e["truncated"] for e in mine)
+
+
+def test_failed_exec_with_unreadable_argv_is_marked_truncated(sink, tmp_path: Path):
+    """A failed exec has no new image to read from: arguments the kernel would have to
+    fault in are missing, and the event says so instead of claiming completeness."""
+    source = FORK_EXEC.replace('"/bin/true"', '"/nonexistent/true"')
+    binary = compile_c(tmp_path, "forkexec_missing", "#include <stdlib.h>\n" + source)
+    with exec_monitor(sink) as m:
+        subprocess.run([str(binary), "5"], check=True)
+        drain(m, 10)
+    mine = [e for e in sink.events if e["filename"] in ("/nonexistent/true", "")
+            and e["ret"] == -2 and e["ppid"] != os.getpid()]
+    assert len(mine) == 5
+    for e in mine:
+        complete = e["argv"] == ["true", "rodata-marker", "second,arg"]
+        assert complete or e["truncated"] is True

@@ -19,14 +19,20 @@ static __always_inline int read_args(struct exec_event *e, const char *const *ar
     #pragma unroll
     for (int i = 0; i < ARGS_MAX; i++) {
         const char *argp = NULL;
-        if (bpf_probe_read_user(&argp, sizeof(argp), &argv[i]) || !argp)
+        if (bpf_probe_read_user(&argp, sizeof(argp), &argv[i])) {
+            e->flags |= EXEC_F_ARGS_TRUNCATED;  /* unreadable (not faulted in): say so */
+            return 0;
+        }
+        if (!argp)
             return 0;
         u32 off = e->args_size;
         if (off > ARGS_AREA - ARG_SLOT)
             return 0;
         int len = bpf_probe_read_user_str(&e->args[off], ARG_SLOT, argp);
-        if (len <= 0)
+        if (len <= 0) {
+            e->flags |= EXEC_F_ARGS_TRUNCATED;
             return 0;
+        }
         e->args_count++;
         e->args_size += len;
     }
@@ -138,7 +144,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     asm volatile("" : "+r"(len));
     if (bpf_probe_read_user(e->args, len, (void *)start) == 0) {
         e->args_size = len;
-        e->flags |= EXEC_F_ARGS_RAW | cut;
+        /* Authoritative: forget what the sys_enter read could or could not see. */
+        e->flags = (e->flags & ~EXEC_F_ARGS_TRUNCATED) | EXEC_F_ARGS_RAW | cut;
     }
     if (!e->filename[0])
         TP_DATA_LOC_READ_STR(e->filename, filename, sizeof(e->filename));

@@ -17,7 +17,7 @@
 #define FILENAME_SIZE 256
 #define EXEC_COMM_LEN 16
 
-#define EXEC_F_ARGS_TRUNCATED 1   /* more than ARGS_MAX arguments */
+#define EXEC_F_ARGS_TRUNCATED 1   /* more than ARGS_MAX arguments, or unreadable ones */
 #define EXEC_F_COMM_MATCHED   2   /* the caller's comm matched the comm filter */
 /* args holds the new image's argument area (mm->arg_start..arg_end) as the kernel
  * laid it out: every argument NUL-terminated, args_count not set; userspace splits. */

@@ -63,6 +63,7 @@ class TransportSettingsModel(Section):
     kind: Literal["auto", "ringbuf", "perf"] = "auto"
     ringbuf_pages: int = Field(512, ge=1, le=65536)
     perf_pages: int = Field(64, ge=1, le=4096)
+    wakeup_every: int = Field(32, ge=1, le=4096)
 
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
 

@@ -20,6 +20,9 @@
 #ifndef MAX_FOLLOWED
 #define MAX_FOLLOWED 65536
 #endif
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 1
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 512
 #endif
@@ -43,6 +46,7 @@
 #define CNT_DROPPED       2  /* the buffer was full: lost in the kernel */
 #define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
 #define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
+#define CNT_SINCE_WAKEUP  7  /* ring buffer: events since the consumer was last woken */
 #define NR_COUNTERS       8
 
 struct comm_key { char comm[COMM_LEN]; };
@@ -166,7 +170,17 @@ BPF_PERF_OUTPUT(events);
 static __always_inline void submit_event(void *ctx, void *data, u64 size)
 {
 #ifdef USE_RINGBUF
-    int err = events.ringbuf_output(data, size, 0);
+    /* Waking the consumer costs it a syscall and a thread switch per event. Ask for a
+     * wake-up only every WAKEUP_EVERY events per CPU; the consumer also drains on its
+     * poll timeout, so an event waits at most that long (agent/core/manager.py). */
+    u64 flags = BPF_RB_NO_WAKEUP;
+    u32 idx = CNT_SINCE_WAKEUP;
+    u64 *since = counters.lookup(&idx);
+    if (since && ++*since >= WAKEUP_EVERY) {
+        *since = 0;
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
+    int err = events.ringbuf_output(data, size, flags);
 #else
     int err = events.perf_submit(ctx, data, size);
 #endif

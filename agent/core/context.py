@@ -34,7 +34,7 @@ def build_manager(
         report,
         targets=targets or target_set(settings),
         limits=TargetLimits(t.max_pids, t.max_uids, t.max_comms),
-        transport=TransportSettings(tr.kind, tr.ringbuf_pages, tr.perf_pages),
+        transport=TransportSettings(tr.kind, tr.ringbuf_pages, tr.perf_pages, tr.wakeup_every),
         output=OutputConfig(
             tuple(out.formats if formats is None else formats),
             out.directory,

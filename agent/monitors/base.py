@@ -53,6 +53,9 @@ class TransportSettings:
     kind: str = "auto"  # auto | ringbuf | perf
     ringbuf_pages: int = 512  # shared by all CPUs; a power of two
     perf_pages: int = 64  # per CPU; a power of two
+    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
+    # in between wait at most one poll timeout (100 ms).
+    wakeup_every: int = 32
 
 
 @dataclass
@@ -230,6 +233,7 @@ class BccMonitor(BaseMonitor):
             "MAX_TARGET_UIDS": lim.uids,
             "MAX_TARGET_COMMS": lim.comms,
             "RINGBUF_PAGES": t.ringbuf_pages,
+            "WAKEUP_EVERY": t.wakeup_every,
             **self.extra_cflags(),
         }
         flags = [f"-I{BPF_DIR}", "-Wno-macro-redefined"]
@@ -258,7 +262,8 @@ class BccMonitor(BaseMonitor):
             self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
         else:
             self.bpf[b"events"].open_perf_buffer(
-                self._on_raw_event, page_cnt=self.ctx.transport.perf_pages, lost_cb=self._on_lost
+                self._on_raw_event, page_cnt=self.ctx.transport.perf_pages,
+                lost_cb=self._on_lost, wakeup_events=self.ctx.transport.wakeup_every,
             )
 
     def _on_lost(self, lost: int) -> None:
@@ -281,10 +286,14 @@ class BccMonitor(BaseMonitor):
     def poll(self, timeout_ms: int) -> None:
         if self.bpf is None:
             return
+        # Producers wake us only every `wakeup_every` events: drain what is there after
+        # every wait, woken or timed out.
         if self.use_ringbuf:
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
+            self.bpf.perf_buffer_consume()
 
     def close(self) -> None:
         if self.bpf is not None:

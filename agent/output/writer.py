@@ -7,10 +7,10 @@ from __future__ import annotations
 import csv
 import functools
 import logging
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -20,7 +20,7 @@ from agent.core.events import Event, encode_event
 log = logging.getLogger(__name__)
 
 FORMATS = ("console", "csv", "jsonl")
-_STOP = object()
+DRAIN_INTERVAL_S = 0.05
 
 
 class OutputPathError(ValueError):
@@ -113,7 +113,11 @@ class OutputWriter:
         self.name = name
         self.dropped = 0
         self.written = 0
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        # Filled by the monitor's poller thread only; drained by the writer on a timer:
+        # waking a thread per event costs more than writing the event.
+        self._pending: deque[Any] = deque()
+        self._capacity = queue_size
+        self._stopping = threading.Event()
         self._flush_interval = flush_interval_s
         self._formats: list[_Format] = []
         self._snapshots: CsvFormat | None = None
@@ -139,42 +143,44 @@ class OutputWriter:
         self._thread.start()
 
     def offer(self, event: Event) -> None:
-        """Never blocks: a full queue drops the event and counts it."""
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
+        """Never blocks: a full queue drops the event and counts it. One producer (the
+        poller thread), so checking the length before appending bounds the queue."""
+        if len(self._pending) >= self._capacity:
             self.dropped += 1
+        else:
+            self._pending.append(event)
 
     @property
     def wants_snapshots(self) -> bool:
         return self._snapshots is not None
 
     def offer_snapshot(self, rows: list[dict[str, Any]]) -> None:
-        try:
-            self._queue.put_nowait(SnapshotRows(rows))
-        except queue.Full:
+        if len(self._pending) >= self._capacity:
             self.dropped += len(rows)
+        else:
+            self._pending.append(SnapshotRows(rows))
 
     def _run(self) -> None:
         last_flush = time.monotonic()
-        while True:
-            try:
-                item = self._queue.get(timeout=self._flush_interval)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                break
-            if isinstance(item, SnapshotRows):
-                self._write_snapshot(item)
-            elif item is not None:
-                self._write(item)
+        while not self._stopping.wait(DRAIN_INTERVAL_S):
+            self._drain()
             now = time.monotonic()
             if now - last_flush >= self._flush_interval:
                 self._flush()
                 last_flush = now
+        self._drain()
         self._flush()
         for f in self._all_formats():
             f.close()
+
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            item = pending.popleft()
+            if isinstance(item, SnapshotRows):
+                self._write_snapshot(item)
+            else:
+                self._write(item)
 
     def _write(self, event: Event) -> None:
         for f in self._formats:
@@ -201,5 +207,5 @@ class OutputWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, flush and close the files."""
-        self._queue.put(_STOP, timeout=timeout)
+        self._stopping.set()
         self._thread.join(timeout)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compile_c
+from conftest import compile_c, loaded_prog_ids, prog_ids_held_by
 from test_api_support import (
     AGENT_BIN,
     Agent,
@@ -320,30 +320,10 @@ def test_stalled_subscriber_is_bounded_counted_and_cut_while_a_fast_one_gets_all
 
 
 # -- shutdown -----------------------------------------------------------------------------
-def bpf_prog_ids_held_by(pid: int) -> set[int]:
-    """The BPF programs a process holds open (fdinfo has prog_id for a BPF program fd)."""
-    ids = set()
-    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            text = fdinfo.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("prog_id:"):
-                ids.add(int(line.split()[1]))
-    return ids
-
-
-def loaded_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True,
-                         text=True, check=True).stdout
-    return {p["id"] for p in json.loads(out)}
-
-
 def test_sigterm_with_open_streams_exits_0_and_unloads_every_program(
         tmp_path: Path, kernel: None) -> None:
     a = start_agent(tmp_path)
-    held = bpf_prog_ids_held_by(a.proc.pid)
+    held = prog_ids_held_by(a.proc.pid)
     assert held and held <= loaded_prog_ids()
     sse = read_sse(f"{a.url}/events", a.headers)
     ws = read_ws(a.url.replace("http", "ws") + "/events/ws", a.headers)

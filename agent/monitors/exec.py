@@ -125,9 +125,8 @@ class ExecMonitor(BccMonitor):
         )
 
 
-def split_args(area: bytes, count: int, arg_size: int) -> tuple[list[str], bool]:
-    """NUL-separated arguments; one that filled its slot (> arg_size bytes) is cut."""
-    parts = area.split(b"\0")[:count]
+def _decode_args(parts: list[bytes], arg_size: int) -> tuple[list[str], bool]:
+    """Arguments cut to ``arg_size`` bytes (saying whether any was) and decoded."""
     truncated = False
     argv = []
     for p in parts:
@@ -137,6 +136,12 @@ def split_args(area: bytes, count: int, arg_size: int) -> tuple[list[str], bool]
     return argv, truncated
 
 
+def split_args(area: bytes, count: int, arg_size: int) -> tuple[list[str], bool]:
+    """Arguments read one by one at sys_enter, each NUL-terminated in its slot; one
+    that filled its slot (more than arg_size bytes) is cut."""
+    return _decode_args(area.split(b"\0")[:count], arg_size)
+
+
 def split_arg_area(
     area: bytes, max_args: int, arg_size: int, area_cut: bool
 ) -> tuple[list[str], bool]:
@@ -144,17 +149,10 @@ def split_arg_area(
     kernel side had to cut the area, its last string has no NUL and is incomplete."""
     parts = area.split(b"\0")
     complete, tail = parts[:-1], parts[-1]
-    truncated = area_cut
     if area_cut and tail:
         complete.append(tail)
-    if len(complete) > max_args:
-        complete, truncated = complete[:max_args], True
-    argv = []
-    for p in complete:
-        if len(p) > arg_size:
-            p, truncated = p[:arg_size], True
-        argv.append(p.decode("utf-8", "surrogateescape"))
-    return argv, truncated
+    argv, cut = _decode_args(complete[:max_args], arg_size)
+    return argv, cut or area_cut or len(complete) > max_args
 
 
 def orjson_dumps_str(value: list[str]) -> str:

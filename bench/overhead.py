@@ -2,11 +2,14 @@
 
 Workloads: ``dd if=/dev/zero of=/dev/null bs=1 count=C`` (a read(2) and a write(2) per
 byte) and a compiled loop of N getppid(2) calls (bench/getppid_loop.c). Configurations:
-no agent; the floor (empty BPF programs on raw_syscalls:sys_enter and sys_exit, attached
-as the monitor attaches them); the same empty programs as raw tracepoints
-(BPF_PROG_TYPE_RAW_TRACEPOINT, no perf-event record built); the SyscallMonitor (counts,
-errors and latency, histogram on), watching everything, with per-process tables, and
-with a target filter that excludes the workload; ``syscount-bpfcc`` (counts at sys_exit),
+no agent; floors: empty BPF programs on raw_syscalls:sys_enter and sys_exit attached
+through perf events (TRACEPOINT_PROBE, as syscount and bpftrace attach), the same empty
+programs as raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT, no perf-event record built;
+the monitor attaches this way), and an empty raw tracepoint at sys_exit alone (the floor
+of the counts-only mode); the SyscallMonitor: full (counts, errors, latency, histogram
+on) watching everything, with per-process tables, with a target filter that excludes
+the workload, and with latency off (counts, errors and errnos at sys_exit only), also
+with the workload filtered out; ``syscount-bpfcc`` (counts at sys_exit),
 ``syscount-bpfcc -L`` (adds latency) and a bpftrace one-liner counting at sys_enter.
 
 Everything runs in one process run: each repetition starts every configuration in turn
@@ -47,8 +50,12 @@ FLOOR_RAW_TP = """
 RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }
 RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }
 """
+FLOOR_RAW_EXIT = """
+RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }
+"""
 BPFTRACE_ONE_LINER = "tracepoint:raw_syscalls:sys_enter { @[args->id] = count(); }"
 FLOOR = "floor: empty tracepoint progs"
+FLOOR_RAW = "floor: empty raw_tracepoint progs"
 ATTACH_TIMEOUT_S = 90.0
 QUIET_TIMEOUT_S = 20.0
 
@@ -190,10 +197,14 @@ def configurations() -> list[Config]:
     configs: list[Config] = [
         NoAgent(),
         EmptyPrograms(FLOOR, FLOOR_TP),
-        EmptyPrograms("empty raw_tracepoint progs", FLOOR_RAW_TP),
+        EmptyPrograms(FLOOR_RAW, FLOOR_RAW_TP),
+        EmptyPrograms("floor: empty raw_tracepoint prog, sys_exit only", FLOOR_RAW_EXIT),
         Monitor("syscall monitor"),
         Monitor("syscall monitor, per_process", per_process=True),
         Monitor("syscall monitor, workload filtered out", TargetSet(pids=frozenset({1}))),
+        Monitor("syscall monitor, latency off (counts+errors)", latency=False),
+        Monitor("syscall monitor, latency off, workload filtered out",
+                TargetSet(pids=frozenset({1})), latency=False),
     ]
     if shutil.which("syscount-bpfcc"):
         configs.append(Peer("syscount-bpfcc (counts)", ["syscount-bpfcc"], 1))
@@ -296,19 +307,21 @@ def run(reps: int, wls: list[Workload], configs: list[Config]) -> Results:
 
 def table(results: Results, wls: list[Workload], configs: list[Config]) -> str:
     lines = [
-        "| workload | configuration | CPU s | x no agent | x floor | +ns/syscall | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | configuration | CPU s | x no agent | x tp floor | x raw floor "
+        "| +ns/syscall | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in wls:
         base = results.median("no agent", w.name)
         floor = results.median(FLOOR, w.name)
+        raw_floor = results.median(FLOOR_RAW, w.name)
         for c in configs:
             t = results.median(c.name, w.name)
             wall = results.median(c.name, w.name, wall=True)
             extra = (t - base) / w.calls * 1e9
             lines.append(
                 f"| {w.name} | {c.name} | {t:.3f} | {t / base:.2f} | {t / floor:.2f} | "
-                f"{extra:.0f} | {wall:.3f} |"
+                f"{t / raw_floor:.2f} | {extra:.0f} | {wall:.3f} |"
             )
     return "\n".join(lines)
 
@@ -332,7 +345,8 @@ def main() -> int:
           f"alternating runs; bench took {elapsed:.0f} s.\n")
     print(table(results, wls, configs))
     print("\nCPU s: median user+system time of the workload process; x columns divide it by "
-          "the no-agent and floor medians; +ns/syscall: (median - no-agent median) / syscalls "
+          "the no-agent, empty-perf-tracepoint and empty-raw-tracepoint floor medians "
+          "(both hooks); +ns/syscall: (median - no-agent median) / syscalls "
           "made (dd: 2 per byte; startup calls ignored); wall s: median elapsed time.")
     if results.unclean:
         print(f"\n{results.unclean} sample(s) ran while other processes had syscall probes "

@@ -1,10 +1,14 @@
 """SyscallMonitor against ground truth: a compiled program makes exactly N getppid(2) and
-M failing open(2) calls per round, and the monitor must report exactly those."""
+M failing open(2) calls per round, and the monitor must report exactly those, with latency
+(sys_enter + sys_exit programs) and without (sys_exit only)."""
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +21,7 @@ from conftest import CollectingSink, compile_c
 from pydantic import ValidationError
 
 from agent.core.targets import TargetSet
-from agent.kernel.btf import kernel_offsets
+from agent.kernel.btf import BTFError, kernel_offsets
 from agent.kernel.syscalls import category, syscall_names
 from agent.monitors.base import BPF_DIR, MonitorContext, TransportSettings, default_registry
 from agent.monitors.syscall import (
@@ -32,6 +36,7 @@ from agent.monitors.syscall import (
     SyscallMonitor,
     SyscallOptions,
     merge_stat,
+    pt_regs_nr_offset,
     sort_limit,
     sum_columns,
 )
@@ -44,23 +49,47 @@ EVENT_FIELDS = {
     "monitor", "timestamp", "ts_ns", "pid", "tid", "comm", "syscall", "nr", "category",
     "latency_ns", "ret",
 }
+# Both builds of the monitor: latency (sys_enter + sys_exit) and counts only (sys_exit).
+MODES = [pytest.param(True, id="latency"), pytest.param(False, id="counts-only")]
 
 # Commands on stdin, one per line: "g" runs a round (N getppid, M opens of a missing
 # file, then a nanosleep of SLEEP_MS ms when > 0) and answers "done"; EOF or "q" exits.
 # syscall(SYS_...) and not the libc wrappers: glibc's nanosleep() is clock_nanosleep(2).
+# With DENY_GETPPID = 1 a seccomp filter, installed before "ready", makes every getppid
+# fail with EPERM before it reaches sys_enter (SECCOMP_RET_ERRNO).
 WORKLOAD_C = r"""
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+static void deny_getppid(void)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof(filter) / sizeof(filter[0]), filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+        exit(3);
+}
 
 int main(int argc, char **argv)
 {
     long n = atol(argv[1]), m = atol(argv[2]), sleep_ms = atol(argv[3]);
     char line[64];
+    if (argc > 4 && atol(argv[4]))
+        deny_getppid();
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready\n");
     while (fgets(line, sizeof(line), stdin) && line[0] == 'g') {
@@ -90,9 +119,10 @@ def workload_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Workload:
     """The ground-truth program, started and waiting for its first command."""
 
-    def __init__(self, binary: Path, n: int = N_GETPPID, m: int = M_OPEN, sleep_ms: int = 0):
+    def __init__(self, binary: Path, n: int = N_GETPPID, m: int = M_OPEN, sleep_ms: int = 0,
+                 deny_getppid: int = 0):
         self.proc = subprocess.Popen(
-            [str(binary), str(n), str(m), str(sleep_ms)],
+            [str(binary), str(n), str(m), str(sleep_ms), str(deny_getppid)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -170,6 +200,14 @@ def pid_targets(pid: int) -> TargetSet:
     return TargetSet(pids=frozenset({pid}))
 
 
+def attached_programs(pid: int) -> set[tuple[str, str]]:
+    """(attachment type, tracepoint) of the programs ``pid`` attached (bpftool perf show)."""
+    out = subprocess.run(["bpftool", "perf", "show", "-j"], capture_output=True, text=True,
+                         check=True).stdout
+    return {(a["fd_type"], a["tracepoint"]) for a in json.loads(out or "[]")
+            if a.get("pid") == pid and "tracepoint" in a}
+
+
 # -- without a kernel ---------------------------------------------------------------------
 
 LAYOUT_C = r"""
@@ -227,11 +265,25 @@ def test_header_and_python_mirrors_agree(tmp_path: Path) -> None:
 
 def test_options_validate() -> None:
     assert SyscallOptions().slow_threshold_us is None
+    assert SyscallOptions().latency is True
     assert SyscallOptions(slow_threshold_us=0).slow_threshold_us == 0
     with pytest.raises(ValidationError):
         SyscallOptions(slow_threshold_us=-1)
     with pytest.raises(ValidationError):
         SyscallOptions(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="needs latency"):
+        SyscallOptions(latency=False, slow_threshold_us=10)
+
+
+def test_counts_only_mode_reads_the_syscall_number_offset_from_btf() -> None:
+    assert SyscallMonitor.option_errors(SyscallOptions(), None) is None
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("no BTF")
+    if os.uname().machine == "x86_64":
+        assert SyscallMonitor.option_errors(SyscallOptions(latency=False), None) is None
+        assert pt_regs_nr_offset() == 15 * 8  # orig_ax: the x86_64 syscall ABI's pt_regs
+    with pytest.raises(BTFError):
+        pt_regs_nr_offset("vax")
 
 
 def test_parse_event_and_console_line() -> None:
@@ -268,25 +320,74 @@ def test_merge_sort_and_column_helpers() -> None:
 # -- on the kernel ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("latency", MODES)
 def test_exact_counts_for_a_target_pid(kernel: None, sink: CollectingSink,
-                                       workload_bin: Path) -> None:
-    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid)) as m:
+                                       workload_bin: Path, latency: bool) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid), latency=latency) as m:
         w.round()
-        w.finish()  # exit_group is counted at sys_enter
-        rows = by_name(m.stats())
+        w.round()
+        w.finish()  # exit_group is counted at syscall entry
+        stats = m.stats()
         counters = m.kernel_counters()
+    rows = by_name(stats)
     getppid, openat = rows["getppid"], rows["openat"]
-    assert (getppid["count"], getppid["errors"], getppid["errnos"]) == (N_GETPPID, 0, {})
-    assert (openat["count"], openat["errors"]) == (M_OPEN, M_OPEN)
-    assert openat["errnos"] == {"ENOENT": M_OPEN}
+    assert (getppid["count"], getppid["errors"], getppid["errnos"]) == (2 * N_GETPPID, 0, {})
+    assert (openat["count"], openat["errors"]) == (2 * M_OPEN, 2 * M_OPEN)
+    assert openat["errnos"] == {"ENOENT": 2 * M_OPEN}
     assert getppid["nr"] == NR["getppid"] and getppid["category"] == category("getppid")
-    assert 0 < getppid["min_ns"] <= getppid["max_ns"] <= getppid["total_ns"]
-    assert getppid["total_ns"] >= N_GETPPID * getppid["min_ns"]
-    assert len(getppid["histogram"]) == SC_HIST_SLOTS
-    assert sum(getppid["histogram"]) == N_GETPPID
-    exit_group = rows["exit_group"]
-    assert exit_group["count"] == 1 and exit_group["min_ns"] is None
+    if latency:
+        assert 0 < getppid["min_ns"] <= getppid["max_ns"] <= getppid["total_ns"]
+        assert getppid["total_ns"] >= 2 * N_GETPPID * getppid["min_ns"]
+        assert len(getppid["histogram"]) == SC_HIST_SLOTS
+        assert sum(getppid["histogram"]) == 2 * N_GETPPID
+        assert stats["histogram_buckets"]
+    else:
+        for row in stats["syscalls"]:
+            assert (row["total_ns"], row["min_ns"], row["max_ns"], row["histogram"]) == (
+                None, None, None, None), row["name"]
+        assert stats["histogram_buckets"] is None
+    if latency:  # counted at sys_enter
+        exit_group = rows["exit_group"]
+        assert exit_group["count"] == 1 and exit_group["min_ns"] is None
+    else:  # no sys_enter program: never seen (documented)
+        assert "exit_group" not in rows
+    assert "exit" not in rows
     assert counters["nr_out_of_range"] == 0 and counters["pending_full"] == 0
+
+
+@pytest.mark.parametrize("latency", MODES)
+def test_programs_are_raw_tracepoints(kernel: None, sink: CollectingSink,
+                                      latency: bool) -> None:
+    if not shutil.which("bpftool"):
+        pytest.skip("bpftool missing")
+    with monitor(sink, latency=latency):
+        attached = attached_programs(os.getpid())
+    syscall_progs = {a for a in attached if a[1].startswith("sys_")}
+    if latency:
+        assert syscall_progs == {("raw_tracepoint", "sys_enter"), ("raw_tracepoint", "sys_exit")}
+    else:  # nothing at sys_enter
+        assert syscall_progs == {("raw_tracepoint", "sys_exit")}
+
+
+@pytest.mark.parametrize("latency", MODES)
+def test_seccomp_denied_calls(kernel: None, sink: CollectingSink, workload_bin: Path,
+                              latency: bool) -> None:
+    """A call a seccomp filter denies returns before sys_enter but passes sys_exit: the
+    latency mode does not count it (nothing stamped it), the counts-only mode counts it
+    with the errno the filter returned. The other calls stay exact in both."""
+    with workload(workload_bin, deny_getppid=1) as w, monitor(
+        sink, pid_targets(w.pid), latency=latency
+    ) as m:
+        w.round()
+        rows = by_name(m.stats())
+        w.finish()
+    assert rows["openat"]["errnos"] == {"ENOENT": M_OPEN}
+    if latency:
+        assert "getppid" not in rows
+    else:
+        getppid = rows["getppid"]
+        assert (getppid["count"], getppid["errors"]) == (N_GETPPID, N_GETPPID)
+        assert getppid["errnos"] == {"EPERM": N_GETPPID}
 
 
 def test_no_targets_counts_at_least_the_workload(kernel: None, sink: CollectingSink,
@@ -299,9 +400,12 @@ def test_no_targets_counts_at_least_the_workload(kernel: None, sink: CollectingS
     assert rows["openat"]["errnos"].get("ENOENT", 0) >= M_OPEN
 
 
+@pytest.mark.parametrize("latency", MODES)
 def test_comm_target_gives_exact_counts(kernel: None, sink: CollectingSink,
-                                        workload_bin: Path) -> None:
-    with workload(workload_bin) as w, monitor(sink, TargetSet(comms=frozenset({COMM}))) as m:
+                                        workload_bin: Path, latency: bool) -> None:
+    with workload(workload_bin) as w, monitor(
+        sink, TargetSet(comms=frozenset({COMM})), latency=latency
+    ) as m:
         w.round()
         rows = by_name(m.stats())
         w.finish()
@@ -309,18 +413,22 @@ def test_comm_target_gives_exact_counts(kernel: None, sink: CollectingSink,
     assert rows["openat"]["errnos"] == {"ENOENT": M_OPEN}
 
 
+@pytest.mark.parametrize("latency", MODES)
 def test_filtered_process_counts_nothing(kernel: None, sink: CollectingSink,
-                                         workload_bin: Path) -> None:
+                                         workload_bin: Path, latency: bool) -> None:
     idle = subprocess.Popen(["sleep", "60"])
     try:
-        with workload(workload_bin) as w, monitor(sink, pid_targets(idle.pid)) as m:
+        with workload(workload_bin) as w, monitor(
+            sink, pid_targets(idle.pid), latency=latency
+        ) as m:
             w.round()
-            rows = by_name(m.stats())
             w.finish()
+            stats = m.stats()
     finally:
         idle.kill()
         idle.wait()
-    assert "getppid" not in rows and "openat" not in rows
+    # Nothing of the workload, exit_group included (the idle target sleeps throughout).
+    assert not {"getppid", "openat", "exit_group"} & set(by_name(stats))
 
 
 def test_slow_calls_become_events(kernel: None, sink: CollectingSink,
@@ -364,9 +472,10 @@ def test_threshold_changes_at_run_time_and_zero_streams_every_call(
     assert counters["dropped"] == 0
 
 
+@pytest.mark.parametrize("latency", MODES)
 def test_per_process_counts_are_exact(kernel: None, sink: CollectingSink,
-                                      workload_bin: Path) -> None:
-    with workload(workload_bin) as w, monitor(sink, per_process=True) as m:
+                                      workload_bin: Path, latency: bool) -> None:
+    with workload(workload_bin) as w, monitor(sink, per_process=True, latency=latency) as m:
         w.round()
         stats = m.stats()
         counters = m.kernel_counters()
@@ -378,11 +487,17 @@ def test_per_process_counts_are_exact(kernel: None, sink: CollectingSink,
     assert (calls["openat"]["count"], calls["openat"]["errors"]) == (M_OPEN, M_OPEN)
     assert proc["count"] == sum(s["count"] for s in proc["syscalls"])
     assert counters["process_overflow"] == 0
+    if not latency:
+        assert proc["total_ns"] is None
+        assert all(s["total_ns"] is None and s["max_ns"] is None for s in proc["syscalls"])
 
 
+@pytest.mark.parametrize("latency", MODES)
 def test_reset_starts_a_new_window(kernel: None, sink: CollectingSink,
-                                   workload_bin: Path) -> None:
-    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid), per_process=True) as m:
+                                   workload_bin: Path, latency: bool) -> None:
+    with workload(workload_bin) as w, monitor(
+        sink, pid_targets(w.pid), per_process=True, latency=latency
+    ) as m:
         w.round()
         first = m.stats(reset=True)
         w.round()
@@ -417,3 +532,16 @@ def test_sort_limit_and_snapshot_rows(kernel: None, sink: CollectingSink,
     assert len(by_time) == 2 and by_time[0]["total_ns"] >= by_time[1]["total_ns"]
     assert all(tuple(r) == SyscallMonitor.SNAPSHOT_FIELDS for r in rows)
     assert {r["name"]: r["count"] for r in rows}["getppid"] == N_GETPPID
+
+
+def test_counts_only_refuses_time_sort(kernel: None, sink: CollectingSink,
+                                       workload_bin: Path) -> None:
+    with workload(workload_bin) as w, monitor(sink, pid_targets(w.pid), latency=False) as m:
+        w.round()
+        with pytest.raises(ValueError, match="latency"):
+            m.stats(sort="time")
+        with pytest.raises(ValidationError):
+            m.set_slow_threshold_us(100)
+        rows = {r["name"]: r for r in m.snapshot_rows()}
+        w.finish()
+    assert rows["getppid"]["count"] == N_GETPPID and rows["getppid"]["total_ns"] is None

@@ -1,22 +1,51 @@
 /* SyscallMonitor: every system call of the target tasks, aggregated in the kernel.
  *
- * raw_syscalls:sys_enter (args->id) stamps the start time of the calling thread;
- * raw_syscalls:sys_exit (args->id, args->ret) counts the call: count, errors and errno,
- * latency sum/min/max and a log2 histogram per syscall, and per (process, syscall) when
- * PER_PROCESS is set. The tracepoints are defined in include/trace/events/syscalls.h and
- * fire from the generic syscall entry/exit work (kernel/entry/common.c); their argument
- * structs come from the live format files, so no kernel struct is read here.
+ * Programs are raw tracepoints on sys_enter and sys_exit (include/trace/events/syscalls.h,
+ * fired from the generic syscall entry/exit work, kernel/entry/common.c): the kernel
+ * passes the tracepoint's arguments as they are, ctx->args[0] = struct pt_regs *,
+ * ctx->args[1] = the syscall number at sys_enter and the return value at sys_exit. A
+ * perf-attached tracepoint (TRACEPOINT_PROBE) would first build a perf record (buffer
+ * allocation, the argument copy, perf_trace_run_bpf_submit): on this project's VMs a
+ * pair of empty programs costs ~25-30 ns more per syscall attached that way
+ * (bench/RESULTS.md, "overhead (syscall monitor)").
+ *
+ * Two builds, chosen by the latency option (agent/monitors/syscall.py):
+ * - WITH_LATENCY: sys_enter stamps the calling thread's start time and syscall number
+ *   (sc_start); sys_exit counts the call: count, errors and errno, latency sum/min/max
+ *   and a log2 histogram per syscall, and per (process, syscall) when PER_PROCESS is
+ *   set. The target filter is decided at sys_enter.
+ * - without: only sys_exit, filtered there, counting calls, errors and errnos (no
+ *   latency, no start table). The syscall number is read from pt_regs (below).
+ *   exit(2) and exit_group(2) are not counted in this build: they never reach sys_exit,
+ *   and every way to see them costs every other syscall. A raw sys_enter program is
+ *   the floor again (~30 ns per call); the syscalls:sys_enter_exit{,_group} events
+ *   register perf_syscall_enter() on sys_enter, which returns after a bit test but
+ *   still measured +3..+17 ns per call (getppid, dd) on this project's VMs, enough to
+ *   lose the lead over syscount-bpfcc; sched_process_exit cannot tell a thread that
+ *   called exit/exit_group from one killed by a signal or by a sibling's exit_group
+ *   without reading pt_regs through the task's stack, whose layout BTF does not give.
  *
  * Nothing crosses to userspace per call: userspace reads the tables (batch lookups) and
- * only calls slower than sc_config.slow_ns are submitted as events.
+ * only calls slower than sc_config.slow_ns are submitted as events (latency build).
  *
- * The hot-path tables are per-CPU: TRACEPOINT_PROBE programs are attached through perf
- * events and run from perf_trace_<class>(), which holds preemption disabled around them
- * (include/trace/perf.h: guard(preempt_notrace), kept for syscall events since those
- * became faultable in 6.14), so plain increments on this CPU's copy need no atomic
- * instruction. Userspace sums the copies and merges min/max. (Raw tracepoints would
- * skip building the perf record, but newer kernels may run raw-tracepoint programs on
- * syscall events with only migration disabled.)
+ * Per-CPU tables and preemption. The hot-path tables are per-CPU and updated with plain
+ * read-modify-write on this CPU's copy, which is only safe if nothing else runs on this
+ * CPU in between. The programs run in task context at syscall entry and exit, never
+ * from an interrupt, so the one thing that could interleave two updates on a CPU is a
+ * preemption followed by another task's syscall. Since Linux 6.14 syscall tracepoints
+ * are "faultable" (Mathieu Desnoyers' series: their probes run with preemption
+ * enabled), and each tracer disables it around its programs itself: raw
+ * tracepoint programs through __BPF_DECLARE_TRACE_SYSCALL in include/trace/bpf_probe.h
+ * (preempt_disable_notrace() around bpf_trace_runN()), perf-attached ones in
+ * perf_syscall_enter()/perf_trace_<class>() (guard(preempt_notrace)). Before 6.14 every
+ * tracepoint probe ran under rcu_read_lock_sched(), preemption off. So on the kernels
+ * this runs on (6.18 here; these VMs also run preempt=none: CONFIG_PREEMPT_NONE with
+ * PREEMPT_DYNAMIC and no preempt= on the kernel command line) the increments
+ * need no atomic instruction; userspace sums the copies and merges min/max. A future
+ * kernel may run syscall tracepoint programs preemptibly (migration disabled only): a
+ * program preempted between its load and store could then lose another task's update
+ * on that CPU (a count off by one, rarely), and the generation switch's settle time
+ * (syscall.py) would no longer bound the programs still writing the old generation.
  */
 #include "common.h"
 #include "syscall.h"
@@ -34,13 +63,22 @@
 #define MAX_PROC_ENTRIES 16384  /* (process, syscall, generation) triples */
 #endif
 /* exit(2) and exit_group(2) never return (kernel/exit.c: do_exit() is __noreturn), so
- * sys_exit never fires for them: they are counted at sys_enter, without latency.
- * Userspace passes this machine's numbers (x86_64: 60 and 231). */
+ * sys_exit never fires for them: the latency build counts them at sys_enter, without
+ * latency. Userspace passes this machine's numbers (x86_64: 60 and 231). */
 #ifndef NR_EXIT
 #error "NR_EXIT must be defined"
 #endif
 #ifndef NR_EXIT_GROUP
 #error "NR_EXIT_GROUP must be defined"
+#endif
+#ifndef WITH_LATENCY
+/* The syscall number's offset in struct pt_regs (x86_64: orig_ax, arm64: syscallno),
+ * read by userspace from the running kernel's BTF. pt_regs is the architecture's
+ * syscall ABI, but the offset still comes from BTF rather than from the build's
+ * headers (KERNEL.md). */
+#ifndef OFF_PT_REGS_SYSCALL_NR
+#error "OFF_PT_REGS_SYSCALL_NR must be defined"
+#endif
 #endif
 
 /* include/linux/err.h: a return value in [-MAX_ERRNO, -1] is an error (the same test as
@@ -48,14 +86,25 @@
  * mmap on some machines, fcntl(F_GETOWN) of a process group) are results. */
 #define SC_MAX_ERRNO 4095
 
-/* Start time of the current syscall per thread id. An entry lives as long as its
- * thread: sys_enter writes the time in place, sys_exit reads it and writes 0, and
+#ifdef WITH_LATENCY
+/* The call in flight of one thread: when it entered and which syscall it is. */
+struct sc_start {
+    u64 start_ns;              /* 0: no call in flight that we stamped */
+    u32 nr;
+    u32 _pad;
+};
+
+/* Start time and number of the current syscall per thread id. An entry lives as long as
+ * its thread: sys_enter writes it in place, sys_exit reads it and zeroes start_ns, and
  * sched_process_exit deletes it. Rewriting in place avoids a hash insert and delete
- * (bucket lock, element allocation) on every call. A zero means "no call in flight
- * that we stamped": a call that began before the monitor loaded, in a task that was
- * not a target then, or one that skipped sys_enter (a seccomp or ptrace denial returns
- * before trace_sys_enter() but still passes through sys_exit). */
-BPF_HASH(sc_start, u32, u64, MAX_THREADS);
+ * (bucket lock, element allocation) on every call. A zero start_ns means "no call in
+ * flight that we stamped": a call that began before the monitor loaded, in a task that
+ * was not a target then, or one that skipped sys_enter: a seccomp or ptrace denial
+ * returns before trace_sys_enter() (syscall_trace_enter(), kernel/entry/common.c) but
+ * still passes through sys_exit. Such calls are not counted in this build.
+ * Storing the number at sys_enter also spares sys_exit a read of pt_regs. */
+BPF_HASH(sc_start, u32, struct sc_start, MAX_THREADS);
+#endif
 BPF_ARRAY(sc_config, struct sc_config, 1);
 BPF_PERCPU_ARRAY(sc_stats, struct sc_stat, SC_GENERATIONS * MAX_SYSCALLS);
 #ifdef WITH_HISTOGRAM
@@ -74,6 +123,7 @@ static __always_inline void sc_count(u32 idx)
         *v += 1;
 }
 
+#ifdef WITH_HISTOGRAM
 /* floor(log2(v)), 0 for v <= 1, clamped to the last slot. */
 static __always_inline u32 log2_slot(u64 v)
 {
@@ -86,6 +136,7 @@ static __always_inline u32 log2_slot(u64 v)
     if (v >> 1)  { r += 1; }
     return r < SC_HIST_SLOTS ? r : SC_HIST_SLOTS - 1;
 }
+#endif
 
 static __always_inline void add_errno(u32 nr, u32 gen, long ret)
 {
@@ -100,10 +151,10 @@ static __always_inline void add_errno(u32 nr, u32 gen, long ret)
 }
 
 #ifdef PER_PROCESS
-static __always_inline void add_process(u32 tgid, u32 nr, u32 gen, u64 lat, int returned,
-                                        int failed)
+static __always_inline void add_process(u32 nr, u32 gen, u64 lat, int returned, int failed)
 {
-    struct sc_proc_key key = {.tgid = tgid, .nr = (u16)nr, .gen = (u16)gen};
+    struct sc_proc_key key = {
+        .tgid = bpf_get_current_pid_tgid() >> 32, .nr = (u16)nr, .gen = (u16)gen};
     struct sc_proc_stat *p = sc_procs.lookup(&key);
     if (!p) {
         struct sc_proc_stat init = {};
@@ -118,18 +169,19 @@ static __always_inline void add_process(u32 tgid, u32 nr, u32 gen, u64 lat, int 
     p->count++;
     if (failed)
         p->errors++;
+#ifdef WITH_LATENCY
     if (returned) {
         p->total_ns += lat;
         if (lat > p->max_ns)
             p->max_ns = lat;
     }
+#endif
 }
 #endif
 
 /* Count one call of `nr` in generation `gen`; `returned` is 0 for exit/exit_group,
- * which have no latency and no return value. */
-static __always_inline void account(u32 tgid, u32 nr, u32 gen, u64 lat, long ret,
-                                    int returned)
+ * which have no return value (and no latency); `lat` is used in the latency build. */
+static __always_inline void account(u32 nr, u32 gen, u64 lat, long ret, int returned)
 {
     if (nr >= MAX_SYSCALLS) {
         sc_count(SC_CNT_NR_RANGE);
@@ -142,6 +194,7 @@ static __always_inline void account(u32 tgid, u32 nr, u32 gen, u64 lat, long ret
     int failed = returned && ret < 0 && ret >= -SC_MAX_ERRNO;
     s->count++;
     count(CNT_SEEN);
+#ifdef WITH_LATENCY
     if (returned) {
         s->total_ns += lat;
         /* 0 marks "unset": a call takes tens of ns at least between the two tracepoints */
@@ -156,12 +209,13 @@ static __always_inline void account(u32 tgid, u32 nr, u32 gen, u64 lat, long ret
             *slot += 1;
 #endif
     }
+#endif
     if (failed) {
         s->errors++;
         add_errno(nr, gen, ret);
     }
 #ifdef PER_PROCESS
-    add_process(tgid, nr, gen, lat, returned, failed);
+    add_process(nr, gen, lat, returned, failed);
 #endif
 }
 
@@ -171,7 +225,8 @@ static __always_inline struct sc_config *config(void)
     return sc_config.lookup(&zero);
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+/* The configuration when counting is on (SC_CFG_ARMED) and current is a target. */
+static __always_inline struct sc_config *armed_for_current(void)
 {
     /* An array lookup: the verifier inlines it into an address computation. */
     struct sc_config *cfg = config();
@@ -179,20 +234,34 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
         return 0;
     if (!current_matches())
         return 0;
-    u32 nr = args->id;
-    u64 id = bpf_get_current_pid_tgid();
+    return cfg;
+}
+
+#ifdef WITH_LATENCY
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    struct sc_config *cfg = armed_for_current();
+    if (!cfg)
+        return 0;
+    /* TP_PROTO(struct pt_regs *regs, long id): id is syscall_get_nr() after ptrace and
+     * seccomp had their say, the number sys_exit will see in pt_regs. */
+    u32 nr = (u32)ctx->args[1];
     if (nr == NR_EXIT || nr == NR_EXIT_GROUP) {
-        account(id >> 32, nr, cfg->gen & 1, 0, 0, 0);
+        account(nr, cfg->gen & 1, 0, 0, 0);
         return 0;
     }
-    u32 tid = (u32)id;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     u64 now = bpf_ktime_get_ns();
-    u64 *start = sc_start.lookup(&tid);
-    if (start) {
-        *start = now;
+    struct sc_start *s = sc_start.lookup(&tid);
+    if (s) {
+        /* Only this thread reads or writes its entry: no torn pair. */
+        s->start_ns = now;
+        s->nr = nr;
         return 0;
     }
-    if (sc_start.update(&tid, &now))
+    struct sc_start init = {.start_ns = now, .nr = nr};
+    if (sc_start.update(&tid, &init))
         count(CNT_PENDING_FULL);  /* this thread's calls go uncounted until room frees */
     return 0;
 }
@@ -216,26 +285,26 @@ static __always_inline void submit_slow(void *ctx, u64 id, u32 nr, u64 start, u6
  * image with the same tid (unless a non-leader thread exec'd: de_thread() in fs/exec.c
  * gives it the leader's pid: that call is then lost, and the entry of its old tid stays
  * until the tid is reused). */
-TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+RAW_TRACEPOINT_PROBE(sys_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    u64 *start_p = sc_start.lookup(&tid);
-    if (!start_p)
+    struct sc_start *s = sc_start.lookup(&tid);
+    if (!s)
         return 0;
-    u64 start = *start_p;
+    u64 start = s->start_ns;
     if (!start)
         return 0;
-    *start_p = 0;
+    s->start_ns = 0;
+    u32 nr = s->nr;
     u64 lat = bpf_ktime_get_ns() - start;
     struct sc_config *cfg = config();
     if (!cfg)
         return 0;
-    u32 nr = args->id;
-    long ret = args->ret;
-    account(id >> 32, nr, cfg->gen & 1, lat, ret, 1);
+    long ret = (long)ctx->args[1];  /* TP_PROTO(struct pt_regs *regs, long ret) */
+    account(nr, cfg->gen & 1, lat, ret, 1);
     if ((cfg->flags & SC_CFG_SLOW) && lat > cfg->slow_ns)
-        submit_slow(args, id, nr, start, lat, ret);
+        submit_slow(ctx, id, nr, start, lat, ret);
     return 0;
 }
 
@@ -248,3 +317,26 @@ int sc_task_exit(void *ctx)
     sc_start.delete(&tid);
     return 0;
 }
+
+#else /* !WITH_LATENCY: counts, errors and errnos at sys_exit only; no exit/exit_group */
+
+/* Every call of a target that reaches sys_exit is counted, under the number the kernel
+ * dispatched (syscall_get_nr(): the low 32 bits of orig_ax on x86_64, syscallno on
+ * arm64, as raw_syscalls:sys_exit's `id` field). Unlike the latency build this also
+ * counts calls already in flight when counting starts, and calls denied before
+ * sys_enter (a seccomp SECCOMP_RET_ERRNO or ptrace skip), with the error they return;
+ * the target filter is applied at exit, so after an execve(2) the new comm decides. */
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    struct sc_config *cfg = armed_for_current();
+    if (!cfg)
+        return 0;
+    s32 nr = -1;
+    if (bpf_probe_read_kernel(&nr, sizeof(nr),
+                              (void *)(ctx->args[0] + OFF_PT_REGS_SYSCALL_NR)))
+        nr = -1;  /* counted as nr_out_of_range */
+    account((u32)nr, cfg->gen & 1, 0, (long)ctx->args[1], 1);
+    return 0;
+}
+
+#endif /* WITH_LATENCY */

@@ -30,7 +30,7 @@
 #define SC_CFG_ARMED 1  /* count at all: set once the target filter is in place */
 #define SC_CFG_SLOW  2  /* submit slow-call events */
 
-/* sc_config[0]: written by userspace at any time, read by both programs. All zero (as
+/* sc_config[0]: written by userspace at any time, read by the programs. All zero (as
  * the map starts) means "do nothing", so no call is counted or streamed in the moment
  * between attaching and writing the targets and the configuration. */
 struct sc_config {
@@ -39,7 +39,8 @@ struct sc_config {
     u32 flags;                 /* SC_CFG_* */
 };
 
-/* Per syscall, per CPU, per generation: sc_stats[gen * MAX_SYSCALLS + nr]. */
+/* Per syscall, per CPU, per generation: sc_stats[gen * MAX_SYSCALLS + nr]. The latency
+ * fields stay 0 in the build without latency (syscall.c, WITH_LATENCY unset). */
 struct sc_stat {
     u64 count;                 /* calls that returned, plus exit/exit_group at entry */
     u64 errors;                /* returns in [-4095, -1] (include/linux/err.h MAX_ERRNO) */
@@ -70,7 +71,7 @@ struct sc_proc_stat {
     char comm[SC_COMM_LEN];    /* set on the CPU that created the entry, zero on others */
 };
 
-/* A slow call (latency > sc_config.slow_ns), submitted at sys_exit. */
+/* A slow call (latency > sc_config.slow_ns), submitted at sys_exit (latency build). */
 struct syscall_event {
     u64 ts_ns;                 /* bpf_ktime_get_ns() at sys_enter: CLOCK_MONOTONIC */
     u64 latency_ns;

@@ -1,8 +1,21 @@
 """SyscallMonitor: per-syscall counts, errors, errnos and latency, aggregated in the kernel.
 
-The kernel side (agent/bpf/syscall.c) keeps per-CPU tables; nothing crosses to userspace
-per call except, when ``slow_threshold_us`` is set, the calls slower than it. Userspace
-reads the tables with BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
+The kernel side (agent/bpf/syscall.c) is raw tracepoints on sys_enter and sys_exit and
+keeps per-CPU tables; nothing crosses to userspace per call except, when
+``slow_threshold_us`` is set, the calls slower than it. Userspace reads the tables with
+BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
+
+Two modes (option ``latency``):
+- ``latency=True`` (default): a program at sys_enter stamps each call of a target and one
+  at sys_exit counts it with its latency (total/min/max, log2 histogram).
+- ``latency=False``: only a program at sys_exit, about a quarter of the cost per syscall:
+  counts, errors and errnos, filtered at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
+  ``histogram`` are None, ``sort="time"`` and ``slow_threshold_us`` are refused.
+  exit(2) and exit_group(2) are not counted (they never reach sys_exit; syscall.c says
+  why no other hook is used). Counted differently from the latency mode: calls in
+  flight when counting starts, and calls denied before sys_enter (seccomp
+  SECCOMP_RET_ERRNO, ptrace) with their errno, are counted; after an execve(2) the new
+  comm decides a comm filter.
 
 Windows: the kernel tables exist in two generations. The kernel writes the one named in
 ``sc_config.gen``; ``stats(reset=True)`` switches generation, waits for programs that
@@ -12,9 +25,11 @@ no call and counts none twice.
 
 What is counted (decisions, see agent/bpf/syscall.c for the kernel facts):
 - a call counts at sys_exit, with its return value and latency, when its sys_enter was
-  seen for a target task; calls in flight when the monitor loads are not counted;
+  seen for a target task; calls in flight when the monitor loads are not counted, nor
+  calls a seccomp filter or ptrace denied before sys_enter (latency mode; see above for
+  ``latency=False``);
 - exit(2) and exit_group(2) never return: counted at sys_enter, without latency (their
-  ``min_ns``/``max_ns`` are None, ``total_ns`` 0);
+  ``min_ns``/``max_ns`` are None, ``total_ns`` 0); not at all with ``latency=False``;
 - a successful execve(2) returns in the new program and counts with the whole exec as
   its latency;
 - an error is a return value in [-4095, -1]; ``errnos`` maps names (errno_name()) to
@@ -40,9 +55,10 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agent.core.events import Event, MonotonicClock, decode_c_string
+from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
 from agent.monitors.base import (
     BccMonitor,
@@ -59,6 +75,11 @@ SC_GENERATIONS = 2
 SC_CFG_ARMED = 1
 SC_CFG_SLOW = 2
 SC_COUNTERS = ("process_overflow", "errno_overflow", "nr_out_of_range")  # SC_CNT_* order
+
+# The syscall number in struct pt_regs, per machine (what syscall_get_nr() reads:
+# arch/x86/include/asm/syscall.h, arch/arm64/include/asm/syscall.h). Its offset is
+# read from the running kernel's BTF; only the latency=False build needs it.
+PT_REGS_SYSCALL_NR = {"x86_64": "orig_ax", "aarch64": "syscallno"}
 
 # How long a generation switch waits for programs still writing the old generation.
 GENERATION_SETTLE_S = 0.005
@@ -91,13 +112,21 @@ class SyscallEvent(ctypes.Structure):
 
 
 class SyscallOptions(MonitorOptions):
+    latency: bool = Field(
+        True,
+        description="measure latency (a program at sys_enter too); false: counts, errors "
+        "and errnos at sys_exit only, at about a quarter of the cost per syscall; "
+        "exit/exit_group are then not counted",
+    )
     per_process: bool = Field(False, description="also aggregate per (process, syscall)")
     slow_threshold_us: int | None = Field(
         None,
         ge=0,
         description="stream calls slower than this as events; None: off, 0: every call",
     )
-    histogram: bool = Field(True, description="keep a log2 latency histogram per syscall")
+    histogram: bool = Field(
+        True, description="keep a log2 latency histogram per syscall (with latency only)"
+    )
     max_process_entries: int = Field(
         16384,
         ge=64,
@@ -111,6 +140,12 @@ class SyscallOptions(MonitorOptions):
         le=1 << 22,
         description="threads whose call start times the kernel keeps (live, targeted threads)",
     )
+
+    @model_validator(mode="after")
+    def _slow_needs_latency(self) -> SyscallOptions:
+        if self.slow_threshold_us is not None and not self.latency:
+            raise ValueError("slow_threshold_us needs latency=true")
+        return self
 
 
 # -- batch map operations ------------------------------------------------------------
@@ -238,6 +273,23 @@ def syscall_entry(nr: int, stat: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "nr": nr, "category": category(name), **stat}
 
 
+def without_latency(stat: dict[str, Any]) -> dict[str, Any]:
+    """A row of the latency=False mode: its latency fields are None, not 0."""
+    for f in ("total_ns", "min_ns", "max_ns"):
+        if f in stat:
+            stat[f] = None
+    return stat
+
+
+def pt_regs_nr_offset(machine: str | None = None) -> int:
+    """Offset of the syscall number in this kernel's struct pt_regs (BTF)."""
+    m = machine or os.uname().machine
+    field = PT_REGS_SYSCALL_NR.get(m)
+    if field is None:
+        raise BTFError(f"no known pt_regs syscall-number field for machine {m}")
+    return vmlinux_btf().member_offset("pt_regs", field)
+
+
 def sort_limit(rows: list[dict], sort: str, limit: int | None) -> list[dict]:
     field = SORT_KEYS[sort]
     rows.sort(key=lambda r: (-r[field], r["nr"] if "nr" in r else r["pid"]))
@@ -273,6 +325,16 @@ class SyscallMonitor(BccMonitor):
 
     options: SyscallOptions
 
+    @classmethod
+    def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
+        if getattr(options, "latency", True):
+            return None
+        try:
+            pt_regs_nr_offset()
+        except BTFError as e:
+            return f"latency=false reads the syscall number from pt_regs: {e}; use latency=true"
+        return None
+
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self._lock = threading.Lock()  # stats()/snapshot_rows() vs. a reset
@@ -306,15 +368,25 @@ class SyscallMonitor(BccMonitor):
             "NR_EXIT": self._nr("exit"),
             "NR_EXIT_GROUP": self._nr("exit_group"),
         }
-        if o.histogram:
-            flags["WITH_HISTOGRAM"] = 1
+        if o.latency:
+            flags["WITH_LATENCY"] = 1
+            if o.histogram:
+                flags["WITH_HISTOGRAM"] = 1
+        else:
+            flags["OFF_PT_REGS_SYSCALL_NR"] = pt_regs_nr_offset()
         if o.per_process:
             flags["PER_PROCESS"] = 1
         return flags
 
+    @property
+    def _histogram(self) -> bool:
+        return self.options.latency and self.options.histogram
+
     def attach(self) -> None:
-        # A second program on sched_process_exit frees the exiting thread's start slot.
-        self.bpf.attach_tracepoint(tp="sched:sched_process_exit", fn_name="sc_task_exit")
+        # The RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE programs attached themselves.
+        if self.options.latency:
+            # A second program on sched_process_exit frees the exiting thread's start slot.
+            self.bpf.attach_tracepoint(tp="sched:sched_process_exit", fn_name="sc_task_exit")
 
     def load(self) -> None:
         super().load()
@@ -379,15 +451,16 @@ class SyscallMonitor(BccMonitor):
         n = self.max_syscalls
         first = gen * n
         rows: dict[int, dict[str, Any]] = {}
+        latency = self.options.latency
         for key, per_cpu in lookup_batch(self.bpf["sc_stats"], first - 1 if gen else None, n):
             stat = merge_stat(per_cpu)
             if stat["count"]:
-                rows[key - first] = stat
+                rows[key - first] = stat if latency else without_latency(stat)
         for row in rows.values():
             row["errnos"] = {}
-            row["histogram"] = []
+            row["histogram"] = [] if latency else None
         self._add_errnos(gen, rows)
-        if histogram and self.options.histogram:
+        if histogram and self._histogram:
             self._add_histograms(gen, rows)
         return rows
 
@@ -421,21 +494,25 @@ class SyscallMonitor(BccMonitor):
                 "total_ns": sum(p.total_ns for p in per_cpu),
                 "max_ns": max(p.max_ns for p in per_cpu),
             }
-            per_pid[key.tgid].append(syscall_entry(key.nr, stat))
             proc = procs.setdefault(
                 key.tgid, {"pid": key.tgid, "comm": comm, "count": 0, "errors": 0, "total_ns": 0}
             )
             proc["comm"] = proc["comm"] or comm
             for f in ("count", "errors", "total_ns"):
                 proc[f] += stat[f]
+            if not self.options.latency:
+                without_latency(stat)
+            per_pid[key.tgid].append(syscall_entry(key.nr, stat))
         for pid, proc in procs.items():
             proc["syscalls"] = per_pid[pid]
+            if not self.options.latency:
+                without_latency(proc)
         return list(procs.values())
 
     def _clear_generation(self, gen: int) -> None:
         n = self.max_syscalls
         zero_array_range(self.bpf["sc_stats"], gen * n, n)
-        if self.options.histogram:
+        if self._histogram:
             width = n * SC_HIST_SLOTS
             zero_array_range(self.bpf["sc_hist"], gen * width, width)
         for name in ("sc_errnos", "sc_procs") if self.options.per_process else ("sc_errnos",):
@@ -475,11 +552,14 @@ class SyscallMonitor(BccMonitor):
     def stats(self, sort: str = "count", limit: int | None = None, reset: bool = False) -> dict:
         """The current window per syscall (and per process), sorted by ``sort``.
 
-        ``sort``: "count" or "time" (total latency); ``limit``: the first N rows of each
-        list; ``reset``: end the window (its figures are returned) and start a new one.
+        ``sort``: "count" or "time" (total latency; not with latency=False); ``limit``:
+        the first N rows of each list; ``reset``: end the window (its figures are
+        returned) and start a new one.
         """
         if sort not in SORT_KEYS:
             raise ValueError(f"sort must be one of {sorted(SORT_KEYS)}, not {sort!r}")
+        if sort == "time" and not self.options.latency:
+            raise ValueError('sort="time" needs latency: this monitor runs with latency=false')
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
         if self.bpf is None:
@@ -490,7 +570,7 @@ class SyscallMonitor(BccMonitor):
             "syscalls": sort_limit(
                 [syscall_entry(nr, stat) for nr, stat in rows.items()], sort, limit
             ),
-            "histogram_buckets": HISTOGRAM_DOC if self.options.histogram else None,
+            "histogram_buckets": HISTOGRAM_DOC if self._histogram else None,
         }
         if self.options.per_process:
             for proc in procs:

@@ -85,23 +85,27 @@ static __always_inline int pid_matches(u32 tgid, u32 flags)
     return kind && (*kind == PID_TARGET || (flags & TF_FOLLOW));
 }
 
-static __always_inline int uid_matches(u32 uid, u32 flags)
-{
-    return !(flags & TF_UIDS) || target_uids.lookup(&uid);
-}
-
 static __always_inline int comm_matches(struct comm_key *key, u32 flags)
 {
     return !(flags & TF_COMMS) || target_comms.lookup(key);
 }
 
 /* Pid and uid filters for the current task; comm is separate because the exec
- * monitor also accepts the comm a process takes after exec. */
+ * monitor also accepts the comm a process takes after exec. Each helper call is paid
+ * only when its filter is on: on a busy hook (every syscall) they are the cost. */
 static __always_inline int current_pid_uid_match(u32 flags)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 uid = (u32)bpf_get_current_uid_gid();
-    return pid_matches(tgid, flags) && uid_matches(uid, flags);
+    if (flags & TF_PIDS) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        if (!pid_matches(tgid, flags))
+            return 0;
+    }
+    if (flags & TF_UIDS) {
+        u32 uid = (u32)bpf_get_current_uid_gid();
+        if (!target_uids.lookup(&uid))
+            return 0;
+    }
+    return 1;
 }
 
 static __always_inline int current_matches(void)

@@ -404,7 +404,7 @@ class SyscallMonitor(BccMonitor):
             gen=self._gen,
             flags=(SC_CFG_ARMED if armed else 0) | (0 if threshold is None else SC_CFG_SLOW),
         )
-        self.bpf["sc_config"][ctypes.c_int(0)] = cfg
+        self.bpf[b"sc_config"][ctypes.c_int(0)] = cfg
 
     def set_slow_threshold_us(self, threshold_us: int | None) -> None:
         """Change the slow-call threshold of the running programs (None: off)."""
@@ -452,7 +452,7 @@ class SyscallMonitor(BccMonitor):
         first = gen * n
         rows: dict[int, dict[str, Any]] = {}
         latency = self.options.latency
-        for key, per_cpu in lookup_batch(self.bpf["sc_stats"], first - 1 if gen else None, n):
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_stats"], first - 1 if gen else None, n):
             stat = merge_stat(per_cpu)
             if stat["count"]:
                 rows[key - first] = stat if latency else without_latency(stat)
@@ -465,14 +465,14 @@ class SyscallMonitor(BccMonitor):
         return rows
 
     def _add_errnos(self, gen: int, rows: dict[int, dict[str, Any]]) -> None:
-        for key, per_cpu in lookup_batch(self.bpf["sc_errnos"]):
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_errnos"]):
             if key.gen == gen and key.nr in rows:
                 errnos = rows[key.nr]["errnos"]
                 name = errno_name(key.err)
                 errnos[name] = errnos.get(name, 0) + sum(per_cpu)
 
     def _add_histograms(self, gen: int, rows: dict[int, dict[str, Any]]) -> None:
-        table = self.bpf["sc_hist"]
+        table = self.bpf[b"sc_hist"]
         width = self.max_syscalls * SC_HIST_SLOTS
         first = gen * width
         _keys, values, total = lookup_batch_raw(table, first - 1 if gen else None, width)
@@ -484,7 +484,7 @@ class SyscallMonitor(BccMonitor):
     def _read_processes(self, gen: int) -> list[dict[str, Any]]:
         procs: dict[int, dict[str, Any]] = {}
         per_pid: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
-        for key, per_cpu in lookup_batch(self.bpf["sc_procs"]):
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_procs"]):
             if key.gen != gen:
                 continue
             comm = next((c for c in (decode_c_string(p.comm) for p in per_cpu) if c), "")
@@ -511,10 +511,10 @@ class SyscallMonitor(BccMonitor):
 
     def _clear_generation(self, gen: int) -> None:
         n = self.max_syscalls
-        zero_array_range(self.bpf["sc_stats"], gen * n, n)
+        zero_array_range(self.bpf[b"sc_stats"], gen * n, n)
         if self._histogram:
             width = n * SC_HIST_SLOTS
-            zero_array_range(self.bpf["sc_hist"], gen * width, width)
+            zero_array_range(self.bpf[b"sc_hist"], gen * width, width)
         for name in ("sc_errnos", "sc_procs") if self.options.per_process else ("sc_errnos",):
             table = self.bpf[name]
             delete_keys(table, [k for k, _ in lookup_batch(table) if k.gen == gen])
@@ -595,7 +595,7 @@ class SyscallMonitor(BccMonitor):
         out = super().kernel_counters()
         if self.bpf is None:
             return out
-        table = self.bpf["sc_counters"]
+        table = self.bpf[b"sc_counters"]
         for i, name in enumerate(SC_COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))
         return out

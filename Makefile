@@ -25,6 +25,7 @@ bench: install
 	$(PY) bench/exec_storm.py
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
+	$(PY) bench/func_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

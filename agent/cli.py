@@ -31,12 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # The same options after the subcommand (`ebpf-agent serve --config F`); SUPPRESS
+    # keeps an absent one from overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    check = sub.add_parser("check", help="report what this kernel supports")
+    check = sub.add_parser("check", parents=[common], help="report what this kernel supports")
     check.add_argument("--json", action="store_true", help="machine-readable report")
 
-    run = sub.add_parser("run", help="run monitors in the foreground")
+    run = sub.add_parser("run", parents=[common], help="run monitors in the foreground")
     run.add_argument("monitors", nargs="+", metavar="MONITOR")
     run.add_argument("--pid", type=int, action="append", default=[], help="target pid")
     run.add_argument("--uid", type=int, action="append", default=[], help="target uid")
@@ -49,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--option", action="append", default=[], metavar="MONITOR.KEY=JSON",
                      help="monitor option, e.g. exec.max_args=40")
 
-    serve = sub.add_parser("serve", help="run the REST API")
+    serve = sub.add_parser("serve", parents=[common], help="run the REST API")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--daemon", action="store_true", help="detach (double fork)")

@@ -112,3 +112,47 @@ def test_syscall_snapshots_go_to_csv(kernel, tmp_path: Path) -> None:
     assert rows and set(rows[0]) >= {"timestamp", "name", "nr", "count", "errors"}
     openat = [r for r in rows if r["name"] == "openat"]
     assert openat and int(openat[-1]["errors"]) >= 1 and int(openat[-1]["count"]) >= 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_flag_before_or_after_the_subcommand(tmp_path: Path, where: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("api:\n  port: -1\n")
+    args = ["--config", str(cfg), "serve"] if where == "before" else ["serve", "--config",
+                                                                        str(cfg)]
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and f"{cfg}: api.port" in proc.stderr
+
+
+def test_make_run_command_line_starts_the_agent(kernel, tmp_path: Path) -> None:
+    """What `make run` executes, with the default config (on another port)."""
+    import re
+
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^run:.*\n\t(.+)$", makefile, re.MULTILINE)
+    assert recipe is not None
+    cmd = recipe.group(1).replace("$(VENV)", str(REPO / ".venv")).replace(
+        "$(CONFIG)", str(REPO / "config" / "agent.yaml")).split()
+    port = "18999"
+    env = {**os.environ, "EBPF_AGENT_API__PORT": port, "EBPF_AGENT_OUTPUT__DIRECTORY":
+           str(tmp_path)}
+    agent = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        ready = None
+        while time.monotonic() < deadline and agent.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, agent.stderr
+        monitors = httpx.get(f"http://127.0.0.1:{port}/monitors", timeout=5).json()
+        assert {m["name"]: m["state"] for m in monitors}["exec"] == "running"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=20) == 0

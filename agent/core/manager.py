@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import queue
@@ -323,7 +324,7 @@ class MonitorManager:
 
     def set_follow_children(self, follow: bool) -> dict[str, Any]:
         def apply() -> dict[str, Any]:
-            updated = TargetSet(self._targets.pids, self._targets.uids, self._targets.comms, follow)
+            updated = dataclasses.replace(self._targets, follow_children=follow)
             self._apply_targets(updated)
             return updated.as_dict()
 

@@ -113,13 +113,19 @@ def _lockdown() -> str:
     return m.group(1) if m else "unknown"
 
 
-def _kallsyms_has(symbol: str) -> bool:
+def _kallsyms(*symbols: str) -> set[str]:
+    """Which of ``symbols`` the kernel has, in one pass over /proc/kallsyms."""
+    wanted = {s.encode() for s in symbols}
+    found: set[str] = set()
     try:
         with open("/proc/kallsyms", "rb") as f:
-            needle = f" {symbol}\n".encode()
-            return any(line.endswith(needle) for line in f)
+            for line in f:
+                name = line.rstrip(b"\n").rsplit(b" ", 1)[-1]
+                if name in wanted:
+                    found.add(name.decode())
     except OSError:
-        return False
+        pass
+    return found
 
 
 def _check_btf() -> tuple[Feature, dict[str, int]]:
@@ -172,17 +178,17 @@ def _check_uprobes(tracefs: Path | None, config: dict[str, str]) -> Feature:
     return Feature(bool(config), "CONFIG_UPROBE_EVENTS=y" if config else "cannot tell")
 
 
-def _check_ringbuf() -> Feature:
+def _check_ringbuf(kallsyms: set[str]) -> Feature:
     # BPF_MAP_TYPE_RINGBUF came with 5.8; its helpers show in kallsyms where readable.
-    if _kallsyms_has("bpf_ringbuf_output"):
+    if "bpf_ringbuf_output" in kallsyms:
         return Feature(True, "bpf_ringbuf_output in kallsyms")
     major, minor = (int(x) for x in re.findall(r"\d+", platform.release())[:2])
     ok = (major, minor) >= (5, 8)
     return Feature(ok, f"kernel {major}.{minor} {'>=' if ok else '<'} 5.8")
 
 
-def _check_fentry(lockdown: str) -> Feature:
-    if not _kallsyms_has("bpf_trampoline_link_prog"):
+def _check_fentry(lockdown: str, kallsyms: set[str]) -> Feature:
+    if "bpf_trampoline_link_prog" not in kallsyms:
         return Feature(False, "no BPF trampoline in this kernel")
     if lockdown not in ("none", "unknown"):
         # Measured on our hosts: fentry loads fail with EPERM under lockdown=integrity.
@@ -196,6 +202,7 @@ def build_report(registry: Any | None = None) -> CapabilityReport:
     lockdown = _lockdown()
     btf_feature, offsets = _check_btf()
     is_root = os.geteuid() == 0
+    kallsyms = _kallsyms("bpf_ringbuf_output", "bpf_trampoline_link_prog")
     features = {
         "root": Feature(is_root, "running as root" if is_root else "not root: eBPF needs root"),
         "bpf_syscall": Feature(
@@ -206,10 +213,10 @@ def build_report(registry: Any | None = None) -> CapabilityReport:
         "tracefs": _tracefs_feature(tracefs),
         "bcc": _check_bcc(),
         "kernel_headers": _check_headers(),
-        "ringbuf": _check_ringbuf(),
+        "ringbuf": _check_ringbuf(kallsyms),
         "kprobes": _check_kprobes(tracefs, config),
         "uprobes": _check_uprobes(tracefs, config),
-        "fentry": _check_fentry(lockdown),
+        "fentry": _check_fentry(lockdown, kallsyms),
         "lockdown": Feature(lockdown in ("none", "unknown"), lockdown),
     }
     report = CapabilityReport(

@@ -86,6 +86,9 @@ def test_syscall_counts_over_http_are_exact(agent: Agent, workload: subprocess.P
         assert len(by_time["syscalls"]) == 1
         bad = agent.request("GET", "/monitors/syscall/stats", params={"sort": "colour"})
         assert bad.status_code == 422
+        metrics = agent.request("GET", "/metrics").text
+        assert f'ebpf_agent_syscall_calls_total{{syscall="getppid"}} {GETPPID}.0' in metrics
+        assert 'ebpf_agent_syscall_latency_seconds_total{syscall="getppid"}' in metrics
     finally:
         agent.request("POST", "/monitors/syscall/stop")
         agent.request("PUT", "/targets/pids", json=[])
@@ -102,6 +105,9 @@ def test_func_counts_over_http_are_exact(agent: Agent, workload: subprocess.Pope
         getpid = [f for f in stats["functions"] if f["name"] in ("getpid", "__getpid")]
         assert [f["count"] for f in getpid] == [GETPID]
         assert sum(getpid[0]["histogram"]) == GETPID
+        metrics = agent.request("GET", "/metrics").text
+        assert f'ebpf_agent_func_calls_total{{function="libc.so.6:{getpid[0]["name"]}"}} ' \
+            f'{GETPID}.0' in metrics
     finally:
         agent.request("POST", "/monitors/func/stop")
         agent.request("PUT", "/targets/pids", json=[])

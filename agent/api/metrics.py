@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.monitors.base import MetricSeries
+
 if TYPE_CHECKING:
     from agent.api.deps import AppContext
 
@@ -41,6 +43,7 @@ class AgentCollector(Collector):
         stats = manager.stats()
         yield from _agent(stats["agent"])
         yield from _monitors(stats["monitors"])
+        yield from _monitor_tables(manager.monitor_metrics())
         yield from _streams(hub.stats())
 
 
@@ -65,6 +68,16 @@ def _monitors(monitors: dict[str, dict]) -> Iterator[Metric]:
             if key in m:
                 family.add_metric([name], float(m[key]))
         yield family
+
+
+def _monitor_tables(series_by_monitor: dict[str, list[MetricSeries]]) -> Iterator[Metric]:
+    for monitor, series in series_by_monitor.items():
+        for s in series:
+            family_cls = CounterMetricFamily if s.counter else GaugeMetricFamily
+            family = family_cls(f"ebpf_agent_{monitor}_{s.name}", s.doc, labels=[s.label])
+            for value_label, value in s.values.items():
+                family.add_metric([value_label], float(value))
+            yield family
 
 
 def _streams(hub: dict) -> Iterator[Metric]:

@@ -37,6 +37,7 @@ from agent.core.targets import (
 from agent.kernel.capabilities import CapabilityReport
 from agent.monitors.base import (
     BaseMonitor,
+    MetricSeries,
     MonitorContext,
     MonitorError,
     MonitorOptions,
@@ -382,6 +383,14 @@ class MonitorManager:
             },
             "monitors": self.call(read),
         }
+
+    def monitor_metrics(self) -> dict[str, list[MetricSeries]]:
+        """The Prometheus series of every running monitor (control thread)."""
+
+        def read() -> dict[str, list[MetricSeries]]:
+            return {name: run.monitor.metric_series() for name, run in self._running.items()}
+
+        return self.call(read)
 
     # -- lifecycle -----------------------------------------------------------------
     def shutdown(self, timeout: float = 30) -> None:

@@ -34,6 +34,18 @@ TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
 
 
+@dataclass(frozen=True)
+class MetricSeries:
+    """One Prometheus family a monitor exports: ``ebpf_agent_<monitor>_<name>`` with one
+    label whose values come from a bounded set (syscall names, probed functions)."""
+
+    name: str
+    doc: str
+    label: str
+    values: dict[str, float]
+    counter: bool = True
+
+
 class MonitorError(Exception):
     """A monitor could not be loaded or attached; the message says why."""
 
@@ -118,6 +130,10 @@ class BaseMonitor(ABC):
 
     def snapshot_rows(self) -> list[dict[str, Any]]:
         """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors)."""
+        return []
+
+    def metric_series(self) -> list[MetricSeries]:
+        """Prometheus series of aggregating monitors' tables (read at scrape time)."""
         return []
 
     def csv_row(self, event: Event) -> list[Any]:

@@ -38,6 +38,7 @@ from agent.core.events import Event, MonotonicClock, decode_c_string
 from agent.monitors.base import (
     BPF_DIR,
     BccMonitor,
+    MetricSeries,
     MonitorContext,
     MonitorError,
     MonitorOptions,
@@ -649,6 +650,18 @@ class FuncMonitor(BccMonitor):
         )
 
     # -- aggregates -------------------------------------------------------------------
+    def metric_series(self) -> list[MetricSeries]:
+        """Per probed function (bounded by max_probes), labelled binary:symbol."""
+        rows = self.stats()["functions"]
+        label = {id(r): f"{os.path.basename(r['target'])}:{r['name']}" for r in rows}
+        series = [MetricSeries("calls", "calls of probed functions", "function",
+                               {label[id(r)]: r["count"] for r in rows})]
+        if self.options.latency:
+            series.append(MetricSeries(
+                "latency_seconds", "time spent in probed functions", "function",
+                {label[id(r)]: r["total_ns"] / 1e9 for r in rows}))
+        return series
+
     def stats(self) -> dict[str, Any]:
         """Per function, sorted by count: ``histogram[i]`` counts calls that took
         [2^(i-1), 2^i) ns (``histogram[0]``: 0 ns), trailing empty slots left out."""

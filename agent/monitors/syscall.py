@@ -62,6 +62,7 @@ from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
 from agent.monitors.base import (
     BccMonitor,
+    MetricSeries,
     MonitorContext,
     MonitorError,
     MonitorOptions,
@@ -577,6 +578,22 @@ class SyscallMonitor(BccMonitor):
                 proc["syscalls"] = sort_limit(proc["syscalls"], sort, limit)
             out["processes"] = sort_limit(procs, sort, limit)
         return out
+
+    def metric_series(self) -> list[MetricSeries]:
+        """Per syscall name (a bounded set: the architecture's table). The figures are
+        those of the current window: a `?reset=true` read shows as a counter reset."""
+        rows = self.stats()["syscalls"]
+        series = [
+            MetricSeries("calls", "system calls in the current window", "syscall",
+                         {r["name"]: r["count"] for r in rows}),
+            MetricSeries("errors", "failed system calls in the current window", "syscall",
+                         {r["name"]: r["errors"] for r in rows}),
+        ]
+        if self.options.latency:
+            series.append(MetricSeries(
+                "latency_seconds", "time spent in system calls in the current window",
+                "syscall", {r["name"]: r["total_ns"] / 1e9 for r in rows}))
+        return series
 
     def snapshot_rows(self) -> list[dict[str, Any]]:
         """One row per syscall seen in the current window (cumulative since its start),

@@ -327,9 +327,14 @@ def read_sse(url: str, headers: dict[str, str] | None = None,
         finally:
             reader.connected.set()
 
+    return _started(reader, run, "SSE")
+
+
+def _started(reader: StreamReader, run: Callable[[], None], what: str) -> StreamReader:
+    """Runs the reader's loop in a thread; returns once it is connected."""
     reader.thread = threading.Thread(target=run, daemon=True)
     reader.thread.start()
-    assert reader.connected.wait(15), "SSE connection not established"
+    assert reader.connected.wait(15), f"{what} connection not established"
     assert reader.error is None, reader.error
     return reader
 
@@ -356,8 +361,4 @@ def read_ws(url: str, headers: dict[str, str] | None = None) -> StreamReader:
         finally:
             reader.connected.set()
 
-    reader.thread = threading.Thread(target=run, daemon=True)
-    reader.thread.start()
-    assert reader.connected.wait(15), "WebSocket connection not established"
-    assert reader.error is None, reader.error
-    return reader
+    return _started(reader, run, "WebSocket")

@@ -139,7 +139,10 @@ def cmd_run(args: argparse.Namespace, registry: MonitorRegistry, settings: Setti
             except MonitorUnsupported as e:
                 raise CliError(str(e), EXIT_UNSUPPORTED) from None
             except OptionsInvalid as e:
-                detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors)
+                detail = "; ".join(
+                    ": ".join(filter(None, (".".join(map(str, x["loc"])), x["msg"])))
+                    for x in e.errors
+                )
                 raise CliError(f"{name}: {detail}", EXIT_CONFIG) from None
             except UnknownMonitor:
                 raise CliError(f"unknown monitor {name!r}", EXIT_CONFIG) from None

@@ -131,3 +131,21 @@ def test_func_refusals_over_http_leave_it_stopped(agent: Agent, body, status, ne
     assert r.status_code == status, r.text
     assert needle in r.text
     assert agent.request("GET", "/monitors/func").json()["state"] in ("stopped", "failed")
+
+
+def test_threshold_change_applies_without_reload(agent: Agent) -> None:
+    """Only the slow-call threshold differs: it goes into the running program's map."""
+    try:
+        first = agent.request("POST", "/monitors/syscall/start", json={}).json()
+        started = agent.request("GET", "/monitors/syscall/stats").json()["started_at"]
+        r = agent.request("POST", "/monitors/syscall/start", json={"slow_threshold_us": 50000})
+        assert r.status_code == 200 and r.json()["options"]["slow_threshold_us"] == 50000
+        assert first["options"]["slow_threshold_us"] is None
+        stats = agent.request("GET", "/monitors/syscall/stats").json()
+        assert stats["started_at"] == started  # the same load: no reload
+        r = agent.request("POST", "/monitors/syscall/start", json={"per_process": True})
+        assert r.json()["options"]["per_process"] is True
+        reloaded = agent.request("GET", "/monitors/syscall/stats").json()["started_at"]
+        assert reloaded != started  # a compiled-in option: reloaded
+    finally:
+        agent.request("POST", "/monitors/syscall/stop")

@@ -191,6 +191,9 @@ class MonitorManager:
         if current is not None:
             if current.options == options:
                 return self._info(name)
+            if current.monitor.apply_options(options):
+                current.options = options  # changed in place: no reload, no gap
+                return self._info(name)
             self._stop(name)
         reason = self._unsupported_reason(cls, options)
         if reason:

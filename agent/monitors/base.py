@@ -118,6 +118,11 @@ class BaseMonitor(ABC):
     def set_targets(self, targets: TargetSet) -> None:
         """Write the target set into the kernel maps."""
 
+    def apply_options(self, options: MonitorOptions) -> bool:
+        """Take new options without reloading, when only live-changeable ones differ;
+        False (the default) makes the manager reload the monitor with them."""
+        return False
+
     def kernel_counters(self) -> dict[str, int]:
         return {}
 

@@ -407,6 +407,16 @@ class SyscallMonitor(BccMonitor):
         )
         self.bpf[b"sc_config"][ctypes.c_int(0)] = cfg
 
+    def apply_options(self, options: MonitorOptions) -> bool:
+        """The slow-call threshold lives in a map: it changes without recompiling."""
+        if not isinstance(options, SyscallOptions) or self.bpf is None:
+            return False
+        rest = {"slow_threshold_us"}
+        if options.model_dump(exclude=rest) != self.options.model_dump(exclude=rest):
+            return False
+        self.set_slow_threshold_us(options.slow_threshold_us)
+        return True
+
     def set_slow_threshold_us(self, threshold_us: int | None) -> None:
         """Change the slow-call threshold of the running programs (None: off)."""
         self.options = SyscallOptions.model_validate(

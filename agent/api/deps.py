@@ -40,7 +40,7 @@ class AppContext:
     async def start(self) -> None:
         """Lifespan start-up: the hub, the capability report, the manager, autostart."""
         stream = self.settings.stream
-        self.hub = EventHub(stream.replay_buffer, stream.max_subscribers)
+        self.hub = EventHub(stream.replay_buffer, stream.max_subscribers, stream.replay_bytes)
         self.hub.attach_loop(asyncio.get_running_loop())
         if self.report is None:
             self.report = await run_in_threadpool(build_report, self.registry)

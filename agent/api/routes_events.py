@@ -18,8 +18,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from agent.api.deps import ContextDep, HubDep, SettingsDep
 from agent.api.models import ERROR_RESPONSES
 from agent.api.security import bearer_from_header, deny, token_matches
-from agent.stream.hub import EventHub, Filters, HubFull, Subscriber
-from agent.stream.wire import sse_chunk, ws_messages
+from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
+from agent.stream.wire import sse_chunk, ws_array, ws_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=ERROR_RESPONSES)
@@ -88,8 +88,8 @@ class SubscriberStream(EventSourceResponse):
 
 
 async def _sse_body(sub: Subscriber) -> AsyncIterator[bytes]:
-    while (batch := await sub.next_batch()) is not None:
-        sub.inflight = len(batch.events)
+    while (batch := await sub.next_batch(SSE_BATCH_EVENTS, sse=True)) is not None:
+        sub.inflight = batch.count
         yield sse_chunk(batch)
         sub.confirm()  # sse-starlette resumes us only after the send completed
 
@@ -129,6 +129,8 @@ async def events_ws(
     ctx: ContextDep,
     f: FiltersDep,
     last_event_id: LastIdQuery = None,
+    batch: Annotated[bool, Query(description="send each batch of events as one JSON array "
+                                 "per frame (same objects as one-per-frame mode)")] = False,
 ) -> None:
     # Before accept: a refusal is an HTTP response, not a WebSocket close code.
     presented = bearer_from_header(websocket.headers.get("authorization"))
@@ -147,17 +149,18 @@ async def events_ws(
     reason = "disconnected"
     try:
         await websocket.accept()
-        reason = await _pump_ws(websocket, sub, ctx.settings.stream.stall_timeout_s)
+        reason = await _pump_ws(websocket, sub, ctx.settings.stream.stall_timeout_s, batch)
     finally:
         ctx.hub.unsubscribe(sub, sub.closed_reason or reason)
 
 
-async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float) -> str:
+async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float,
+                   as_array: bool = False) -> str:
     watcher = asyncio.create_task(_watch_client(websocket, sub))
     try:
         while (batch := await sub.next_batch()) is not None:
-            messages = ws_messages(batch)
-            sub.inflight = len(batch.events)
+            messages = [ws_array(batch)] if as_array else ws_messages(batch)
+            sub.inflight = batch.count
             # One deadline per batch: wait_for per frame wrapped every send in a task,
             # which capped a client at ~20k frames/s.
             async with asyncio.timeout(stall_timeout):

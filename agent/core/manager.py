@@ -79,17 +79,17 @@ class OutputConfig:
 class MonitorSink:
     """Counts what a monitor delivers and fans it out. Runs on the poller thread."""
 
-    def __init__(self, publish: Callable[[Event], None] | None) -> None:
+    def __init__(self, publish: Callable[[Event], object] | None) -> None:
         self.delivered = 0
         self._publish = publish
         self.writer: OutputWriter | None = None
 
     def publish(self, event: Event) -> None:
         self.delivered += 1
-        if self._publish is not None:
-            self._publish(event)
+        # The hub returns the bytes it encoded: the JSONL output writes those.
+        data = self._publish(event) if self._publish is not None else None
         if self.writer is not None:
-            self.writer.offer(event)
+            self.writer.offer(event, data if isinstance(data, bytes) else None)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class MonitorManager:
         limits: TargetLimits | None = None,
         transport: TransportSettings | None = None,
         output: OutputConfig | None = None,
-        publish: Callable[[Event], None] | None = None,
+        publish: Callable[[Event], object] | None = None,
     ) -> None:
         self.registry = registry
         self.report = report

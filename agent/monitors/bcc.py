@@ -15,6 +15,7 @@ from agent.kernel import procfs
 from agent.model.events import Event
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.ringbuf import RingReader, ringbuf_supported
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class BccMonitor(BaseMonitor):
         super().__init__(options, ctx)
         self.bpf: Any = None
         self.use_ringbuf = False
+        self._reader: RingReader | None = None  # our ring buffer consumer (x86-64)
         self.lost_in_perf = 0
         self.parse_errors = 0
 
@@ -110,7 +112,10 @@ class BccMonitor(BaseMonitor):
         """TRACEPOINT_PROBE programs attach themselves when BCC loads them."""
 
     def open_buffer(self) -> None:
-        if self.use_ringbuf:
+        if self.use_ringbuf and ringbuf_supported():
+            table = self.bpf[b"events"]
+            self._reader = RingReader(table.map_fd, table.max_entries, self._on_record)
+        elif self.use_ringbuf:
             self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
         else:
             self.bpf[b"events"].open_perf_buffer(
@@ -122,8 +127,12 @@ class BccMonitor(BaseMonitor):
         self.lost_in_perf += lost
 
     def _on_raw_event(self, _cpu_or_ctx: Any, data: int, size: int) -> int:
+        self._on_record(ctypes.string_at(data, size))
+        return 0
+
+    def _on_record(self, raw: bytes) -> int:
         try:
-            event = self.parse_event(ctypes.string_at(data, size))
+            event = self.parse_event(raw)
         except Exception:  # a bad record must not kill the poller; it is counted
             self.parse_errors += 1
             log.exception("%s: cannot decode an event", self.name)
@@ -140,7 +149,9 @@ class BccMonitor(BaseMonitor):
             return
         # Producers wake us only every `wakeup_every` events: drain what is there after
         # every wait, woken or timed out.
-        if self.use_ringbuf:
+        if self._reader is not None:
+            self._reader.poll(timeout_ms)
+        elif self.use_ringbuf:
             self.bpf.ring_buffer_poll(timeout_ms)
             self.bpf.ring_buffer_consume()
         else:
@@ -148,6 +159,9 @@ class BccMonitor(BaseMonitor):
             self.bpf.perf_buffer_consume()
 
     def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.close()
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
             bpf.cleanup()

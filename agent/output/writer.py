@@ -37,7 +37,9 @@ def safe_path(directory: Path, relative: str) -> Path:
 
 
 class _Format:
-    def write(self, event: Event) -> None: ...
+    needs_event = True  # False: only the encoded bytes are used
+
+    def write(self, event: Event, data: bytes | None = None) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -46,7 +48,7 @@ class ConsoleFormat(_Format):
     def __init__(self, line: Callable[[Event], str], stream: IO[str] | None = None) -> None:
         self._line, self._stream = line, stream or sys.stdout
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, data: bytes | None = None) -> None:
         self._stream.write(self._line(event) + "\n")
 
     def flush(self) -> None:
@@ -65,7 +67,7 @@ class CsvFormat(_Format):
         if new:
             self._csv.writerow(header)
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, data: bytes | None = None) -> None:
         self._csv.writerow(self._row(event))
 
     def flush(self) -> None:
@@ -76,11 +78,14 @@ class CsvFormat(_Format):
 
 
 class JsonlFormat(_Format):
+    needs_event = False
+
     def __init__(self, path: Path) -> None:
         self._file = open(path, "ab")  # noqa: SIM115
 
-    def write(self, event: Event) -> None:
-        self._file.write(encode_event(event) + b"\n")
+    def write(self, event: Event, data: bytes | None = None) -> None:
+        # The bytes the stream hub encoded, when there is one: encoded once per event.
+        self._file.write((encode_event(event) if data is None else data) + b"\n")
 
     def flush(self) -> None:
         self._file.flush()
@@ -139,16 +144,21 @@ class OutputWriter:
                 self._formats.append(JsonlFormat(safe_path(directory, f"{name}.jsonl")))
             else:
                 raise ValueError(f"unknown output format {fmt!r}")
+        self._bytes_only = not any(f.needs_event for f in self._formats)
         self._thread = threading.Thread(target=self._run, name=f"output-{name}", daemon=True)
         self._thread.start()
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event, data: bytes | None = None) -> None:
         """Never blocks: a full queue drops the event and counts it. One producer (the
-        poller thread), so checking the length before appending bounds the queue."""
+        poller thread), so checking the length before appending bounds the queue.
+        ``data``: the event already encoded (encode_event); JSONL-only writers queue just
+        those bytes, not the event's dict (~1 KB of Python objects per event)."""
         if len(self._pending) >= self._capacity:
             self.dropped += 1
+        elif data is not None and self._bytes_only:
+            self._pending.append(data)
         else:
-            self._pending.append(event)
+            self._pending.append((event, data))
 
     @property
     def wants_snapshots(self) -> bool:
@@ -179,13 +189,15 @@ class OutputWriter:
             item = pending.popleft()
             if isinstance(item, SnapshotRows):
                 self._write_snapshot(item)
+            elif isinstance(item, bytes):
+                self._write({}, item)
             else:
-                self._write(item)
+                self._write(*item)
 
-    def _write(self, event: Event) -> None:
+    def _write(self, event: Event, data: bytes | None) -> None:
         for f in self._formats:
             try:
-                f.write(event)
+                f.write(event, data)
             except Exception:
                 log.exception("output %s: write failed", self.name)
         self.written += 1

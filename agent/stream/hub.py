@@ -325,7 +325,9 @@ class EventHub:
 
     def read_sse(self, sub: Subscriber, limit: int = SSE_BATCH_EVENTS) -> Batch:
         """The subscriber's next events as SSE frames back to back."""
-        if not sub.filters.empty:
+        f = sub.filters
+        if not f.empty and not (f.monitors and not (f.pids or f.uids or f.comms)
+                                and self._all_from(f.monitors, sub.position, limit)):
             return self._read_filtered(sub, limit, sse=True)
         cap, off, ln = self.capacity, self._off, self._len
         while True:
@@ -345,6 +347,21 @@ class EventHub:
         sub.position = max(end, pos)
         sub.dropped += missed
         return Batch(missed=missed, frames=frames, count=max(0, end - pos))
+
+    def _all_from(self, monitors: frozenset[str], position: int, limit: int) -> bool:
+        """Whether every event from ``position`` (up to ``limit``) comes from one of
+        ``monitors``: counted at C speed in the monitor-id array, so a subscriber that
+        filters on the only monitor running still reads one slice. A false answer (or
+        a race with a publisher) only sends the read down the per-event path."""
+        cap = self.capacity
+        start, end = max(position, self._first), min(self._next, position + limit)
+        if start >= end:
+            return True
+        a, b = start % cap, (end - 1) % cap + 1
+        runs = [self._mon[a:b]] if a < b else [self._mon[a:], self._mon[:b]]
+        ids = [self._monitor_ids[m] for m in monitors if m in self._monitor_ids]
+        matching = sum(run.count(m) for run in runs for m in ids)
+        return matching == end - start
 
     def _contiguous_end(self, pos: int, end: int, lo: int) -> int:
         """The end of the run of frames from ``pos`` that lie in one slice (and within

@@ -279,3 +279,18 @@ def test_websocket_array_mode_carries_the_same_objects() -> None:
     batch = sub.read()
     assert json.loads(ws_array(batch)) == [json.loads(m) for m in ws_messages(batch)]
     assert [m["id"] for m in json.loads(ws_array(batch))] == [1, 2, 3]
+
+
+def test_monitor_filter_reads_the_matching_runs_only() -> None:
+    hub = EventHub(capacity=64)
+    sub = hub.subscribe("sse", Filters(monitors=frozenset({"exec"})))
+    for i in range(5):
+        hub.publish(ev(i))
+    hub.publish(ev(5, monitor="syscall"))
+    hub.publish(ev(6))
+    batch = sub.read_sse()
+    ids = [int(f.split(b"\n")[0][4:]) for f in batch.frames.split(b"\n\n")[:-1]]
+    assert ids == [1, 2, 3, 4, 5, 7] and batch.count == 6
+    for i in range(3):
+        hub.publish(ev(i))
+    assert sub.read_sse().count == 3  # all from exec: the one-slice path

@@ -454,9 +454,16 @@ def cb(ctx, data, size):
     n[0] += 1
 b[b"events"].open_ring_buffer(cb)
 print("ready", flush=True)
-while sys.stdin.readline():  # the parent writes a line per poll round it wants
+sys.stdin.readline()  # the parent releases the generator, then writes a line
+def alive(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+while alive(sys.argv[1]):
     b.ring_buffer_poll(100)
-    b.ring_buffer_consume()
+b.ring_buffer_consume()
 print(n[0], flush=True)
 """
 
@@ -472,13 +479,13 @@ def run_anchor(binary: Path, duration: float, workdir: Path) -> float:
         if rd.stdout.readline().strip() != "ready":
             return 0.0
         t0 = time.monotonic()
+        rd.stdin.write("go\n")
+        rd.stdin.flush()
         gen.stdin.write(b"g")  # type: ignore[union-attr]
         gen.stdin.close()  # type: ignore[union-attr]
-        while gen.poll() is None:
-            rd.stdin.write("\n" * 50)  # keep it polling; stops once this ends
+        while gen.poll() is None:  # the reader stops when the generator is a zombie
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
-        rd.stdin.close()
         count = int(rd.stdout.readline().strip() or 0)
     finally:
         for p in (gen, rd):
@@ -499,8 +506,8 @@ import time
 from agent.kernel.capabilities import build_report
 from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext
-from agent.monitors.registry import default_registry
-reg = default_registry()
+from agent.monitors.registry import discover_monitors
+reg = discover_monitors()
 report = build_report(reg)
 class Null:
     def publish(self, e): pass
@@ -644,7 +651,8 @@ def main() -> int:
         print(f"  RSS (exec+syscall running): idle {m['idle']:.0f} MB, one client at full "
               f"load peak {m['peak']:.0f} MB, 3 s after the load {m['after']:.0f} MB "
               f"({(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle); bare BCC process "
-              f"holding the same programs {bare:.0f} MB: peak = {m['peak'] / bare:.2f}x bare")
+              f"holding the same programs {bare:.0f} MB: peak = "
+              f"{m['peak'] / (bare or 1):.2f}x bare")
         run_low_rate(url, agent.pid, workdir, args.low_rate_seconds, "this agent")
     finally:
         agent.terminate()

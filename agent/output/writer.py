@@ -40,6 +40,7 @@ class _Format:
     needs_event = True  # False: only the encoded bytes are used
 
     def write(self, event: Event, data: bytes | None = None) -> None: ...
+    def write_lines(self, blob: bytes) -> None: ...  # only where needs_event is False
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -86,6 +87,9 @@ class JsonlFormat(_Format):
     def write(self, event: Event, data: bytes | None = None) -> None:
         # The bytes the stream hub encoded, when there is one: encoded once per event.
         self._file.write((encode_event(event) if data is None else data) + b"\n")
+
+    def write_lines(self, blob: bytes) -> None:
+        self._file.write(blob)
 
     def flush(self) -> None:
         self._file.flush()
@@ -185,14 +189,35 @@ class OutputWriter:
 
     def _drain(self) -> None:
         pending = self._pending
+        run: list[bytes] = []  # encoded events in a row: one write for all of them
         while pending:
             item = pending.popleft()
+            if type(item) is bytes:
+                run.append(item)
+                if len(run) < 4096:
+                    continue
+                item = None
+            if run:
+                self._write_encoded(run)
+                run = []
+            if item is None:
+                continue
             if isinstance(item, SnapshotRows):
                 self._write_snapshot(item)
-            elif isinstance(item, bytes):
-                self._write({}, item)
             else:
                 self._write(*item)
+        if run:
+            self._write_encoded(run)
+
+    def _write_encoded(self, run: list[bytes]) -> None:
+        """JSONL-only writers: the hub's bytes, newline-joined, one write per run."""
+        blob = b"\n".join(run) + b"\n"
+        for f in self._formats:
+            try:
+                f.write_lines(blob)
+            except Exception:
+                log.exception("output %s: write failed", self.name)
+        self.written += len(run)
 
     def _write(self, event: Event, data: bytes | None) -> None:
         for f in self._formats:

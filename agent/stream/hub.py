@@ -233,10 +233,11 @@ class EventHub:
         """Thread-safe, non-blocking, O(1) in the number of subscribers. Returns the
         encoded event (the JSONL writer and other consumers reuse these bytes)."""
         data = encode_event(event)
-        monitor = event.get("monitor", "")
-        pid, uid, comm = event.get("pid"), event.get("uid"), event.get("comm")
+        get = event.get
+        monitor = get("monitor", "")
         with self._lock:
-            self._store(data, str(monitor), pid, uid, comm)
+            self._store(data, monitor if type(monitor) is str else str(monitor),
+                        get("pid"), get("uid"), get("comm"))
             schedule = not self._wake_pending and self._loop is not None
             if schedule:
                 self._wake_pending = True
@@ -250,12 +251,14 @@ class EventHub:
         return data
 
     def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any) -> None:
-        """Append one frame (caller holds the lock)."""
+        """Append one frame (caller holds the lock). The hot path of every event: kept to
+        one formatted frame, one slice copy and flat array stores."""
         seq = self._next
-        mid = self._monitor_id(monitor)
-        head = b"id: %d%s" % (seq, self._monitor_heads[mid])
-        h, n = len(head), len(data)
-        size = h + n + 2
+        mid = self._monitor_ids.get(monitor)
+        if mid is None:
+            mid = self._monitor_id(monitor)
+        frame = b"id: %d%s%s\n\n" % (seq, self._monitor_heads[mid], data)
+        size = len(frame)
         cap, buf_size = self.capacity, self.replay_bytes
         if size > buf_size:
             # Cannot be kept: it is published (counted, numbered) but born evicted, so
@@ -277,20 +280,19 @@ class EventHub:
         while first < seq:
             i = first % cap
             o = off[i]
-            if wrapped:  # [0, end) plus the abandoned tail [tail, buf_size)
-                in_the_way = o < end or o + ln[i] > tail
-            else:
-                in_the_way = o < end and o + ln[i] > start
+            # Wrapped: [0, end) plus the abandoned tail [tail, buf_size) are in the way.
+            in_the_way = (o < end or o + ln[i] > tail) if wrapped else (
+                o < end and o + ln[i] > start)
             if not in_the_way:
                 break
             first += 1
         self._first = first
-        mv = self._mv
-        mv[start:start + h] = head
-        mv[start + h:end - 2] = data
-        mv[end - 2:end] = b"\n\n"
+        self._mv[start:end] = frame
         i = seq % cap
-        off[i], ln[i], self._hdr[i], self._mon[i] = start, size, h, mid
+        off[i] = start
+        ln[i] = size
+        self._hdr[i] = size - len(data) - 2
+        self._mon[i] = mid
         self._pid[i] = pid if type(pid) is int and NONE < pid < -NONE else NONE
         self._uid[i] = uid if type(uid) is int and NONE < uid < -NONE else NONE
         self._comm[i] = hash(comm) if type(comm) is str else NONE

@@ -115,6 +115,7 @@ class Subscriber:
     connected_at: str = field(default_factory=lambda: _now_iso())
     closed_reason: str | None = None
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _ping: bool = False
 
     @property
     def closed(self) -> bool:
@@ -129,10 +130,15 @@ class Subscriber:
         return self.hub.read_sse(self, limit)
 
     async def next_batch(self, limit: int = DEFAULT_BATCH, sse: bool = False) -> Batch | None:
-        """Waits for events (or a missed count); None once this subscriber is closed."""
+        """Waits for events (or a missed count); None once this subscriber is closed. An
+        empty batch when ping() was called meanwhile (an idle stream's heartbeat)."""
         while not self.closed:
             batch = self.read_sse(limit) if sse else self.read(limit)
             if batch.count or batch.missed:
+                self._ping = False
+                return batch
+            if self._ping:
+                self._ping = False
                 return batch
             if self.hub.has_after(self.position):
                 await asyncio.sleep(0)  # filtered out a full scan: let others run
@@ -157,6 +163,11 @@ class Subscriber:
         self._wakeup.set()
 
     def wake(self) -> None:
+        self._wakeup.set()
+
+    def ping(self) -> None:
+        """Makes next_batch() return, with an empty batch if nothing is new."""
+        self._ping = True
         self._wakeup.set()
 
     def lag(self) -> int:

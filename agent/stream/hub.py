@@ -226,6 +226,9 @@ class EventHub:
         self._past = Counter[str]()
         self.wakeups = 0
         self.oversized = 0  # events larger than the whole byte ring: published, not kept
+        # The last SSE run read (first seq, end seq, frames): shared by subscribers at
+        # the same position. One run (<= SSE_BATCH_BYTES) at most.
+        self._chunk: tuple[int, int, bytes] | None = None
 
     # -- the publishing side (poller threads) ----------------------------------------
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -342,6 +345,13 @@ class EventHub:
         if not f.empty and not (f.monitors and not (f.pids or f.uids or f.comms)
                                 and self._all_from(f.monitors, sub.position, limit)):
             return self._read_filtered(sub, limit, sse=True)
+        chunk = self._chunk
+        if chunk is not None and chunk[0] == sub.position and chunk[1] - chunk[0] <= limit:
+            # Another subscriber at the same position just read this run: the same bytes
+            # object, no copy (subscribers that keep up move in step, so under fan-out
+            # most reads are this).
+            sub.position = chunk[1]
+            return Batch(frames=chunk[2], count=chunk[1] - chunk[0])
         cap, off, ln = self.capacity, self._off, self._len
         while True:
             pos, missed = self._start(sub)
@@ -359,6 +369,8 @@ class EventHub:
             # middle of this read): read again from the new oldest event.
         sub.position = max(end, pos)
         sub.dropped += missed
+        if frames:
+            self._chunk = (pos, end, frames)  # events never change: valid while kept
         return Batch(missed=missed, frames=frames, count=max(0, end - pos))
 
     def _all_from(self, monitors: frozenset[str], position: int, limit: int) -> bool:

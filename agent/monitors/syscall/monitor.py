@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import threading
 import time
@@ -63,6 +64,8 @@ from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_s
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.registry import register_monitor
+
+log = logging.getLogger(__name__)
 
 # Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
 SC_COMM_LEN = 16
@@ -362,6 +365,8 @@ class SyscallMonitor(BccMonitor):
         }
         if o.latency:
             flags["WITH_LATENCY"] = 1
+            if self._task_storage:
+                flags["SC_TASK_STORAGE"] = 1
             if o.histogram:
                 flags["WITH_HISTOGRAM"] = 1
         else:
@@ -376,12 +381,23 @@ class SyscallMonitor(BccMonitor):
 
     def attach(self) -> None:
         # The RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE programs attached themselves.
-        if self.options.latency:
+        if self.options.latency and not self._task_storage:
             # A second program on sched_process_exit frees the exiting thread's start slot.
             self.bpf.attach_tracepoint(tp="sched:sched_process_exit", fn_name="sc_task_exit")
 
+    # Task-local storage for the in-flight start time (syscall.c); a kernel or BCC that
+    # refuses it gets the tid-keyed hash map instead, at the cost of one more compile.
+    _task_storage = True
+
     def load(self) -> None:
-        super().load()
+        try:
+            super().load()
+        except MonitorError as e:
+            if not (self.options.latency and self._task_storage):
+                raise
+            log.info("syscall: task storage unavailable (%s): using a hash map", e)
+            self._task_storage = False
+            super().load()
         try:
             self._window_start = time.monotonic()
             self._write_config(armed=True)  # counting starts: the targets are in place

@@ -76,7 +76,7 @@ class FuncOptions(MonitorOptions):
     latency: bool = Field(True, description="latency histogram (adds a return probe)")
     events: bool = Field(False, description="one event per call, rate-limited in the kernel")
     max_probes: int = Field(
-        10_000, ge=1, le=MAX_PROBES_LIMIT,
+        1000, ge=1, le=MAX_PROBES_LIMIT,
         description="refuse patterns needing more attach points (a function is one, two "
                     "with latency)",
     )

@@ -145,6 +145,12 @@ class Subscriber:
                 continue
             self._wakeup.clear()
             self.hub.waiting.add(self)
+            # Re-arm the publishers' wake-up (see EventHub._wake), then look once more:
+            # an event published before the re-arm scheduled nothing but is seen here.
+            self.hub.arm()
+            if self.hub.has_after(self.position) or self._ping:
+                self.hub.waiting.discard(self)
+                continue
             try:
                 await self._wakeup.wait()
             finally:
@@ -314,12 +320,22 @@ class EventHub:
         self._next = seq + 1  # last: readers trust seq < _next
 
     def _wake(self) -> None:
+        # With nobody waiting (every subscriber busy sending) the flag stays set: the
+        # publishers then schedule no more callbacks, so a busy loop is not woken (and
+        # the poller not made to hand over the GIL) once per batch for nothing. A
+        # subscriber re-arms it before it waits (arm()).
+        self.wakeups += 1
+        if not self.waiting:
+            return
         # Cleared before waking: an event published from now on schedules a new wake-up,
         # and one published before it is visible to the subscribers woken below.
         self._wake_pending = False
-        self.wakeups += 1
         for sub in list(self.waiting):
             sub.wake()
+
+    def arm(self) -> None:
+        """The next publish schedules a wake-up (a subscriber is about to wait)."""
+        self._wake_pending = False
 
     # -- the reading side (event loop) ----------------------------------------------
     @property

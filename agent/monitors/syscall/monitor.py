@@ -333,6 +333,7 @@ class SyscallMonitor(BccMonitor):
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self._lock = threading.Lock()  # stats()/snapshot_rows() vs. a reset
+        self._nr_names: dict[int, tuple[str, str]] = {}  # nr -> (name, category)
         self._gen = 0
         self._window_start = time.monotonic()
 
@@ -436,12 +437,16 @@ class SyscallMonitor(BccMonitor):
     # -- events ------------------------------------------------------------------------
     def parse_event(self, raw: bytes) -> Event:
         e = SyscallEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(SyscallEvent), b"\0"))
-        name = syscall_name(e.nr)
+        nr = e.nr
+        named = self._nr_names.get(nr)
+        if named is None:  # once per syscall number: this runs for every event
+            name = syscall_name(nr)
+            named = self._nr_names[nr] = (name, category(name))
         return {
             **self.common_fields(e.hdr),
-            "syscall": name,
-            "nr": e.nr,
-            "category": category(name),
+            "syscall": named[0],
+            "nr": nr,
+            "category": named[1],
             "latency_ns": e.latency_ns,
             "ret": e.ret,
         }

@@ -26,6 +26,8 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+	$(PY) bench/syscall_cost.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -341,7 +341,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
         client.join(30)
         if memory:
             mem["peak"] = peak
-            time.sleep(3)
+            time.sleep(6)  # the agent trims its heaps after 2-4 s without events
             mem["after"] = rss_mb(agent_pid)
     finally:
         stop.set()
@@ -654,7 +654,7 @@ def main() -> int:
                   f"{f['intake']:,.0f} ev/s = {f['intake'] / f1['intake']:.2f}x the intake "
                   f"with one client ({f1['intake']:,.0f})")
         print(f"  RSS (exec+syscall running): idle {m['idle']:.0f} MB, one client at full "
-              f"load peak {m['peak']:.0f} MB, 3 s after the load {m['after']:.0f} MB "
+              f"load peak {m['peak']:.0f} MB, 6 s after the load {m['after']:.0f} MB "
               f"({(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle); bare BCC process "
               f"holding the same programs {bare:.0f} MB: peak = "
               f"{m['peak'] / (bare or 1):.2f}x bare")

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from agent.config import Settings
+from agent.core import memory
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
@@ -22,6 +23,7 @@ from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
 log = logging.getLogger(__name__)
+TRIM_IDLE_S = 2.0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class AppContext:
         default_factory=lambda: CollectorRegistry(auto_describe=False))
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
+    _trimmer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Lifespan start-up: the hub, the capability report, the manager, autostart."""
@@ -49,6 +52,20 @@ class AppContext:
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        """After a burst, once no event was published for TRIM_IDLE_S, give the heaps'
+        free memory back (agent/core/memory.py); once per burst."""
+        last, trimmed = -1, True
+        while True:
+            await asyncio.sleep(TRIM_IDLE_S)
+            seq = self.hub.next_seq if self.hub is not None else 0
+            if seq != last:
+                last, trimmed = seq, False
+            elif not trimmed:
+                trimmed = True
+                await run_in_threadpool(memory.trim)
 
     def _autostart(self) -> None:
         try:
@@ -64,6 +81,8 @@ class AppContext:
 
     async def stop(self) -> None:
         """Lifespan shutdown: close streams, stop every monitor (detaching every probe)."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self.hub is not None:
             self.hub.close()
         if self.manager is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 
 from agent.config import ConfigError, Settings
+from agent.core import memory
 from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,7 @@ def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -
     # interval to get it back while the other one computes. 1 ms instead of 5 ms keeps
     # intake and fan-out moving together (bench/stream.py, bench/RESULTS.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    memory.tune_malloc()  # large blocks in their own mappings: see agent/core/memory.py
     try:
         return _serve(settings, registry, token, runner if daemon else None, pid_file)
     except BaseException as e:

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
-from agent.monitors.func.multi import CookieLinks, file_offsets
+from agent.monitors.func.multi import CookieLinks, file_offsets, lock_prefixed
 from agent.monitors.registry import register_monitor
 
 log = logging.getLogger(__name__)
@@ -618,6 +618,15 @@ class FuncMonitor(BccMonitor):
             except OSError as e:
                 for i in ids:
                     self.unattached[i] = f"cannot place a uprobe: {describe_error(e)}"
+                continue
+            for k in sorted(lock_prefixed(path, offsets), reverse=True):
+                i = ids.pop(k)
+                offsets.pop(k)
+                self.unattached[i] = ("the kernel refuses uprobes on lock-prefixed "
+                                      "instructions (ENOTSUPP): skipped")
+                log.warning("func: skipping %s:%s: %s", path, self.probes[i].name,
+                            self.unattached[i])
+            if not ids:
                 continue
             offset_of = dict(zip(ids, offsets, strict=True))
             ok = links.attach(path, ids, offsets, False, refused("uprobe"))

@@ -1,7 +1,7 @@
 """The event contract and its encoding (JSONL output, SSE and WebSocket streams).
 
 Every event of every monitor starts with the same fields, COMMON_FIELDS, decoded from
-``struct event_hdr`` (agent/bpf/common.h) by header_fields(); the monitor's own fields
+``struct event_hdr`` (agent/bpf/types.h) by header_fields(); the monitor's own fields
 follow. Stream filters (monitor, pid, uid, comm) therefore work on every monitor.
 """
 
@@ -16,7 +16,7 @@ import orjson
 
 Event = dict[str, Any]
 
-COMM_LEN = 16  # agent/bpf/common.h
+COMM_LEN = 16  # agent/bpf/types.h
 # The fields every event carries first, with one meaning for every monitor.
 COMMON_FIELDS = ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm")
 # The first CSV columns of every monitor (one file per monitor: no monitor column).
@@ -24,7 +24,8 @@ COMMON_CSV_FIELDS = COMMON_FIELDS[1:]
 
 
 class EventHeader(ctypes.Structure):
-    """Mirror of ``struct event_hdr`` in agent/bpf/common.h: the first member of every
+    """Mirror of ``struct event_hdr`` in agent/bpf/types.h (checked against gcc by
+    tests/monitors/test_common.py): the first member of every
     monitor's event struct."""
 
     _fields_ = [

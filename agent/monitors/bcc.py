@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 # Shared C (common.h); each monitor's own C lives in its folder.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
-# Mirrors the CNT_* indices of agent/bpf/common.h.
+# Mirrors of agent/bpf/types.h (tests/monitors/test_common.py checks them with gcc):
+# the CNT_* indices, the TF_* flags and the PID_* kinds.
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
-PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
+PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids
 
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)

@@ -17,11 +17,12 @@ import pytest
 
 from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
-from agent.monitors.bcc import BPF_DIR
 from agent.monitors.contract import MonitorContext, MonitorError
 from agent.monitors.func.monitor import (
     FUNC_COUNTERS,
+    FUNC_F_LATENCY,
     FUNC_HIST_SLOTS,
+    NR_FUNC_COUNTERS,
     FuncEvent,
     FuncMonitor,
     FuncPatternError,
@@ -42,6 +43,7 @@ from tests.support.kernel import (
     prog_ids_held_by,
     require_kernel,
 )
+from tests.support.layout import assert_constants, assert_layout, indexed, struct_sizes
 
 MONITOR_DIR = FuncMonitor.source_dir()
 
@@ -159,53 +161,25 @@ def drain(monitor: FuncMonitor, rounds: int = 5) -> None:
 
 
 # -- no kernel needed --------------------------------------------------------------------
-LAYOUT_PROGRAM = """
-#include <stdio.h>
-#include <stddef.h>
-typedef unsigned long long u64;
-typedef unsigned int u32;
-typedef int s32;
-typedef unsigned char u8;
-#include "func.h"
-int main(void) {
-{body}
-    return 0;
-}
-"""
-
-
-def c_layout(tmp_path: Path, struct: str, fields: list[str]) -> dict[str, int]:
-    lines = [f'    printf("size %zu\\n", sizeof(struct {struct}));']
-    lines += [f'    printf("{f} %zu\\n", offsetof(struct {struct}, {f}));' for f in fields]
-    src = tmp_path / f"{struct}.c"
-    src.write_text(LAYOUT_PROGRAM.replace("{body}", "\n".join(lines)))
-    binary = tmp_path / struct
-    subprocess.run(
-        ["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}", "-o", str(binary), str(src)], check=True)
-    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
-    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+HEADER = MONITOR_DIR / "func.h"
 
 
 @pytest.mark.parametrize(
     ("struct", "mirror"), [("func_event", FuncEvent), ("func_stats", FuncStats)]
 )
-def test_ctypes_mirror_matches_c(
-    tmp_path: Path, struct: str, mirror: type[ctypes.Structure]
-) -> None:
-    fields = [name for name, *_ in mirror._fields_]  # type: ignore[attr-defined]
-    expected = c_layout(tmp_path, struct, fields)
-    got = {f: getattr(mirror, f).offset for f in fields}
-    got["size"] = ctypes.sizeof(mirror)
-    assert got == expected
+def test_ctypes_mirror_matches_c(struct: str, mirror: type[ctypes.Structure]) -> None:
+    assert_layout(HEADER, struct, mirror)
 
 
 def test_header_constants_match_python() -> None:
-    import re
-
-    header = (MONITOR_DIR / "func.h").read_text()
-    assert re.search(rf"#define FUNC_HIST_SLOTS {FUNC_HIST_SLOTS}\b", header)
-    for i, name in enumerate(FUNC_COUNTERS):
-        assert re.search(rf"#define FCNT_{name.upper()}\s+{i}\b", header)
+    assert_constants(HEADER, {
+        "FUNC_HIST_SLOTS": FUNC_HIST_SLOTS, "FUNC_F_LATENCY": FUNC_F_LATENCY,
+        "NR_FUNC_COUNTERS": NR_FUNC_COUNTERS, **indexed(FUNC_COUNTERS, "FCNT_{}"),
+    })
+    assert len(FUNC_COUNTERS) <= NR_FUNC_COUNTERS
+    # Map keys and the shared (not per-CPU) rate window BCC builds from the header.
+    assert struct_sizes(HEADER, ["func_entry_key", "func_rate"]) == {
+        "func_entry_key": 8, "func_rate": 16}
 
 
 def test_pattern_forms() -> None:

@@ -4,7 +4,6 @@ M failing open(2) calls per round, and the monitor must report exactly those, wi
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -23,7 +22,6 @@ from agent.kernel.btf import BTFError, kernel_offsets
 from agent.kernel.syscalls import category, syscall_names
 from agent.model.events import COMMON_FIELDS, EventHeader
 from agent.model.targets import TargetSet
-from agent.monitors.bcc import BPF_DIR
 from agent.monitors.contract import MonitorContext, TransportSettings
 from agent.monitors.registry import default_registry
 from agent.monitors.syscall.monitor import (
@@ -44,6 +42,7 @@ from agent.monitors.syscall.monitor import (
 )
 from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
 from tests.support.kernel import CollectingSink, compile_c, require_kernel
+from tests.support.layout import assert_constants, assert_layout, c_values, struct_sizes
 
 MONITOR_DIR = SyscallMonitor.source_dir()
 
@@ -213,59 +212,23 @@ def attached_programs(pid: int) -> set[tuple[str, str]]:
 
 # -- without a kernel ---------------------------------------------------------------------
 
-LAYOUT_C = r"""
-#include <stdio.h>
-#include <stddef.h>
-typedef unsigned long long u64;
-typedef long long s64;
-typedef unsigned int u32;
-typedef int s32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-#include "syscall.h"
-#define OFF(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f))
-#define SIZE(s) printf(#s " %zu\n", sizeof(struct s))
-#define CONST(c) printf(#c " %d\n", c)
-int main(void)
-{
-    SIZE(syscall_event);
-    OFF(syscall_event, hdr); OFF(syscall_event, latency_ns); OFF(syscall_event, ret);
-    OFF(syscall_event, nr); OFF(syscall_event, _pad);
-    SIZE(sc_config);
-    OFF(sc_config, slow_ns); OFF(sc_config, gen); OFF(sc_config, flags);
-    SIZE(sc_stat); SIZE(sc_proc_stat); SIZE(sc_errno_key); SIZE(sc_proc_key);
-    CONST(SC_COMM_LEN); CONST(SC_HIST_SLOTS); CONST(SC_GENERATIONS);
-    CONST(SC_CFG_ARMED); CONST(SC_CFG_SLOW); CONST(SC_NR_COUNTERS);
-    CONST(SC_CNT_PROC_FULL); CONST(SC_CNT_ERRNO_FULL); CONST(SC_CNT_NR_RANGE);
-    return 0;
-}
-"""
+HEADER = MONITOR_DIR / "syscall.h"
 
 
-def c_layout(tmp_path: Path) -> dict[str, int]:
-    src = tmp_path / "layout.c"
-    src.write_text(LAYOUT_C)
-    binary = tmp_path / "layout"
-    subprocess.run(["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}", "-o", str(binary), str(src)],
-                   check=True)
-    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
-    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
-
-
-def test_header_and_python_mirrors_agree(tmp_path: Path) -> None:
-    c = c_layout(tmp_path)
-    for struct, name in ((SyscallEvent, "syscall_event"), (ScConfig, "sc_config")):
-        assert ctypes.sizeof(struct) == c[name]
-        for field, *_ in struct._fields_:
-            assert getattr(struct, field).offset == c[f"{name}.{field}"], field
-    # BCC's per-CPU tables need values whose size is a multiple of 8.
-    assert c["sc_stat"] % 8 == 0 and c["sc_proc_stat"] % 8 == 0
-    assert (c["SC_COMM_LEN"], c["SC_HIST_SLOTS"], c["SC_GENERATIONS"]) == (
-        SC_COMM_LEN, SC_HIST_SLOTS, SC_GENERATIONS)
-    assert (c["SC_CFG_ARMED"], c["SC_CFG_SLOW"]) == (SC_CFG_ARMED, SC_CFG_SLOW)
-    assert [c["SC_CNT_PROC_FULL"], c["SC_CNT_ERRNO_FULL"], c["SC_CNT_NR_RANGE"]] == list(
-        range(len(SC_COUNTERS)))
-    assert c["SC_NR_COUNTERS"] >= len(SC_COUNTERS)
+def test_header_and_python_mirrors_agree() -> None:
+    assert_layout(HEADER, "syscall_event", SyscallEvent)
+    assert_layout(HEADER, "sc_config", ScConfig)
+    # Built by BCC from the header: per-CPU values must be multiples of 8 bytes.
+    sizes = struct_sizes(HEADER, ["sc_stat", "sc_proc_stat", "sc_errno_key", "sc_proc_key"])
+    assert sizes["sc_stat"] % 8 == 0 and sizes["sc_proc_stat"] % 8 == 0
+    assert_constants(HEADER, {
+        "SC_COMM_LEN": SC_COMM_LEN, "SC_HIST_SLOTS": SC_HIST_SLOTS,
+        "SC_GENERATIONS": SC_GENERATIONS, "SC_CFG_ARMED": SC_CFG_ARMED,
+        "SC_CFG_SLOW": SC_CFG_SLOW,
+        **dict(zip(["SC_CNT_PROC_FULL", "SC_CNT_ERRNO_FULL", "SC_CNT_NR_RANGE"],
+                   range(len(SC_COUNTERS)), strict=True)),
+    })
+    assert c_values(HEADER, {"n": "SC_NR_COUNTERS"})["n"] >= len(SC_COUNTERS)
 
 
 def test_options_validate() -> None:

@@ -14,9 +14,11 @@ from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorOptions
 from agent.monitors.registry import register_monitor
 
-FILENAME_SIZE = 256  # agent/monitors/exec/exec.h
+# Mirrors of agent/monitors/exec/exec.h (tests/monitors/test_exec_struct.py checks them
+# with gcc, tests/support/layout.py).
+FILENAME_SIZE = 256
 EXEC_F_ARGS_TRUNCATED = 1
-EXEC_F_ARGS_RAW = 4  # agent/monitors/exec/exec.h
+EXEC_F_ARGS_RAW = 4
 EXEC_F_ARGS_CUT = 8
 
 

@@ -41,7 +41,7 @@ from agent.monitors.registry import register_monitor
 
 log = logging.getLogger(__name__)
 
-# Mirrors agent/monitors/func/func.h.
+# Mirrors of agent/monitors/func/func.h (tests/monitors/test_func.py checks them with gcc).
 FUNC_HIST_SLOTS = 40
 FUNC_F_LATENCY = 1
 FUNC_COUNTERS = ("suppressed", "no_entry")

@@ -15,6 +15,8 @@ from typing import IO
 
 import pytest
 
+from agent.kernel.probes import kprobes_available
+from agent.kernel.symbols import Probe, dedup_by_address, glob_regex
 from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext, MonitorError
@@ -27,10 +29,6 @@ from agent.monitors.func.monitor import (
     FuncMonitor,
     FuncPatternError,
     FuncStats,
-    Probe,
-    dedup_by_address,
-    glob_regex,
-    kprobes_available,
     parse_pattern,
     trim_zeros,
 )

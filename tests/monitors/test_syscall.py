@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.kernel.btf import BTFError, kernel_offsets
+from agent.kernel.btf import BTFError, kernel_offsets, pt_regs_nr_offset
+from agent.kernel.maps import sum_columns
 from agent.kernel.syscalls import category, syscall_names
 from agent.model.events import COMMON_FIELDS, EventHeader
 from agent.model.targets import TargetSet
@@ -36,9 +37,7 @@ from agent.monitors.syscall.monitor import (
     SyscallMonitor,
     SyscallOptions,
     merge_stat,
-    pt_regs_nr_offset,
     sort_limit,
-    sum_columns,
 )
 from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
 from tests.support.kernel import CollectingSink, compile_c, require_kernel

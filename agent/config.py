@@ -21,7 +21,9 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A settings section: frozen, and passed as it is to where it is used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ApiSettings(Section):
@@ -59,10 +61,14 @@ def _power_of_two(v: int) -> int:
     return v
 
 
-class TransportSettingsModel(Section):
+class TransportSettings(Section):
+    """How events leave the kernel (every monitor's BccMonitor.cflags)."""
+
     kind: Literal["auto", "ringbuf", "perf"] = "auto"
     ringbuf_pages: int = Field(512, ge=1, le=65536)
     perf_pages: int = Field(64, ge=1, le=4096)
+    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
+    # in between wait at most one poll timeout (100 ms).
     wakeup_every: int = Field(32, ge=1, le=4096)
 
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
@@ -101,7 +107,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     stream: StreamSettings = StreamSettings()
     output: OutputSettings = OutputSettings()
-    transport: TransportSettingsModel = TransportSettingsModel()
+    transport: TransportSettings = TransportSettings()
     targets: TargetSettings = TargetSettings()
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()

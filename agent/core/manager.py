@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from agent.config import OutputSettings, TransportSettings
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
 from agent.model.targets import (
@@ -41,10 +41,9 @@ from agent.monitors.contract import (
     MonitorContext,
     MonitorError,
     MonitorOptions,
-    TransportSettings,
 )
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import OutputWriter
+from agent.output.writer import OutputWriter, WriterFactory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,15 +64,6 @@ class OptionsInvalid(ValueError):
     def __init__(self, message: str, errors: list[Any] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
-
-
-@dataclass
-class OutputConfig:
-    formats: tuple[str, ...] = ()
-    directory: Path = Path("output")
-    queue_size: int = 65536
-    flush_interval_s: float = 1.0
-    snapshot_interval_s: float = 10.0
 
 
 class MonitorSink:
@@ -113,14 +103,18 @@ class MonitorManager:
         targets: TargetSet | None = None,
         limits: TargetLimits | None = None,
         transport: TransportSettings | None = None,
-        output: OutputConfig | None = None,
+        output: OutputSettings | None = None,
         publish: Callable[[Event], None] | None = None,
+        writers: WriterFactory | None = None,
     ) -> None:
+        """``writers``: makes each started monitor's output (files, console), or None
+        for none; ``output``: the settings section (the snapshot interval)."""
         self.registry = registry
         self.report = report
         self.limits = limits or TargetLimits()
         self.transport = transport or TransportSettings()
-        self.output = output or OutputConfig()
+        self.output = output or OutputSettings(formats=[])
+        self._writers = writers
         self._publish = publish
         self._targets = targets or TargetSet()
         check_capacity(self._targets, self.limits)
@@ -213,11 +207,8 @@ class MonitorManager:
         except MonitorError as e:
             self._failed[name] = str(e)
             raise MonitorUnsupported(str(e)) from e
-        if self.output.formats:
-            sink.writer = OutputWriter(
-                name, self.output.formats, self.output.directory, monitor,
-                self.output.queue_size, self.output.flush_interval_s,
-            )
+        if self._writers is not None:
+            sink.writer = self._writers(name, monitor)
         run = Running(monitor, options, sink, _now_iso(), time.monotonic())
         run.thread = threading.Thread(target=self._poll_loop, args=(run,), name=f"poll-{name}",
                                       daemon=True)

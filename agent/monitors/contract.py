@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from agent.config import TransportSettings
 from agent.model.events import Event, EventSink
 from agent.model.targets import TargetLimits, TargetSet
 
@@ -36,16 +37,6 @@ class MonitorOptions(BaseModel):
     """Base of every monitor's options: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass(frozen=True)
-class TransportSettings:
-    kind: str = "auto"  # auto | ringbuf | perf
-    ringbuf_pages: int = 512  # shared by all CPUs; a power of two
-    perf_pages: int = 64  # per CPU; a power of two
-    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
-    # in between wait at most one poll timeout (100 ms).
-    wakeup_every: int = 32
 
 
 @dataclass

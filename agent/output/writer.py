@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from agent.config import OutputSettings
 from agent.model.events import Event, encode_event
 
 log = logging.getLogger(__name__)
@@ -209,3 +210,21 @@ class OutputWriter:
         """Write what is queued, flush and close the files."""
         self._stopping.set()
         self._thread.join(timeout)
+
+
+# What the manager calls for each monitor it starts: that monitor's output, or None.
+WriterFactory = Callable[[str, Any], "OutputWriter | None"]
+
+
+def writer_factory(output: OutputSettings, formats: Sequence[str] | None = None) -> WriterFactory:
+    """One OutputWriter per started monitor in ``formats`` (default: the configured
+    ones) under the output settings; None when no format is chosen."""
+    chosen = tuple(output.formats if formats is None else formats)
+
+    def make(name: str, monitor: Any) -> OutputWriter | None:
+        if not chosen:
+            return None
+        return OutputWriter(name, chosen, output.directory, monitor, output.queue_size,
+                            output.flush_interval_s)
+
+    return make

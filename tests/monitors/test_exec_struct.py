@@ -31,4 +31,4 @@ def test_header_constants_match_python() -> None:
         "EXEC_F_ARGS_TRUNCATED": EXEC_F_ARGS_TRUNCATED,
         "EXEC_F_ARGS_RAW": EXEC_F_ARGS_RAW,
         "EXEC_F_ARGS_CUT": EXEC_F_ARGS_CUT,
-    })
+    }, defines={"ARGS_MAX": 20, "ARG_SIZE": 128})

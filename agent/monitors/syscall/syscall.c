@@ -50,17 +50,18 @@
 #include "common.h"
 #include "syscall.h"
 
+/* From the options and the syscall table as -D flags (SyscallMonitor.extra_cflags). */
 #ifndef MAX_SYSCALLS
-#define MAX_SYSCALLS 512        /* a power of two above the highest syscall number */
+#error "MAX_SYSCALLS must be defined (a power of two above the highest syscall number)"
 #endif
 #ifndef MAX_THREADS
-#define MAX_THREADS 32768       /* threads that made a syscall while targeted, alive */
+#error "MAX_THREADS must be defined (max_threads: targeted threads alive)"
+#endif
+#ifndef MAX_PROC_ENTRIES
+#error "MAX_PROC_ENTRIES must be defined (max_process_entries)"
 #endif
 #ifndef MAX_ERRNO_KEYS
 #define MAX_ERRNO_KEYS 4096     /* (syscall, errno, generation) triples */
-#endif
-#ifndef MAX_PROC_ENTRIES
-#define MAX_PROC_ENTRIES 16384  /* (process, syscall, generation) triples */
 #endif
 /* exit(2) and exit_group(2) never return (kernel/exit.c: do_exit() is __noreturn), so
  * sys_exit never fires for them: the latency build counts them at sys_enter, without

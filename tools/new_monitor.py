@@ -74,7 +74,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorOptions
 from agent.monitors.registry import register_monitor
@@ -95,11 +95,19 @@ class {cls}Event(ctypes.Structure):
     ]
 
 
+class {cls}EventModel(EventModel):
+    """A getppid(2) call (OpenAPI component {cls}Event)."""
+
+    cpu: int = Field(description="the CPU the call ran on")
+    label: str = Field(description="the label option")
+
+
 @register_monitor("{name}", "getppid(2) calls, one event each")
-class {cls}Monitor(BccMonitor):
+class {cls}Monitor(BccMonitor[{cls}Options]):
     """getppid(2) calls."""
 
     Options = {cls}Options
+    EventModel = {cls}EventModel
     BPF_SOURCE = "{name}.c"
     REQUIRED_TRACEPOINTS = (
         "syscalls:sys_enter_getppid",
@@ -107,8 +115,6 @@ class {cls}Monitor(BccMonitor):
         "sched:sched_process_exit",
     )
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (*COMMON_CSV_FIELDS, "cpu", "label")
-
-    options: {cls}Options
 
     def parse_event(self, raw: bytes) -> Event:
         e = {cls}Event.from_buffer_copy(raw[: ctypes.sizeof({cls}Event)])
@@ -139,6 +145,7 @@ def test_event_of_a_getppid_call(kernel: None) -> None:
     e = events[0]
     assert (e["monitor"], e["ppid"], e["uid"], e["label"]) == (
         "{name}", os.getppid(), os.getuid(), "mine")
+    {cls}Monitor.EventModel.model_validate(e)  # exactly the documented fields
 '''
 
 

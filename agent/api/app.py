@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from agent.api import routes_events, routes_monitors, routes_system, routes_targets
 from agent.api.deps import AppContext
 from agent.api.metrics import AgentCollector
+from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -75,6 +76,7 @@ def create_app(
     app.include_router(routes_targets.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
+    add_monitor_components(app, ctx.registry)
     return app
 
 

@@ -59,11 +59,14 @@ class MonitorUnsupported(Exception):
 
 
 class OptionsInvalid(ValueError):
-    """Options that fail validation; 422. ``errors`` is pydantic's list."""
+    """Options (or a stats query) that fail validation; 422. ``errors`` is pydantic's
+    list; ``where``: the request part they came from ("body" or "query")."""
 
-    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+    def __init__(self, message: str, errors: list[Any] | None = None,
+                 where: str = "body") -> None:
         super().__init__(message)
         self.errors = errors or []
+        self.where = where
 
 
 class MonitorSink:
@@ -333,13 +336,22 @@ class MonitorManager:
 
     # -- stats ---------------------------------------------------------------------
     def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
-        self.monitor_class(name)
+        """Counters and the monitor's stats(); ``query`` is validated against the
+        monitor's StatsQuery model (OptionsInvalid, 422) and only the fields it declares
+        and the caller gave reach stats()."""
+        cls = self.monitor_class(name)
+        try:
+            parsed = cls.StatsQuery.model_validate(query)
+        except ValidationError as e:
+            raise OptionsInvalid(f"invalid stats query for {name}", e.errors(),
+                                 where="query") from None
+        accepted = parsed.model_dump(exclude_unset=True)
 
         def read() -> dict[str, Any]:
             run = self._running.get(name)
             out = self._counters(name, run)
             if run is not None:
-                out.update(run.monitor.stats(**query))
+                out.update(run.monitor.stats(**accepted))
             return out
 
         return self.call(read)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
 Event = dict[str, Any]
 
@@ -92,3 +93,20 @@ def header_fields(monitor: str, hdr: EventHeader, clock: MonotonicClock) -> Even
         "gid": hdr.gid,
         "comm": decode_c_string(hdr.comm),
     }
+
+
+class EventModel(BaseModel):
+    """The fields every event starts with, the same for every monitor (COMMON_FIELDS).
+    Each monitor's model extends it (OpenAPI components <Name>Event)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monitor: str = Field(description="the monitor's name")
+    timestamp: str = Field(description="ts_ns as UTC wall-clock time, ISO 8601, ns precision")
+    ts_ns: int = Field(description="CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the event")
+    pid: int = Field(description="process id (the kernel's tgid)")
+    tid: int = Field(description="thread id")
+    ppid: int = Field(description="the real parent's process id")
+    uid: int = Field(description="real user id")
+    gid: int = Field(description="real group id")
+    comm: str = Field(description="the task's name (at most 15 bytes)")

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from agent.kernel import procfs
 from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
 from agent.model.targets import TargetSet
-from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
     return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
 
-class BccMonitor(BaseMonitor):
+class BccMonitor(BaseMonitor[OptionsT]):
     """A monitor whose kernel side is one BCC program including agent/bpf/common.h."""
 
     BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
         "root", "bcc", "tracefs", "btf", "kernel_headers")
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self.bpf: Any = None
         self.use_ringbuf = False

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import TransportSettings
-from agent.model.events import Event, EventSink
+from agent.model.events import Event, EventModel, EventSink
 from agent.model.targets import TargetLimits, TargetSet
 
 
@@ -39,6 +39,17 @@ class MonitorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MonitorStatsQuery(BaseModel):
+    """Base of the query parameters a monitor's stats() takes (GET
+    /monitors/{name}/stats). Validated like options; the route's parameters a monitor
+    does not declare are ignored, so none is passed to a stats() that takes none."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=MonitorOptions)
+
+
 @dataclass
 class MonitorContext:
     """What a running monitor receives from the manager."""
@@ -51,10 +62,17 @@ class MonitorContext:
     kernel_offsets: dict[str, int] = field(default_factory=dict)
 
 
-class BaseMonitor(ABC):
+class BaseMonitor(ABC, Generic[OptionsT]):
+    """A monitor, generic over its options model: ``class X(BccMonitor[XOptions])`` with
+    ``Options = XOptions`` (a ClassVar cannot name the type variable)."""
+
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[MonitorOptions]] = MonitorOptions
+    # The keyword arguments stats() takes, as a model (OpenAPI: <Name>StatsQuery).
+    StatsQuery: ClassVar[type[MonitorStatsQuery]] = MonitorStatsQuery
+    # The fields of this monitor's events (OpenAPI: <Name>Event); the common ones first.
+    EventModel: ClassVar[type[EventModel]] = EventModel
     # "category:event" tracepoints and capability names (agent.kernel.capabilities).
     REQUIRED_TRACEPOINTS: ClassVar[tuple[str, ...]] = ()
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = ()
@@ -62,8 +80,8 @@ class BaseMonitor(ABC):
     # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
+        self.options: OptionsT = options
         self.ctx = ctx
 
     @classmethod
@@ -96,7 +114,8 @@ class BaseMonitor(ABC):
         return {}
 
     def stats(self) -> dict[str, Any]:
-        """Monitor-specific figures (aggregating monitors return their tables)."""
+        """Monitor-specific figures (aggregating monitors return their tables). Takes the
+        fields of StatsQuery as keyword arguments, those the client gave."""
         return {}
 
     def periodic(self) -> None:  # noqa: B027 (optional hook)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from agent.model.events import COMM_LEN, EventHeader
+from agent.model.events import COMM_LEN, COMMON_FIELDS, EventHeader, EventModel
 from agent.monitors.bcc import (
     BPF_DIR,
     KERNEL_COUNTERS,
@@ -26,6 +26,7 @@ HEADER = BPF_DIR / "types.h"
 
 def test_event_header_layout() -> None:
     assert_layout(HEADER, "event_hdr", EventHeader)
+    assert tuple(EventModel.model_fields) == COMMON_FIELDS
 
 
 def test_map_key_sizes() -> None:

@@ -113,6 +113,11 @@ def test_listed_validated_started_and_streaming_over_the_api(
         listed = {m["name"]: m for m in c.get("/monitors").json()}
         assert listed[NAME]["state"] == "stopped"
         assert listed[NAME]["options"] == {"label": NAME}
+        schema = c.get(f"/monitors/{NAME}/schema").json()
+        assert schema["properties"]["label"]["maxLength"] == 32
+        components = c.get("/openapi.json").json()["components"]["schemas"]
+        assert {"HelloOptions", "HelloStatsQuery", "HelloEvent"} <= set(components)
+        assert {"cpu", "label", "ppid"} <= set(components["HelloEvent"]["properties"])
         r = c.post(f"/monitors/{NAME}/start", json={"label": "y" * 40})
         assert r.status_code == 422, r.text
         assert c.get(f"/monitors/{NAME}").json()["state"] == "stopped"

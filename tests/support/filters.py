@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.model.events import COMMON_FIELDS, Event
+from agent.monitors.registry import default_registry
 from agent.stream.hub import EventHub, Filters
 from tests.support.monitors import loaded_monitor
 
@@ -124,6 +125,9 @@ def check_own_event(rec: Recorded) -> None:
     assert e["pid"] == e["tid"] == rec.pid  # setpriv execs the workload in place
     assert e["ppid"] == os.getpid()
     assert e["ts_ns"] > 0 and e["timestamp"].endswith("Z")
+    # The event holds exactly what its monitor documents (OpenAPI <Name>Event).
+    default_registry.discover()
+    default_registry.get(rec.monitor).EventModel.model_validate(e)
 
 
 def check_filter(rec: Recorded, field: str) -> None:

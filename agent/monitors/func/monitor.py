@@ -43,7 +43,7 @@ from agent.kernel.symbols import (
     user_symbols,
 )
 from agent.kernel.symbols import PatternError as FuncPatternError
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.registry import register_monitor
@@ -137,6 +137,15 @@ def report_kprobes(report: Any) -> tuple[bool, str] | None:
     return available, str(getattr(feature, "detail", "") or "capability report")
 
 
+class FuncEventModel(EventModel):
+    """A call of a probed function (events=true), rate-limited in the kernel."""
+
+    function: str = Field(description="the symbol name")
+    target: str = Field(description="the binary's real path, or \"kernel\"")
+    latency_ns: int | None = Field(
+        None, description="from entry to return; present only with latency=true")
+
+
 # -- the monitor ------------------------------------------------------------------------
 class FuncEvent(ctypes.Structure):
     """Mirror of ``struct func_event`` in agent/monitors/func/func.h."""
@@ -163,10 +172,11 @@ STATS_WORDS = ctypes.sizeof(FuncStats) // 8
 
 
 @register_monitor("func", "function calls by glob pattern: counts, latency, events")
-class FuncMonitor(BccMonitor):
+class FuncMonitor(BccMonitor[FuncOptions]):
     """Function calls (uprobes and kprobes) matched by glob patterns."""
 
     Options = FuncOptions
+    EventModel = FuncEventModel
     BPF_SOURCE = "func.c"
     REQUIRED_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
     # ignore: BccMonitor's unannotated tuple makes mypy infer a fixed 5-tuple type.
@@ -175,9 +185,8 @@ class FuncMonitor(BccMonitor):
         *COMMON_CSV_FIELDS, "function", "target", "latency_ns",
     )
 
-    options: FuncOptions
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: FuncOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self.probes: list[Probe] = []
         self.unattached: dict[int, str] = {}  # probe id -> why the kernel refused it

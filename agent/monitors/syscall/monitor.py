@@ -51,7 +51,7 @@ from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -64,9 +64,21 @@ from agent.kernel.maps import (
     zero_array_range,
 )
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
+from agent.model.events import (
+    COMMON_CSV_FIELDS,
+    Event,
+    EventHeader,
+    EventModel,
+    decode_c_string,
+)
 from agent.monitors.bcc import BccMonitor
-from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.contract import (
+    MetricSeries,
+    MonitorContext,
+    MonitorError,
+    MonitorOptions,
+    MonitorStatsQuery,
+)
 from agent.monitors.registry import register_monitor
 
 # Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
@@ -141,6 +153,23 @@ class SyscallOptions(MonitorOptions):
         return self
 
 
+class SyscallStatsQuery(MonitorStatsQuery):
+    sort: Literal["count", "time"] = Field(
+        "count", description="order rows by call count or by total latency (latency only)")
+    limit: int | None = Field(None, ge=0, description="the first N rows of each list")
+    reset: bool = Field(False, description="end the window: return it and start a new one")
+
+
+class SyscallEventModel(EventModel):
+    """A call slower than slow_threshold_us (comm: at sys_exit)."""
+
+    syscall: str = Field(description="the native name of nr on this machine")
+    nr: int = Field(description="the syscall number")
+    category: str = Field(description="file, network, process, memory... (agent/kernel)")
+    latency_ns: int = Field(description="from sys_enter to sys_exit")
+    ret: int = Field(description="the raw return value: -errno on failure")
+
+
 # -- aggregation ---------------------------------------------------------------------
 
 
@@ -189,10 +218,12 @@ def window_max_syscalls(names: dict[int, str]) -> int:
 
 
 @register_monitor("syscall", "system calls: counts, errors, errnos and latency per syscall")
-class SyscallMonitor(BccMonitor):
+class SyscallMonitor(BccMonitor[SyscallOptions]):
     """System calls aggregated in the kernel; slow calls as events."""
 
     Options = SyscallOptions
+    StatsQuery = SyscallStatsQuery
+    EventModel = SyscallEventModel
     BPF_SOURCE = "syscall.c"
     REQUIRED_TRACEPOINTS = (
         "raw_syscalls:sys_enter",
@@ -209,7 +240,6 @@ class SyscallMonitor(BccMonitor):
         "max_ns",
     )
 
-    options: SyscallOptions
 
     @classmethod
     def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
@@ -221,7 +251,7 @@ class SyscallMonitor(BccMonitor):
             return f"latency=false reads the syscall number from pt_regs: {e}; use latency=true"
         return None
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: SyscallOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self._lock = threading.Lock()  # stats()/snapshot_rows() vs. a reset
         self._gen = 0

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from agent.kernel.probes import kprobes_available
 from agent.kernel.symbols import Probe, dedup_by_address, glob_regex
 from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
-from agent.monitors.contract import MonitorContext, MonitorError
+from agent.monitors.contract import MonitorError
 from agent.monitors.func.monitor import (
     FUNC_COUNTERS,
     FUNC_F_LATENCY,
@@ -32,16 +33,15 @@ from agent.monitors.func.monitor import (
     parse_pattern,
     trim_zeros,
 )
-from agent.monitors.registry import default_registry
-from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.filters import filter_tests
 from tests.support.kernel import (
     CollectingSink,
     compile_c,
     loaded_prog_ids,
     prog_ids_held_by,
-    require_kernel,
 )
 from tests.support.layout import assert_constants, assert_layout, indexed, struct_sizes
+from tests.support.monitors import drain, loaded_monitor
 
 MONITOR_DIR = FuncMonitor.source_dir()
 
@@ -125,23 +125,12 @@ def started(binary: Path, k: int = K) -> Iterator[Caller]:
             proc.wait()
 
 
-@contextmanager
-def func_monitor(
-    sink: CollectingSink, targets: TargetSet, multi: bool = True, **options: object
-) -> Iterator[FuncMonitor]:
-    from agent.kernel.btf import kernel_offsets
+def func_monitor(sink: CollectingSink, targets: TargetSet, multi: bool = True,
+                 **options: object) -> ContextManager[FuncMonitor]:
+    def choose(m: FuncMonitor) -> None:
+        m.prefer_uprobe_multi = multi
 
-    default_registry.discover()
-    cls = default_registry.get("func")
-    assert cls is FuncMonitor
-    ctx = MonitorContext(targets=targets, sink=sink, kernel_offsets=kernel_offsets())
-    monitor = cls(cls.Options(**options), ctx)
-    monitor.prefer_uprobe_multi = multi
-    monitor.load()
-    try:
-        yield monitor
-    finally:
-        monitor.close()
+    return loaded_monitor("func", sink, targets=targets, before_load=choose, **options)
 
 
 def only(pid: int) -> TargetSet:
@@ -151,11 +140,6 @@ def only(pid: int) -> TargetSet:
 def function_stats(monitor: FuncMonitor, name: str) -> dict:
     [entry] = [f for f in monitor.stats()["functions"] if f["name"] == name]
     return entry
-
-
-def drain(monitor: FuncMonitor, rounds: int = 5) -> None:
-    for _ in range(rounds):
-        monitor.poll(50)
 
 
 # -- no kernel needed --------------------------------------------------------------------
@@ -265,7 +249,7 @@ def test_kernel_patterns_need_kprobes() -> None:
 
 
 def test_kernel_pattern_refused_on_this_kernel() -> None:
-    """These machines have CONFIG_KPROBES off (KERNEL.md): detection must say so, both
+    """These machines have CONFIG_KPROBES off (docs/kernel.md): detection must say so, both
     our own and through the capability report the manager passes."""
     if kprobes_available():
         pytest.skip("this kernel has kprobes")
@@ -405,19 +389,6 @@ def test_close_releases_every_program_quickly(sink: CollectingSink) -> None:
 
 
 # -- the common header and stream filters (tests/support/filters.py) ----------------------
-@pytest.fixture(scope="module")
-def filter_events(filter_workload: Path) -> Recorded:
-    require_kernel()
-    return record("func", filter_workload, lambda e: e["function"] == "flt_target",
-                  patterns=[f"{filter_workload}:flt_target"], events=True, latency=False)
-
-
-@pytest.mark.usefixtures("kernel")
-def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
-    check_own_event(filter_events)
-
-
-@pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("field", FILTER_FIELDS)
-def test_stream_filter(filter_events: Recorded, field: str) -> None:
-    check_filter(filter_events, field)
+filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
+    "func", lambda e, _: e["function"] == "flt_target",
+    lambda binary: {"patterns": [f"{binary}:flt_target"], "events": True, "latency": False})

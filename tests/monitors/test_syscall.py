@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,13 +19,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.kernel.btf import BTFError, kernel_offsets, pt_regs_nr_offset
+from agent.kernel.btf import BTFError, pt_regs_nr_offset
 from agent.kernel.maps import sum_columns
 from agent.kernel.syscalls import category, syscall_names
 from agent.model.events import COMMON_FIELDS, EventHeader
 from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext, TransportSettings
-from agent.monitors.registry import default_registry
 from agent.monitors.syscall.monitor import (
     SC_CFG_ARMED,
     SC_CFG_SLOW,
@@ -39,9 +39,10 @@ from agent.monitors.syscall.monitor import (
     merge_stat,
     sort_limit,
 )
-from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
-from tests.support.kernel import CollectingSink, compile_c, require_kernel
+from tests.support.filters import filter_tests
+from tests.support.kernel import CollectingSink, compile_c
 from tests.support.layout import assert_constants, assert_layout, c_values, struct_sizes
+from tests.support.monitors import drain, loaded_monitor
 
 MONITOR_DIR = SyscallMonitor.source_dir()
 
@@ -164,37 +165,14 @@ def workload(binary: Path, **kw: int) -> Iterator[Workload]:
         w.kill()
 
 
-@contextmanager
-def monitor(
-    sink: CollectingSink,
-    targets: TargetSet | None = None,
-    transport: str = "auto",
-    **options: object,
-) -> Iterator[SyscallMonitor]:
-    default_registry.discover()
-    cls = default_registry.get("syscall")
-    ctx = MonitorContext(
-        targets=targets or TargetSet(),
-        sink=sink,
-        kernel_offsets=kernel_offsets(),
-        transport=TransportSettings(kind=transport),
-    )
-    m = cls(cls.Options(**options), ctx)
-    assert isinstance(m, SyscallMonitor)
-    m.load()
-    try:
-        yield m
-    finally:
-        m.close()
+def monitor(sink: CollectingSink, targets: TargetSet | None = None, transport: str = "auto",
+            **options: object) -> ContextManager[SyscallMonitor]:
+    return loaded_monitor("syscall", sink, targets=targets,
+                          transport=TransportSettings(kind=transport), **options)
 
 
 def by_name(stats: dict) -> dict[str, dict]:
     return {row["name"]: row for row in stats["syscalls"]}
-
-
-def drain(m: SyscallMonitor, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        m.poll(50)
 
 
 def pid_targets(pid: int) -> TargetSet:
@@ -519,20 +497,6 @@ def test_counts_only_refuses_time_sort(kernel: None, sink: CollectingSink,
 
 
 # -- the common header and stream filters (tests/support/filters.py) ----------------------
-@pytest.fixture(scope="module")
-def filter_events(filter_workload: Path) -> Recorded:
-    require_kernel()
-    return record("syscall", filter_workload,
-                  lambda e: e["syscall"] in ("nanosleep", "clock_nanosleep"),
-                  slow_threshold_us=30_000)
-
-
-@pytest.mark.usefixtures("kernel")
-def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
-    check_own_event(filter_events)
-
-
-@pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("field", FILTER_FIELDS)
-def test_stream_filter(filter_events: Recorded, field: str) -> None:
-    check_filter(filter_events, field)
+filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
+    "syscall", lambda e, _: e["syscall"] in ("nanosleep", "clock_nanosleep"),
+    lambda _: {"slow_threshold_us": 30_000})

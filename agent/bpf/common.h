@@ -3,7 +3,7 @@
  * perf buffer). Constants and layouts userspace mirrors live in types.h.
  *
  * Kernel structs are never read through header types: the headers BCC compiles
- * against belong to another kernel (KERNEL.md). Offsets come from the running
+ * against may belong to another kernel (docs/kernel.md). Offsets come from the running
  * kernel's BTF as -D constants (agent/kernel/btf.py), read with bpf_probe_read_kernel.
  */
 #ifndef EBPF_AGENT_COMMON_H

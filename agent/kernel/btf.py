@@ -1,7 +1,7 @@
 """A small reader of the kernel's BTF (``/sys/kernel/btf/vmlinux``).
 
-BCC has no CO-RE, and the only kernel headers on our hosts belong to another kernel,
-so a struct read through header types lands on wrong offsets (KERNEL.md). The running
+BCC has no CO-RE, and the kernel headers BCC compiles against may belong to another
+kernel, so a struct read through header types lands on wrong offsets (docs/kernel.md). The running
 kernel describes its own layout in BTF; we read member offsets from it at start-up
 and hand them to BPF programs as ``-D`` constants. Format: the kernel's
 Documentation/bpf/btf.rst ("Type encoding").

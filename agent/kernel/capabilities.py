@@ -1,7 +1,7 @@
 """What this kernel and host can do, and which monitors can run here.
 
-Each check detects rather than assumes (KERNEL.md: a user's kernel may differ in every
-respect). The same report feeds ``ebpf-agent check``, ``GET /capabilities`` and the
+Each check detects rather than assumes (docs/kernel.md: a user's kernel may differ in
+every respect). The same report feeds ``ebpf-agent check``, ``GET /capabilities`` and the
 monitor manager, which refuses to start a monitor the report says cannot run.
 """
 
@@ -159,7 +159,7 @@ def _check_fentry(lockdown: str, kallsyms: set[str]) -> Feature:
     if "bpf_trampoline_link_prog" not in kallsyms:
         return Feature(False, "no BPF trampoline in this kernel")
     if lockdown not in ("none", "unknown"):
-        # Measured on our hosts: fentry loads fail with EPERM under lockdown=integrity.
+        # fentry loads fail with EPERM under lockdown=integrity (docs/kernel.md).
         return Feature(False, f"kernel lockdown is {lockdown}: fentry programs are refused")
     return Feature(True, "BPF trampoline present")
 

@@ -122,7 +122,7 @@ class UprobeMultiLinks:
 
     Closing a link unregisters its uprobe and waits for RCU grace periods, but outside
     any global lock: closes from many threads share the grace periods (measurements in
-    bench/RESULTS.md, "func attach and detach")."""
+    bench/RESULTS.md, "func_overhead")."""
 
     CLOSE_THREADS = 32
 

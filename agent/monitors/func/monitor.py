@@ -63,8 +63,8 @@ FEATURE_PROBE = "func_feature_probe"  # func.c: loaded only to detect uprobe_mul
 # BCC counts every perf-event uprobe, uretprobe, kprobe and kretprobe of the process
 # against one quota (bcc/__init__.py _default_probe_limit = 1000, env BCC_PROBE_LIMIT);
 # with latency a function takes two, so 500 functions is the most one monitor can attach
-# that way (uprobe_multi links are outside the quota, but compile time grows too: ~5 s
-# per 200 functions with latency, measured).
+# that way (uprobe_multi links are outside the quota, but compile time grows with the
+# number of functions: bench/RESULTS.md, "func_overhead").
 MAX_PROBES_LIMIT = 500
 _SAFE_NAME = re.compile(r"^[\w.@$]+$")
 
@@ -259,9 +259,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         each attach loads one small generated program and creates one probe.
 
         Uprobes go through uprobe_multi BPF links when the kernel has them (Linux 6.6+):
-        BCC's perf-event uprobes cost ~100 ms each to *close* here, serialised on the
-        kernel's event_mutex (perf_trace_event_unreg waits for RCU grace periods), i.e.
-        minutes to stop 200 functions with latency; links close in parallel instead.
+        closing BCC's perf-event uprobes is serialised on the kernel's event_mutex
+        (perf_trace_event_unreg waits for RCU grace periods inside it), so stopping a few
+        hundred probes takes about a minute; links close in parallel instead
+        (bench/RESULTS.md, "func_overhead").
 
         A function the kernel refuses (x86 uprobes cannot single-step some instructions,
         e.g. the lock prefix that starts glibc's pthread_spin_lock: ENOTSUPP) is skipped

@@ -50,7 +50,7 @@ from agent.monitors.contract import (
     TransportSettings,
 )
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import OutputWriter
+from agent.output.writer import OutputWriter, check_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -250,7 +250,8 @@ class MonitorManager:
             if current.monitor.apply_options(options):
                 current.options = options  # changed in place: no reload, no gap
                 return self._info(name)
-            self._stop(name)
+        # Everything that can refuse the options runs before a running monitor is
+        # touched: a refused change leaves it running as it was.
         reason = self._unsupported_reason(cls, options)
         if reason:
             raise MonitorUnsupported(f"{name} cannot run on this kernel: {reason}")
@@ -264,16 +265,24 @@ class MonitorManager:
             kernel_offsets=self.report.kernel_offsets,
         )
         monitor = cls(options, ctx)
+        monitor.prepare()
+        self._check_output(name)
+        if current is not None:
+            self._stop(name)
+        if self.output.formats:
+            sink.writer = self._open_writer(name, monitor)
         try:
             monitor.load()
-        except MonitorError as e:
-            self._failed[name] = str(e)
-            raise MonitorUnsupported(str(e)) from e
-        if self.output.formats:
-            sink.writer = OutputWriter(
-                name, self.output.formats, self.output.directory, monitor,
-                self.output.queue_size, self.output.flush_interval_s,
-            )
+        except BaseException as e:
+            # load() leaves nothing loaded on failure; close() again costs nothing and
+            # covers a monitor that does not.
+            monitor.close()
+            if sink.writer is not None:
+                sink.writer.close()
+            if isinstance(e, MonitorError):
+                self._failed[name] = str(e)
+                raise MonitorUnsupported(str(e)) from e
+            raise
         run = Running(monitor, options, sink, _now_iso(), time.monotonic())
         run.rate_mark, run.last_snapshot = (run.started_mono, 0), run.started_mono
         run.thread = threading.Thread(target=self._poll_loop, args=(run,), name=f"poll-{name}",
@@ -284,6 +293,22 @@ class MonitorManager:
         run.thread.start()
         log.info("monitor %s started", name)
         return self._info(name)
+
+    def _check_output(self, name: str) -> None:
+        """Output paths that would fail: OutputPathError (422) or MonitorUnsupported."""
+        try:
+            check_output(name, self.output.formats, self.output.directory)
+        except OSError as e:
+            raise MonitorUnsupported(f"{name}: output: {e}") from None
+
+    def _open_writer(self, name: str, monitor: BaseMonitor) -> OutputWriter:
+        try:
+            return OutputWriter(
+                name, self.output.formats, self.output.directory, monitor,
+                self.output.queue_size, self.output.flush_interval_s,
+            )
+        except OSError as e:
+            raise MonitorUnsupported(f"{name}: output: {e}") from None
 
     def _poll_loop(self, run: Running) -> None:
         """The poller thread: drains the buffer, nothing else (monitor.poll returns

@@ -85,9 +85,16 @@ class BaseMonitor(ABC):
         """Why these options cannot run on this kernel (409), beyond the static needs."""
         return None
 
+    def prepare(self) -> None:  # noqa: B027 (optional hook)
+        """Control thread, before anything is loaded and before a running monitor of
+        the same name is stopped for a reload: resolve and check whatever can refuse
+        these options without touching the kernel (ValueError subclasses: 422;
+        MonitorError: 409), so that a refused change leaves the running one as it was."""
+
     @abstractmethod
     def load(self) -> None:
-        """Compile, load and attach; raise MonitorError with the reason on failure."""
+        """Compile, load and attach; raise MonitorError with the reason on failure, with
+        nothing left loaded."""
 
     @abstractmethod
     def poll(self, timeout_ms: int) -> None:

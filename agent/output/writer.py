@@ -36,6 +36,25 @@ def safe_path(directory: Path, relative: str) -> Path:
     return candidate
 
 
+def check_output(name: str, formats: Sequence[str], directory: Path) -> None:
+    """What OutputWriter would refuse, checked without creating anything: OutputPathError
+    (a file that escapes the directory, e.g. a symlink out of it), NotADirectoryError."""
+    files = [f"{name}.{fmt}" for fmt in formats if fmt != "console"]
+    if not files:
+        return
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"output directory {directory}: {parent} is not a "
+                                         "directory")
+            break
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown output format {fmt!r}")
+    for relative in (*files, f"{name}-snapshot.csv"):
+        safe_path(directory, relative)
+
+
 class _Format:
     def write(self, event: Event) -> None: ...
     def flush(self) -> None: ...

@@ -85,6 +85,9 @@ HISTOGRAM_DOC = (
 )
 
 
+SLOW_THRESHOLD_US_MAX = (2**64 - 1) // 1000  # the largest threshold slow_ns can hold
+
+
 class ScConfig(ctypes.Structure):
     _fields_ = [
         ("slow_ns", ctypes.c_uint64),
@@ -117,6 +120,7 @@ class SyscallOptions(MonitorOptions):
     slow_threshold_us: int | None = Field(
         None,
         ge=0,
+        le=SLOW_THRESHOLD_US_MAX,  # the kernel compares in ns, a u64 (sc_config.slow_ns)
         description="stream calls slower than this as events; None: off, 0: every call",
     )
     histogram: bool = Field(

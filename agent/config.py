@@ -51,6 +51,25 @@ class OutputSettings(Section):
     queue_size: int = Field(65536, ge=16, le=10_000_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     snapshot_interval_s: float = Field(10.0, gt=0, le=86400)  # aggregate tables to CSV
+    # Files are 0600 in a 0700 directory; with a group, 0640 and 0750 owned by it.
+    group: str | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _known_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            group_id(v)
+        return v
+
+
+def group_id(name: str) -> int:
+    """The gid of a group name (or number); ValueError naming it when unknown."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"no such group: {name!r}") from None
 
 
 def _power_of_two(v: int) -> int:

@@ -83,6 +83,7 @@ class OutputConfig:
     queue_size: int = 65536
     flush_interval_s: float = 1.0
     snapshot_interval_s: float = 10.0
+    group: int | None = None  # gid of output.group
 
 
 class MonitorSink:
@@ -306,6 +307,7 @@ class MonitorManager:
             return OutputWriter(
                 name, self.output.formats, self.output.directory, monitor,
                 self.output.queue_size, self.output.flush_interval_s,
+                group=self.output.group,
             )
         except OSError as e:
             raise MonitorUnsupported(f"{name}: output: {e}") from None

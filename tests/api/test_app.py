@@ -225,6 +225,7 @@ def test_token_protects_everything_but_health() -> None:
 
 def test_token_from_file(tmp_path: Any) -> None:
     (tmp_path / "token").write_text("from-file\n")
+    (tmp_path / "token").chmod(0o600)
     with client_for(token_file=tmp_path / "token") as c:
         assert c.get("/monitors").status_code == 401
         assert c.get("/monitors", headers={"Authorization": "Bearer from-file"}).status_code == 200

@@ -147,6 +147,8 @@ def cmd_run(args: argparse.Namespace, registry: MonitorRegistry, settings: Setti
                 raise CliError(f"{name}: {detail}", EXIT_CONFIG) from None
             except UnknownMonitor:
                 raise CliError(f"unknown monitor {name!r}", EXIT_CONFIG) from None
+            except ValueError as e:  # func patterns, output paths: the API's 422s
+                raise CliError(f"{name}: {e}", EXIT_CONFIG) from None
         print(f"ebpf-agent: running {', '.join(args.monitors)}; Ctrl-C to stop", file=sys.stderr)
         done.wait(args.duration)
     finally:

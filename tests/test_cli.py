@@ -251,3 +251,20 @@ def test_daemon_resolves_relative_paths_before_detaching(kernel, tmp_path: Path)
         time.sleep(0.1)
     assert not (tmp_path / "agent.pid").exists()
     assert "ebpf-agent stopped" in (tmp_path / "rel.log").read_text()
+
+
+def test_run_refusals_are_one_line(kernel, tmp_path: Path) -> None:
+    """A pattern that matches nothing, an output file linking out of the directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "exec.jsonl").symlink_to(tmp_path / "victim")
+    for args, message in [
+        (["run", "func", "--option", 'func.patterns=["c:no_such_fn_zz"]', "--duration", "1"],
+         "matches no function"),
+        (["run", "exec", "--output-dir", str(out), "--format", "jsonl", "--duration", "1"],
+         "escapes the output directory"),
+    ]:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "victim").exists()

@@ -201,7 +201,11 @@ class MonitorManager:
             if run.thread is not None and run.thread.is_alive():
                 continue
             self._stuck.remove(run)
-            run.monitor.close()
+            try:
+                run.monitor.close()
+            except Exception:
+                log.exception("monitor %s: close failed", run.monitor.name)
+                continue
             log.info("monitor %s: its late poller ended; BPF object freed", run.monitor.name)
 
     def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:

@@ -53,7 +53,8 @@ def check_output(name: str, formats: Sequence[str], directory: Path) -> None:
     for parent in (directory, *directory.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise NotADirectoryError(f"output directory {directory}: {parent} is not a "
+                where = "" if parent == directory else f": {parent}"
+                raise NotADirectoryError(f"output directory {directory}{where} is not a "
                                          "directory")
             break
     for fmt in formats:

@@ -218,6 +218,38 @@ def test_stats_and_metrics(agent: Agent) -> None:
         sse.stop()
 
 
+def test_failed_starts_over_http_leave_no_program_attached(tmp_path: Path,
+                                                          kernel: None) -> None:
+    """output.directory a regular file (was a 500), or exec.jsonl a symlink out of it (a
+    422): each attempt used to leave 7 exec programs attached."""
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    a = start_agent(tmp_path, {"monitors": {},
+                               "output": {"directory": str(regular), "formats": ["jsonl"]}})
+    try:
+        held = prog_ids_held_by(a.proc.pid)
+        for _ in range(2):
+            r = a.request("POST", "/monitors/exec/start", json={})
+            assert r.status_code == 409 and "is not a directory" in r.text, r.text
+            assert prog_ids_held_by(a.proc.pid) == held
+            assert a.get("/monitors/exec").json()["state"] in ("stopped", "failed")
+    finally:
+        a.stop()
+    out = tmp_path / "out2"
+    out.mkdir()
+    (out / "exec.jsonl").symlink_to(tmp_path / "victim")
+    a = start_agent(tmp_path, {"monitors": {},
+                               "output": {"directory": str(out), "formats": ["jsonl"]}})
+    try:
+        held = prog_ids_held_by(a.proc.pid)
+        r = a.request("POST", "/monitors/exec/start", json={})
+        assert r.status_code == 422 and "escapes the output directory" in r.text, r.text
+        assert prog_ids_held_by(a.proc.pid) == held
+    finally:
+        a.stop()
+    assert not (tmp_path / "victim").exists()
+
+
 NON_UTF8_SYMBOL_C = r"""
 __attribute__((noinline)) int badXname(int x) { return x + 1; }
 int main(void) { int s = 0; for (int i = 0; i < 7; i++) s = badXname(s); return s == 7 ? 0 : 1; }

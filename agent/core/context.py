@@ -11,7 +11,7 @@ from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
 from agent.model.targets import TargetLimits, TargetSet
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import writer_factory
+from agent.output.writer import WriterFactory
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def build_manager(
         transport=settings.transport,
         output=settings.output,
         publish=publish,
-        writers=writer_factory(settings.output, formats),
+        writers=WriterFactory(settings.output, formats),
     )
 
 

@@ -307,7 +307,7 @@ def test_argv_in_untouched_pages_of_a_fresh_child(sink, tmp_path: Path):
         gen = subprocess.Popen([str(binary), "30"])
         assert gen.wait(60) == 0
         drain(m, 10)
-    # Its children only: other processes on this machine run /bin/true too.
+    # Children of this generator only: other tests on the machine may run the same one.
     mine = [e for e in sink.events if e["filename"] == "/bin/true" and e["comm"] == "true"
             and e["ppid"] == gen.pid]
     assert len(mine) == 30

@@ -184,6 +184,13 @@ class Agent:
         with self.client() as c:
             return c.request(method, path, **kw)
 
+    def sigterm(self, timeout: float = 30) -> tuple[int, float]:
+        """SIGTERM; the exit code and the seconds until the process ended."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - t0
+
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -32,7 +32,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from agent.model.targets import TargetError, validate_comm
+from agent.model.targets import TargetError, TargetLimits, validate_comm
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "agent.yaml"
 
@@ -135,6 +135,10 @@ class TargetSettings(Section):
     max_pids: int = Field(10240, ge=1, le=1_000_000)
     max_uids: int = Field(1024, ge=1, le=65536)
     max_comms: int = Field(256, ge=1, le=65536)
+
+    def limits(self) -> TargetLimits:
+        """The kernel target maps' sizes (MAX_TARGET_* in common.h)."""
+        return TargetLimits(self.max_pids, self.max_uids, self.max_comms)
 
     @model_validator(mode="after")
     def _fit_the_maps(self) -> TargetSettings:

@@ -9,7 +9,7 @@ from agent.config import Settings
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
-from agent.model.targets import TargetLimits, TargetSet
+from agent.model.targets import TargetSet
 from agent.monitors.registry import MonitorRegistry
 from agent.output.writer import WriterFactory
 
@@ -29,12 +29,11 @@ def build_manager(
     formats: Sequence[str] | None = None,
     targets: TargetSet | None = None,
 ) -> MonitorManager:
-    t = settings.targets
     return MonitorManager(
         registry,
         report,
         targets=targets or target_set(settings),
-        limits=TargetLimits(t.max_pids, t.max_uids, t.max_comms),
+        limits=settings.targets.limits(),
         transport=settings.transport,
         output=settings.output,
         publish=publish,

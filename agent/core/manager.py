@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from agent.config import OutputSettings, TransportSettings
+from agent.config import OutputSettings, TargetSettings, TransportSettings
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
 from agent.model.targets import (
@@ -127,7 +127,7 @@ class MonitorManager:
         writers' one."""
         self.registry = registry
         self.report = report
-        self.limits = limits or TargetLimits()
+        self.limits = limits or TargetSettings().limits()
         self.transport = transport or TransportSettings()
         self._writers = writers
         self.output = output or (writers.output if writers else OutputSettings(formats=[]))

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.config import TransportSettings
+from agent.config import TargetSettings, TransportSettings
 from agent.model.events import Event, EventModel, EventSink
 from agent.model.targets import TargetLimits, TargetSet
 
@@ -57,7 +57,7 @@ class MonitorContext:
     targets: TargetSet
     sink: EventSink
     transport: TransportSettings = field(default_factory=TransportSettings)
-    limits: TargetLimits = field(default_factory=TargetLimits)
+    limits: TargetLimits = field(default_factory=lambda: TargetSettings().limits())
     ringbuf_supported: bool = True
     kernel_offsets: dict[str, int] = field(default_factory=dict)
 

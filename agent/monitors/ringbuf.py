@@ -31,7 +31,7 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SIZE = 8
 # Records per poll() at most: bounds the time between two returns to the poller loop.
-MAX_RECORDS = 8192
+MAX_RECORDS = 4096  # = bcc.CONSUME_BUDGET
 # Store consumer_pos this often within a batch so producers get room back early.
 RELEASE_EVERY = 256
 # Batching only under load: when the last interval delivered more than BUSY_RATE events/s,
@@ -47,7 +47,7 @@ def ringbuf_supported() -> bool:
 
 
 class RingReader:
-    def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], object]) -> None:
+    def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], int | None]) -> None:
         if data_size & (data_size - 1):
             raise ValueError("a ring buffer's size is a power of two")
         page = mmap.PAGESIZE
@@ -86,10 +86,15 @@ class RingReader:
                     prod = cons
                     break
                 length = hdr & ~(BUSY_BIT | DISCARD_BIT)
+                stop = False
                 if not hdr & DISCARD_BIT:
-                    handle(data[off + HDR_SIZE:off + HDR_SIZE + length])
+                    # Like libbpf: a negative return ends this consume call (the record
+                    # is consumed).
+                    stop = (handle(data[off + HDR_SIZE:off + HDR_SIZE + length]) or 0) < 0
                 cons += (length + HDR_SIZE + 7) & ~7
                 n += 1
+                if stop:
+                    limit = n
                 if n % RELEASE_EVERY == 0:
                     self._cons.value = cons
                 if n >= limit:

@@ -18,37 +18,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
-BPF_LINK_CREATE = 28
-BPF_TRACE_UPROBE_MULTI = 48
-BPF_F_UPROBE_MULTI_RETURN = 1
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
+from agent.kernel.probes import (
+    BPF_F_UPROBE_MULTI_RETURN,
+    BPF_LINK_CREATE,
+    BPF_TRACE_UPROBE_MULTI,
+    NR_BPF,
+    _libc,
+    _UprobeMultiAttr,
+    describe_errno,
+)
+
 CLOSE_THREADS = 32
-
-
-class UprobeMultiAttr(ctypes.Structure):
-    """``union bpf_attr``'s link_create member, uprobe_multi variant."""
-
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("target_fd", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("path", ctypes.c_uint64),
-        ("offsets", ctypes.c_uint64),
-        ("ref_ctr_offsets", ctypes.c_uint64),
-        ("cookies", ctypes.c_uint64),
-        ("cnt", ctypes.c_uint32),
-        ("um_flags", ctypes.c_uint32),
-        ("pid", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
-@lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
 
 
 def link_create(prog_fd: int, path: str, offsets: list[int], cookies: list[int] | None,
@@ -56,14 +36,14 @@ def link_create(prog_fd: int, path: str, offsets: list[int], cookies: list[int] 
     """A BPF link attaching ``prog_fd`` at file offsets of ``path`` in every process
     (pid 0), with one cookie per offset; raises OSError. BCC 0.26 predates these links,
     so this is bpf(2) itself."""
-    nr = _NR_BPF.get(os.uname().machine)
+    nr = NR_BPF.get(os.uname().machine)
     if nr is None:
         raise OSError(38, "bpf(2) syscall number unknown for this architecture")
     n = len(offsets)
     path_buf = ctypes.create_string_buffer(os.fsencode(path))
     offs = (ctypes.c_uint64 * n)(*offsets)
     cks = (ctypes.c_uint64 * n)(*cookies) if cookies is not None else None
-    attr = UprobeMultiAttr(
+    attr = _UprobeMultiAttr(
         prog_fd=prog_fd,
         attach_type=BPF_TRACE_UPROBE_MULTI,
         path=ctypes.addressof(path_buf),
@@ -75,7 +55,7 @@ def link_create(prog_fd: int, path: str, offsets: list[int], cookies: list[int] 
     fd = _libc().syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise OSError(err, describe_errno(err))
     return int(fd)
 
 

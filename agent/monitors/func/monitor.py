@@ -367,8 +367,9 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             for k in sorted(lock_prefixed(path, offsets), reverse=True):
                 i = ids.pop(k)
                 offsets.pop(k)
-                self.unattached[i] = ("the kernel refuses uprobes on lock-prefixed "
-                                      "instructions (ENOTSUPP): skipped")
+                self.unattached[i] = ("the kernel refused the uprobe: ENOTSUPP (its first "
+                                      "instruction is lock-prefixed; x86 uprobes refuse "
+                                      "those, so it was left out before linking)")
                 log.warning("func: skipping %s:%s: %s", path, self.probes[i].name,
                             self.unattached[i])
             if not ids:

@@ -294,3 +294,21 @@ def test_monitor_filter_reads_the_matching_runs_only() -> None:
     for i in range(3):
         hub.publish(ev(i))
     assert sub.read_sse().count == 3  # all from exec: the one-slice path
+
+
+def test_memory_is_the_preallocated_ring_not_per_event_objects() -> None:
+    import tracemalloc
+
+    hub = EventHub(capacity=1000, replay_bytes=256 * 1024)
+    for i in range(2000):  # ring full in events and in bytes
+        hub.publish({**ev(i), "pad": "p" * (i % 300)})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5000):
+            hub.publish({**ev(i), "pad": "p" * (i % 300)})
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024  # nothing kept per event: ~1 KB each would be ~5 MB
+    assert hub.stats()["memory_bytes"] == 256 * 1024 + 40 * 1000

@@ -1,19 +1,27 @@
-"""End-to-end stream throughput: kernel -> agent -> SSE / WebSocket clients.
+"""End-to-end streams: kernel -> agent -> SSE / WebSocket clients, side by side.
 
-Starts `ebpf-agent serve`, a generator that produces more events than the pipeline can
-take (the syscall monitor with slow_threshold_us=0 on a getppid() loop, or the exec
-monitor on a fork+exec loop), targets the generator's pids so background activity on
-the host is filtered out in the kernel, and prints per scenario:
+Starts `ebpf-agent serve` (JSONL output on, as by default), a generator that produces
+more events than the pipeline can take (the syscall monitor with slow_threshold_us=0 on
+a getppid() loop, or the exec monitor on a fork+exec loop), targets the generator's
+pids so background activity on the host is filtered out in the kernel, and prints:
 
-  produced  = events the kernel programs offered to the ring buffer (submitted + dropped)
-  delivered = events each client received
-  drops     = dropped in the kernel + dropped in userspace queues + this client's drops
-              (in-band `dropped` messages), and checks produced == delivered + drops.
+- the anchor: a minimal BCC Python reader of the same flood (ring buffer, ctypes decode
+  and json.dumps per record), records/s;
+- per scenario (one SSE client, one WebSocket client with ?batch=true and without, and
+  --clients SSE fan-outs): the agent's intake from the kernel, its CPU, each client's
+  rate (client 1 decodes every event and measures receipt - ts_ns: p50/p99/max), and
+  the accounting: produced (submitted + dropped in the kernel) == delivered + kernel
+  drops + userspace-queue drops + parse errors + this client's in-band `dropped`;
+- memory (exec+syscall running, one client): RSS idle, peak under the flood, 6 s after,
+  and a bare BCC process holding the same programs;
+- low rate: an exec every 10 ms, one decoding SSE client, default settings: latency
+  p50/p99/max and the agent's CPU per event; with --baseline-src also for another
+  checkout's agent (e.g. `git archive main | tar -x -C DIR`), in the same run.
 
-No assertions: it prints figures. Usage: .venv/bin/python bench/stream.py [--duration 8]
-[--clients 50] [--source auto|syscall|exec]
+Clients run niced (they stand for other hosts). No assertions: it prints figures.
+Usage: .venv/bin/python bench/stream.py [--duration 8] [--clients 10 50]
+[--source auto|syscall|exec] [--baseline-src DIR]
 """
-
 from __future__ import annotations
 
 import argparse

@@ -10,7 +10,13 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from agent.api import routes_events, routes_monitors, routes_system, routes_targets
+from agent.api import (
+    routes_events,
+    routes_monitors,
+    routes_state,
+    routes_system,
+    routes_targets,
+)
 from agent.api.deps import AppContext
 from agent.api.metrics import AgentCollector
 from agent.api.security import RequestGuard, require_token
@@ -73,6 +79,7 @@ def create_app(
     app.include_router(routes_system.router, dependencies=auth)
     app.include_router(routes_monitors.router, dependencies=auth)
     app.include_router(routes_targets.router, dependencies=auth)
+    app.include_router(routes_state.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
     return app

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from agent.core.events import Event
+from agent.core.leases import LeaseStateMixin
 from agent.core.targets import (
     KINDS,
     TargetKind,
@@ -105,7 +106,7 @@ class Running:
     poll_error: str | None = None
 
 
-class MonitorManager:
+class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/leases.py
     def __init__(
         self,
         registry: MonitorRegistry,

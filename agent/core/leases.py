@@ -360,17 +360,19 @@ class LeaseStateMixin:
                 undo.append(lambda: self._apply_targets(old_targets))
             for name in sorted(set(self._running) - set(monitors)):
                 failed = name
-                self._stop(name)
                 undo.append(_restart(self, name, old_options[name]))
+                self._stop(name)
             for name, options in sorted(monitors.items()):
                 failed = name
                 if name in old_options and old_options[name] == options:
                     continue
-                self._start(name, options)
+                # The undo step goes first: a reload stops the old run before the new
+                # one can fail.
                 if name in old_options:
                     undo.append(_restart(self, name, old_options[name]))
                 else:
                     undo.append(_stopper(self, name))
+                self._start(name, options)
         except Exception as e:
             for step in reversed(undo):
                 try:

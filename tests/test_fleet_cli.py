@@ -149,9 +149,10 @@ def test_a_silent_host_times_out_alone(agents: list[FakeAgent], silent_host: str
 def test_inventory_select_and_environment(agents: list[FakeAgent], tmp_path: Path) -> None:
     (tmp_path / "token").write_text(TOKEN)
     inv = tmp_path / "fleet-inventory.yaml"
-    inv.write_text("defaults:\n  token_file: " + str(tmp_path / "token") + "\nhosts:\n" + "".join(
-        f"  - {{name: {a.name}, url: '{a.url}', labels: {{role: {'db' if a.name == 'c' else 'web'}}}}}\n"
-        for a in agents))
+    entries = "".join(
+        f"  - {{name: {a.name}, url: '{a.url}', "
+        f"labels: {{role: {'db' if a.name == 'c' else 'web'}}}}}\n" for a in agents)
+    inv.write_text(f"defaults:\n  token_file: {tmp_path / 'token'}\nhosts:\n{entries}")
     r = agentctl("-i", str(inv), "--select", "role=web", "start", "fake")
     assert r.returncode == 0, r.stderr
     assert [api(a, "GET", "/monitors/fake").json()["state"] for a in agents] == [

@@ -18,10 +18,10 @@ from starlette.requests import HTTPConnection
 
 from agent.config import Settings
 from agent.core.context import autostart, build_manager
-from agent.core.events import Event
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
-from agent.monitors.base import MonitorRegistry
+from agent.model.events import Event
+from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from agent.core.targets import KINDS, TargetSet, check_capacity, validate_values
+from agent.model.targets import KINDS, TargetSet, check_capacity, validate_values
 
 if TYPE_CHECKING:
     from agent.core.manager import Running
-    from agent.monitors.base import BaseMonitor, MonitorOptions
+    from agent.monitors.contract import BaseMonitor, MonitorOptions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from test_api_support import REPO, ThreadServer, fake_registry, fake_report, free_port, settings
-
 from agent.api.app import create_app
 from agent.config import ApiSettings
+from tests.support.api import REPO, ThreadServer, fake_registry, fake_report, free_port, settings
 
 AGENTCTL = REPO / ".venv" / "bin" / "ebpf-agentctl"
 

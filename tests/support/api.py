@@ -23,11 +23,12 @@ from pydantic import Field
 
 from agent.api.server import AgentServer, tcp_socket, uvicorn_config
 from agent.config import Settings
-from agent.core.targets import TargetSet
 from agent.kernel.capabilities import CapabilityReport
-from agent.monitors.base import BaseMonitor, MonitorError, MonitorOptions, MonitorRegistry
+from agent.model.targets import TargetSet
+from agent.monitors.contract import BaseMonitor, MonitorError, MonitorOptions
+from agent.monitors.registry import MonitorRegistry
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 AGENT_BIN = REPO / ".venv" / "bin" / "ebpf-agent"
 
 

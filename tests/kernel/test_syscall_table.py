@@ -23,7 +23,7 @@ import pytest
 from agent.kernel import syscalls
 from agent.kernel.syscall_table import CATEGORIES, CATEGORY_NAMES, SOURCES, SYSCALLS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
 UNISTD_GENERIC = Path("/usr/include/asm-generic/unistd.h")
 ERRNO_BASE = Path("/usr/include/asm-generic/errno-base.h")

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from agent.core.events import encode_event
+from agent.model.events import encode_event
 from agent.stream.hub import EventHub, Filters, HubFull
 from agent.stream.wire import sse_chunk, ws_messages
 

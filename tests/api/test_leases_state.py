@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from test_api_support import fake_registry, fake_report, settings
 
 from agent.api.app import create_app
+from tests.support.api import fake_registry, fake_report, settings
 
 BASE = "http://127.0.0.1"
 

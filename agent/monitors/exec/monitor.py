@@ -9,13 +9,15 @@ from typing import ClassVar
 import orjson
 from pydantic import Field
 
-from agent.core.events import Event, MonotonicClock, decode_c_string
-from agent.monitors.base import BccMonitor, MonitorOptions, register_monitor
+from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.monitors.bcc import BccMonitor
+from agent.monitors.contract import MonitorOptions
+from agent.monitors.registry import register_monitor
 
-FILENAME_SIZE = 256  # agent/bpf/exec.h
+FILENAME_SIZE = 256  # agent/monitors/exec/exec.h
 COMM_LEN = 16
 EXEC_F_ARGS_TRUNCATED = 1
-EXEC_F_ARGS_RAW = 4  # agent/bpf/exec.h
+EXEC_F_ARGS_RAW = 4  # agent/monitors/exec/exec.h
 EXEC_F_ARGS_CUT = 8
 
 
@@ -25,7 +27,7 @@ class ExecOptions(MonitorOptions):
 
 
 def exec_event_struct(max_args: int, arg_size: int) -> type[ctypes.Structure]:
-    """The ctypes mirror of ``struct exec_event`` in agent/bpf/exec.h for these sizes."""
+    """The ctypes mirror of ``struct exec_event`` in agent/monitors/exec/exec.h for these sizes."""
 
     class ExecEvent(ctypes.Structure):
         _fields_ = [

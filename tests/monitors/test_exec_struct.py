@@ -1,4 +1,4 @@
-"""The exec event struct is defined once, in agent/bpf/exec.h; the Python mirror must
+"""The exec event struct is defined once, in agent/monitors/exec/exec.h; the Python mirror must
 agree with what a C compiler makes of it, for the default and for other sizes."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.monitors.base import BPF_DIR
-from agent.monitors.exec import exec_event_struct
+from agent.monitors.bcc import BPF_DIR
+from agent.monitors.exec.monitor import ExecMonitor, exec_event_struct
+
+MONITOR_DIR = ExecMonitor.source_dir()
 
 FIELDS = ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "ret", "args_count", "args_size",
           "flags", "comm", "filename", "args")
@@ -39,7 +41,8 @@ def c_layout(tmp_path: Path, max_args: int, arg_size: int) -> dict[str, int]:
     src.write_text(PROGRAM.replace("{body}", lines))
     binary = tmp_path / "layout"
     subprocess.run(
-        ["gcc", f"-I{BPF_DIR}", f"-DARGS_MAX={max_args}", f"-DARG_SIZE={arg_size}",
+        ["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}",
+         f"-DARGS_MAX={max_args}", f"-DARG_SIZE={arg_size}",
          "-o", str(binary), str(src)],
         check=True,
     )

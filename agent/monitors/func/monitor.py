@@ -10,7 +10,7 @@ Patterns (as BCC's funccount spells them):
   available_filter_functions. Refused with a reason (409) on kernels without kprobes.
 
 BPF code is generated for the resolved set: one tiny program per function (entry, and
-return when ``latency``) whose probe id is a constant; see agent/bpf/func.c. Uprobes are
+return when ``latency``) whose probe id is a constant; see agent/monitors/func/func.c. Uprobes are
 attached through uprobe_multi links where the kernel has them (6.6+), else through BCC's
 perf events, whose detach is slow (FuncMonitor.attach says why).
 """
@@ -34,21 +34,14 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from agent.core.events import Event, MonotonicClock, decode_c_string
-from agent.monitors.base import (
-    BPF_DIR,
-    BccMonitor,
-    MetricSeries,
-    MonitorContext,
-    MonitorError,
-    MonitorOptions,
-    inline_includes,
-    register_monitor,
-)
+from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.monitors.bcc import BccMonitor, inline_includes
+from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.registry import register_monitor
 
 log = logging.getLogger(__name__)
 
-# Mirrors agent/bpf/func.h.
+# Mirrors agent/monitors/func/func.h.
 FUNC_HIST_SLOTS = 40
 FUNC_COMM_LEN = 16
 FUNC_F_LATENCY = 1
@@ -420,7 +413,7 @@ def remove_leaked_uprobe_event(bpf: Any, p: Probe, retprobe: bool) -> None:
 
 # -- the monitor ------------------------------------------------------------------------
 class FuncEvent(ctypes.Structure):
-    """Mirror of ``struct func_event`` in agent/bpf/func.h."""
+    """Mirror of ``struct func_event`` in agent/monitors/func/func.h."""
 
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
@@ -434,7 +427,7 @@ class FuncEvent(ctypes.Structure):
 
 
 class FuncStats(ctypes.Structure):
-    """Mirror of ``struct func_stats`` in agent/bpf/func.h."""
+    """Mirror of ``struct func_stats`` in agent/monitors/func/func.h."""
 
     _fields_ = [
         ("count", ctypes.c_uint64),
@@ -524,7 +517,7 @@ class FuncMonitor(BccMonitor):
         }
 
     def bpf_text(self) -> str:
-        template = inline_includes(BPF_DIR / self.BPF_SOURCE)
+        template = inline_includes(self.source_dir() / self.BPF_SOURCE)
         if PROBES_MARKER not in template:
             raise MonitorError(f"{self.BPF_SOURCE}: the {PROBES_MARKER} marker is missing")
         return template.replace(PROBES_MARKER, generate_probes(self.probes, self.options.latency))

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import compile_c
-from test_api_support import Agent, start_agent
+
+from tests.support.api import Agent, start_agent
+from tests.support.kernel import compile_c
 
 pytestmark = pytest.mark.kernel
 
@@ -39,7 +40,7 @@ int main(void) {
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    from conftest import require_kernel
+    from tests.support.kernel import require_kernel
 
     require_kernel()
     a = start_agent(tmp_path_factory.mktemp("agent"), {"monitors": {}})

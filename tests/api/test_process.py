@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compile_c, loaded_prog_ids, prog_ids_held_by
-from test_api_support import (
+
+from tests.support.api import (
     AGENT_BIN,
     Agent,
     SseMessage,
@@ -32,6 +32,7 @@ from test_api_support import (
     start_agent,
     write_config,
 )
+from tests.support.kernel import compile_c, loaded_prog_ids, prog_ids_held_by
 
 pytestmark = pytest.mark.kernel
 
@@ -70,7 +71,7 @@ int main(int argc, char **argv) {
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    from conftest import require_kernel
+    from tests.support.kernel import require_kernel
 
     require_kernel()
     a = start_agent(tmp_path_factory.mktemp("agent"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from agent.kernel import btf
 from agent.kernel.capabilities import CapabilityReport, Feature, build_report
-from agent.monitors.base import discover_monitors
+from agent.monitors.registry import discover_monitors
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / ".venv" / "bin" / "ebpf-agent"
 
 

@@ -15,9 +15,10 @@ from typing import IO
 
 import pytest
 
-from agent.core.targets import TargetSet
-from agent.monitors.base import BPF_DIR, MonitorContext, MonitorError, default_registry
-from agent.monitors.func import (
+from agent.model.targets import TargetSet
+from agent.monitors.bcc import BPF_DIR
+from agent.monitors.contract import MonitorContext, MonitorError
+from agent.monitors.func.monitor import (
     FUNC_COUNTERS,
     FUNC_HIST_SLOTS,
     FuncEvent,
@@ -31,7 +32,10 @@ from agent.monitors.func import (
     parse_pattern,
     trim_zeros,
 )
-from tests.conftest import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
+from agent.monitors.registry import default_registry
+from tests.support.kernel import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
+
+MONITOR_DIR = FuncMonitor.source_dir()
 
 K = 37  # calls the test program makes: odd, so neither 0 nor a doubling passes
 
@@ -168,7 +172,8 @@ def c_layout(tmp_path: Path, struct: str, fields: list[str]) -> dict[str, int]:
     src = tmp_path / f"{struct}.c"
     src.write_text(LAYOUT_PROGRAM.replace("{body}", "\n".join(lines)))
     binary = tmp_path / struct
-    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(binary), str(src)], check=True)
+    subprocess.run(
+        ["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}", "-o", str(binary), str(src)], check=True)
     out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
     return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
 
@@ -189,7 +194,7 @@ def test_ctypes_mirror_matches_c(
 def test_header_constants_match_python() -> None:
     import re
 
-    header = (BPF_DIR / "func.h").read_text()
+    header = (MONITOR_DIR / "func.h").read_text()
     assert re.search(rf"#define FUNC_HIST_SLOTS {FUNC_HIST_SLOTS}\b", header)
     for i, name in enumerate(FUNC_COUNTERS):
         assert re.search(rf"#define FCNT_{name.upper()}\s+{i}\b", header)

@@ -1,6 +1,6 @@
 """SyscallMonitor: per-syscall counts, errors, errnos and latency, aggregated in the kernel.
 
-The kernel side (agent/bpf/syscall.c) is raw tracepoints on sys_enter and sys_exit and
+The kernel side (agent/monitors/syscall/syscall.c) is raw tracepoints on sys_enter and sys_exit and
 keeps per-CPU tables; nothing crosses to userspace per call except, when
 ``slow_threshold_us`` is set, the calls slower than it. Userspace reads the tables with
 BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
@@ -23,7 +23,7 @@ read the old value to finish (they run with preemption disabled and take microse
 reads the old generation, which nothing writes any more, and clears it. So a reset loses
 no call and counts none twice.
 
-What is counted (decisions, see agent/bpf/syscall.c for the kernel facts):
+What is counted (decisions, see agent/monitors/syscall/syscall.c for the kernel facts):
 - a call counts at sys_exit, with its return value and latency, when its sys_enter was
   seen for a target task; calls in flight when the monitor loads are not counted, nor
   calls a seccomp filter or ptrace denied before sys_enter (latency mode; see above for
@@ -57,19 +57,14 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from agent.core.events import Event, MonotonicClock, decode_c_string
 from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
-from agent.monitors.base import (
-    BccMonitor,
-    MetricSeries,
-    MonitorContext,
-    MonitorError,
-    MonitorOptions,
-    register_monitor,
-)
+from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.monitors.bcc import BccMonitor
+from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.registry import register_monitor
 
-# Mirrors of agent/bpf/syscall.h (tests/test_syscall_monitor.py checks them with gcc).
+# Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
 SC_COMM_LEN = 16
 SC_HIST_SLOTS = 32
 SC_GENERATIONS = 2

@@ -1,5 +1,5 @@
 """The REST API in-process with fake monitors: status codes, validation, auth, host and
-origin checks, two apps side by side. Real-kernel tests are in test_api_process.py."""
+origin checks, two apps side by side. Real-kernel tests are in tests/api/test_process.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
-from test_api_support import fake_registry, fake_report, settings
 
 from agent.api.app import context_of, create_app
+from tests.support.api import fake_registry, fake_report, settings
 
 TOKEN = "s3cret-token"
 BASE = "http://127.0.0.1"

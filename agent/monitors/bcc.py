@@ -1,31 +1,24 @@
-"""The monitor contract, the registry, and the BCC-backed base most monitors share.
-
-A monitor is one C file in agent/bpf/ plus one module (or package) in agent/monitors/
-registered with ``@register_monitor("name")``; discovery imports every module of this
-package, so adding a monitor touches no shared file.
+"""The BCC-backed base most monitors share: compile one C program (the monitor's own file
+with agent/bpf/common.h inlined), attach, drain its ring/perf buffer, keep the target maps.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
-import pkgutil
 import re
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
-from agent.core.events import Event, EventSink
-from agent.core.targets import TargetLimits, TargetSet
 from agent.kernel import procfs
+from agent.model.events import Event
+from agent.model.targets import TargetSet
+from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
 
 log = logging.getLogger(__name__)
 
+# Shared C (common.h); each monitor's own C lives in its folder.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 # Mirrors the CNT_* indices of agent/bpf/common.h.
@@ -34,182 +27,12 @@ TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
 
 
-@dataclass(frozen=True)
-class MetricSeries:
-    """One Prometheus family a monitor exports: ``ebpf_agent_<monitor>_<name>`` with one
-    label whose values come from a bounded set (syscall names, probed functions)."""
-
-    name: str
-    doc: str
-    label: str
-    values: dict[str, float]
-    counter: bool = True
-
-
-class MonitorError(Exception):
-    """A monitor could not be loaded or attached; the message says why."""
-
-
-class DuplicateMonitorError(Exception):
-    pass
-
-
-class MonitorOptions(BaseModel):
-    """Base of every monitor's options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-@dataclass(frozen=True)
-class TransportSettings:
-    kind: str = "auto"  # auto | ringbuf | perf
-    ringbuf_pages: int = 512  # shared by all CPUs; a power of two
-    perf_pages: int = 64  # per CPU; a power of two
-    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
-    # in between wait at most one poll timeout (100 ms).
-    wakeup_every: int = 32
-
-
-@dataclass
-class MonitorContext:
-    """What a running monitor receives from the manager."""
-
-    targets: TargetSet
-    sink: EventSink
-    transport: TransportSettings = field(default_factory=TransportSettings)
-    limits: TargetLimits = field(default_factory=TargetLimits)
-    ringbuf_supported: bool = True
-    kernel_offsets: dict[str, int] = field(default_factory=dict)
-
-
-class BaseMonitor(ABC):
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[MonitorOptions]] = MonitorOptions
-    # "category:event" tracepoints and capability names (agent.kernel.capabilities).
-    REQUIRED_TRACEPOINTS: ClassVar[tuple[str, ...]] = ()
-    REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = ()
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = ()
-    # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
-    SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
-        self.options = options
-        self.ctx = ctx
-
-    @classmethod
-    def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
-        """Why these options cannot run on this kernel (409), beyond the static needs."""
-        return None
-
-    @abstractmethod
-    def load(self) -> None:
-        """Compile, load and attach; raise MonitorError with the reason on failure."""
-
-    @abstractmethod
-    def poll(self, timeout_ms: int) -> None:
-        """Deliver pending events to ctx.sink; called in a loop by the poller thread."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Detach every probe and free every map. Idempotent."""
-
-    @abstractmethod
-    def set_targets(self, targets: TargetSet) -> None:
-        """Write the target set into the kernel maps."""
-
-    def apply_options(self, options: MonitorOptions) -> bool:
-        """Take new options without reloading, when only live-changeable ones differ;
-        False (the default) makes the manager reload the monitor with them."""
-        return False
-
-    def kernel_counters(self) -> dict[str, int]:
-        return {}
-
-    def stats(self) -> dict[str, Any]:
-        """Monitor-specific figures (aggregating monitors return their tables)."""
-        return {}
-
-    def periodic(self) -> None:  # noqa: B027 (optional hook)
-        """Called about once a second on the poller thread (snapshots, housekeeping)."""
-
-    def snapshot_rows(self) -> list[dict[str, Any]]:
-        """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors)."""
-        return []
-
-    def metric_series(self) -> list[MetricSeries]:
-        """Prometheus series of aggregating monitors' tables (read at scrape time)."""
-        return []
-
-    def csv_row(self, event: Event) -> list[Any]:
-        return [event.get(f) for f in self.CSV_FIELDS]
-
-    def console_line(self, event: Event) -> str:
-        return " ".join(f"{k}={event[k]}" for k in self.CSV_FIELDS if k in event)
-
-
-M = TypeVar("M", bound=type[BaseMonitor])
-
-
-class MonitorRegistry:
-    """Monitor classes by name. A fresh instance per test; ``default_registry`` for the app."""
-
-    def __init__(self) -> None:
-        self._classes: dict[str, type[BaseMonitor]] = {}
-
-    def register(self, name: str, description: str = "") -> Callable[[M], M]:
-        def decorate(cls: M) -> M:
-            existing = self._classes.get(name)
-            # Re-registering the very same class (a module imported twice) is harmless.
-            same = existing is not None and (existing.__module__, existing.__qualname__) == (
-                cls.__module__, cls.__qualname__)
-            if existing is not None and not same:
-                raise DuplicateMonitorError(
-                    f"monitor name {name!r} registered twice: {existing.__module__}."
-                    f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
-                )
-            cls.name = name
-            doc_lines = (cls.__doc__ or "").strip().splitlines()
-            cls.description = description or (doc_lines[0] if doc_lines else name)
-            self._classes[name] = cls
-            return cls
-
-        return decorate
-
-    def discover(self, package: str = "agent.monitors") -> None:
-        """Import every module of ``package`` so that their decorators run."""
-        pkg = importlib.import_module(package)
-        for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
-            if info.name.rsplit(".", 1)[-1] != "base":
-                importlib.import_module(info.name)
-
-    def get(self, name: str) -> type[BaseMonitor]:
-        return self._classes[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._classes
-
-    def __iter__(self) -> Iterator[type[BaseMonitor]]:
-        return iter(sorted(self._classes.values(), key=lambda c: c.name))
-
-    def names(self) -> list[str]:
-        return sorted(self._classes)
-
-
-default_registry = MonitorRegistry()
-register_monitor = default_registry.register
-
-
-def discover_monitors() -> MonitorRegistry:
-    default_registry.discover()
-    return default_registry
-
-
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
 
 def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
-    """The source with our own ``#include "x.h"`` lines replaced by the files.
+    """The source with our own ``#include "x.h"`` lines replaced by the files, looked up
+    beside the including file first, then in agent/bpf/ (common.h).
 
     BCC rewrites map calls and generates tracepoint argument structs only in the main
     file, so TRACEPOINT_PROBEs in common.h must reach the compiler as part of it.
@@ -218,7 +41,9 @@ def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
         return ""
 
     def expand(match: re.Match[str]) -> str:
-        return inline_includes(path.parent / match.group(1), seen | {path})
+        name = match.group(1)
+        local = path.parent / name
+        return inline_includes(local if local.exists() else BPF_DIR / name, seen | {path})
 
     return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
@@ -226,7 +51,7 @@ def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
 class BccMonitor(BaseMonitor):
     """A monitor whose kernel side is one BCC program including agent/bpf/common.h."""
 
-    BPF_SOURCE: ClassVar[str] = ""  # file name in agent/bpf/
+    BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
         "root", "bcc", "tracefs", "btf", "kernel_headers")
 
@@ -242,8 +67,14 @@ class BccMonitor(BaseMonitor):
         """Monitor-specific -D constants."""
         return {}
 
+    @classmethod
+    def source_dir(cls) -> Path:
+        """The monitor's folder (agent/monitors/<name>/), where BPF_SOURCE lives."""
+        module = sys.modules[cls.__module__]
+        return Path(module.__file__ or ".").resolve().parent
+
     def bpf_text(self) -> str:
-        return inline_includes(BPF_DIR / self.BPF_SOURCE)
+        return inline_includes(self.source_dir() / self.BPF_SOURCE)
 
     def cflags(self) -> list[str]:
         t, lim = self.ctx.transport, self.ctx.limits
@@ -257,7 +88,7 @@ class BccMonitor(BaseMonitor):
             "WAKEUP_EVERY": t.wakeup_every,
             **self.extra_cflags(),
         }
-        flags = [f"-I{BPF_DIR}", "-Wno-macro-redefined"]
+        flags = [f"-I{self.source_dir()}", f"-I{BPF_DIR}", "-Wno-macro-redefined"]
         flags += [f"-D{k}={v}" for k, v in defines.items()]
         if self.use_ringbuf:
             flags.append("-DUSE_RINGBUF")

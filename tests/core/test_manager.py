@@ -10,16 +10,11 @@ import pytest
 from pydantic import Field
 
 from agent.core.manager import MonitorManager, MonitorUnsupported, OptionsInvalid, UnknownMonitor
-from agent.core.targets import TargetError, TargetLimits, TargetSet
 from agent.kernel.capabilities import CapabilityReport, Feature, build_report
-from agent.monitors.base import (
-    BaseMonitor,
-    MonitorError,
-    MonitorOptions,
-    MonitorRegistry,
-    discover_monitors,
-)
-from tests.conftest import CollectingSink, loaded_prog_ids, prog_ids_held_by
+from agent.model.targets import TargetError, TargetLimits, TargetSet
+from agent.monitors.contract import BaseMonitor, MonitorError, MonitorOptions
+from agent.monitors.registry import MonitorRegistry, discover_monitors
+from tests.support.kernel import CollectingSink, loaded_prog_ids, prog_ids_held_by
 
 
 class FakeOptions(MonitorOptions):

@@ -17,14 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import CollectingSink, compile_c
 from pydantic import ValidationError
 
-from agent.core.targets import TargetSet
 from agent.kernel.btf import BTFError, kernel_offsets
 from agent.kernel.syscalls import category, syscall_names
-from agent.monitors.base import BPF_DIR, MonitorContext, TransportSettings, default_registry
-from agent.monitors.syscall import (
+from agent.model.targets import TargetSet
+from agent.monitors.contract import MonitorContext, TransportSettings
+from agent.monitors.registry import default_registry
+from agent.monitors.syscall.monitor import (
     SC_CFG_ARMED,
     SC_CFG_SLOW,
     SC_COMM_LEN,
@@ -40,6 +40,9 @@ from agent.monitors.syscall import (
     sort_limit,
     sum_columns,
 )
+from tests.support.kernel import CollectingSink, compile_c
+
+MONITOR_DIR = SyscallMonitor.source_dir()
 
 N_GETPPID = 1000
 M_OPEN = 7
@@ -241,7 +244,7 @@ int main(void)
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
-    source = LAYOUT_C.replace('"syscall.h"', f'"{BPF_DIR}/syscall.h"')
+    source = LAYOUT_C.replace('"syscall.h"', f'"{MONITOR_DIR}/syscall.h"')
     binary = compile_c(tmp_path, "layout", source)
     out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
     return {name: int(value) for name, value in (line.split() for line in out.splitlines())}

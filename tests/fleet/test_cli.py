@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fleet_support import Background, FakeAgent, agentctl, fake_agents, free_port
+
+from tests.support.fleet import Background, FakeAgent, agentctl, fake_agents, free_port
 
 TOKEN = "fleet-token-0123456789"
 

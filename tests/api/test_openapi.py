@@ -17,10 +17,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_api_support import REPO, ThreadServer, fake_registry, fake_report, settings
 
 from agent.api.app import create_app
 from agent.api.openapi_dump import openapi_document
+from tests.support.api import REPO, ThreadServer, fake_registry, fake_report, settings
 
 OPENAPI = REPO / "openapi" / "openapi.json"
 TOKEN = "fuzz-token"
@@ -45,7 +45,7 @@ def fuzz_server() -> Iterator[ThreadServer]:
 
 
 # The streaming endpoint never ends a response by itself: it is covered by
-# test_api_streams.py and test_api_process.py instead.
+# tests/api/test_streams.py and tests/api/test_process.py instead.
 schema = schemathesis.from_dict(json.loads(OPENAPI.read_text()), force_schema_version="30").exclude(
     path_regex="^/events")
 

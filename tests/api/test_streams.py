@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_api_support import (
+
+from agent.api.app import context_of, create_app
+from tests.support.api import (
     ThreadServer,
     fake_registry,
     fake_report,
@@ -18,8 +20,6 @@ from test_api_support import (
     settings,
     thread_server,
 )
-
-from agent.api.app import context_of, create_app
 
 
 @pytest.fixture

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.targets import TargetSet
 from agent.kernel.btf import kernel_offsets
-from agent.monitors.base import MonitorContext, TransportSettings, default_registry
+from agent.model.targets import TargetSet
+from agent.monitors.contract import MonitorContext, TransportSettings
+from agent.monitors.registry import default_registry
 from agent.output.writer import OutputWriter
-from tests.conftest import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
+from tests.support.kernel import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
 
 pytestmark = pytest.mark.usefixtures("kernel")
 

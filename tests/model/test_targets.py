@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.targets import (
+from agent.model.targets import (
     TargetError,
     TargetLimits,
     TargetSet,

@@ -59,6 +59,7 @@ class NatsExporter:
         self._wake: asyncio.Event | None = None
         self._wake_pending = False
         self._stopping = threading.Event()
+        self._lost = asyncio.Event()  # replaced per connection (on the publisher's loop)
         self._thread: threading.Thread | None = None
         self.produced = 0
         self.published = 0
@@ -236,11 +237,17 @@ class NatsExporter:
         async def quiet(e: Exception) -> None:
             self.last_error = f"{type(e).__name__}: {e}"[:300]
 
+        lost = self._lost = asyncio.Event()
+
+        async def closed() -> None:
+            lost.set()  # ends a wait for acknowledgements at once (see _publish)
+
         # Our own reconnect loop (allow_reconnect=False): the client's would buffer
         # publishes out of our sight and break the accounting.
         return await nats.connect(
             servers=cfg.servers(), allow_reconnect=False, connect_timeout=2,
-            max_reconnect_attempts=0, error_cb=quiet, name=f"ebpf-agent@{self.host}", **kw)
+            max_reconnect_attempts=0, error_cb=quiet, disconnected_cb=closed, closed_cb=closed,
+            name=f"ebpf-agent@{self.host}", **kw)
 
     async def _ensure_stream(self, js: Any) -> None:
         from nats.js.errors import NotFoundError
@@ -269,7 +276,7 @@ class NatsExporter:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
-                if nc.is_closed:
+                if nc.is_closed or self._lost.is_set():
                     raise ConnectionError("connection closed")
                 continue
             await self._publish(js, batch)
@@ -282,7 +289,15 @@ class NatsExporter:
             p.attempts += 1
             headers = {"Nats-Msg-Id": f"{self.host}:{self.epoch}:{p.seq}"}
             futures.append(await js.publish_async(p.subject, p.payload, headers=headers))
-        done, pending = await asyncio.wait(futures, timeout=self.cfg.publish_timeout_s)
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+        acks: asyncio.Future[Any] = asyncio.gather(*futures, return_exceptions=True)
+        try:
+            await asyncio.wait([acks, lost], timeout=self.cfg.publish_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        done = {f for f in futures if f.done()}
+        pending = [f for f in futures if not f.done()]
         for f in pending:
             f.cancel()
         acked = failed = 0
@@ -309,8 +324,9 @@ class NatsExporter:
             log.warning("NATS export: %d events dropped after %d attempts: %s", failed,
                         MAX_ATTEMPTS, server_errors[-1] if server_errors else "")
         if pending:
-            raise ConnectionError(f"{len(pending)} acknowledgements missing after "
-                                  f"{self.cfg.publish_timeout_s}s")
+            why = "connection lost" if self._lost.is_set() else \
+                f"no answer in {self.cfg.publish_timeout_s}s"
+            raise ConnectionError(f"{len(pending)} acknowledgements missing ({why})")
         if server_errors:
             self.last_error = server_errors[-1][:300]
             await asyncio.sleep(0.2)  # e.g. the stream is being re-created: not a hot loop

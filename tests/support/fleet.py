@@ -95,7 +95,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 async def stream_messages(url: str, stream: str = "EBPF") -> list[Any]:
-    """Every message the stream holds (data and headers), read with a pull consumer."""
+    """Every message the stream holds (subject, data, headers), read by sequence number."""
     import nats
 
     nc = await nats.connect(url)
@@ -103,11 +103,8 @@ async def stream_messages(url: str, stream: str = "EBPF") -> list[Any]:
         js = nc.jetstream()
         info = await js.stream_info(stream)
         out: list[Any] = []
-        sub = await js.pull_subscribe(">", stream=stream)
-        while len(out) < info.state.messages:
-            out += await sub.fetch(min(1000, info.state.messages - len(out)), timeout=10)
-        for m in out:
-            await m.ack()
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            out.append(await js.get_msg(stream, seq))
         return out
     finally:
         await nc.close()

@@ -136,6 +136,8 @@ class MergedEvents:
             if s.ever_up:
                 after = f" after id {s.last_id}" if s.last_id is not None else ""
                 self.notice(f"{s.host.name}: back, resuming{after}")
+            else:
+                self.notice(f"{s.host.name}: streaming")
             s.up = s.ever_up = True
             s.error = None
             fields: dict[str, str] = {}

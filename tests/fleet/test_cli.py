@@ -203,7 +203,8 @@ def test_events_merged_tagged_and_a_host_going_down(agents: list[FakeAgent]) -> 
         api(a, "POST", "/monitors/fake/start")
     ev = Background(*hosts(agents), "events", "-o", "json", "--monitor", "fake")
     try:
-        time.sleep(1.0)  # the three streams connect (no notice is printed for that)
+        for name in "abc":
+            ev.wait_line(ev.err, lambda s, n=name: s == f"ebpf-agentctl: {n}: streaming")
         for a in agents:
             a.fake.inbox.put({"pid": 4242, "marker": f"m1-{a.name}"})
         for a in agents:

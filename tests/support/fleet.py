@@ -139,9 +139,10 @@ def fake_agents(names: list[str], token: str, **config: Any) -> Iterator[list[Fa
 
 
 # -- ebpf-agentctl ---------------------------------------------------------------------------
-def agentctl(*args: str, timeout: float = 120, env: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(AGENTCTL), *args], capture_output=True, text=True,
+def agentctl(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``prefix``: e.g. ("ip", "netns", "exec", NAME) to run it in a network namespace."""
+    return subprocess.run([*prefix, str(AGENTCTL), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -149,8 +150,8 @@ class Background:
     """ebpf-agentctl running in the background (events, keepalive), stdout/stderr read on
     threads so tests can wait for lines."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(AGENTCTL), *args], stdout=subprocess.PIPE,
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen([*prefix, str(AGENTCTL), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.out: list[str] = []
         self.err: list[str] = []

@@ -35,6 +35,9 @@ async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
     responses={
         **errors(404, 422),
         200: {"headers": ETAG_HEADER},
+        400: {"description": "a malformed request (e.g. an If-Match value HTTP does not "
+              "allow), refused by the HTTP server before the API sees it",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
         409: {"model": ErrorBody, "description": "a monitor failed to start: every change "
               "was rolled back; detail: {message, monitor, rolled_back}"},
         412: {"model": ErrorBody, "description": "If-Match names a state that is no longer "

@@ -121,6 +121,17 @@ class NatsExportSettings(Section):
             raise ValueError("expected nats://host:port (or tls://), or a list of them")
         return urls if len(urls) > 1 else urls[0]
 
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        try:
+            probe = v.format(host="h", monitor="m")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{host}} and {{monitor}} may appear ({e})") from None
+        if not probe or any(c in probe for c in " \t\r\n") or "" in probe.split("."):
+            raise ValueError("not a valid NATS subject")
+        return v
+
     def servers(self) -> list[str]:
         return [self.url] if isinstance(self.url, str) else list(self.url)
 

@@ -55,38 +55,63 @@ def token_env() -> dict[str, str]:
     return {key: TOKEN}
 
 
+def launch(d: Path, env: dict[str, str], used: set[int]) -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    while port in used:  # the kernel may hand out a port again before its agent binds it
+        port = free_port()
+    used.add(port)
+    cfg = {"api": {"host": "127.0.0.1", "port": port}, "stream": {"heartbeat_s": 5},
+           "output": {"directory": str(d / "out"), "formats": []},
+           "logging": {"level": "WARNING"}}
+    (d / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    with open(d / "agent.log", "ab") as log:
+        proc = subprocess.Popen([str(AGENT), "--config", str(d / "agent.yaml"), "serve"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
+    return port, proc
+
+
 def start_agents(n: int, work: Path) -> list[tuple[str, str, subprocess.Popen]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT")}
     env.update(token_env())
-    agents = []
+    used: set[int] = set()
+    started = []
     for i in range(n):
         d = work / f"a{i:03d}"
         d.mkdir()
-        port = free_port()
-        cfg = {"api": {"host": "127.0.0.1", "port": port}, "stream": {"heartbeat_s": 5},
-               "output": {"directory": str(d / "out"), "formats": []},
-               "logging": {"level": "WARNING"}}
-        (d / "agent.yaml").write_text(yaml.safe_dump(cfg))
-        log = open(d / "agent.log", "wb")  # noqa: SIM115 - lives as long as the agent
-        proc = subprocess.Popen([str(AGENT), "--config", str(d / "agent.yaml"), "serve"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
-        agents.append((f"a{i:03d}", f"http://127.0.0.1:{port}", proc))
+        started.append((f"a{i:03d}", d, *launch(d, env, used)))
+    agents: list[tuple[str, str, subprocess.Popen]] = []
+    try:
+        wait_ready(started, agents, env, used)
+    except BaseException:
+        for *_, proc in started + agents:  # never leave agents behind
+            proc.terminate()
+        raise
+    return agents
+
+
+def wait_ready(started: list[tuple[str, Path, int, subprocess.Popen]],
+               agents: list[tuple[str, str, subprocess.Popen]], env: dict[str, str],
+               used: set[int]) -> None:
     deadline = time.monotonic() + 600
     with httpx.Client(timeout=2, trust_env=False) as c:
-        for name, url, proc in agents:
+        for i, (name, d, port, proc) in enumerate(started):
             while True:
                 if proc.poll() is not None:
-                    raise SystemExit(f"{name} exited: {(work / name / 'agent.log').read_text()}")
+                    log = (d / "agent.log").read_text()
+                    if "Address already in use" not in log or time.monotonic() > deadline:
+                        raise SystemExit(f"{name} exited: {log}")
+                    port, proc = launch(d, env, used)  # someone else took the port: again
+                    started[i] = (name, d, port, proc)
                 try:
-                    if c.get(url + "/ready", headers={"Authorization": f"Bearer {TOKEN}"}
-                             ).status_code == 200:
+                    if c.get(f"http://127.0.0.1:{port}/ready",
+                             headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{name} not ready")
                 time.sleep(0.2)
-    return agents
+            agents.append((name, f"http://127.0.0.1:{port}", proc))
 
 
 def ctl(inv: Path, *args: str, timeout: float = 1800) -> tuple[float, subprocess.CompletedProcess]:
@@ -103,6 +128,18 @@ def ok_hosts(r: subprocess.CompletedProcess) -> str:
         return f"exit {r.returncode}"
     ok = sum(1 for h in doc["hosts"].values() if h["ok"])
     return f"{ok}/{len(doc['hosts'])} ok, exit {r.returncode}"
+
+
+def delivered(inv: Path) -> int:
+    """Exec events the agents delivered so far, summed."""
+    _, r = ctl(inv, "stats", "exec", "-o", "json")
+    return sum(h["result"]["exec"].get("events_delivered", 0)
+               for h in json.loads(r.stdout)["hosts"].values() if h["ok"])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def build_storm(work: Path) -> Path:
@@ -173,6 +210,8 @@ def main() -> None:
         threading.Thread(target=read_out, daemon=True).start()
         if not streaming.wait(120):
             print(f"only {counts['streams']} streams connected")
+        before = delivered(inv)
+        cpu0 = cpu_seconds(events_proc.pid)
         out = subprocess.run([str(storm), str(noop), str(args.storm), "2"], capture_output=True,
                              text=True, check=True)
         expected = args.storm * args.agents
@@ -182,14 +221,16 @@ def main() -> None:
             time.sleep(0.2)
             if counts["lines"] != seen:
                 seen, quiet_since = counts["lines"], time.monotonic()
-        _, r = ctl(inv, "stats", "exec", "-o", "json")
-        produced = sum(h["result"]["exec"].get("events_delivered", 0)
-                       for h in json.loads(r.stdout)["hosts"].values() if h["ok"])
+        cpu = cpu_seconds(events_proc.pid) - cpu0
+        produced = delivered(inv) - before
         span = max(counts["last"] - counts["first"], 1e-9)
         print(f"storm: {out.stdout.strip()}")
         print(f"events: received {counts['lines']} of {expected} expected "
-              f"({args.storm} execs x {args.agents} agents); agents delivered {produced}; "
-              f"merged rate {counts['lines'] / span:,.0f} events/s over {span:.1f} s")
+              f"({args.storm} execs x {args.agents} agents); the agents delivered {produced} "
+              f"meanwhile; merged rate {counts['lines'] / span:,.0f} events/s over "
+              f"{span:.1f} s; controller CPU {cpu:.1f} s = "
+              f"{1e6 * cpu / max(counts['lines'], 1):.0f} us/event "
+              f"(~{counts['lines'] / max(cpu, 1e-9):,.0f} events per CPU-second)")
         ctl(inv, "stop", "exec")
     finally:
         if events_proc is not None:

@@ -132,12 +132,15 @@ class Fleet:
         self.timeout = timeout
         self.verify = verify
 
-    def http_client(self, read_timeout: float | None = None) -> httpx.AsyncClient:
+    def http_client(self, read_timeout: float | None = None,
+                    streams: int = 0) -> httpx.AsyncClient:
+        """``streams``: connections held open for the whole run (events), on top of the
+        pool the bounded requests use."""
         t = self.timeout
+        pool = max(self.parallel * 4, 16) + streams
         return httpx.AsyncClient(
             timeout=httpx.Timeout(t, read=read_timeout if read_timeout is not None else t),
-            limits=httpx.Limits(max_connections=max(self.parallel * 4, 16),
-                                max_keepalive_connections=self.parallel * 4),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             verify=self.verify,
             trust_env=False,  # never send agent traffic (and tokens) through a proxy
         )

@@ -80,8 +80,10 @@ class MergedEvents:
         self._done = asyncio.Event()
 
     async def run(self, duration: float | None = None) -> dict[str, HostStream]:
-        async with self.fleet.http_client(read_timeout=self.idle_timeout) as http:
+        async with self.fleet.http_client(read_timeout=self.idle_timeout,
+                                          streams=len(self.streams)) as http:
             tasks = [asyncio.create_task(self._host(http, s)) for s in self.streams.values()]
+            self._renewing = asyncio.Semaphore(self.fleet.parallel)  # like Fleet.each
             if self.renew:
                 tasks += [asyncio.create_task(self._renewer(http, h)) for h in self.fleet.hosts]
             try:
@@ -167,7 +169,7 @@ class MergedEvents:
         while True:
             wait = 30.0
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.fleet.timeout):
+                async with self._renewing, asyncio.timeout(self.fleet.timeout):
                     renewed = await renew_leases(client)
                 if renewed:
                     wait = max(0.5, min(60.0, min(renewed.values()) / 3))

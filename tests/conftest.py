@@ -5,9 +5,11 @@ The helpers themselves live in tests/support/."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support.filters import workload_binary
 from tests.support.kernel import CollectingSink, require_kernel
 
 
@@ -20,3 +22,10 @@ def kernel() -> None:
 @pytest.fixture
 def sink() -> Iterator[CollectingSink]:
     yield CollectingSink()
+
+
+@pytest.fixture(scope="session")
+def filter_workload() -> Iterator[Path]:
+    """The stream-filter workload (tests/support/filters.py), compiled once."""
+    with workload_binary() as binary:
+        yield binary

@@ -1,7 +1,13 @@
-"""Event encoding shared by the JSONL output, SSE and WebSocket streams."""
+"""The event contract and its encoding (JSONL output, SSE and WebSocket streams).
+
+Every event of every monitor starts with the same fields, COMMON_FIELDS, decoded from
+``struct event_hdr`` (agent/bpf/common.h) by header_fields(); the monitor's own fields
+follow. Stream filters (monitor, pid, uid, comm) therefore work on every monitor.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -9,6 +15,28 @@ from typing import Any, Protocol
 import orjson
 
 Event = dict[str, Any]
+
+COMM_LEN = 16  # agent/bpf/common.h
+# The fields every event carries first, with one meaning for every monitor.
+COMMON_FIELDS = ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm")
+# The first CSV columns of every monitor (one file per monitor: no monitor column).
+COMMON_CSV_FIELDS = COMMON_FIELDS[1:]
+
+
+class EventHeader(ctypes.Structure):
+    """Mirror of ``struct event_hdr`` in agent/bpf/common.h: the first member of every
+    monitor's event struct."""
+
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC
+        ("pid", ctypes.c_uint32),  # tgid
+        ("tid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),  # real parent's tgid
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * COMM_LEN),
+    ]
 
 
 class EventSink(Protocol):
@@ -48,3 +76,18 @@ class MonotonicClock:
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
             self._second = second
         return f"{self._prefix}{nanos:09d}Z"
+
+
+def header_fields(monitor: str, hdr: EventHeader, clock: MonotonicClock) -> Event:
+    """The common fields of an event (COMMON_FIELDS, in that order) from its header."""
+    return {
+        "monitor": monitor,
+        "timestamp": clock.iso(hdr.ts_ns),
+        "ts_ns": hdr.ts_ns,
+        "pid": hdr.pid,
+        "tid": hdr.tid,
+        "ppid": hdr.ppid,
+        "uid": hdr.uid,
+        "gid": hdr.gid,
+        "comm": decode_c_string(hdr.comm),
+    }

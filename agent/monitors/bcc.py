@@ -8,11 +8,12 @@ import ctypes
 import logging
 import re
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.kernel import procfs
-from agent.model.events import Event
+from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
 
@@ -133,7 +134,18 @@ class BccMonitor(BaseMonitor):
         return 0
 
     def parse_event(self, raw: bytes) -> Event | None:
+        """The event from one raw record; its struct starts with ``struct event_hdr``,
+        whose fields common_fields() decodes."""
         raise NotImplementedError
+
+    @cached_property
+    def _clock(self) -> MonotonicClock:
+        return MonotonicClock()
+
+    def common_fields(self, hdr: EventHeader) -> Event:
+        """monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm: the start of every
+        event, the same for every monitor."""
+        return header_fields(self.name, hdr, self._clock)
 
     def poll(self, timeout_ms: int) -> None:
         if self.bpf is None:

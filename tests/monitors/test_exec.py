@@ -19,7 +19,14 @@ from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext, TransportSettings
 from agent.monitors.registry import default_registry
 from agent.output.writer import OutputWriter
-from tests.support.kernel import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
+from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.kernel import (
+    CollectingSink,
+    compile_c,
+    loaded_prog_ids,
+    prog_ids_held_by,
+    require_kernel,
+)
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
@@ -352,3 +359,21 @@ def test_failed_exec_with_unreadable_argv_is_marked_truncated(sink, tmp_path: Pa
     for e in mine:
         complete = e["argv"] == ["true", "rodata-marker", "second,arg"]
         assert complete or e["truncated"] is True
+
+
+# -- the common header and stream filters (tests/support/filters.py) ----------------------
+@pytest.fixture(scope="module")
+def filter_events(filter_workload: Path) -> Recorded:
+    require_kernel()
+    return record("exec", filter_workload, lambda e: e["filename"] == str(filter_workload))
+
+
+@pytest.mark.usefixtures("kernel")
+def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
+    check_own_event(filter_events)
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("field", FILTER_FIELDS)
+def test_stream_filter(filter_events: Recorded, field: str) -> None:
+    check_filter(filter_events, field)

@@ -14,8 +14,7 @@ from agent.monitors.exec.monitor import ExecMonitor, exec_event_struct
 
 MONITOR_DIR = ExecMonitor.source_dir()
 
-FIELDS = ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "ret", "args_count", "args_size",
-          "flags", "comm", "filename", "args")
+FIELDS = ("hdr", "ret", "args_count", "args_size", "flags", "filename", "args")
 
 PROGRAM = """
 #include <stdio.h>

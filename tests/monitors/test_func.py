@@ -15,6 +15,7 @@ from typing import IO
 
 import pytest
 
+from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
 from agent.monitors.bcc import BPF_DIR
 from agent.monitors.contract import MonitorContext, MonitorError
@@ -33,7 +34,14 @@ from agent.monitors.func.monitor import (
     trim_zeros,
 )
 from agent.monitors.registry import default_registry
-from tests.support.kernel import CollectingSink, compile_c, loaded_prog_ids, prog_ids_held_by
+from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.kernel import (
+    CollectingSink,
+    compile_c,
+    loaded_prog_ids,
+    prog_ids_held_by,
+    require_kernel,
+)
 
 MONITOR_DIR = FuncMonitor.source_dir()
 
@@ -363,6 +371,8 @@ def test_events_are_rate_limited_in_the_kernel(caller_binary: Path, sink: Collec
     for e in events:
         assert e["monitor"] == "func" and e["function"] == "getpid"
         assert e["tid"] == target.pid and e["comm"] == "caller"
+        assert (e["ppid"], e["uid"], e["gid"]) == (os.getpid(), os.getuid(), os.getgid())
+        assert set(e) == {*COMMON_FIELDS, "function", "target", *(["latency_ns"] * latency)}
         assert os.path.basename(e["target"]).startswith("libc.so")
         assert e["timestamp"].endswith("Z") and e["ts_ns"] > 0
         assert ("latency_ns" in e) == latency
@@ -420,3 +430,22 @@ def test_close_releases_every_program_quickly(sink: CollectingSink) -> None:
     assert time.monotonic() - t0 < 10
     assert not (prog_ids_held_by(os.getpid()) & ours)
     assert not (loaded_prog_ids() & ours)
+
+
+# -- the common header and stream filters (tests/support/filters.py) ----------------------
+@pytest.fixture(scope="module")
+def filter_events(filter_workload: Path) -> Recorded:
+    require_kernel()
+    return record("func", filter_workload, lambda e: e["function"] == "flt_target",
+                  patterns=[f"{filter_workload}:flt_target"], events=True, latency=False)
+
+
+@pytest.mark.usefixtures("kernel")
+def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
+    check_own_event(filter_events)
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("field", FILTER_FIELDS)
+def test_stream_filter(filter_events: Recorded, field: str) -> None:
+    check_filter(filter_events, field)

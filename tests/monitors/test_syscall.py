@@ -21,7 +21,9 @@ from pydantic import ValidationError
 
 from agent.kernel.btf import BTFError, kernel_offsets
 from agent.kernel.syscalls import category, syscall_names
+from agent.model.events import COMMON_FIELDS, EventHeader
 from agent.model.targets import TargetSet
+from agent.monitors.bcc import BPF_DIR
 from agent.monitors.contract import MonitorContext, TransportSettings
 from agent.monitors.registry import default_registry
 from agent.monitors.syscall.monitor import (
@@ -40,7 +42,8 @@ from agent.monitors.syscall.monitor import (
     sort_limit,
     sum_columns,
 )
-from tests.support.kernel import CollectingSink, compile_c
+from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.kernel import CollectingSink, compile_c, require_kernel
 
 MONITOR_DIR = SyscallMonitor.source_dir()
 
@@ -48,10 +51,7 @@ N_GETPPID = 1000
 M_OPEN = 7
 COMM = "sc_workload"
 NR = {name: nr for nr, name in syscall_names().items()}
-EVENT_FIELDS = {
-    "monitor", "timestamp", "ts_ns", "pid", "tid", "comm", "syscall", "nr", "category",
-    "latency_ns", "ret",
-}
+EVENT_FIELDS = {*COMMON_FIELDS, "syscall", "nr", "category", "latency_ns", "ret"}
 # Both builds of the monitor: latency (sys_enter + sys_exit) and counts only (sys_exit).
 MODES = [pytest.param(True, id="latency"), pytest.param(False, id="counts-only")]
 
@@ -229,9 +229,8 @@ typedef unsigned char u8;
 int main(void)
 {
     SIZE(syscall_event);
-    OFF(syscall_event, ts_ns); OFF(syscall_event, latency_ns); OFF(syscall_event, ret);
-    OFF(syscall_event, pid); OFF(syscall_event, tid); OFF(syscall_event, nr);
-    OFF(syscall_event, _pad); OFF(syscall_event, comm);
+    OFF(syscall_event, hdr); OFF(syscall_event, latency_ns); OFF(syscall_event, ret);
+    OFF(syscall_event, nr); OFF(syscall_event, _pad);
     SIZE(sc_config);
     OFF(sc_config, slow_ns); OFF(sc_config, gen); OFF(sc_config, flags);
     SIZE(sc_stat); SIZE(sc_proc_stat); SIZE(sc_errno_key); SIZE(sc_proc_key);
@@ -244,8 +243,11 @@ int main(void)
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
-    source = LAYOUT_C.replace('"syscall.h"', f'"{MONITOR_DIR}/syscall.h"')
-    binary = compile_c(tmp_path, "layout", source)
+    src = tmp_path / "layout.c"
+    src.write_text(LAYOUT_C)
+    binary = tmp_path / "layout"
+    subprocess.run(["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}", "-o", str(binary), str(src)],
+                   check=True)
     out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
     return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
 
@@ -290,14 +292,16 @@ def test_counts_only_mode_reads_the_syscall_number_offset_from_btf() -> None:
 
 
 def test_parse_event_and_console_line() -> None:
-    e = SyscallEvent(ts_ns=time.monotonic_ns(), latency_ns=52_000_000, ret=-2, pid=10, tid=11,
-                     nr=NR["openat"], comm=b"cat")
+    hdr = EventHeader(ts_ns=time.monotonic_ns(), pid=10, tid=11, ppid=9, uid=1000, gid=100,
+                      comm=b"cat")
+    e = SyscallEvent(hdr=hdr, latency_ns=52_000_000, ret=-2, nr=NR["openat"])
     m = SyscallMonitor(SyscallOptions(), MonitorContext(targets=TargetSet(),
                                                         sink=CollectingSink()))
     event = m.parse_event(bytes(e))
     assert set(event) == EVENT_FIELDS
     assert event["syscall"] == "openat" and event["category"] == category("openat")
     assert (event["pid"], event["tid"], event["ret"], event["comm"]) == (10, 11, -2, "cat")
+    assert (event["ppid"], event["uid"], event["gid"]) == (9, 1000, 100)
     line = m.console_line(event)
     assert "openat = -2 ENOENT" in line and "52000.0us" in line
     assert [event.get(f) for f in m.CSV_FIELDS] == m.csv_row(event)
@@ -449,6 +453,7 @@ def test_slow_calls_become_events(kernel: None, sink: CollectingSink,
     assert set(e) == EVENT_FIELDS
     assert e["latency_ns"] >= 50_000_000 and e["ret"] == 0 and e["nr"] == NR["nanosleep"]
     assert (e["monitor"], e["comm"], e["tid"]) == ("syscall", COMM, w.pid)
+    assert (e["ppid"], e["uid"], e["gid"]) == (os.getpid(), os.getuid(), os.getgid())
     assert e["category"] == category("nanosleep")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", e["timestamp"])
     wall = datetime.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
@@ -548,3 +553,23 @@ def test_counts_only_refuses_time_sort(kernel: None, sink: CollectingSink,
         rows = {r["name"]: r for r in m.snapshot_rows()}
         w.finish()
     assert rows["getppid"]["count"] == N_GETPPID and rows["getppid"]["total_ns"] is None
+
+
+# -- the common header and stream filters (tests/support/filters.py) ----------------------
+@pytest.fixture(scope="module")
+def filter_events(filter_workload: Path) -> Recorded:
+    require_kernel()
+    return record("syscall", filter_workload,
+                  lambda e: e["syscall"] in ("nanosleep", "clock_nanosleep"),
+                  slow_threshold_us=30_000)
+
+
+@pytest.mark.usefixtures("kernel")
+def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
+    check_own_event(filter_events)
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("field", FILTER_FIELDS)
+def test_stream_filter(filter_events: Recorded, field: str) -> None:
+    check_filter(filter_events, field)

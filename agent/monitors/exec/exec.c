@@ -52,14 +52,7 @@ static __always_inline int on_enter(const char *filename, const char *const *arg
     struct exec_event *e = scratch.lookup(&zero);
     if (!e)
         return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u64 ugid = bpf_get_current_uid_gid();
-    e->ts_ns = bpf_ktime_get_ns();
-    e->pid = id >> 32;
-    e->tid = (u32)id;
-    e->ppid = current_ppid();
-    e->uid = (u32)ugid;
-    e->gid = ugid >> 32;
+    fill_event_hdr(&e->hdr, bpf_ktime_get_ns());
     e->ret = 0;
     e->args_count = 0;
     e->args_size = 0;
@@ -72,7 +65,7 @@ static __always_inline int on_enter(const char *filename, const char *const *arg
     }
     bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
     read_args(e, argv);
-    u32 tgid = e->pid;
+    u32 tgid = e->hdr.pid;
     if (pending.update(&tgid, e))
         count(CNT_PENDING_FULL);
     return 0;
@@ -85,11 +78,11 @@ static __always_inline int on_exit(void *ctx, long ret)
     if (!e)
         return 0;
     e->ret = ret;
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    bpf_get_current_comm(&e->hdr.comm, sizeof(e->hdr.comm));
     u32 flags = active_filters();
     if ((flags & TF_COMMS) && !(e->flags & EXEC_F_COMM_MATCHED)) {
         struct comm_key key = {};
-        __builtin_memcpy(key.comm, e->comm, sizeof(key.comm));
+        __builtin_memcpy(key.comm, e->hdr.comm, sizeof(key.comm));
         if (!target_comms.lookup(&key)) {
             pending.delete(&tgid);
             return 0;

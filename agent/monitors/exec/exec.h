@@ -1,8 +1,10 @@
-/* The exec event, defined once: agent/monitors/exec.py builds its ctypes mirror from
- * the same macros and tests/test_exec_struct.py compiles this header with gcc to check
- * that both agree on every offset and the size. */
+/* The exec event, defined once: agent/monitors/exec/monitor.py builds its ctypes mirror
+ * from the same macros and tests/monitors/test_exec_struct.py compiles this header with
+ * gcc to check that both agree on every offset and the size. */
 #ifndef EBPF_AGENT_EXEC_H
 #define EBPF_AGENT_EXEC_H
+
+#include "types.h"  /* agent/bpf/: struct event_hdr */
 
 #ifndef ARGS_MAX
 #define ARGS_MAX 20          /* arguments kept per exec */
@@ -15,7 +17,6 @@
 #define ARG_SLOT (ARG_SIZE + 2)
 #define ARGS_AREA (ARGS_MAX * ARG_SLOT)
 #define FILENAME_SIZE 256
-#define EXEC_COMM_LEN 16
 
 #define EXEC_F_ARGS_TRUNCATED 1   /* more than ARGS_MAX arguments, or unreadable ones */
 #define EXEC_F_COMM_MATCHED   2   /* the caller's comm matched the comm filter */
@@ -25,17 +26,12 @@
 #define EXEC_F_ARGS_CUT       8   /* that area was longer than ARGS_AREA */
 
 struct exec_event {
-    u64 ts_ns;                 /* bpf_ktime_get_ns() at sys_enter: CLOCK_MONOTONIC */
-    u32 pid;                   /* tgid */
-    u32 tid;
-    u32 ppid;                  /* real_parent->tgid */
-    u32 uid;
-    u32 gid;
+    struct event_hdr hdr;      /* common.h; ts_ns, ids and uid/gid at sys_enter, comm at
+                                * sys_exit: after a successful exec, the new program's */
     s32 ret;                   /* 0 or -errno from sys_exit */
     u32 args_count;
     u32 args_size;             /* bytes used in args: NUL-terminated strings back to back */
     u32 flags;                 /* EXEC_F_* */
-    char comm[EXEC_COMM_LEN];  /* after exec: the new program's comm when it succeeded */
     char filename[FILENAME_SIZE];
     char args[ARGS_AREA];
 };

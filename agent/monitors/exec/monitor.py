@@ -9,13 +9,12 @@ from typing import ClassVar
 import orjson
 from pydantic import Field
 
-from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorOptions
 from agent.monitors.registry import register_monitor
 
 FILENAME_SIZE = 256  # agent/monitors/exec/exec.h
-COMM_LEN = 16
 EXEC_F_ARGS_TRUNCATED = 1
 EXEC_F_ARGS_RAW = 4  # agent/monitors/exec/exec.h
 EXEC_F_ARGS_CUT = 8
@@ -31,17 +30,11 @@ def exec_event_struct(max_args: int, arg_size: int) -> type[ctypes.Structure]:
 
     class ExecEvent(ctypes.Structure):
         _fields_ = [
-            ("ts_ns", ctypes.c_uint64),
-            ("pid", ctypes.c_uint32),
-            ("tid", ctypes.c_uint32),
-            ("ppid", ctypes.c_uint32),
-            ("uid", ctypes.c_uint32),
-            ("gid", ctypes.c_uint32),
+            ("hdr", EventHeader),
             ("ret", ctypes.c_int32),
             ("args_count", ctypes.c_uint32),
             ("args_size", ctypes.c_uint32),
             ("flags", ctypes.c_uint32),
-            ("comm", ctypes.c_char * COMM_LEN),
             ("filename", ctypes.c_char * FILENAME_SIZE),
             ("args", ctypes.c_char * (max_args * (arg_size + 2))),
         ]
@@ -65,8 +58,7 @@ class ExecMonitor(BccMonitor):
         "sched:sched_process_exit",
     )
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm",
-        "filename", "argv", "truncated", "ret",
+        *COMMON_CSV_FIELDS, "filename", "argv", "truncated", "ret",
     )
 
     options: ExecOptions
@@ -82,10 +74,6 @@ class ExecMonitor(BccMonitor):
     def _args_offset(self) -> int:
         return self._struct.args.offset  # type: ignore[attr-defined]
 
-    @cached_property
-    def _clock(self) -> MonotonicClock:
-        return MonotonicClock()
-
     def parse_event(self, raw: bytes) -> Event:
         # The kernel sends only the used part of args[]; pad to the struct's size.
         full = raw.ljust(ctypes.sizeof(self._struct), b"\0")
@@ -97,15 +85,7 @@ class ExecMonitor(BccMonitor):
         else:
             argv, cut = split_args(area, e.args_count, self.options.arg_size)
         return {
-            "monitor": "exec",
-            "timestamp": self._clock.iso(e.ts_ns),
-            "ts_ns": e.ts_ns,
-            "pid": e.pid,
-            "tid": e.tid,
-            "ppid": e.ppid,
-            "uid": e.uid,
-            "gid": e.gid,
-            "comm": decode_c_string(e.comm),
+            **self.common_fields(e.hdr),
             "filename": decode_c_string(e.filename),
             "argv": argv,
             "truncated": cut or bool(e.flags & EXEC_F_ARGS_TRUNCATED),

@@ -74,15 +74,11 @@ static __always_inline void emit(struct pt_regs *ctx, u32 id, u64 ts, u64 latenc
         func_count(FCNT_SUPPRESSED);
         return;
     }
-    u64 pid_tgid = bpf_get_current_pid_tgid();
     struct func_event e = {};
-    e.ts_ns = ts;
+    fill_event_hdr(&e.hdr, ts);
     e.latency_ns = latency;
-    e.pid = pid_tgid >> 32;
-    e.tid = (u32)pid_tgid;
     e.probe_id = id;
     e.flags = flags;
-    bpf_get_current_comm(&e.comm, sizeof(e.comm));
     submit_event(ctx, &e, sizeof(e));
 }
 

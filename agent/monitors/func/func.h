@@ -1,14 +1,15 @@
-/* FuncMonitor's shared definitions, defined once: agent/monitors/func.py mirrors the
- * structs with ctypes and tests/test_func_monitor.py compiles this header with gcc to
- * check that both agree on every offset and the size.
+/* FuncMonitor's shared definitions, defined once: agent/monitors/func/monitor.py mirrors
+ * the structs with ctypes and tests/monitors/test_func.py compiles this header with gcc
+ * to check that both agree on every offset and the size.
  */
 #ifndef EBPF_AGENT_FUNC_H
 #define EBPF_AGENT_FUNC_H
 
+#include "types.h"  /* agent/bpf/: struct event_hdr */
+
 /* Latency histogram: slot 0 counts 0 ns, slot i >= 1 counts [2^(i-1), 2^i) ns, the last
  * slot everything above (2^38 ns is about 4.6 minutes). */
 #define FUNC_HIST_SLOTS 40
-#define FUNC_COMM_LEN 16
 
 #define FUNC_F_LATENCY 1         /* latency_ns is set: the event was sent at return */
 
@@ -38,13 +39,10 @@ struct func_rate {
 };
 
 struct func_event {
-    u64 ts_ns;                   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, at entry */
+    struct event_hdr hdr;        /* common.h; ts_ns: at entry */
     u64 latency_ns;              /* valid when flags & FUNC_F_LATENCY */
-    u32 pid;                     /* tgid */
-    u32 tid;
     u32 probe_id;                /* index into the monitor's resolved probe list */
     u32 flags;                   /* FUNC_F_* */
-    char comm[FUNC_COMM_LEN];
 };
 
 #endif

@@ -28,13 +28,13 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.registry import register_monitor
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 # Mirrors agent/monitors/func/func.h.
 FUNC_HIST_SLOTS = 40
-FUNC_COMM_LEN = 16
 FUNC_F_LATENCY = 1
 FUNC_COUNTERS = ("suppressed", "no_entry")
 NR_FUNC_COUNTERS = 4
@@ -416,13 +415,10 @@ class FuncEvent(ctypes.Structure):
     """Mirror of ``struct func_event`` in agent/monitors/func/func.h."""
 
     _fields_ = [
-        ("ts_ns", ctypes.c_uint64),
+        ("hdr", EventHeader),
         ("latency_ns", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
         ("probe_id", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
-        ("comm", ctypes.c_char * FUNC_COMM_LEN),
     ]
 
 
@@ -449,7 +445,7 @@ class FuncMonitor(BccMonitor):
     # ignore: BccMonitor's unannotated tuple makes mypy infer a fixed 5-tuple type.
     REQUIRED_FEATURES = (*BccMonitor.REQUIRED_FEATURES, "uprobes")  # type: ignore[assignment]
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        "timestamp", "ts_ns", "pid", "tid", "comm", "function", "target", "latency_ns",
+        *COMMON_CSV_FIELDS, "function", "target", "latency_ns",
     )
 
     options: FuncOptions
@@ -614,20 +610,11 @@ class FuncMonitor(BccMonitor):
         super().close()
 
     # -- events ---------------------------------------------------------------------
-    @cached_property
-    def _clock(self) -> MonotonicClock:
-        return MonotonicClock()
-
     def parse_event(self, raw: bytes) -> Event:
         e = FuncEvent.from_buffer_copy(raw[: ctypes.sizeof(FuncEvent)])
         probe = self.probes[e.probe_id]
         event: Event = {
-            "monitor": "func",
-            "timestamp": self._clock.iso(e.ts_ns),
-            "ts_ns": e.ts_ns,
-            "pid": e.pid,
-            "tid": e.tid,
-            "comm": decode_c_string(e.comm),
+            **self.common_fields(e.hdr),
             "function": probe.name,
             "target": probe.target,
         }

@@ -59,7 +59,7 @@ from pydantic import Field, model_validator
 
 from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
-from agent.model.events import Event, MonotonicClock, decode_c_string
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.registry import register_monitor
@@ -96,14 +96,11 @@ class ScConfig(ctypes.Structure):
 
 class SyscallEvent(ctypes.Structure):
     _fields_ = [
-        ("ts_ns", ctypes.c_uint64),
+        ("hdr", EventHeader),
         ("latency_ns", ctypes.c_uint64),
         ("ret", ctypes.c_int64),
-        ("pid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
         ("nr", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
-        ("comm", ctypes.c_char * SC_COMM_LEN),
     ]
 
 
@@ -310,8 +307,7 @@ class SyscallMonitor(BccMonitor):
         "sched:sched_process_exit",
     )
     CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        "timestamp", "ts_ns", "pid", "tid", "comm", "syscall", "nr", "category",
-        "latency_ns", "ret",
+        *COMMON_CSV_FIELDS, "syscall", "nr", "category", "latency_ns", "ret",
     )
     # Columns of snapshot_rows(), for the output layer's periodic CSV.
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -422,20 +418,11 @@ class SyscallMonitor(BccMonitor):
                 self._write_config()
 
     # -- events ------------------------------------------------------------------------
-    @cached_property
-    def _clock(self) -> MonotonicClock:
-        return MonotonicClock()
-
     def parse_event(self, raw: bytes) -> Event:
         e = SyscallEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(SyscallEvent), b"\0"))
         name = syscall_name(e.nr)
         return {
-            "monitor": "syscall",
-            "timestamp": self._clock.iso(e.ts_ns),
-            "ts_ns": e.ts_ns,
-            "pid": e.pid,
-            "tid": e.tid,
-            "comm": decode_c_string(e.comm),
+            **self.common_fields(e.hdr),
             "syscall": name,
             "nr": e.nr,
             "category": category(name),

@@ -266,17 +266,13 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return 0;
 }
 
-static __always_inline void submit_slow(void *ctx, u64 id, u32 nr, u64 start, u64 lat,
-                                        long ret)
+static __always_inline void submit_slow(void *ctx, u32 nr, u64 start, u64 lat, long ret)
 {
     struct syscall_event e = {};
-    e.ts_ns = start;
+    fill_event_hdr(&e.hdr, start);
     e.latency_ns = lat;
     e.ret = ret;
-    e.pid = id >> 32;
-    e.tid = (u32)id;
     e.nr = nr;
-    bpf_get_current_comm(&e.comm, sizeof(e.comm));
     submit_event(ctx, &e, sizeof(e));
 }
 
@@ -304,7 +300,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     long ret = (long)ctx->args[1];  /* TP_PROTO(struct pt_regs *regs, long ret) */
     account(nr, cfg->gen & 1, lat, ret, 1);
     if ((cfg->flags & SC_CFG_SLOW) && lat > cfg->slow_ns)
-        submit_slow(ctx, id, nr, start, lat, ret);
+        submit_slow(ctx, nr, start, lat, ret);
     return 0;
 }
 

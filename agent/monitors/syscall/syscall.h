@@ -1,6 +1,6 @@
-/* The syscall monitor's shared layouts, defined once: agent/monitors/syscall.py mirrors
- * every struct here with ctypes and tests/test_syscall_monitor.py compiles this header
- * with gcc to check that both agree on every offset and size.
+/* The syscall monitor's shared layouts, defined once: agent/monitors/syscall/monitor.py
+ * mirrors every struct here with ctypes and tests/monitors/test_syscall.py compiles this
+ * header with gcc to check that both agree on every offset and size.
  *
  * Every struct is made of naturally aligned fields with explicit padding, a multiple
  * of 8 bytes long: BCC's per-CPU tables require 8-byte multiples (each CPU's copy is
@@ -8,6 +8,8 @@
  */
 #ifndef EBPF_AGENT_SYSCALL_H
 #define EBPF_AGENT_SYSCALL_H
+
+#include "types.h"  /* agent/bpf/: struct event_hdr */
 
 #define SC_COMM_LEN 16
 
@@ -73,14 +75,12 @@ struct sc_proc_stat {
 
 /* A slow call (latency > sc_config.slow_ns), submitted at sys_exit (latency build). */
 struct syscall_event {
-    u64 ts_ns;                 /* bpf_ktime_get_ns() at sys_enter: CLOCK_MONOTONIC */
+    struct event_hdr hdr;      /* common.h; ts_ns: at sys_enter; comm at sys_exit: after
+                                * a successful execve, the new one */
     u64 latency_ns;
     s64 ret;                   /* raw return value: -errno on failure */
-    u32 pid;                   /* tgid */
-    u32 tid;
     u32 nr;
     u32 _pad;
-    char comm[SC_COMM_LEN];    /* at sys_exit: after a successful execve, the new one */
 };
 
 #endif

@@ -153,7 +153,10 @@ def stats(monitor: str | None, limit: int | None = None, sort: str | None = None
     async def op(c: AgentClient) -> dict[str, Any]:
         if monitor is None:
             return dict((await c.get("/stats")).get("monitors", {}))
-        params = {k: v for k, v in (("limit", limit), ("sort", sort)) if v is not None}
+        # The whole syscall table (a few hundred rows at most): the fleet-wide top list
+        # is summed over every host's full table, not over each host's top N.
+        limit_ = None if monitor == "syscall" else limit
+        params = {k: v for k, v in (("limit", limit_), ("sort", sort)) if v is not None}
         return {monitor: await c.get(f"/monitors/{monitor}/stats", params=params)}
 
     return op

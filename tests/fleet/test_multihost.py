@@ -91,6 +91,11 @@ def test_controller_drives_agents_in_namespaces(
             assert e["argv"] == [str(marker_bin), m1] and e["comm"] == comm
             assert e["uid"] == os.getuid() and e["ppid"] == os.getpid() and e["ret"] == 0
         assert proc.stdout == f"{m1}\n".encode()
+        r = agentctl(*base, "stats", "exec", "-o", "json", prefix=ctl)
+        assert r.returncode == 0, r.stderr
+        for n, h in json.loads(r.stdout)["hosts"].items():
+            exec_stats = h["result"]["exec"]
+            assert exec_stats["state"] == "running" and exec_stats["events_delivered"] >= 1, n
 
         # 2. One agent killed: the others keep streaming; status reports it down.
         agents[1].kill()

@@ -66,17 +66,18 @@ def test_lease_shows_and_expiry_stops_the_monitor(client: TestClient,
 
 
 def test_renewal_keeps_it_running(client: TestClient) -> None:
-    client.post("/monitors/fake/start", params={"lease_s": 1})
-    for _ in range(6):  # 1.5 s in all: past the first deadline
+    client.post("/monitors/fake/start", params={"lease_s": 2})
+    for _ in range(12):  # 3 s in all: past the first deadline
         time.sleep(0.25)
-        r = client.post("/monitors/fake/lease", json={"lease_s": 1})
+        r = client.post("/monitors/fake/lease", json={"lease_s": 2})
         assert r.status_code == 200 and r.json()["state"] == "running"
     assert monitor(client, "fake")["state"] == "running"
-    # null removes the lease: it runs until stopped.
+    # null removes the lease: it runs until stopped, past the last deadline.
     r = client.post("/monitors/fake/lease", json={"lease_s": None})
     assert r.status_code == 200 and "lease" not in r.json()
-    time.sleep(1.2)
+    time.sleep(2.5)
     assert monitor(client, "fake")["state"] == "running"
+    assert client.get("/metrics").text.count('ebpf_agent_lease_expired_total{monitor="fake"} 0.0')
 
 
 def test_options_reload_keeps_the_lease_and_stop_drops_it(client: TestClient) -> None:

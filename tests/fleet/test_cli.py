@@ -227,15 +227,15 @@ def test_events_merged_tagged_and_a_host_going_down(agents: list[FakeAgent]) -> 
 
 
 def test_leases_renewed_while_keepalive_runs(agents: list[FakeAgent]) -> None:
-    r = agentctl(*hosts(agents), "start", "fake", "--lease", "2")
+    r = agentctl(*hosts(agents), "start", "fake", "--lease", "5")
     assert r.returncode == 0, r.stderr
     keep = Background(*hosts(agents), "keepalive")
     try:
-        time.sleep(4)  # twice the lease
+        time.sleep(10)  # twice the lease
         assert all(api(a, "GET", "/monitors/fake").json()["state"] == "running" for a in agents)
     finally:
         keep.stop()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [api(a, "GET", "/monitors/fake").json() for a in agents]
         if all(s["state"] == "stopped" for s in states):

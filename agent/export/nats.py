@@ -71,6 +71,7 @@ class NatsExporter:
         self.connects = 0
         self.batches = 0
         self.last_error: str | None = None
+        self._warned = False
 
     # -- the event path (poller threads): never blocks ----------------------------------
     def subject_for(self, monitor: str) -> str | None:
@@ -190,6 +191,7 @@ class NatsExporter:
                 js = nc.jetstream(timeout=self.cfg.publish_timeout_s)
                 await self._ensure_stream(js)
                 self.connected, delay = True, self.cfg.reconnect_min_s
+                self._warned = False
                 self.connects += 1
                 log.info("NATS export: connected (%s)", ", ".join(self.cfg.servers()))
                 await self._pump(nc, js)
@@ -199,8 +201,10 @@ class NatsExporter:
                 self.last_error = f"{type(e).__name__}: {e}"[:300]
                 if self.connected:
                     log.warning("NATS export: connection lost (%s); reconnecting", self.last_error)
-                else:
-                    log.debug("NATS export: cannot connect: %s", self.last_error)
+                elif not self._warned:  # once per outage: back-off retries are not news
+                    log.warning("NATS export: cannot connect (%s); retrying, events wait in "
+                                "the buffer", self.last_error)
+                    self._warned = True
             finally:
                 self.connected = False
                 if nc is not None:

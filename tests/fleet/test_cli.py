@@ -199,8 +199,8 @@ def test_apply_and_diff(agents: list[FakeAgent], tmp_path: Path) -> None:
 
 
 def test_events_merged_tagged_and_a_host_going_down(agents: list[FakeAgent]) -> None:
-    for a in agents:
-        api(a, "POST", "/monitors/fake/start")
+    for a in agents:  # events renews the leases while it runs
+        api(a, "POST", "/monitors/fake/start", params={"lease_s": 3})
     ev = Background(*hosts(agents), "events", "-o", "json", "--monitor", "fake")
     try:
         for name in "abc":
@@ -218,6 +218,9 @@ def test_events_merged_tagged_and_a_host_going_down(agents: list[FakeAgent]) -> 
         agents[2].fake.inbox.put({"pid": 1, "marker": "m2-c"})
         ev.wait_line(ev.out, lambda s: "m2-a" in s, start=start)
         ev.wait_line(ev.out, lambda s: "m2-c" in s, start=start)
+        time.sleep(4)  # past the 3 s lease granted at the start
+        for a in (agents[0], agents[2]):
+            assert api(a, "GET", "/monitors/fake").json()["state"] == "running"
     finally:
         code = ev.stop()
     assert code == 1  # b was down at the end

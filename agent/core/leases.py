@@ -351,7 +351,8 @@ class LeaseStateMixin:
         """Control thread. Undo log: every step records how to reverse it."""
         old_targets = self._targets
         old_options = {name: run.options for name, run in self._running.items()}
-        old_leases = dict(self._leases)
+        old_leases = {n: lease for n in list(self._leases)
+                      if (lease := self._current_lease(n)) is not None}  # no stale ones
         undo: list[Callable[[], None]] = []
         failed: str | None = None
         try:
@@ -379,13 +380,17 @@ class LeaseStateMixin:
                     step()
                 except Exception:
                     log.exception("rolling back the state failed at one step")
-            for name, lease in old_leases.items():  # restarted runs keep their leases
-                run = self._running.get(name)
-                if run is not None:
-                    lease.run = run
-                    self._leases[name] = lease
+            self._keep_leases(old_leases)
             raise StateRejected(f"{failed}: {e}; every change was rolled back", failed,
                                 True) from e
+        self._keep_leases(old_leases)  # a monitor reloaded with new options keeps its lease
+
+    def _keep_leases(self, leases: dict[str, Lease]) -> None:
+        for name, lease in leases.items():
+            run = self._running.get(name)
+            if run is not None:
+                lease.run = run
+                self._leases[name] = lease
 
 
 def _restart(mgr: LeaseStateMixin, name: str, options: MonitorOptions) -> Callable[[], None]:

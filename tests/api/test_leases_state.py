@@ -88,6 +88,17 @@ def test_options_reload_keeps_the_lease_and_stop_drops_it(client: TestClient) ->
     assert "lease" not in client.post("/monitors/fake/start").json()
 
 
+def test_state_changes_keep_leases_of_monitors_that_stay(client: TestClient) -> None:
+    client.post("/monitors/fake/start", params={"lease_s": 600})
+    client.post("/monitors/plain/start", params={"lease_s": 600})
+    client.post("/monitors/plain/stop")
+    client.post("/monitors/plain/start")  # a new run, without a lease
+    r = client.put("/state", json={"monitors": {"fake": {"level": 8}, "plain": {"level": 2}}})
+    assert r.status_code == 200
+    assert monitor(client, "fake")["lease"]["lease_s"] == 600  # reloaded, still leased
+    assert "lease" not in monitor(client, "plain")
+
+
 def test_lease_errors(client: TestClient) -> None:
     assert client.post("/monitors/fake/lease", json={"lease_s": 5}).status_code == 409
     assert client.post("/monitors/nope/lease", json={"lease_s": 5}).status_code == 404

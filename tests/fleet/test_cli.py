@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.fleet import Background, FakeAgent, agentctl, fake_agents, free_port
+from tests.support.fleet import Background, FakeAgent, TcpProxy, agentctl, fake_agents, free_port
 
 TOKEN = "fleet-token-0123456789"
 
@@ -245,3 +245,34 @@ def test_leases_renewed_while_keepalive_runs(agents: list[FakeAgent]) -> None:
             break
         time.sleep(0.2)
     assert all(s["reason"].startswith("lease expired at") for s in states)
+
+
+def test_events_resume_with_last_event_id_after_a_disconnect(agents: list[FakeAgent]) -> None:
+    """The agent stays up while the connection is cut: what it published meanwhile comes
+    from its replay buffer when the controller reconnects, each event once."""
+    a = agents[0]
+    proxy = TcpProxy(int(a.url.rsplit(":", 1)[1])).up()
+    api(a, "POST", "/monitors/fake/start")
+    ev = Background("--token", TOKEN, "--host", f"a={proxy.url}", "events", "-o", "json")
+    try:
+        ev.wait_line(ev.err, lambda s: s == "ebpf-agentctl: a: streaming")
+        a.fake.inbox.put({"pid": 1, "marker": "r1"})
+        ev.wait_line(ev.out, lambda s: '"r1"' in s)
+        proxy.down()
+        ev.wait_line(ev.err, lambda s: s.startswith("ebpf-agentctl: a: down"))
+        for m in ("r2", "r3"):  # published while the controller cannot read
+            a.fake.inbox.put({"pid": 1, "marker": m})
+        deadline = time.monotonic() + 15
+        while api(a, "GET", "/stats").json()["streams"]["published"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proxy.up()
+        ev.wait_line(ev.err, lambda s: s.startswith("ebpf-agentctl: a: back, resuming after id"))
+        ev.wait_line(ev.out, lambda s: '"r3"' in s)
+        a.fake.inbox.put({"pid": 1, "marker": "r4"})
+        ev.wait_line(ev.out, lambda s: '"r4"' in s)
+    finally:
+        code = ev.stop()
+        proxy.down()
+    assert code == 0
+    assert [json.loads(line)["marker"] for line in ev.out] == ["r1", "r2", "r3", "r4"]

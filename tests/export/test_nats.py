@@ -24,6 +24,7 @@ from tests.support.fleet import (
     NatsServer,
     fake_agents,
     nats_server,
+    stream_info,
     stream_messages,
 )
 
@@ -97,6 +98,10 @@ def test_every_event_once_across_a_server_restart(tmp_path: Path) -> None:
         assert len(set(ids)) == 4500 and all(i.startswith("host-a.example:") for i in ids)
         assert {m.subject for m in messages} == {"ebpf.host-a_example.fake"}
 
+        config = asyncio.run(stream_info(server.url)).config  # created with its limits
+        assert config.subjects == ["ebpf.>"] and config.max_bytes == 1 << 30
+        assert config.max_age == 86400 and config.duplicate_window == 120
+
         metrics = api(agent, "GET", "/metrics").text
         assert 'ebpf_agent_export_events_produced_total{exporter="nats"} 4500.0' in metrics
         assert 'ebpf_agent_export_events_published_total{exporter="nats"} 4500.0' in metrics
@@ -149,6 +154,29 @@ def test_per_monitor_switch_and_events_from_nats(tmp_path: Path) -> None:
         subjects = {m.subject for m in asyncio.run(stream_messages(server.url))}
         assert "ebpf.h1.plain" not in subjects and "ebpf.h1.fake" in subjects
         assert s1["produced"] == s1["published"] and s2["produced"] >= 2
+
+
+def test_token_authentication(tmp_path: Path) -> None:
+    secret = "nats-secret-42"
+    server = NatsServer(tmp_path / "js", extra=("--auth", secret)).start()
+    try:
+        with fake_agents(["good"], TOKEN, **export_config(server, "good", token=secret,
+                                                           stream="AUTHED")) as (good,), \
+                fake_agents(["bad"], TOKEN, **export_config(server, "bad", token="wrong",
+                                                            stream="AUTHED")) as (bad,):
+            for a in (good, bad):
+                api(a, "POST", "/monitors/fake/start")
+                emit(a, 0, 10)
+            wait_settled(good, 10)
+            wait_produced(bad, 10)
+            stats = export_stats(bad)
+            assert stats["connected"] is False and stats["published"] == 0
+            assert "Authorization" in (stats["last_error"] or ""), stats["last_error"]
+            assert stats["produced"] == stats["buffered"] == 10
+            messages = asyncio.run(stream_messages(server.url, "AUTHED", token=secret))
+            assert [json.loads(m.data)["host"] for m in messages] == ["good"] * 10
+    finally:
+        server.stop()
 
 
 def test_export_config_validation() -> None:

@@ -51,6 +51,7 @@ class NatsServer:
     store: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    extra: tuple[str, ...] = ()  # e.g. ("--auth", TOKEN)
 
     @property
     def url(self) -> str:
@@ -60,7 +61,7 @@ class NatsServer:
         log = open(self.store.parent / f"nats-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-             "-sd", str(self.store)], stdout=log, stderr=subprocess.STDOUT)
+             "-sd", str(self.store), *self.extra], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -94,11 +95,21 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         server.stop()
 
 
-async def stream_messages(url: str, stream: str = "EBPF") -> list[Any]:
+async def stream_info(url: str, stream: str = "EBPF", **kw: Any) -> Any:
+    import nats
+
+    nc = await nats.connect(url, **kw)
+    try:
+        return await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+
+
+async def stream_messages(url: str, stream: str = "EBPF", **kw: Any) -> list[Any]:
     """Every message the stream holds (subject, data, headers), read by sequence number."""
     import nats
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **kw)
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)

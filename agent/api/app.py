@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from agent.api import (
@@ -18,7 +19,9 @@ from agent.api import (
     routes_targets,
 )
 from agent.api.deps import AppContext
+from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.metrics import AgentCollector
+from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -70,7 +73,8 @@ def create_app(
         report=report,
     )
     app = FastAPI(title="ebpf-agent", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, default_response_class=SafeJSONResponse)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
     _add_middleware(app, settings)
@@ -82,6 +86,7 @@ def create_app(
     app.include_router(routes_state.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
+    add_monitor_components(app, ctx.registry)
     return app
 
 

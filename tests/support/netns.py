@@ -97,6 +97,8 @@ def remove_namespaces(net: FleetNet) -> None:
 @contextlib.contextmanager
 def fleet_network(names: list[str]) -> Iterator[FleetNet]:
     try:
+        if os.environ.get("FLEET_TEST_LOOPBACK"):  # exercise the fallback on purpose
+            raise OSError("FLEET_TEST_LOOPBACK is set")
         net = _make_netns(names)
     except (subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
         detail = e.stderr.decode().strip() if isinstance(e, subprocess.CalledProcessError) \

@@ -13,7 +13,7 @@ need_root() {
   fi
 }
 
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps)
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2)
 
 install_debs() {
   local missing=()

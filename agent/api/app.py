@@ -11,7 +11,13 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
-from agent.api import routes_events, routes_monitors, routes_system, routes_targets
+from agent.api import (
+    routes_events,
+    routes_monitors,
+    routes_state,
+    routes_system,
+    routes_targets,
+)
 from agent.api.deps import AppContext
 from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.metrics import AgentCollector
@@ -77,6 +83,7 @@ def create_app(
     app.include_router(routes_system.router, dependencies=auth)
     app.include_router(routes_monitors.router, dependencies=auth)
     app.include_router(routes_targets.router, dependencies=auth)
+    app.include_router(routes_state.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
     add_monitor_components(app, ctx.registry)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException
 from prometheus_client import CollectorRegistry
@@ -19,6 +21,7 @@ from agent.core import memory
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
+from agent.model.events import Event
 from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
@@ -38,6 +41,7 @@ class AppContext:
         default_factory=lambda: CollectorRegistry(auto_describe=False))
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
+    exporter: Any = None  # agent.export.nats.NatsExporter when export.nats is enabled
     _trimmer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -48,7 +52,7 @@ class AppContext:
         if self.report is None:
             self.report = await run_in_threadpool(build_report, self.registry)
         self.manager = build_manager(self.settings, self.registry, self.report,
-                                     publish=self.hub.publish)
+                                     publish=self._publisher(self.hub))
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
@@ -66,6 +70,25 @@ class AppContext:
             elif not trimmed:
                 trimmed = True
                 await run_in_threadpool(memory.trim)
+
+    def _publisher(self, hub: EventHub) -> Callable[[Event], Any]:
+        """The hub, plus the NATS exporter fed with the bytes the hub encoded."""
+        nats_cfg = self.settings.export.nats
+        if not nats_cfg.enabled:
+            return hub.publish
+        from agent.export.nats import NatsExporter
+
+        host = self.settings.export.host_name or socket.gethostname()
+        exporter = self.exporter = NatsExporter(nats_cfg, host)
+        exporter.start()
+        hub_publish, offer = hub.publish, exporter.offer
+
+        def publish(event: Event) -> bytes:
+            data = hub_publish(event)
+            offer(str(event.get("monitor", "")), data)
+            return data  # the JSONL writer writes these bytes too (MonitorSink)
+
+        return publish
 
     def _autostart(self) -> None:
         try:
@@ -88,6 +111,8 @@ class AppContext:
         if self.manager is not None:
             timeout = self.settings.api.shutdown_timeout_s * 4
             await run_in_threadpool(self.manager.shutdown, timeout)
+        if self.exporter is not None:  # after the monitors: their last events go out too
+            await run_in_threadpool(self.exporter.stop)
 
     @property
     def ready(self) -> bool:

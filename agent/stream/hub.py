@@ -251,7 +251,8 @@ class EventHub:
 
     def publish(self, event: Event) -> bytes:
         """Thread-safe, non-blocking, O(1) in the number of subscribers. Returns the
-        encoded event (the JSONL writer and other consumers reuse these bytes)."""
+        encoded event (the JSONL writer and other consumers, e.g. the NATS exporter,
+        reuse these bytes)."""
         data = encode_event(event)
         get = event.get
         monitor = get("monitor", "")

@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from agent.api import routes_events, routes_monitors, routes_system, routes_targets
 from agent.api.deps import AppContext
-from agent.api.metrics import AgentCollector
+from agent.api.metrics import AgentCollector, RequestDuration
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -90,6 +90,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         )
     trusted = [*api.trusted_hosts, api.host]
     app.add_middleware(RequestGuard, trusted_hosts=trusted, origins=api.cors_origins)
+    # Outermost: refusals by the guard (403, 400) are timed too.
+    app.add_middleware(RequestDuration, registry=context_of(app).metrics)
 
 
 def context_of(app: FastAPI) -> AppContext:

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds the container image without a Docker daemon or any registry but Debian's and PyPI:
+#   1. debootstrap --variant=minbase bookworm -> a root filesystem (cached in $IMAGE_DIR),
+#   2. that rootfs committed as the base image localhost/ebpf-agent-base:bookworm,
+#   3. buildah bud --isolation chroot --storage-driver vfs -f docker/Dockerfile on top.
+# Storage lives in $IMAGE_DIR (default build/image), not in /var/lib/containers, so the
+# build neither needs nor touches a system container store.
+#
+#   scripts/build-image.sh            # prints the image name on its last line
+#   IMAGE_DIR=/tmp/img scripts/build-image.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE_DIR=${IMAGE_DIR:-build/image}
+IMAGE=${IMAGE:-localhost/ebpf-agent:latest}
+BASE_IMAGE=localhost/ebpf-agent-base:bookworm
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+log() { printf '[image] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "build-image.sh: must run as root (debootstrap, buildah with chroot isolation)" >&2
+  exit 1
+fi
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { echo "build-image.sh: $tool missing (make image installs it)" >&2; exit 1; }
+done
+
+mkdir -p "$IMAGE_DIR"
+IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
+BUILDAH=(buildah --root "$IMAGE_DIR/storage" --runroot "$IMAGE_DIR/run" --storage-driver vfs)
+
+rootfs="$IMAGE_DIR/rootfs"
+if [ ! -e "$rootfs/.debootstrap-done" ]; then
+  rm -rf "$rootfs"
+  log "debootstrap --variant=minbase bookworm $rootfs"
+  debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >"$IMAGE_DIR/debootstrap.log" 2>&1 \
+    || { tail -n 30 "$IMAGE_DIR/debootstrap.log" >&2; exit 1; }
+  # What debian:bookworm-slim also does: no apt caches or docs kept in the image.
+  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
+  touch "$rootfs/.debootstrap-done"
+fi
+
+if ! "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
+  log "committing $rootfs as $BASE_IMAGE"
+  tar -C "$rootfs" --exclude=./.debootstrap-done -cf "$IMAGE_DIR/rootfs.tar" .
+  ctr=$("${BUILDAH[@]}" from scratch)
+  "${BUILDAH[@]}" add "$ctr" "$IMAGE_DIR/rootfs.tar" / >/dev/null
+  "${BUILDAH[@]}" config --cmd /bin/bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
+  "${BUILDAH[@]}" commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
+  rm -f "$IMAGE_DIR/rootfs.tar"
+fi
+
+log "buildah bud --isolation chroot --storage-driver vfs -> $IMAGE"
+# The host's CA bundle as the build secret `ca`: pip inside the build then trusts what the
+# host trusts (a TLS-intercepting proxy's CA, for instance).
+secret=()
+ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+[ -s "$ca" ] && secret=(--secret "id=ca,src=$ca")
+"${BUILDAH[@]}" bud --isolation chroot --format docker --layers=false "${secret[@]}" \
+  --build-arg "BASE=$BASE_IMAGE" -f docker/Dockerfile -t "$IMAGE" . >&2
+echo "$IMAGE"

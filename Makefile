@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/agent.yaml
 
-.PHONY: install run test lint openapi bench clean
+.PHONY: install run test lint openapi bench clean image image-test
 
 install:
 	@bash scripts/install.sh
@@ -26,6 +26,15 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+
+# The container image without a Docker daemon: debootstrap base + buildah bud
+# (scripts/build-image.sh; storage in build/image). install.sh installs buildah/debootstrap.
+image: install
+	bash scripts/build-image.sh
+
+# Only the image tests (also part of `make test`: ~1.5 min on a 2-core VM).
+image-test: install
+	$(PY) -m pytest -ra tests/packaging/test_image.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

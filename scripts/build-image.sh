@@ -59,4 +59,6 @@ ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [ -s "$ca" ] && secret=(--secret "id=ca,src=$ca")
 "${BUILDAH[@]}" bud --isolation chroot --format docker --layers=false "${secret[@]}" \
   --build-arg "BASE=$BASE_IMAGE" -f docker/Dockerfile -t "$IMAGE" . >&2
+# The previous build of $IMAGE, now untagged: vfs keeps full copies, so do not keep it.
+"${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
 echo "$IMAGE"

@@ -1,0 +1,162 @@
+"""The container image, built here without a Docker daemon (scripts/build-image.sh:
+debootstrap base + buildah bud --isolation chroot --storage-driver vfs), then run the way
+docker/compose.yaml runs it: its root filesystem, the host's kernel, only the compose
+file's read-only mounts and only the capabilities it grants.
+
+Slow (~1-2 min the first time on a 2-core VM: debootstrap ~40 s, the build ~40 s; the
+debootstrap rootfs is cached in build/image), so marked `slow`; it runs in `make test`
+and CI (it fits their time) and alone with `make image-test`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import require_kernel
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/ebpf-agent:latest"
+IMAGE_DIR = Path(os.environ.get("EBPF_AGENT_IMAGE_DIR", REPO / "build" / "image"))
+ENTRYPOINT = "/opt/ebpf-agent/.venv/bin/ebpf-agent"
+
+pytestmark = [pytest.mark.slow, pytest.mark.kernel]
+
+
+def buildah(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    cmd = ["buildah", "--root", str(IMAGE_DIR / "storage"), "--runroot", str(IMAGE_DIR / "run"),
+           "--storage-driver", "vfs", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw)  # type: ignore[call-overload]
+
+
+@dataclass
+class Rootfs:
+    path: Path
+    config: dict
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Iterator[Rootfs]:
+    require_kernel()
+    build = subprocess.run(["bash", "scripts/build-image.sh"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "IMAGE_DIR": str(IMAGE_DIR)})
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert build.stdout.strip().splitlines()[-1] == IMAGE
+    config = json.loads(buildah("inspect", "--type", "image", IMAGE).stdout)
+    ctr = buildah("from", IMAGE).stdout.strip()
+    try:
+        mnt = Path(buildah("mount", ctr).stdout.strip())
+        yield Rootfs(mnt, config)
+    finally:
+        subprocess.run(["buildah", "--root", str(IMAGE_DIR / "storage"), "--runroot",
+                        str(IMAGE_DIR / "run"), "--storage-driver", "vfs", "rm", ctr],
+                       capture_output=True)
+
+
+def compose_mounts() -> list[tuple[str, str, bool]]:
+    """(host path, container path, read-only) of docker/compose.yaml's agent service."""
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    mounts = []
+    for v in compose["services"]["ebpf-agent"]["volumes"]:
+        if v["type"] == "bind":
+            mounts.append((v["source"], v["target"], bool(v.get("read_only"))))
+    return mounts
+
+
+def compose_caps() -> list[str]:
+    svc = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["ebpf-agent"]
+    assert svc["cap_drop"] == ["ALL"]
+    return [c.lower() for c in svc["cap_add"]]
+
+
+def in_image(root: Rootfs, command: list[str], caps: list[str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``command`` chrooted into the image with /proc plus compose.yaml's bind mounts (in a
+    private mount namespace: nothing leaks to the host), limited to ``caps`` when given."""
+    mnt = shlex.quote(str(root.path))
+    # /sys read-only, as a container engine mounts it; the compose binds go on top.
+    steps = [f"mount -t proc proc {mnt}/proc", f"mount -t sysfs -o ro sysfs {mnt}/sys"]
+    for source, target, ro in compose_mounts():
+        dest = f"{mnt}{target}"
+        steps.append(f"mkdir -p {shlex.quote(dest)}")
+        steps.append(f"mount --rbind {shlex.quote(source)} {shlex.quote(dest)}")
+        if ro:
+            steps.append(f"mount -o remount,bind,ro {shlex.quote(dest)}")
+    limit = ""
+    if caps is not None:  # the image's own setpriv, after chroot (which needs CAP_SYS_CHROOT)
+        bounding = ",".join(["-all", *(f"+{c}" for c in caps)])
+        limit = f"setpriv --bounding-set {bounding} --inh-caps -all -- "
+    steps.append(f"exec chroot {mnt} {limit}" + " ".join(shlex.quote(c) for c in command))
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                           " && ".join(steps)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_image_has_the_entry_point(rootfs: Rootfs) -> None:
+    config = rootfs.config["Docker"]["config"]
+    assert config["Entrypoint"][0] == ENTRYPOINT
+    assert config["Cmd"] == ["serve", "--host", "0.0.0.0"]
+    binary = rootfs.path / ENTRYPOINT.lstrip("/")
+    assert binary.is_file() and os.access(binary, os.X_OK)
+
+
+def test_check_runs_in_the_image_against_the_host_kernel(rootfs: Rootfs) -> None:
+    done = in_image(rootfs, [ENTRYPOINT, "check", "--json"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["kernel"] == os.uname().release
+    assert report["features"]["bcc"]["available"], report["features"]["bcc"]
+    supported = {m["name"]: m["supported"] for m in report["monitors"]}
+    assert supported["exec"] and supported["syscall"], report["monitors"]
+
+
+def test_exec_monitor_runs_in_the_image_with_compose_caps_only(rootfs: Rootfs,
+                                                                tmp_path: Path) -> None:
+    """What compose.yaml grants (CAP_BPF, CAP_PERFMON, read-only tracefs/BTF/headers) is
+    enough: the image's agent sees the exact exec of a process this test starts."""
+    out = "/tmp/ebpf-agent-image-test"  # inside the image's rootfs
+    marker = f"image-{os.getpid()}-{time.monotonic_ns()}"
+    result: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def agent() -> None:
+        result["agent"] = in_image(rootfs, [
+            ENTRYPOINT, "run", "exec", "--duration", "10", "--format", "jsonl",
+            "--output-dir", out, "--comm", "echo"], caps=compose_caps())
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    jsonl = rootfs.path / out.lstrip("/") / "exec.jsonl"
+    seen = None
+    while seen is None and thread.is_alive():
+        subprocess.run(["/bin/echo", marker], capture_output=True, check=True)
+        time.sleep(0.5)
+        if jsonl.exists():
+            events = [json.loads(line) for line in jsonl.read_text().splitlines()]
+            seen = next((e for e in events if e["argv"] == ["/bin/echo", marker]), None)
+    thread.join(60)
+    agent_run = result["agent"]
+    assert agent_run.returncode == 0, agent_run.stderr[-3000:]
+    assert seen is not None, agent_run.stderr[-3000:]
+    assert (seen["filename"], seen["comm"], seen["ret"], seen["uid"]) == \
+        ("/bin/echo", "echo", 0, 0)
+    assert seen["ppid"] == os.getpid()
+
+
+@pytest.mark.parametrize("missing", ["bpf", "perfmon"])
+def test_each_compose_capability_is_needed(rootfs: Rootfs, missing: str) -> None:
+    """Without either capability compose.yaml grants, the monitor cannot load (exit 3,
+    the kernel's EPERM): the grant is the minimum, and the limit above is real."""
+    caps = [c for c in compose_caps() if c != missing]
+    assert len(caps) == len(compose_caps()) - 1
+    done = in_image(rootfs, [ENTRYPOINT, "run", "exec", "--duration", "1", "--format",
+                             "jsonl", "--output-dir", "/tmp/ebpf-agent-image-test"], caps=caps)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "Operation not permitted" in done.stderr

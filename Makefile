@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+	$(PY) bench/latency_histogram.py
 
 # The container image without a Docker daemon: debootstrap base + buildah bud
 # (scripts/build-image.sh; storage in build/image). install.sh installs buildah/debootstrap.

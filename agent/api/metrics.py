@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.core.latency import LatencyHistogram
-from agent.monitors.base import MetricSeries
+from agent.monitors.contract import MetricSeries
 
 if TYPE_CHECKING:
     from agent.api.deps import AppContext

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 
 from agent.config import ConfigError, Settings
-from agent.monitors.base import MonitorRegistry
+from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
 EXIT_REFUSED = 2  # like config errors in agent.cli

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from agent.api.app import create_app
 from agent.core.manager import LATENCY_SAMPLE_FAST, MonitorSink
-from tests.test_api_support import fake_registry, fake_report, settings
+from tests.support.api import fake_registry, fake_report, settings
 
 BASE = "http://127.0.0.1"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import require_kernel
+from tests.support.kernel import require_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/ebpf-agent:latest"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_api_support import start_agent
+from tests.support.api import start_agent
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "packaging" / "kubernetes"

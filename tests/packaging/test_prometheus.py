@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.test_api_support import Agent, free_port, start_agent, wait_until_ready
+from tests.support.api import Agent, free_port, start_agent, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging" / "prometheus"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_api_support import Agent, free_port, wait_until_ready, write_config
+from tests.support.api import Agent, free_port, wait_until_ready, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "systemd" / "ebpf-agent.service"

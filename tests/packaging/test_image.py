@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from tests.support.api import Agent, free_port, wait_until_ready
 from tests.support.kernel import require_kernel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,25 +81,45 @@ def compose_caps() -> list[str]:
 
 
 def in_image(root: Rootfs, command: list[str], caps: list[str] | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``command`` chrooted into the image with /proc plus compose.yaml's bind mounts (in a
-    private mount namespace: nothing leaks to the host), limited to ``caps`` when given."""
-    mnt = shlex.quote(str(root.path))
-    # /sys read-only, as a container engine mounts it; the compose binds go on top.
-    steps = [f"mount -t proc proc {mnt}/proc", f"mount -t sysfs -o ro sysfs {mnt}/sys"]
+             data: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(image_argv(root, command, caps, data), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def image_argv(root: Rootfs, command: list[str], caps: list[str] | None = None,
+               data: Path | None = None, files: dict[str, Path] | None = None) -> list[str]:
+    """``command`` chrooted into the image as compose.yaml runs it: a read-only root file
+    system, /tmp a tmpfs, ``data`` (a host directory) as the /var/lib/ebpf-agent volume,
+    ``files`` (image path: host file) bound in like compose secrets, compose.yaml's bind
+    mounts, and only ``caps`` when given. All in a private mount namespace: nothing leaks
+    to the host."""
+    q = shlex.quote
+    mnt = q(str(root.path))
+    for target in ("/lib/modules", "/usr/src", "/var/lib/ebpf-agent"):  # mount points
+        (root.path / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for target in files or {}:
+        (root.path / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root.path / target.lstrip("/")).touch()
+    steps = [f"mount --bind {mnt} {mnt}", f"mount -o remount,bind,ro {mnt}",
+             f"mount -t proc proc {mnt}/proc",
+             # /sys read-only, as a container engine mounts it; the binds go on top.
+             f"mount -t sysfs -o ro sysfs {mnt}/sys",
+             f"mount -t tmpfs tmpfs {mnt}/tmp"]
+    if data is not None:
+        steps.append(f"mount --bind {q(str(data))} {mnt}/var/lib/ebpf-agent")
+    for target, source in (files or {}).items():
+        steps.append(f"mount --bind {q(str(source))} {q(f'{root.path}{target}')}")
     for source, target, ro in compose_mounts():
-        dest = f"{mnt}{target}"
-        steps.append(f"mkdir -p {shlex.quote(dest)}")
-        steps.append(f"mount --rbind {shlex.quote(source)} {shlex.quote(dest)}")
+        dest = q(f"{root.path}{target}")
+        steps.append(f"mount --rbind {q(source)} {dest}")
         if ro:
-            steps.append(f"mount -o remount,bind,ro {shlex.quote(dest)}")
+            steps.append(f"mount -o remount,bind,ro {dest}")
     limit = ""
     if caps is not None:  # the image's own setpriv, after chroot (which needs CAP_SYS_CHROOT)
         bounding = ",".join(["-all", *(f"+{c}" for c in caps)])
         limit = f"setpriv --bounding-set {bounding} --inh-caps -all -- "
-    steps.append(f"exec chroot {mnt} {limit}" + " ".join(shlex.quote(c) for c in command))
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                           " && ".join(steps)], capture_output=True, text=True, timeout=timeout)
+    steps.append(f"exec chroot {mnt} {limit}" + " ".join(q(c) for c in command))
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", " && ".join(steps)]
 
 
 def test_image_has_the_entry_point(rootfs: Rootfs) -> None:
@@ -120,20 +142,21 @@ def test_check_runs_in_the_image_against_the_host_kernel(rootfs: Rootfs) -> None
 
 def test_exec_monitor_runs_in_the_image_with_compose_caps_only(rootfs: Rootfs,
                                                                 tmp_path: Path) -> None:
-    """What compose.yaml grants (CAP_BPF, CAP_PERFMON, read-only tracefs/BTF/headers) is
-    enough: the image's agent sees the exact exec of a process this test starts."""
-    out = "/tmp/ebpf-agent-image-test"  # inside the image's rootfs
+    """What compose.yaml grants (CAP_BPF, CAP_PERFMON, read-only root, tracefs, BTF and
+    headers) is enough: the image's agent sees the exact exec of a process this test
+    starts, and writes it to the data volume."""
     marker = f"image-{os.getpid()}-{time.monotonic_ns()}"
     result: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def agent() -> None:
         result["agent"] = in_image(rootfs, [
             ENTRYPOINT, "run", "exec", "--duration", "10", "--format", "jsonl",
-            "--output-dir", out, "--comm", "echo"], caps=compose_caps())
+            "--output-dir", "/var/lib/ebpf-agent", "--comm", "echo"],
+            caps=compose_caps(), data=tmp_path)
 
     thread = threading.Thread(target=agent)
     thread.start()
-    jsonl = rootfs.path / out.lstrip("/") / "exec.jsonl"
+    jsonl = tmp_path / "exec.jsonl"  # the data volume, seen from the host
     seen = None
     while seen is None and thread.is_alive():
         subprocess.run(["/bin/echo", marker], capture_output=True, check=True)
@@ -157,6 +180,41 @@ def test_each_compose_capability_is_needed(rootfs: Rootfs, missing: str) -> None
     caps = [c for c in compose_caps() if c != missing]
     assert len(caps) == len(compose_caps()) - 1
     done = in_image(rootfs, [ENTRYPOINT, "run", "exec", "--duration", "1", "--format",
-                             "jsonl", "--output-dir", "/tmp/ebpf-agent-image-test"], caps=caps)
+                             "jsonl", "--output-dir", "/tmp/out"], caps=caps)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "Operation not permitted" in done.stderr
+
+
+def test_serve_runs_in_the_image_as_compose_runs_it(rootfs: Rootfs, tmp_path: Path) -> None:
+    """The entry point with `serve`, compose.yaml's environment (token from the secret
+    file, output on the volume), its mounts and capabilities: ready with the token, 401
+    without, and the exec monitor's counter in /metrics."""
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    svc = compose["services"]["ebpf-agent"]
+    token = tmp_path / "token"
+    token.write_text("image-token-0123456789\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    entry = rootfs.config["Docker"]["config"]["Entrypoint"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
+    env.update(svc["environment"])
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        # Loopback of this host instead of compose's 0.0.0.0 + published port.
+        proc = subprocess.Popen(
+            image_argv(rootfs, [*entry, "serve", "--host", "127.0.0.1", "--port", str(port)],
+                       caps=compose_caps(), data=data,
+                       files={"/run/secrets/ebpf-agent-token": token}),
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    agent = Agent(proc, f"http://127.0.0.1:{port}", "image-token-0123456789", log,
+                  {"Authorization": "Bearer image-token-0123456789"})
+    try:
+        wait_until_ready(agent, timeout=120)
+        assert httpx.get(f"{agent.url}/ready", timeout=10).status_code == 401
+        monitors = {m["name"]: m["state"] for m in agent.get("/monitors").json()}
+        assert monitors["exec"] == "running"  # enabled in the image's config/agent.yaml
+        metrics = agent.get("/metrics").text
+        assert 'ebpf_agent_monitor_running{monitor="exec"} 1.0' in metrics
+    finally:
+        assert agent.stop() == 0, log.read_text()[-3000:]

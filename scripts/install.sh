@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a Debian 12 host for ebpf-agent (see ../shared/KERNEL.md).
+# Idempotent set-up of a Debian 12 host for ebpf-agent (see docs/kernel.md).
 # Every step checks first and skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ need_root() {
   fi
 }
 
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2
   # The consumers the packaging tests run (tests/packaging): Prometheus and promtool,
   # systemd-analyze, and the daemonless image build (buildah, debootstrap).
   prometheus systemd buildah debootstrap)

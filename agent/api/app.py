@@ -8,11 +8,20 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
-from agent.api import routes_events, routes_monitors, routes_system, routes_targets
+from agent.api import (
+    routes_events,
+    routes_monitors,
+    routes_state,
+    routes_system,
+    routes_targets,
+)
 from agent.api.deps import AppContext
+from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.metrics import AgentCollector, RequestDuration
+from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -64,7 +73,8 @@ def create_app(
         report=report,
     )
     app = FastAPI(title="ebpf-agent", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, default_response_class=SafeJSONResponse)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
     _add_middleware(app, settings)
@@ -73,8 +83,10 @@ def create_app(
     app.include_router(routes_system.router, dependencies=auth)
     app.include_router(routes_monitors.router, dependencies=auth)
     app.include_router(routes_targets.router, dependencies=auth)
+    app.include_router(routes_state.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
+    add_monitor_components(app, ctx.registry)
     return app
 
 

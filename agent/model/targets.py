@@ -22,9 +22,12 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class TargetLimits:
-    pids: int = 10240
-    uids: int = 1024
-    comms: int = 256
+    """The kernel target maps' sizes. No defaults here: they come from the settings
+    (agent/config.py TargetSettings.limits())."""
+
+    pids: int
+    uids: int
+    comms: int
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,12 @@ def validate_id(value: object, kind: str) -> int:
 def validate_comm(value: object) -> str:
     if not isinstance(value, str):
         raise TargetError(f"comms: {value!r} is not a string")
-    raw = value.encode()
+    try:
+        # "\udcXX" (the form non-UTF-8 bytes take in our JSON) stands for byte XX.
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise TargetError(f"comms: {value!r} holds a lone surrogate that is not a "
+                          "\\udc80-\\udcff byte escape") from None
     if not raw:
         raise TargetError("comms: empty process name")
     if len(raw) > COMM_MAX_BYTES:

@@ -108,3 +108,20 @@ def test_command_exits_2_on_bad_input() -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.startswith("ebpf-agentctl: inventory from-kubernetes: ")
+
+
+def test_output_is_an_inventory_ebpf_agentctl_loads(tmp_path: Path) -> None:
+    from agent.fleet.inventory import load_inventory
+
+    token = tmp_path / "token"
+    token.write_text("fleet-token-0123456789\n")
+    token.chmod(0o600)
+    done = run_cli(json.dumps(ENDPOINTS), "--token-file", str(token))
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "inventory.yaml"
+    path.write_text(done.stdout)
+    hosts = load_inventory(path, token_fallback=None)
+    assert [(h.name, h.url, h.token, h.labels["node"]) for h in hosts] == [
+        ("node-a", "http://10.244.0.5:8765", "fleet-token-0123456789", "node-a"),
+        ("node-b", "http://10.244.1.7:8765", "fleet-token-0123456789", "node-b"),
+    ]

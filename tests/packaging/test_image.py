@@ -214,6 +214,7 @@ def test_serve_runs_in_the_image_as_compose_runs_it(rootfs: Rootfs, tmp_path: Pa
     svc = compose["services"]["ebpf-agent"]
     token = tmp_path / "token"
     token.write_text("image-token-0123456789\n")
+    token.chmod(0o600)  # README: `install -m 0600 ... docker/token`
     data = tmp_path / "data"
     data.mkdir()
     entry = rootfs.config["Docker"]["config"]["Entrypoint"]

@@ -82,6 +82,7 @@ def test_agent_reads_the_token_from_the_credentials_directory(tmp_path: Path) ->
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o700)
     (creds / "token").write_text("credential-token-0123456789\n")
+    (creds / "token").chmod(0o400)  # as systemd leaves a credential: root-only, read-only
     port = free_port()
     config = write_config(tmp_path, {"monitors": {}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,8 @@ def test_wrong_input_is_refused_with_the_reason(doc: Any, message: str) -> None:
 
 
 def run_cli(stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.fleet.kubernetes", *args], input=stdin,
+    ctl = str(REPO / ".venv" / "bin" / "ebpf-agentctl")
+    return subprocess.run([ctl, "inventory", "from-kubernetes", *args], input=stdin,
                           capture_output=True, text=True, cwd=REPO, timeout=60)
 
 

@@ -344,7 +344,8 @@ def test_unprobeable_function_is_skipped_and_reported(caller_binary: Path,
                                                       sink: CollectingSink,
                                                       multi: bool) -> None:
     """glibc's pthread_spin_lock starts with a lock-prefixed instruction, which x86
-    uprobes refuse: the monitor runs without it and says why."""
+    uprobes refuse: the monitor leaves it out before attaching, runs without it and
+    says why."""
     with (
         started(caller_binary) as target,
         func_monitor(sink, only(target.pid), multi=multi,
@@ -354,7 +355,9 @@ def test_unprobeable_function_is_skipped_and_reported(caller_binary: Path,
             target.go()
             assert function_stats(m, "getpid")["count"] == K
     assert [u["name"] for u in stats["unattached"]] == ["pthread_spin_lock"]
-    assert "refused" in stats["unattached"][0]["error"]
+    assert "lock prefix" in stats["unattached"][0]["error"]
+    assert stats["unattached"][0]["excluded"] is True
+    assert stats["counts"] == {"matched": 2, "attached": 1, "excluded": 1, "refused": 0}
     assert "pthread_spin_lock" not in [f["name"] for f in stats["functions"]]
     events = Path("/sys/kernel/tracing/uprobe_events")
     if events.exists():  # the legacy fallback's leftover event was removed

@@ -45,10 +45,11 @@ from agent.kernel.symbols import (
     user_symbols,
 )
 from agent.kernel.symbols import PatternError as FuncPatternError
+from agent.kernel.uprobe_insn import uprobe_hazards
 from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
-from agent.monitors.func.multi import CookieLinks, file_offsets, lock_prefixed
+from agent.monitors.func.multi import CookieLinks, file_offsets
 from agent.monitors.registry import register_monitor
 
 __all__ = ["FuncMonitor", "FuncOptions", "FuncPatternError", "Probe", "parse_pattern"]
@@ -197,7 +198,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         super().__init__(options, ctx)
         self.probes: list[Probe] = []
         self._prepared = False
-        self.unattached: dict[int, str] = {}  # probe id -> why the kernel refused it
+        self.unattached: dict[int, str] = {}  # probe id -> why it is not attached
+        # probe ids left out before attaching (agent/kernel/uprobe_insn.py), a subset of
+        # unattached: the kernel would refuse them, or accept them and corrupt processes.
+        self.excluded: set[int] = set()
         self.links: UprobeMultiLinks | None = None
         # False forces BCC's perf-event uprobes (the only way before Linux 6.6): tests and
         # the bench set it to cover and compare that path.
@@ -312,6 +316,8 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         check_stats_layout(self.bpf[b"func_stats"])
         start = time.monotonic()
         self.unattached = {}
+        self.excluded = set()
+        self._screen_uprobes()
         uses_uprobes = any(p.kind == "uprobe" for p in self.probes)
         self.links = None
         if uses_uprobes and self.prefer_uprobe_multi:
@@ -322,7 +328,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             self._attach_with_cookies()
             probes: list[tuple[int, Probe]] = []
         else:
-            probes = list(enumerate(self.probes))
+            probes = [(i, p) for i, p in enumerate(self.probes) if i not in self.unattached]
         for i, p in probes:
             error = self._try_attach(i, p)
             if error is not None:
@@ -336,6 +342,31 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             len(self.probes) - len(self.unattached), self.attach_seconds, self.attach_mode,
         )
 
+    def _screen_uprobes(self) -> None:
+        """Leave out, before any attach, the functions whose first instruction a uprobe
+        must not be placed on (agent/kernel/uprobe_insn.py: on x86 the kernel accepts
+        VEX/EVEX instructions it then skips instead of executing, corrupting every
+        process that calls the function). Each is named in stats()["unattached"]."""
+        by_path: dict[str, list[int]] = {}
+        for i, p in enumerate(self.probes):
+            if p.kind == "uprobe":
+                by_path.setdefault(p.target, []).append(i)
+        for path, ids in by_path.items():
+            try:
+                offsets = file_offsets(path, [self.probes[i].address for i in ids])
+                hazards = uprobe_hazards(path, offsets)
+            except OSError as e:
+                for i in ids:
+                    self.unattached[i] = f"cannot place a uprobe: {describe_error(e)}"
+                continue
+            for k, reason in hazards.items():
+                i = ids[k]
+                self.unattached[i] = f"excluded before attaching: {reason}"
+                self.excluded.add(i)
+            if hazards:
+                log.warning("func: %d functions of %s left out: %s", len(hazards), path,
+                            ", ".join(self.probes[ids[k]].name for k in sorted(hazards)))
+
     def _attach_with_cookies(self) -> None:
         """Every function of a binary in one link per direction (multi.py)."""
         from bcc import BPF
@@ -348,7 +379,8 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         links = self.cookie_links = CookieLinks(entry.fd, ret.fd if ret else None)
         by_path: dict[str, list[int]] = {}
         for i, p in enumerate(self.probes):
-            by_path.setdefault(p.target, []).append(i)
+            if i not in self.unattached:  # screened out (_screen_uprobes)
+                by_path.setdefault(p.target, []).append(i)
 
         def refused(kind: str) -> Callable[[int, OSError], None]:
             def note(i: int, e: OSError) -> None:
@@ -363,16 +395,6 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             except OSError as e:
                 for i in ids:
                     self.unattached[i] = f"cannot place a uprobe: {describe_error(e)}"
-                continue
-            for k in sorted(lock_prefixed(path, offsets), reverse=True):
-                i = ids.pop(k)
-                offsets.pop(k)
-                self.unattached[i] = ("the kernel refused the uprobe: ENOTSUPP (its first "
-                                      "instruction is lock-prefixed; x86 uprobes refuse "
-                                      "those, so it was left out before linking)")
-                log.warning("func: skipping %s:%s: %s", path, self.probes[i].name,
-                            self.unattached[i])
-            if not ids:
                 continue
             offset_of = dict(zip(ids, offsets, strict=True))
             ok = links.attach(path, ids, offsets, False, refused("uprobe"))
@@ -498,12 +520,19 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             functions.append(entry)
         functions.sort(key=lambda f: (-f["count"], f["name"]))
         unattached = [
-            {"name": p.name, "target": p.target, "error": self.unattached[i]}
+            {"name": p.name, "target": p.target, "error": self.unattached[i],
+             "excluded": i in self.excluded}
             for i, p in enumerate(self.probes) if i in self.unattached
         ]
         return {
             "functions": functions,
             "unattached": unattached,
+            "counts": {
+                "matched": len(self.probes),
+                "attached": len(self.probes) - len(self.unattached),
+                "excluded": len(self.excluded),
+                "refused": len(self.unattached) - len(self.excluded),
+            },
             "attach_mode": self.attach_mode,
             "attach_seconds": round(self.attach_seconds, 3),
         }

@@ -95,32 +95,6 @@ def file_offsets(path: str, vaddrs: list[int]) -> list[int]:
     return out
 
 
-# x86 legacy prefixes and REX bytes that may precede an opcode.
-_PREFIXES = frozenset([0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67,
-                       *range(0x40, 0x50)])
-LOCK_PREFIX = 0xF0
-
-
-def lock_prefixed(path: str, offsets: list[int]) -> set[int]:
-    """Indices of offsets whose first instruction carries a lock prefix: x86 uprobes
-    refuse those (arch/x86/kernel/uprobes.c, uprobe_init_insn: -ENOTSUPP). Screening
-    them out first spares the link splitting below a failed attempt per level (each
-    attempt registers, then unregisters, every uprobe of the group: ~1 ms apiece here).
-    Other refusals are still found by splitting."""
-    out: set[int] = set()
-    if os.uname().machine != "x86_64":
-        return out
-    with open(path, "rb") as f:
-        for i, off in enumerate(offsets):
-            f.seek(off)
-            for b in f.read(15):
-                if b == LOCK_PREFIX:
-                    out.add(i)
-                if b not in _PREFIXES:
-                    break
-    return out
-
-
 class CookieLinks:
     """uprobe_multi links of the two shared programs, one per binary and direction."""
 

@@ -32,6 +32,7 @@ x86_only = pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 instru
     (bytes.fromhex("62e1fe487f07"), "EVEX-encoded with opcode byte 0x7f"),  # vmovdqu64 store
     (bytes.fromhex("f00fb117"), "lock prefix"),  # lock cmpxchg
     (bytes.fromhex("2e0f1f840000000000"), "segment (0x2e) prefix"),  # cs nopw
+    (bytes.fromhex("8fe878a2c130"), "XOP-encoded"),  # vpcmov (AMD XOP)
 ])
 def test_hazardous_first_instructions(code: bytes, expected: str) -> None:
     reason = first_instruction_hazard(code + bytes(15 - len(code)))
@@ -44,6 +45,7 @@ def test_hazardous_first_instructions(code: bytes, expected: str) -> None:
     "4889f8",  # mov %rdi,%rax
     "c5e9fec1",  # vpaddd (VEX 0xfe: in the kernel's table, not a branch)
     "66480f6ec6",  # movq %rsi,%xmm0 (legacy SSE: 0x0f two-byte opcode)
+    "8f0424",  # pop (%rsp): 8F /0, not XOP
 ])
 def test_ordinary_first_instructions(code: str) -> None:
     assert first_instruction_hazard(bytes.fromhex(code).ljust(15, b"\0")) is None
@@ -55,21 +57,20 @@ VEX_PROGRAM = r"""
 #include <stdio.h>
 #include <string.h>
 /* Each t_* starts with the instruction under test; set() loads xmm1 and xmm2 first.
- * ".type @function": uprobes go on function symbols only. */
+ * FN: a function symbol (uprobes go on function symbols only). */
+#define FN(name, body) ".globl " #name "\n.type " #name ", @function\n" #name ": " body "ret\n"
 __asm__(
     ".text\n"
-    ".globl set\n set: vmovdqu (%rdi), %xmm1\n vmovdqu 16(%rdi), %xmm2\n"
-    "  vpxor %xmm0, %xmm0, %xmm0\n ret\n"
+    FN(set, "vmovdqu (%rdi), %xmm1\n vmovdqu 16(%rdi), %xmm2\n vpxor %xmm0, %xmm0, %xmm0\n")
     /* mis-emulated by the kernel as branches/nops (VEX opcode 0x7e, 0xeb, 0xe8, 0x78) */
-    ".globl t_vmovd_out\n .type t_vmovd_out, @function\n t_vmovd_out: vmovd %xmm1, %eax\n ret\n"
-    ".globl t_vpor\n .type t_vpor, @function\n t_vpor: vpor %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n ret\n"
-    ".globl t_vpsubsb\n .type t_vpsubsb, @function\n t_vpsubsb: vpsubsb %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n ret\n"
-    ".globl t_vpbroadcastb\n .type t_vpbroadcastb, @function\n t_vpbroadcastb: vpbroadcastb %xmm1, %xmm0\n"
-    "  vmovd %xmm0, %eax\n ret\n"
+    FN(t_vmovd_out, "vmovd %xmm1, %eax\n")
+    FN(t_vpor, "vpor %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n")
+    FN(t_vpsubsb, "vpsubsb %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n")
+    FN(t_vpbroadcastb, "vpbroadcastb %xmm1, %xmm0\n vmovd %xmm0, %eax\n")
     /* refused by the kernel (VEX 0x6e) */
-    ".globl t_vmovd_in\n .type t_vmovd_in, @function\n t_vmovd_in: vmovd (%rdi), %xmm0\n vmovd %xmm0, %eax\n ret\n"
+    FN(t_vmovd_in, "vmovd (%rdi), %xmm0\n vmovd %xmm0, %eax\n")
     /* probed normally, executed out of line (VEX 0xfe) */
-    ".globl t_vpaddd\n .type t_vpaddd, @function\n t_vpaddd: vpaddd %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n ret\n"
+    FN(t_vpaddd, "vpaddd %xmm1, %xmm2, %xmm0\n vmovd %xmm0, %eax\n")
 );
 void set(unsigned char *b);
 unsigned t_vmovd_out(unsigned char *), t_vpor(unsigned char *), t_vpsubsb(unsigned char *),

@@ -194,13 +194,14 @@ EXPECTED = {"getpid": 37, "getppid": 41, "getuid": 43}
 
 @pytest.mark.kernel
 @pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("latency", [True, False], ids=["latency", "counts"])
-def test_all_of_libc_counts_exactly_and_names_what_it_left_out(
-        tmp_path: Path, latency: bool) -> None:
+def test_all_of_libc_counts_exactly_and_names_what_it_left_out(tmp_path: Path) -> None:
     """``c:*``: every libc function in one link per direction. Exact counts for the
     workload's calls; the functions left out are named with the reason and counted.
     (This test process runs with all of libc probed: a wrong screen shows up as its own
-    crash, which is how the hazard was found.)"""
+    crash, which is how the hazard was found.) One run only: while it is attached every
+    libc call of every process on the host takes a uprobe trap (~18 us on the project
+    VM), so the test keeps it as short as it can."""
+    latency = True
     binary = compile_c(tmp_path, "workload", WORKLOAD)
     with waiting(binary) as proc, loaded_monitor(
             "func", CollectingSink(),

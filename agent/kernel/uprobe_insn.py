@@ -19,9 +19,10 @@ either executes a copy of the instruction out of line or emulates it
   ``vpbroadcastb %esi,%zmm16`` (62 e2 7d 48 **7a** c6) is taken for ``jp rel8`` and
   ``vpor`` (.. **eb** ..) for ``jmp rel8``: the kernel "emulates" a branch and the
   instruction never runs, in every process calling the function. Measured on Linux 6.18
-  with a test binary (tests/monitors/test_func_libc.py): functions starting with VEX
-  0x78, 0x7e, 0x7f, 0x90, 0xe8, 0xe9, 0xeb and EVEX 0x7a returned stale register values
-  under a uprobe. In glibc 2.36 this hits ``__memset_avx512_unaligned_erms`` (the memset
+  with test binaries: functions starting with VEX 0x78, 0x7e, 0x7f, 0x90, 0xe8, 0xe9,
+  0xeb and EVEX 0x7a returned stale register values under a uprobe
+  (tests/monitors/test_func_libc.py keeps four of them). In glibc 2.36 this hits
+  ``__memset_avx512_unaligned_erms`` (the memset
   that AVX-512 machines select): probed, memset left stale bytes behind and the Python
   process calling it died with a general protection fault in Py_DECREF. The screen is
   unconditional: no kernel version is known to look at the prefix there, and the cost

@@ -13,7 +13,8 @@ need_root() {
   fi
 }
 
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps)
+# chromium: the headless browser the /ui tests drive through Playwright
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps chromium)
 
 install_debs() {
   local missing=()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -14,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
+from agent.api.audit import AuditLog
+from agent.api.auth import LoginLimiter, SessionStore, TicketStore, TokenStore
 from agent.config import Settings
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 class AppContext:
     settings: Settings
     registry: MonitorRegistry
-    token: str | None
+    tokens: TokenStore
     report: CapabilityReport | None = None
     hub: EventHub | None = None
     manager: MonitorManager | None = None
@@ -36,10 +39,34 @@ class AppContext:
         default_factory=lambda: CollectorRegistry(auto_describe=False))
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
+    sessions: SessionStore = field(init=False)
+    tickets: TicketStore = field(init=False)
+    audit: AuditLog = field(init=False)
+    logins: LoginLimiter = field(init=False)
+    # Failed authentications by kind (login, bearer, session, ticket): /metrics.
+    auth_failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("login", "bearer", "session", "ticket"), 0))
+
+    def __post_init__(self) -> None:
+        api = self.settings.api
+        self.sessions = SessionStore(api.session_ttl_s, api.max_sessions, time.monotonic)
+        self.tickets = TicketStore(api.ticket_ttl_s, api.max_tickets, time.monotonic)
+        self.audit = AuditLog(api.audit_entries, self.settings.logging.audit_file)
+        self.logins = LoginLimiter(api.login_failures_per_minute)
+
+    @property
+    def open(self) -> bool:
+        """``api.auth: none``: no authentication (the server allows it on loopback only).
+        With auth on and no token at all, nothing is open: every request is a 401."""
+        return self.settings.api.auth == "none"
+
+    def auth_failed(self, kind: str) -> None:
+        self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
 
     async def start(self) -> None:
         """Lifespan start-up: the hub, the capability report, the manager, autostart."""
         stream = self.settings.stream
+        self.audit.open()
         self.hub = EventHub(stream.replay_buffer, stream.max_subscribers)
         self.hub.attach_loop(asyncio.get_running_loop())
         if self.report is None:
@@ -69,6 +96,7 @@ class AppContext:
         if self.manager is not None:
             timeout = self.settings.api.shutdown_timeout_s * 4
             await run_in_threadpool(self.manager.shutdown, timeout)
+        self.audit.close()
 
     @property
     def ready(self) -> bool:

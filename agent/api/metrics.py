@@ -45,6 +45,21 @@ class AgentCollector(Collector):
         yield from _monitors(stats["monitors"])
         yield from _monitor_tables(manager.monitor_metrics())
         yield from _streams(hub.stats())
+        yield from _auth(self.ctx)
+
+
+def _auth(ctx: AppContext) -> Iterator[Metric]:
+    failures = CounterMetricFamily(
+        "ebpf_agent_auth_failures", "failed authentications: kind=login is a wrong token "
+        "at POST /auth/session; bearer, session, ticket: refused requests", labels=["kind"])
+    for kind, n in sorted(ctx.auth_failures.items()):
+        failures.add_metric([kind], float(n))
+    yield failures
+    yield GaugeMetricFamily("ebpf_agent_sessions", "open browser sessions",
+                            value=len(ctx.sessions))
+    yield CounterMetricFamily("ebpf_agent_audit_write_errors",
+                              "audit entries that could not be written to the audit file",
+                              value=ctx.audit.write_errors)
 
 
 def _agent(agent: dict) -> Iterator[Metric]:

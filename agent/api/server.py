@@ -24,6 +24,17 @@ from typing import Any
 
 import uvicorn
 
+from agent.api.auth import TokenStore
+from agent.api.connguard import GuardState, fd_budget, protocol_class
+from agent.api.redact import RedactSecrets
+from agent.api.redact import install as install_redaction
+from agent.api.redact import uninstall as uninstall_redaction
+from agent.auth_files import (
+    RuntimeDirError,
+    generate_token_files,
+    header_path,
+    remove_token_files,
+)
 from agent.config import ConfigError, Settings
 from agent.monitors.base import MonitorRegistry
 
@@ -50,18 +61,30 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
-def check_security(settings: Settings) -> str | None:
-    """The token (None: no authentication), or StartupRefused when unsafe."""
+def check_security(settings: Settings) -> TokenStore:
+    """The configured tokens (possibly none), or StartupRefused when unsafe."""
     api = settings.api
-    token = settings.resolve_token()
-    if token is None and not is_loopback(api.host):
-        raise StartupRefused(
-            f"refusing to listen on {api.host}:{api.port} without a token: anyone who can "
-            "reach that address could load kernel programs as root. Set EBPF_AGENT_TOKEN "
-            "(or token_file), or listen on 127.0.0.1 / a unix socket."
-        )
+    tokens = TokenStore.from_settings(settings)
+    if api.auth == "none":
+        if tokens:
+            raise StartupRefused("api.auth is none but tokens are configured: remove the "
+                                 "tokens or set api.auth: token")
+        if not is_loopback(api.host):
+            raise StartupRefused(
+                f"refusing api.auth: none on {api.host}:{api.port}: anyone who can reach "
+                "that address could load kernel programs as root. api.auth: none is for "
+                "loopback only (127.0.0.1 / ::1).")
     if (api.tls_certfile is None) != (api.tls_keyfile is None):
         raise StartupRefused("api.tls_certfile and api.tls_keyfile go together")
+    return tokens
+
+
+def generate_token(settings: Settings) -> str:
+    """Secure by default: a token for this run in api.runtime_dir (see agent.auth_files)."""
+    try:
+        token = generate_token_files(settings.api.runtime_dir)
+    except RuntimeDirError as e:
+        raise StartupRefused(f"no token configured and cannot generate one: {e}") from None
     return token
 
 
@@ -281,10 +304,18 @@ def _signals_end_cleanly() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, max_connections: int | None = None) \
+        -> uvicorn.Config:
     api, stream = settings.api, settings.stream
+    guard = GuardState(max_connections or api.max_connections, api.header_timeout_s,
+                       api.max_header_bytes)
     return uvicorn.Config(
         app,
+        http=protocol_class(guard),  # header deadline and size cap, connection cap
+        timeout_keep_alive=api.keepalive_timeout_s,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=api.max_header_bytes,
+        ws_max_size=64 * 1024,  # the streams ignore what clients send
+        access_log=True,
         lifespan="on",
         log_config=None,  # keep the agent's logging set-up (agent.cli)
         # uvicorn types it int but only ever passes it to asyncio.wait_for
@@ -306,41 +337,66 @@ def _report_when_ready(app: Any, daemon: Daemon) -> None:
 
 
 def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -> int:
-    token = check_security(settings)  # before forking: refusals reach the terminal
+    tokens = check_security(settings)  # before forking: refusals reach the terminal
+    generated = None
+    if settings.api.auth == "token" and not tokens:
+        generated = generate_token(settings)
     pid_file = PidFile(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:
         pid_file.acquire()
     runner = Daemon()
     if daemon and (code := runner.fork()) is not None:
         return code
+    redaction = install_redaction([generated] if generated else [])
     try:
-        return _serve(settings, registry, token, runner if daemon else None, pid_file)
+        return _serve(settings, registry, generated, runner if daemon else None, pid_file,
+                      redaction)
     except BaseException as e:
         runner.report(f"start-up failed: {e}")
         raise
     finally:
         if pid_file is not None:
             pid_file.release()
+        if generated is not None:
+            remove_token_files(settings.api.runtime_dir, generated)
+        uninstall_redaction(redaction)
 
 
-def _serve(settings: Settings, registry: MonitorRegistry, token: str | None,
-           daemon: Daemon | None, pid_file: PidFile | None) -> int:
+def _auth_summary(settings: Settings, generated: str | None) -> str:
+    if settings.api.auth == "none":
+        return "api.auth: none: NO AUTHENTICATION (loopback only)"
+    if generated is not None:
+        return f"token required; generated one: curl -H @{header_path(settings.api.runtime_dir)}"
+    return "token required"
+
+
+def _serve(settings: Settings, registry: MonitorRegistry, generated: str | None,
+           daemon: Daemon | None, pid_file: PidFile | None, redaction: RedactSecrets) -> int:
     from agent.api.app import create_app
 
     if pid_file is not None:
         pid_file.write(os.getpid())
+    max_connections = fd_budget(settings.api.max_connections)
     sockets = bind_sockets(settings)
-    app = create_app(settings, registry)
+    app = create_app(settings, registry, generated_token=generated)
+    for t in settings.tokens:
+        if t.token is not None:
+            redaction.add(t.token.get_secret_value())
+    if (legacy := settings.resolve_token()) is not None:
+        redaction.add(legacy)
     tls = settings.api.tls_certfile is not None
     where = ", ".join(describe(s, tls) for s in sockets)
+    if settings.api.auth == "none":
+        log.warning("api.auth is none: any local user can read every process's arguments "
+                    "and load kernel programs through this API")
 
     def started() -> None:
         log.info("ebpf-agent API listening on %s (%s)", where,
-                 "bearer token required" if token else "no token: loopback only, no auth")
+                 _auth_summary(settings, generated))
         if daemon is not None:
             threading.Thread(target=_report_when_ready, args=(app, daemon), daemon=True).start()
 
-    server = AgentServer(uvicorn_config(app, settings), started)
+    server = AgentServer(uvicorn_config(app, settings, max_connections), started)
     try:
         with _signals_end_cleanly():
             server.run(sockets=sockets)  # uvicorn's loop factory (uvloop when present)

@@ -107,7 +107,7 @@ class AuthGate:
                       websocket: bool, note: dict[str, Any]) -> None:
         path = scope["path"]
         try:
-            principal = self._admit(scope, method, path, websocket)
+            principal = self._admit(scope, method, path, websocket, note)
             if principal is not None:
                 scope[PRINCIPAL_KEY] = principal
                 note["token"] = principal.name
@@ -122,8 +122,8 @@ class AuthGate:
             return
         await self.app(scope, receive, send)
 
-    def _admit(self, scope: Scope, method: str, path: str, websocket: bool) \
-            -> Principal | None:
+    def _admit(self, scope: Scope, method: str, path: str, websocket: bool,
+               note: dict[str, Any]) -> Principal | None:
         if self.ctx.open:
             return OPEN
         public = is_public(method, path, websocket)
@@ -135,6 +135,7 @@ class AuthGate:
             raise
         if public:
             return principal
+        note["token"] = principal.name  # audited by name, also when refused below
         changes = websocket or method not in SAFE_METHODS
         needed: TokenScope = "control" if (changes and not websocket and (method, path) not in
                                READ_WRITES) or path in CONTROL_READS else "read"

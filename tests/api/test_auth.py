@@ -340,8 +340,9 @@ def test_redaction_of_credentials_in_log_records() -> None:
     flt = RedactSecrets(["plain-secret-42"])
     cases = {
         "> Authorization: Bearer abc.def-123": "> Authorization: Bearer <redacted>",
-        "headers [(b'authorization', b'Bearer abc')]": "headers [(b'authorization', b'Bearer <redacted>')]",
-        '"GET /events?pid=1&ticket=tkt123 HTTP/1.1"': '"GET /events?pid=1&ticket=<redacted> HTTP/1.1"',
+        "[(b'authorization', b'Bearer abc')]": "[(b'authorization', b'Bearer <redacted>')]",
+        '"GET /events?pid=1&ticket=tkt123 HTTP/1.1"':
+            '"GET /events?pid=1&ticket=<redacted> HTTP/1.1"',
         "cookie: ebpf_agent_session=sid123; x=1": "cookie: ebpf_agent_session=<redacted>; x=1",
         "token is plain-secret-42!": "token is <redacted>!",
     }

@@ -210,9 +210,11 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
 
 def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
                 token: str | None = "test-token-0123456789", extra_args: list[str] | None = None,
-                wait_ready: bool = True, generated: bool = False) -> Agent:
+                wait_ready: bool = True, generated: bool = False,
+                prefix: list[str] | None = None) -> Agent:
     """``token``: EBPF_AGENT_TOKEN; None: ``api.auth: none`` unless ``generated`` (then
-    the agent generates one into tmp_path/run and the Agent reads it from there)."""
+    the agent generates one into tmp_path/run and the Agent reads it from there).
+    ``prefix``: a command to run the agent under (e.g. prlimit)."""
     port = free_port()
     config = dict(config or {})
     api = {"runtime_dir": str(tmp_path / "run"), **(config.get("api") or {})}
@@ -226,7 +228,8 @@ def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(AGENT_BIN), "--config", str(path), "serve", "--port", str(port),
+            [*(prefix or []), str(AGENT_BIN), "--config", str(path), "serve",
+             "--port", str(port),
              *(extra_args or [])],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )

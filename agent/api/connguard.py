@@ -48,6 +48,7 @@ class GuardedHttp(HttpToolsProtocol):
         super().connection_made(transport)
         self._rejected = False
         self._header_bytes = 0
+        self._in_callbacks = 0
         self._timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.guard.max_connections and not self._make_room():
             self.guard.refused += 1
@@ -103,7 +104,14 @@ class GuardedHttp(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        self._in_callbacks = 0
         super().data_received(data)
+        # The URL and headers httptools reported are counted by their callbacks; the
+        # rest of a chunk that leaves the headers unfinished is counted here (httptools
+        # reports a header only once the next one starts). A chunk that completes the
+        # headers and carries a body is not counted.
+        if not self._rejected and id(self) in self.guard.pending:
+            self._count(max(0, len(data) - self._in_callbacks))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
@@ -116,10 +124,12 @@ class GuardedHttp(HttpToolsProtocol):
         self._await_headers()  # a keep-alive connection's next request
 
     def on_url(self, url: bytes) -> None:
+        self._in_callbacks += len(url)
         if not self._rejected and self._count(len(url)):
             super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._in_callbacks += len(name) + len(value) + 4
         if not self._rejected and self._count(len(name) + len(value) + 4):
             super().on_header(name, value)
 

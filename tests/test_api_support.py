@@ -211,10 +211,12 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
 def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
                 token: str | None = "test-token-0123456789", extra_args: list[str] | None = None,
                 wait_ready: bool = True, generated: bool = False,
-                prefix: list[str] | None = None) -> Agent:
+                prefix: list[str] | None = None,
+                headers: dict[str, str] | None = None) -> Agent:
     """``token``: EBPF_AGENT_TOKEN; None: ``api.auth: none`` unless ``generated`` (then
     the agent generates one into tmp_path/run and the Agent reads it from there).
-    ``prefix``: a command to run the agent under (e.g. prlimit)."""
+    ``prefix``: a command to run the agent under (e.g. prlimit); ``headers``: what the
+    Agent sends (default: the token's bearer header)."""
     port = free_port()
     config = dict(config or {})
     api = {"runtime_dir": str(tmp_path / "run"), **(config.get("api") or {})}
@@ -234,6 +236,7 @@ def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )
     agent = Agent(proc, f"http://127.0.0.1:{port}", token, log,
+                  headers if headers is not None else
                   {"Authorization": f"Bearer {token}"} if token else {})
     if generated:
         _read_generated(agent, tmp_path / "run")

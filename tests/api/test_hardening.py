@@ -23,7 +23,7 @@ from test_api_support import AGENT_BIN, Agent, read_sse, read_ws, start_agent, w
 from agent.auth_files import default_token_header
 
 TOKEN = "hardening-token-5f3c9a1e"
-NO_MONITORS = {"monitors": {}}
+NO_MONITORS = {"monitors": {"exec": {"enabled": False}}}
 MB = 1024 * 1024
 
 

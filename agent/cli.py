@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
-from agent.core.targets import TargetError
-from agent.monitors.base import MonitorRegistry, discover_monitors
+from agent.model.targets import TargetError
+from agent.monitors.registry import MonitorRegistry, discover_monitors
 
 EXIT_CONFIG = 2
 EXIT_UNSUPPORTED = 3

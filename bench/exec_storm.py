@@ -85,7 +85,7 @@ def agent_child(transport: str, output_dir: Path) -> int:
     from agent.config import DEFAULT_CONFIG, load_settings
     from agent.core.context import build_manager
     from agent.kernel.capabilities import build_report
-    from agent.monitors.base import discover_monitors
+    from agent.monitors.registry import discover_monitors
 
     registry = discover_monitors()
     overrides = {"output": {"directory": str(output_dir)}, "transport": {"kind": transport}}

@@ -103,16 +103,16 @@ def run_loop(binary: Path, calls: int) -> int:
 def context() -> Any:
     """What the manager would pass: no targets (watch every process), BTF offsets."""
     sys.path.insert(0, str(REPO))
-    from agent.core.targets import TargetSet
     from agent.kernel.btf import kernel_offsets
-    from agent.monitors.base import MonitorContext
+    from agent.model.targets import TargetSet
+    from agent.monitors.contract import MonitorContext
 
     return MonitorContext(targets=TargetSet(), sink=NullSink(), kernel_offsets=kernel_offsets())
 
 
 # -- (tracers) ----------------------------------------------------------------------------
 def with_func_monitor(latency: bool, measure: Callable[[], int], calls: int) -> int:
-    from agent.monitors.func import FuncMonitor, FuncOptions
+    from agent.monitors.func.monitor import FuncMonitor, FuncOptions
 
     monitor = FuncMonitor(FuncOptions(patterns=["c:getpid"], latency=latency), context())
     monitor.load()
@@ -156,7 +156,7 @@ ATTACH_PATTERNS = ["c:pthread_*", "c:mem*", "c:str*"]  # about 220 libc function
 def attach_cost(multi: bool) -> dict[str, float | int | str]:
     """Seconds to compile+load, attach and close a monitor on ~220 functions with latency
     (two probes each), through uprobe_multi links or BCC's perf-event uprobes."""
-    from agent.monitors.func import FuncMonitor, FuncOptions
+    from agent.monitors.func.monitor import FuncMonitor, FuncOptions
 
     options = FuncOptions(patterns=ATTACH_PATTERNS, max_probes=500, latency=True)
     monitor = FuncMonitor(options, context())

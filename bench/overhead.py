@@ -131,9 +131,10 @@ class Monitor(Config):
         self.m: Any = None
 
     def start(self) -> None:
-        from agent.core.targets import TargetSet
         from agent.kernel.btf import kernel_offsets
-        from agent.monitors.base import MonitorContext, default_registry
+        from agent.model.targets import TargetSet
+        from agent.monitors.contract import MonitorContext
+        from agent.monitors.registry import default_registry
 
         default_registry.discover()
         cls = default_registry.get("syscall")
@@ -192,7 +193,7 @@ class Peer(Config):
 
 
 def configurations() -> list[Config]:
-    from agent.core.targets import TargetSet
+    from agent.model.targets import TargetSet
 
     configs: list[Config] = [
         NoAgent(),

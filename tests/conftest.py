@@ -1,44 +1,16 @@
 """Shared fixtures. Kernel tests need root and a working eBPF stack: outside CI they
-skip with the reason; with CI=true they fail, so a broken CI machine cannot pass green."""
+skip with the reason; with CI=true they fail, so a broken CI machine cannot pass green.
+The helpers themselves live in tests/support/."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import textwrap
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REPO = Path(__file__).resolve().parent.parent
-
-
-@lru_cache(maxsize=1)
-def kernel_problem() -> str | None:
-    """Why eBPF monitors cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "not root"
-    from agent.kernel.capabilities import build_report
-    from agent.monitors.base import discover_monitors
-
-    report = build_report(discover_monitors())
-    exec_support = next((m for m in report.monitors if m.name == "exec"), None)
-    if exec_support is None:
-        return "exec monitor not registered"
-    return exec_support.reason
-
-
-def require_kernel() -> None:
-    problem = kernel_problem()
-    if problem is None:
-        return
-    message = f"eBPF unavailable: {problem}"
-    if IN_CI:
-        pytest.fail(f"{message} (CI=true: kernel tests must not skip)")
-    pytest.skip(message)
+from tests.support.filters import workload_binary
+from tests.support.kernel import CollectingSink, require_kernel
 
 
 @pytest.fixture
@@ -47,49 +19,13 @@ def kernel() -> None:
     require_kernel()
 
 
-def compile_c(tmp_path: Path, name: str, source: str) -> Path:
-    """gcc a small test program; returns the binary's path."""
-    src = tmp_path / f"{name}.c"
-    src.write_text(textwrap.dedent(source))
-    binary = tmp_path / name
-    subprocess.run(["gcc", "-O0", "-o", str(binary), str(src)], check=True)
-    return binary
-
-
-class CollectingSink:
-    """A sink for monitors built directly in tests."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def publish(self, event: dict) -> None:
-        self.events.append(event)
-
-
 @pytest.fixture
 def sink() -> Iterator[CollectingSink]:
     yield CollectingSink()
 
 
-def prog_ids_held_by(pid: int) -> set[int]:
-    """BPF program ids a process holds fds for (/proc/PID/fdinfo: "prog_id:"); this
-    bpftool build has no "pids" field, so ownership is read here."""
-    ids: set[int] = set()
-    fdinfo = Path(f"/proc/{pid}/fdinfo")
-    for entry in fdinfo.iterdir():
-        try:
-            text = entry.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("prog_id:"):
-                ids.add(int(line.split()[1]))
-    return ids
-
-
-def loaded_prog_ids() -> set[int]:
-    """Every BPF program the kernel has loaded, as ``bpftool prog show`` lists them."""
-    import json
-
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, check=True)
-    return {p["id"] for p in json.loads(out.stdout)}
+@pytest.fixture(scope="session")
+def filter_workload() -> Iterator[Path]:
+    """The stream-filter workload (tests/support/filters.py), compiled once."""
+    with workload_binary() as binary:
+        yield binary

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DEFAULT_CONFIG, ConfigError, load_settings
-from agent.monitors.base import discover_monitors
+from agent.monitors.registry import discover_monitors
 
 
 def write(tmp_path: Path, text: str) -> Path:

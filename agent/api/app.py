@@ -25,7 +25,7 @@ from agent.api.metrics import AgentCollector
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
-from agent.monitors.base import MonitorRegistry, discover_monitors
+from agent.monitors.registry import MonitorRegistry, discover_monitors
 
 DESCRIPTION = """Loads eBPF monitors into the kernel and serves them.
 

@@ -21,7 +21,7 @@ from agent.config import Settings
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
-from agent.monitors.base import MonitorRegistry
+from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from agent.core.manager import MonitorUnsupported, OptionsInvalid, UnknownMonitor
-from agent.core.targets import TargetError
+from agent.model.targets import TargetError
 
 T = TypeVar("T")
 

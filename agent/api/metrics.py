@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.monitors.base import MetricSeries
+from agent.monitors.contract import MetricSeries
 
 if TYPE_CHECKING:
     from agent.api.deps import AppContext

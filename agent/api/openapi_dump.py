@@ -9,7 +9,7 @@ from typing import Any
 
 from agent.api.app import create_app
 from agent.config import Settings
-from agent.monitors.base import MonitorRegistry
+from agent.monitors.registry import MonitorRegistry
 
 
 def openapi_document() -> dict[str, Any]:

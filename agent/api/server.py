@@ -36,7 +36,7 @@ from agent.auth_files import (
     remove_token_files,
 )
 from agent.config import ConfigError, Settings
-from agent.monitors.base import MonitorRegistry
+from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
 EXIT_REFUSED = 2  # like config errors in agent.cli

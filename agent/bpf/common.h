@@ -1,5 +1,6 @@
 /* Shared by every monitor program: in-kernel target filtering, followed children,
- * counters, and the event transport (ring buffer or perf buffer).
+ * counters, the event header's fill helper, and the event transport (ring buffer or
+ * perf buffer). Constants and layouts userspace mirrors live in types.h.
  *
  * Kernel structs are never read through header types: the headers BCC compiles
  * against belong to another kernel (KERNEL.md). Offsets come from the running
@@ -27,36 +28,9 @@
 #define RINGBUF_PAGES 512
 #endif
 
-#define COMM_LEN 16
-#define ERR_EEXIST 17  /* include/uapi/asm-generic/errno-base.h */
+#include "types.h"
 
-/* target_flags[0]: which filters are active (userspace sets a bit when a set is non-empty). */
-#define TF_PIDS   1
-#define TF_UIDS   2
-#define TF_COMMS  4
-#define TF_FOLLOW 8
-/* Set by userspace once the target maps are written. Programs attach when BCC loads
- * them, before that: until then nothing matches, instead of everything. */
-#define TF_READY  16
-#define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS)
-
-/* counters[] indices; agent/monitors/base.py KERNEL_COUNTERS mirrors this list. */
-#define CNT_SEEN          0  /* events that matched the targets in the kernel */
-#define CNT_SUBMITTED     1  /* handed to the ring/perf buffer */
-#define CNT_DROPPED       2  /* the buffer was full: lost in the kernel */
-#define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
-#define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
-#define CNT_SINCE_WAKEUP  7  /* ring buffer: events since the consumer was last woken */
-#define NR_COUNTERS       8
-
-struct comm_key { char comm[COMM_LEN]; };
-
-/* target_pids holds the operator's pids (PID_TARGET) and their descendants, added at
- * fork and removed at exit (PID_FOLLOWED), in one map: a task that is not a target
- * costs a single lookup on every hook. A plain hash, so that followed children can
- * never evict an operator's pid; a full map is counted (CNT_FOLLOW_FULL). */
-#define PID_TARGET   1
-#define PID_FOLLOWED 2
+/* target_pids: PID_TARGET / PID_FOLLOWED values (types.h). */
 BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS + MAX_FOLLOWED);
 BPF_HASH(target_uids, u32, u8, MAX_TARGET_UIDS);
 BPF_HASH(target_comms, struct comm_key, u8, MAX_TARGET_COMMS);
@@ -133,6 +107,23 @@ static __always_inline u32 current_ppid(void)
     bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(task + OFF_TASK_STRUCT_REAL_PARENT));
     bpf_probe_read_kernel(&ppid, sizeof(ppid), (void *)(parent + OFF_TASK_STRUCT_TGID));
     return ppid;
+}
+
+/* Fill the header for the current task; ts_ns is the monitor's moment of the event
+ * (e.g. a call's entry), not necessarily now. Costs two bpf_probe_read_kernel calls
+ * for ppid: call it once per submitted event, not on every hook. */
+static __always_inline void fill_event_hdr(struct event_hdr *h, u64 ts_ns)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ugid = bpf_get_current_uid_gid();
+    h->ts_ns = ts_ns;
+    h->pid = id >> 32;
+    h->tid = (u32)id;
+    h->ppid = current_ppid();
+    h->uid = (u32)ugid;
+    h->gid = ugid >> 32;
+    h->_pad = 0;
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
 /* Follow children of targets: sched_process_fork runs in the parent (current) with

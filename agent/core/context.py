@@ -6,11 +6,12 @@ import logging
 from collections.abc import Callable, Sequence
 
 from agent.config import Settings
-from agent.core.events import Event
 from agent.core.manager import MonitorManager, OutputConfig
-from agent.core.targets import TargetLimits, TargetSet
 from agent.kernel.capabilities import CapabilityReport
-from agent.monitors.base import MonitorRegistry, TransportSettings
+from agent.model.events import Event
+from agent.model.targets import TargetLimits, TargetSet
+from agent.monitors.contract import TransportSettings
+from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from agent.core.events import Event
-from agent.core.targets import (
+from agent.kernel.capabilities import CapabilityReport
+from agent.model.events import Event
+from agent.model.targets import (
     KINDS,
     TargetKind,
     TargetLimits,
@@ -34,16 +35,15 @@ from agent.core.targets import (
     check_capacity,
     validate_values,
 )
-from agent.kernel.capabilities import CapabilityReport
-from agent.monitors.base import (
+from agent.monitors.contract import (
     BaseMonitor,
     MetricSeries,
     MonitorContext,
     MonitorError,
     MonitorOptions,
-    MonitorRegistry,
     TransportSettings,
 )
+from agent.monitors.registry import MonitorRegistry
 from agent.output.writer import OutputWriter
 
 log = logging.getLogger(__name__)

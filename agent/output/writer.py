@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from agent.core.events import Event, encode_event
+from agent.model.events import Event, encode_event
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.core.events import Event, encode_event
+from agent.model.events import Event, encode_event
 
 # How many sequence numbers one read scans at most: bounds the time a subscriber holds the
 # event loop and the size of one SSE chunk / burst of WebSocket frames.

@@ -15,7 +15,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_api_support import (
+
+from agent.api.app import context_of, create_app
+from agent.api.auth import LoginLimiter
+from agent.api.redact import RedactSecrets
+from tests.support.api import (
     fake_registry,
     fake_report,
     read_sse,
@@ -23,10 +27,6 @@ from test_api_support import (
     settings,
     thread_server,
 )
-
-from agent.api.app import context_of, create_app
-from agent.api.auth import LoginLimiter
-from agent.api.redact import RedactSecrets
 
 BASE = "http://127.0.0.1"
 ADMIN, VIEWER, HASHED = "admin-secret-0123", "viewer-secret-0123", "hashed-secret-0123"

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from test_api_support import AGENT_BIN, Agent, read_sse, read_ws, start_agent, write_config
 
 from agent.auth_files import default_token_header
+from tests.support.api import AGENT_BIN, Agent, read_sse, read_ws, start_agent, write_config
 
 TOKEN = "hardening-token-5f3c9a1e"
 NO_MONITORS = {"monitors": {"exec": {"enabled": False}}}

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from browser_support import browser_problem, chromium
-from conftest import IN_CI, prog_ids_held_by, require_kernel
-from test_api_support import (
+
+from agent.api.app import create_app
+from tests.support.api import (
     Agent,
     fake_registry,
     fake_report,
@@ -22,8 +22,8 @@ from test_api_support import (
     start_agent,
     thread_server,
 )
-
-from agent.api.app import create_app
+from tests.support.browser import browser_problem, chromium
+from tests.support.kernel import IN_CI, prog_ids_held_by, require_kernel
 
 ADMIN, VIEWER = "ui-admin-token-7d1e4c", "ui-viewer-token-9a2b6f"
 XSS = "<img src=x onerror=alert(1)>"

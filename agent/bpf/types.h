@@ -1,0 +1,55 @@
+/* What kernel programs and userspace share, in plain C: constants, map keys and the
+ * event header. No BPF macros here, so that gcc compiles this file (and every monitor
+ * header including it) for the layout checks in tests/support/layout.py; common.h
+ * includes it for the programs. The integer types (u64, u32...) come from the includer.
+ */
+#ifndef EBPF_AGENT_TYPES_H
+#define EBPF_AGENT_TYPES_H
+
+#define COMM_LEN 16
+#define ERR_EEXIST 17  /* include/uapi/asm-generic/errno-base.h */
+
+/* target_flags[0]: which filters are active (userspace sets a bit when a set is non-empty). */
+#define TF_PIDS   1
+#define TF_UIDS   2
+#define TF_COMMS  4
+#define TF_FOLLOW 8
+/* Set by userspace once the target maps are written. Programs attach when BCC loads
+ * them, before that: until then nothing matches, instead of everything. */
+#define TF_READY  16
+#define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS)
+
+/* counters[] indices; agent/monitors/bcc.py KERNEL_COUNTERS mirrors this list. */
+#define CNT_SEEN          0  /* events that matched the targets in the kernel */
+#define CNT_SUBMITTED     1  /* handed to the ring/perf buffer */
+#define CNT_DROPPED       2  /* the buffer was full: lost in the kernel */
+#define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
+#define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
+#define CNT_SINCE_WAKEUP  7  /* ring buffer: events since the consumer was last woken */
+#define NR_COUNTERS       8
+
+struct comm_key { char comm[COMM_LEN]; };
+
+/* target_pids holds the operator's pids (PID_TARGET) and their descendants, added at
+ * fork and removed at exit (PID_FOLLOWED), in one map: a task that is not a target
+ * costs a single lookup on every hook. A plain hash, so that followed children can
+ * never evict an operator's pid; a full map is counted (CNT_FOLLOW_FULL). */
+#define PID_TARGET   1
+#define PID_FOLLOWED 2
+
+/* The start of every monitor's event: who and when, with one meaning everywhere.
+ * agent/model/events.py EventHeader mirrors it and turns it into the common fields
+ * (monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm) of every event.
+ * 48 bytes, 8-aligned: the monitor's own fields follow without padding surprises. */
+struct event_hdr {
+    u64 ts_ns;                 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    u32 pid;                   /* tgid */
+    u32 tid;
+    u32 ppid;                  /* real_parent->tgid, through BTF offsets */
+    u32 uid;                   /* real uid and gid of the task */
+    u32 gid;
+    u32 _pad;
+    char comm[COMM_LEN];       /* the task's comm when filled (a monitor may refresh it) */
+};
+
+#endif /* EBPF_AGENT_TYPES_H */

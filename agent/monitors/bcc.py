@@ -1,0 +1,261 @@
+"""The BCC-backed base most monitors share: compile one C program (the monitor's own file
+with agent/bpf/common.h inlined), attach, drain its ring/perf buffer, keep the target maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from agent.kernel import procfs
+from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
+from agent.model.targets import TargetSet
+from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
+
+log = logging.getLogger(__name__)
+
+# Shared C (common.h); each monitor's own C lives in its folder.
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+# Mirrors the CNT_* indices of agent/bpf/common.h.
+KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
+TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
+PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
+
+
+def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
+    """The source with our own ``#include "x.h"`` lines replaced by the files, looked up
+    beside the including file first, then in agent/bpf/ (common.h).
+
+    BCC rewrites map calls and generates tracepoint argument structs only in the main
+    file, so TRACEPOINT_PROBEs in common.h must reach the compiler as part of it.
+    """
+    if path in seen:
+        return ""
+
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1)
+        local = path.parent / name
+        return inline_includes(local if local.exists() else BPF_DIR / name, seen | {path})
+
+    return _LOCAL_INCLUDE.sub(expand, path.read_text())
+
+
+class BccMonitor(BaseMonitor):
+    """A monitor whose kernel side is one BCC program including agent/bpf/common.h."""
+
+    BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
+    REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
+        "root", "bcc", "tracefs", "btf", "kernel_headers")
+
+    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+        super().__init__(options, ctx)
+        self.bpf: Any = None
+        self.use_ringbuf = False
+        self.lost_in_perf = 0
+        self.parse_errors = 0
+
+    # -- kernel side ---------------------------------------------------------------
+    def extra_cflags(self) -> dict[str, int | str]:
+        """Monitor-specific -D constants."""
+        return {}
+
+    @classmethod
+    def source_dir(cls) -> Path:
+        """The monitor's folder (agent/monitors/<name>/), where BPF_SOURCE lives."""
+        module = sys.modules[cls.__module__]
+        return Path(module.__file__ or ".").resolve().parent
+
+    def bpf_text(self) -> str:
+        return inline_includes(self.source_dir() / self.BPF_SOURCE)
+
+    def cflags(self) -> list[str]:
+        t, lim = self.ctx.transport, self.ctx.limits
+        self.use_ringbuf = t.kind == "ringbuf" or (t.kind == "auto" and self.ctx.ringbuf_supported)
+        defines: dict[str, int | str] = {
+            **self.ctx.kernel_offsets,
+            "MAX_TARGET_PIDS": lim.pids,
+            "MAX_TARGET_UIDS": lim.uids,
+            "MAX_TARGET_COMMS": lim.comms,
+            "RINGBUF_PAGES": t.ringbuf_pages,
+            "WAKEUP_EVERY": t.wakeup_every,
+            **self.extra_cflags(),
+        }
+        flags = [f"-I{self.source_dir()}", f"-I{BPF_DIR}", "-Wno-macro-redefined"]
+        flags += [f"-D{k}={v}" for k, v in defines.items()]
+        if self.use_ringbuf:
+            flags.append("-DUSE_RINGBUF")
+        return flags
+
+    def load(self) -> None:
+        from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
+
+        try:
+            self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
+            self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
+            self.attach()
+            self.open_buffer()
+        except Exception as e:
+            self.close()
+            raise MonitorError(f"{self.name}: loading the BPF program failed: {e}") from e
+
+    def attach(self) -> None:
+        """TRACEPOINT_PROBE programs attach themselves when BCC loads them."""
+
+    def open_buffer(self) -> None:
+        if self.use_ringbuf:
+            self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
+        else:
+            self.bpf[b"events"].open_perf_buffer(
+                self._on_raw_event, page_cnt=self.ctx.transport.perf_pages,
+                lost_cb=self._on_lost, wakeup_events=self.ctx.transport.wakeup_every,
+            )
+
+    def _on_lost(self, lost: int) -> None:
+        self.lost_in_perf += lost
+
+    def _on_raw_event(self, _cpu_or_ctx: Any, data: int, size: int) -> int:
+        try:
+            event = self.parse_event(ctypes.string_at(data, size))
+        except Exception:  # a bad record must not kill the poller; it is counted
+            self.parse_errors += 1
+            log.exception("%s: cannot decode an event", self.name)
+            return 0
+        if event is not None:
+            self.ctx.sink.publish(event)
+        return 0
+
+    def parse_event(self, raw: bytes) -> Event | None:
+        """The event from one raw record; its struct starts with ``struct event_hdr``,
+        whose fields common_fields() decodes."""
+        raise NotImplementedError
+
+    @cached_property
+    def _clock(self) -> MonotonicClock:
+        return MonotonicClock()
+
+    def common_fields(self, hdr: EventHeader) -> Event:
+        """monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm: the start of every
+        event, the same for every monitor."""
+        return header_fields(self.name, hdr, self._clock)
+
+    def poll(self, timeout_ms: int) -> None:
+        if self.bpf is None:
+            return
+        # Producers wake us only every `wakeup_every` events: drain what is there after
+        # every wait, woken or timed out.
+        if self.use_ringbuf:
+            self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+            self.bpf.perf_buffer_consume()
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            bpf.cleanup()
+
+    # -- targets -------------------------------------------------------------------
+    def set_targets(self, targets: TargetSet) -> None:
+        if self.bpf is None:
+            return
+        old_pids = self._operator_pids()
+        old_follow = bool(self._read_flags() & TF_FOLLOW)
+        new_flags = (
+            (TF_PIDS if targets.pids else 0)
+            | (TF_UIDS if targets.uids else 0)
+            | (TF_COMMS if targets.comms else 0)
+            | (TF_FOLLOW if targets.follow_children else 0)
+            | TF_READY
+        )
+        flags = self.bpf[b"target_flags"]
+        # While the maps are rewritten only filters active both before and after stay
+        # on: a filter being added is switched on once its map is full, one being
+        # removed is switched off before its map empties.
+        flags[ctypes.c_int(0)] = ctypes.c_uint32(
+            self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS | TF_READY)
+        )
+        self._sync_pids(targets.pids)
+        self._sync_ids("target_uids", targets.uids)
+        self._sync_comms(targets.comms)
+        if old_pids != set(targets.pids) or old_follow != targets.follow_children:
+            self._seed_followed(targets)
+        flags[ctypes.c_int(0)] = ctypes.c_uint32(new_flags)
+
+    def _read_flags(self) -> int:
+        return int(self.bpf[b"target_flags"][ctypes.c_int(0)].value)
+
+    def _operator_pids(self) -> set[int]:
+        return {k.value for k, v in self.bpf[b"target_pids"].items() if v.value == PID_TARGET}
+
+    def _sync_pids(self, wanted: frozenset[int]) -> None:
+        table = self.bpf[b"target_pids"]
+        for pid in self._operator_pids() - wanted:
+            del table[table.Key(pid)]
+        for pid in wanted:
+            table[table.Key(pid)] = table.Leaf(PID_TARGET)
+
+    def _sync_ids(self, map_name: str, wanted: frozenset[int]) -> None:
+        table = self.bpf[map_name.encode()]
+        present = {k.value for k in table}
+        for v in present - wanted:
+            del table[table.Key(v)]
+        for v in wanted - present:
+            table[table.Key(v)] = table.Leaf(1)
+
+    def _sync_comms(self, wanted: frozenset[str]) -> None:
+        table = self.bpf[b"target_comms"]
+        present = {bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape") for k in table}
+        for c in present - wanted:
+            table.__delitem__(self._comm_key(table, c))
+        for c in wanted - present:
+            table[self._comm_key(table, c)] = table.Leaf(1)
+
+    @staticmethod
+    def _comm_key(table: Any, comm: str) -> Any:
+        key = table.Key()
+        key.comm = comm.encode("utf-8", "surrogateescape")
+        return key
+
+    def _seed_followed(self, targets: TargetSet) -> None:
+        """Reset followed children: the living descendants of the target pids."""
+        table = self.bpf[b"target_pids"]
+        for key, kind in list(table.items()):
+            if kind.value == PID_FOLLOWED:
+                del table[key]
+        if not (targets.pids and targets.follow_children):
+            return
+        for pid in procfs.descendants(targets.pids) - targets.pids:
+            table[table.Key(pid)] = table.Leaf(PID_FOLLOWED)
+
+    def read_targets(self) -> dict[str, Any]:
+        """The target maps as the kernel holds them."""
+        return {
+            "pids": sorted(self._operator_pids()),
+            "uids": sorted(k.value for k in self.bpf[b"target_uids"]),
+            "comms": sorted(
+                bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape")
+                for k in self.bpf[b"target_comms"]
+            ),
+            "follow_children": bool(self._read_flags() & TF_FOLLOW),
+        }
+
+    def kernel_counters(self) -> dict[str, int]:
+        if self.bpf is None:
+            return {}
+        table = self.bpf[b"counters"]
+        out = {}
+        for i, name in enumerate(KERNEL_COUNTERS):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["dropped"] += self.lost_in_perf
+        out["parse_errors"] = self.parse_errors
+        return out

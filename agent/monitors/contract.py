@@ -1,0 +1,126 @@
+"""The monitor contract: what every monitor implements and what it receives.
+
+The registry lives in agent.monitors.registry, the BCC-backed base in agent.monitors.bcc;
+a monitor is one folder agent/monitors/<name>/ (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from agent.model.events import Event, EventSink
+from agent.model.targets import TargetLimits, TargetSet
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    """One Prometheus family a monitor exports: ``ebpf_agent_<monitor>_<name>`` with one
+    label whose values come from a bounded set (syscall names, probed functions)."""
+
+    name: str
+    doc: str
+    label: str
+    values: dict[str, float]
+    counter: bool = True
+
+
+class MonitorError(Exception):
+    """A monitor could not be loaded or attached; the message says why."""
+
+
+class MonitorOptions(BaseModel):
+    """Base of every monitor's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    kind: str = "auto"  # auto | ringbuf | perf
+    ringbuf_pages: int = 512  # shared by all CPUs; a power of two
+    perf_pages: int = 64  # per CPU; a power of two
+    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
+    # in between wait at most one poll timeout (100 ms).
+    wakeup_every: int = 32
+
+
+@dataclass
+class MonitorContext:
+    """What a running monitor receives from the manager."""
+
+    targets: TargetSet
+    sink: EventSink
+    transport: TransportSettings = field(default_factory=TransportSettings)
+    limits: TargetLimits = field(default_factory=TargetLimits)
+    ringbuf_supported: bool = True
+    kernel_offsets: dict[str, int] = field(default_factory=dict)
+
+
+class BaseMonitor(ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[MonitorOptions]] = MonitorOptions
+    # "category:event" tracepoints and capability names (agent.kernel.capabilities).
+    REQUIRED_TRACEPOINTS: ClassVar[tuple[str, ...]] = ()
+    REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = ()
+    CSV_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
+    SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+        self.options = options
+        self.ctx = ctx
+
+    @classmethod
+    def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
+        """Why these options cannot run on this kernel (409), beyond the static needs."""
+        return None
+
+    @abstractmethod
+    def load(self) -> None:
+        """Compile, load and attach; raise MonitorError with the reason on failure."""
+
+    @abstractmethod
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver pending events to ctx.sink; called in a loop by the poller thread."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Detach every probe and free every map. Idempotent."""
+
+    @abstractmethod
+    def set_targets(self, targets: TargetSet) -> None:
+        """Write the target set into the kernel maps."""
+
+    def apply_options(self, options: MonitorOptions) -> bool:
+        """Take new options without reloading, when only live-changeable ones differ;
+        False (the default) makes the manager reload the monitor with them."""
+        return False
+
+    def kernel_counters(self) -> dict[str, int]:
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        """Monitor-specific figures (aggregating monitors return their tables)."""
+        return {}
+
+    def periodic(self) -> None:  # noqa: B027 (optional hook)
+        """Called about once a second on the poller thread (snapshots, housekeeping)."""
+
+    def snapshot_rows(self) -> list[dict[str, Any]]:
+        """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors)."""
+        return []
+
+    def metric_series(self) -> list[MetricSeries]:
+        """Prometheus series of aggregating monitors' tables (read at scrape time)."""
+        return []
+
+    def csv_row(self, event: Event) -> list[Any]:
+        return [event.get(f) for f in self.CSV_FIELDS]
+
+    def console_line(self, event: Event) -> str:
+        return " ".join(f"{k}={event[k]}" for k in self.CSV_FIELDS if k in event)

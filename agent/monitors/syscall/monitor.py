@@ -1,0 +1,610 @@
+"""SyscallMonitor: per-syscall counts, errors, errnos and latency, aggregated in the kernel.
+
+The kernel side (agent/monitors/syscall/syscall.c) is raw tracepoints on sys_enter and sys_exit and
+keeps per-CPU tables; nothing crosses to userspace per call except, when
+``slow_threshold_us`` is set, the calls slower than it. Userspace reads the tables with
+BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
+
+Two modes (option ``latency``):
+- ``latency=True`` (default): a program at sys_enter stamps each call of a target and one
+  at sys_exit counts it with its latency (total/min/max, log2 histogram).
+- ``latency=False``: only a program at sys_exit, about a quarter of the cost per syscall:
+  counts, errors and errnos, filtered at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
+  ``histogram`` are None, ``sort="time"`` and ``slow_threshold_us`` are refused.
+  exit(2) and exit_group(2) are not counted (they never reach sys_exit; syscall.c says
+  why no other hook is used). Counted differently from the latency mode: calls in
+  flight when counting starts, and calls denied before sys_enter (seccomp
+  SECCOMP_RET_ERRNO, ptrace) with their errno, are counted; after an execve(2) the new
+  comm decides a comm filter.
+
+Windows: the kernel tables exist in two generations. The kernel writes the one named in
+``sc_config.gen``; ``stats(reset=True)`` switches generation, waits for programs that
+read the old value to finish (they run with preemption disabled and take microseconds),
+reads the old generation, which nothing writes any more, and clears it. So a reset loses
+no call and counts none twice.
+
+What is counted (decisions, see agent/monitors/syscall/syscall.c for the kernel facts):
+- a call counts at sys_exit, with its return value and latency, when its sys_enter was
+  seen for a target task; calls in flight when the monitor loads are not counted, nor
+  calls a seccomp filter or ptrace denied before sys_enter (latency mode; see above for
+  ``latency=False``);
+- exit(2) and exit_group(2) never return: counted at sys_enter, without latency (their
+  ``min_ns``/``max_ns`` are None, ``total_ns`` 0); not at all with ``latency=False``;
+- a successful execve(2) returns in the new program and counts with the whole exec as
+  its latency;
+- an error is a return value in [-4095, -1]; ``errnos`` maps names (errno_name()) to
+  counts, including kernel-internal restart codes (ERESTARTSYS...) that sys_exit sees
+  before the kernel restarts an interrupted call;
+- numbers are this machine's native ones: a 32-bit (ia32 compat) process's calls use the
+  i386 numbering and are reported under the native names of those numbers;
+- per-process entries last for the window, dead processes included: with per_process on
+  a busy host, end windows regularly (reset) or raise max_process_entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import threading
+import time
+from array import array
+from collections import defaultdict
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from agent.kernel.btf import BTFError, vmlinux_btf
+from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
+from agent.monitors.bcc import BccMonitor
+from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.registry import register_monitor
+
+# Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
+SC_COMM_LEN = 16
+SC_HIST_SLOTS = 32
+SC_GENERATIONS = 2
+SC_CFG_ARMED = 1
+SC_CFG_SLOW = 2
+SC_COUNTERS = ("process_overflow", "errno_overflow", "nr_out_of_range")  # SC_CNT_* order
+
+# The syscall number in struct pt_regs, per machine (what syscall_get_nr() reads:
+# arch/x86/include/asm/syscall.h, arch/arm64/include/asm/syscall.h). Its offset is
+# read from the running kernel's BTF; only the latency=False build needs it.
+PT_REGS_SYSCALL_NR = {"x86_64": "orig_ax", "aarch64": "syscallno"}
+
+# How long a generation switch waits for programs still writing the old generation.
+GENERATION_SETTLE_S = 0.005
+SORT_KEYS = {"count": "count", "time": "total_ns"}
+HISTOGRAM_DOC = (
+    "slot i counts calls with latency in [2^i, 2^(i+1)) ns; slot 0 includes 0 ns, "
+    f"slot {SC_HIST_SLOTS - 1} has no upper bound"
+)
+
+
+class ScConfig(ctypes.Structure):
+    _fields_ = [
+        ("slow_ns", ctypes.c_uint64),
+        ("gen", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class SyscallEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("latency_ns", ctypes.c_uint64),
+        ("ret", ctypes.c_int64),
+        ("nr", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class SyscallOptions(MonitorOptions):
+    latency: bool = Field(
+        True,
+        description="measure latency (a program at sys_enter too); false: counts, errors "
+        "and errnos at sys_exit only, at about a quarter of the cost per syscall; "
+        "exit/exit_group are then not counted",
+    )
+    per_process: bool = Field(False, description="also aggregate per (process, syscall)")
+    slow_threshold_us: int | None = Field(
+        None,
+        ge=0,
+        description="stream calls slower than this as events; None: off, 0: every call",
+    )
+    histogram: bool = Field(
+        True, description="keep a log2 latency histogram per syscall (with latency only)"
+    )
+    max_process_entries: int = Field(
+        16384,
+        ge=64,
+        le=1 << 20,
+        description="(process, syscall) pairs the per-process table holds; more are counted "
+        "in process_overflow and still counted per syscall",
+    )
+    max_threads: int = Field(
+        32768,
+        ge=64,
+        le=1 << 22,
+        description="threads whose call start times the kernel keeps (live, targeted threads)",
+    )
+
+    @model_validator(mode="after")
+    def _slow_needs_latency(self) -> SyscallOptions:
+        if self.slow_threshold_us is not None and not self.latency:
+            raise ValueError("slow_threshold_us needs latency=true")
+        return self
+
+
+# -- batch map operations ------------------------------------------------------------
+# BCC 0.26's TableBase.items_lookup_batch() passes one c_uint32 as both the batch token
+# and the count, so a table that needs more than one bpf(2) call is read wrongly; these
+# keep them apart. The batch token is a u32 for every map used here: the key of an
+# array (generic_map_lookup_batch) and the bucket index of a hash (kernel/bpf/hashtab.c).
+
+
+def _lib() -> Any:
+    from bcc.libbcc import lib  # imported late: no libbcc at import time
+
+    return lib
+
+
+def _batch_error(op: str, table: Any) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{op} on {table.name!r}: {os.strerror(err)}")
+
+
+def lookup_batch_raw(
+    table: Any, after: int | None = None, limit: int | None = None
+) -> tuple[Any, Any, int]:
+    """Keys and values of a BCC table as two ctypes arrays, and how many were read.
+
+    ``after``: an array key to start after; ``limit``: at most this many entries. A
+    per-CPU value holds one item per possible CPU.
+    """
+    n = limit or table.max_entries
+    keys, values = (table.Key * n)(), (table.Leaf * n)()
+    ksize, vsize = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+    token_in = ctypes.c_uint32(after or 0)
+    token_out = ctypes.c_uint32(0)
+    have_token = after is not None
+    total = 0
+    while total < n:
+        count = ctypes.c_uint32(n - total)
+        res = _lib().bpf_lookup_batch(
+            table.map_fd,
+            ctypes.byref(token_in) if have_token else None,
+            ctypes.byref(token_out),
+            ctypes.byref(keys, ksize * total),
+            ctypes.byref(values, vsize * total),
+            ctypes.byref(count),
+        )
+        total += count.value
+        if res != 0:
+            if ctypes.get_errno() == errno.ENOENT:  # the end of the map
+                break
+            raise _batch_error("BPF_MAP_LOOKUP_BATCH", table)
+        if count.value == 0:
+            break
+        token_in.value, have_token = token_out.value, True
+    return keys, values, total
+
+
+def lookup_batch(
+    table: Any, after: int | None = None, limit: int | None = None
+) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs of a BCC table (see lookup_batch_raw)."""
+    keys, values, total = lookup_batch_raw(table, after, limit)
+    return [(keys[i], values[i]) for i in range(total)]
+
+
+def zero_array_range(table: Any, first: int, n: int) -> None:
+    """Zero entries first..first+n-1 of a (per-CPU) array: one BPF_MAP_UPDATE_BATCH."""
+    keys = (table.Key * n)(*range(first, first + n))
+    values = (table.Leaf * n)()
+    count = ctypes.c_uint32(n)
+    res = _lib().bpf_update_batch(
+        table.map_fd, ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count)
+    )
+    if res != 0:
+        raise _batch_error("BPF_MAP_UPDATE_BATCH", table)
+
+
+def delete_keys(table: Any, keys: list[Any]) -> None:
+    """Delete these keys of a hash with BPF_MAP_DELETE_BATCH, one by one if that fails."""
+    if not keys:
+        return
+    arr = (table.Key * len(keys))(*keys)
+    count = ctypes.c_uint32(len(keys))
+    if _lib().bpf_delete_batch(table.map_fd, ctypes.byref(arr), ctypes.byref(count)) == 0:
+        return
+    for key in keys[count.value :]:  # the batch stops at its first failure
+        with contextlib.suppress(KeyError):  # gone already
+            del table[key]
+
+
+def sum_columns(flat: array, width: int) -> list[int]:
+    """Sum the per-CPU copies of a u64 array map: ``flat`` is entries x CPUs."""
+    ncpu = len(flat) // width
+    out = [0] * width
+    for cpu in range(ncpu):
+        for i, v in enumerate(flat[cpu::ncpu]):
+            out[i] += v
+    return out
+
+
+# -- aggregation ---------------------------------------------------------------------
+
+
+def merge_stat(per_cpu: Iterable[Any]) -> dict[str, Any]:
+    """Sum the per-CPU copies of one ``struct sc_stat``; min over the CPUs that have one."""
+    count = errors = total = max_ns = 0
+    mins = []
+    for s in per_cpu:
+        count += s.count
+        errors += s.errors
+        total += s.total_ns
+        max_ns = max(max_ns, s.max_ns)
+        if s.min_ns:
+            mins.append(s.min_ns)
+    return {
+        "count": count,
+        "errors": errors,
+        "total_ns": total,
+        "min_ns": min(mins) if mins else None,
+        "max_ns": max_ns if mins else None,
+    }
+
+
+def syscall_entry(nr: int, stat: dict[str, Any]) -> dict[str, Any]:
+    name = syscall_name(nr)
+    return {"name": name, "nr": nr, "category": category(name), **stat}
+
+
+def without_latency(stat: dict[str, Any]) -> dict[str, Any]:
+    """A row of the latency=False mode: its latency fields are None, not 0."""
+    for f in ("total_ns", "min_ns", "max_ns"):
+        if f in stat:
+            stat[f] = None
+    return stat
+
+
+def pt_regs_nr_offset(machine: str | None = None) -> int:
+    """Offset of the syscall number in this kernel's struct pt_regs (BTF)."""
+    m = machine or os.uname().machine
+    field = PT_REGS_SYSCALL_NR.get(m)
+    if field is None:
+        raise BTFError(f"no known pt_regs syscall-number field for machine {m}")
+    return vmlinux_btf().member_offset("pt_regs", field)
+
+
+def sort_limit(rows: list[dict], sort: str, limit: int | None) -> list[dict]:
+    field = SORT_KEYS[sort]
+    rows.sort(key=lambda r: (-r[field], r["nr"] if "nr" in r else r["pid"]))
+    return rows if limit is None else rows[:limit]
+
+
+def window_max_syscalls(names: dict[int, str]) -> int:
+    """Table size per generation: a power of two above the highest syscall number."""
+    return 1 << max(names).bit_length()
+
+
+@register_monitor("syscall", "system calls: counts, errors, errnos and latency per syscall")
+class SyscallMonitor(BccMonitor):
+    """System calls aggregated in the kernel; slow calls as events."""
+
+    Options = SyscallOptions
+    BPF_SOURCE = "syscall.c"
+    REQUIRED_TRACEPOINTS = (
+        "raw_syscalls:sys_enter",
+        "raw_syscalls:sys_exit",
+        "sched:sched_process_fork",
+        "sched:sched_process_exit",
+    )
+    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
+        *COMMON_CSV_FIELDS, "syscall", "nr", "category", "latency_ns", "ret",
+    )
+    # Columns of snapshot_rows(), for the output layer's periodic CSV.
+    SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "timestamp", "name", "nr", "category", "count", "errors", "total_ns", "min_ns",
+        "max_ns",
+    )
+
+    options: SyscallOptions
+
+    @classmethod
+    def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
+        if getattr(options, "latency", True):
+            return None
+        try:
+            pt_regs_nr_offset()
+        except BTFError as e:
+            return f"latency=false reads the syscall number from pt_regs: {e}; use latency=true"
+        return None
+
+    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+        super().__init__(options, ctx)
+        self._lock = threading.Lock()  # stats()/snapshot_rows() vs. a reset
+        self._gen = 0
+        self._window_start = time.monotonic()
+
+    # -- kernel side -------------------------------------------------------------------
+    @cached_property
+    def _names(self) -> dict[int, str]:
+        names = syscall_names()
+        if not names:
+            raise MonitorError(f"syscall: no syscall table for machine {os.uname().machine}")
+        return names
+
+    @cached_property
+    def max_syscalls(self) -> int:
+        return window_max_syscalls(self._names)
+
+    def _nr(self, name: str) -> int:
+        for nr, n in self._names.items():
+            if n == name:
+                return nr
+        raise MonitorError(f"syscall: {name} is missing from the syscall table")
+
+    def extra_cflags(self) -> dict[str, int | str]:
+        o = self.options
+        flags: dict[str, int | str] = {
+            "MAX_SYSCALLS": self.max_syscalls,
+            "MAX_THREADS": o.max_threads,
+            "MAX_PROC_ENTRIES": o.max_process_entries,
+            "NR_EXIT": self._nr("exit"),
+            "NR_EXIT_GROUP": self._nr("exit_group"),
+        }
+        if o.latency:
+            flags["WITH_LATENCY"] = 1
+            if o.histogram:
+                flags["WITH_HISTOGRAM"] = 1
+        else:
+            flags["OFF_PT_REGS_SYSCALL_NR"] = pt_regs_nr_offset()
+        if o.per_process:
+            flags["PER_PROCESS"] = 1
+        return flags
+
+    @property
+    def _histogram(self) -> bool:
+        return self.options.latency and self.options.histogram
+
+    def attach(self) -> None:
+        # The RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE programs attached themselves.
+        if self.options.latency:
+            # A second program on sched_process_exit frees the exiting thread's start slot.
+            self.bpf.attach_tracepoint(tp="sched:sched_process_exit", fn_name="sc_task_exit")
+
+    def load(self) -> None:
+        super().load()
+        try:
+            self._window_start = time.monotonic()
+            self._write_config(armed=True)  # counting starts: the targets are in place
+        except Exception as e:
+            self.close()
+            raise MonitorError(f"{self.name}: writing the configuration failed: {e}") from e
+
+    def _write_config(self, armed: bool = True) -> None:
+        threshold = self.options.slow_threshold_us
+        cfg = ScConfig(
+            slow_ns=0 if threshold is None else threshold * 1000,
+            gen=self._gen,
+            flags=(SC_CFG_ARMED if armed else 0) | (0 if threshold is None else SC_CFG_SLOW),
+        )
+        self.bpf[b"sc_config"][ctypes.c_int(0)] = cfg
+
+    def apply_options(self, options: MonitorOptions) -> bool:
+        """The slow-call threshold lives in a map: it changes without recompiling."""
+        if not isinstance(options, SyscallOptions) or self.bpf is None:
+            return False
+        rest = {"slow_threshold_us"}
+        if options.model_dump(exclude=rest) != self.options.model_dump(exclude=rest):
+            return False
+        self.set_slow_threshold_us(options.slow_threshold_us)
+        return True
+
+    def set_slow_threshold_us(self, threshold_us: int | None) -> None:
+        """Change the slow-call threshold of the running programs (None: off)."""
+        self.options = SyscallOptions.model_validate(
+            {**self.options.model_dump(), "slow_threshold_us": threshold_us}
+        )
+        if self.bpf is not None:
+            with self._lock:
+                self._write_config()
+
+    # -- events ------------------------------------------------------------------------
+    def parse_event(self, raw: bytes) -> Event:
+        e = SyscallEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(SyscallEvent), b"\0"))
+        name = syscall_name(e.nr)
+        return {
+            **self.common_fields(e.hdr),
+            "syscall": name,
+            "nr": e.nr,
+            "category": category(name),
+            "latency_ns": e.latency_ns,
+            "ret": e.ret,
+        }
+
+    def console_line(self, event: Event) -> str:
+        ret = event["ret"]
+        result = f"{ret} {errno_name(ret)}" if -4095 <= ret < 0 else str(ret)
+        return (
+            f"{event['timestamp']} syscall pid={event['pid']} tid={event['tid']} "
+            f"comm={event['comm']} {event['syscall']} = {result} "
+            f"{event['latency_ns'] / 1000:.1f}us"
+        )
+
+    # -- tables --------------------------------------------------------------------------
+    def _read_syscalls(self, gen: int, histogram: bool) -> dict[int, dict[str, Any]]:
+        n = self.max_syscalls
+        first = gen * n
+        rows: dict[int, dict[str, Any]] = {}
+        latency = self.options.latency
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_stats"], first - 1 if gen else None, n):
+            stat = merge_stat(per_cpu)
+            if stat["count"]:
+                rows[key - first] = stat if latency else without_latency(stat)
+        for row in rows.values():
+            row["errnos"] = {}
+            row["histogram"] = [] if latency else None
+        self._add_errnos(gen, rows)
+        if histogram and self._histogram:
+            self._add_histograms(gen, rows)
+        return rows
+
+    def _add_errnos(self, gen: int, rows: dict[int, dict[str, Any]]) -> None:
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_errnos"]):
+            if key.gen == gen and key.nr in rows:
+                errnos = rows[key.nr]["errnos"]
+                name = errno_name(key.err)
+                errnos[name] = errnos.get(name, 0) + sum(per_cpu)
+
+    def _add_histograms(self, gen: int, rows: dict[int, dict[str, Any]]) -> None:
+        table = self.bpf[b"sc_hist"]
+        width = self.max_syscalls * SC_HIST_SLOTS
+        first = gen * width
+        _keys, values, total = lookup_batch_raw(table, first - 1 if gen else None, width)
+        flat = array("Q", bytes(values)[: total * ctypes.sizeof(table.Leaf)])
+        sums = sum_columns(flat, total)
+        for nr, row in rows.items():
+            row["histogram"] = sums[nr * SC_HIST_SLOTS : (nr + 1) * SC_HIST_SLOTS]
+
+    def _read_processes(self, gen: int) -> list[dict[str, Any]]:
+        procs: dict[int, dict[str, Any]] = {}
+        per_pid: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
+        for key, per_cpu in lookup_batch(self.bpf[b"sc_procs"]):
+            if key.gen != gen:
+                continue
+            comm = next((c for c in (decode_c_string(p.comm) for p in per_cpu) if c), "")
+            stat = {
+                "count": sum(p.count for p in per_cpu),
+                "errors": sum(p.errors for p in per_cpu),
+                "total_ns": sum(p.total_ns for p in per_cpu),
+                "max_ns": max(p.max_ns for p in per_cpu),
+            }
+            proc = procs.setdefault(
+                key.tgid, {"pid": key.tgid, "comm": comm, "count": 0, "errors": 0, "total_ns": 0}
+            )
+            proc["comm"] = proc["comm"] or comm
+            for f in ("count", "errors", "total_ns"):
+                proc[f] += stat[f]
+            if not self.options.latency:
+                without_latency(stat)
+            per_pid[key.tgid].append(syscall_entry(key.nr, stat))
+        for pid, proc in procs.items():
+            proc["syscalls"] = per_pid[pid]
+            if not self.options.latency:
+                without_latency(proc)
+        return list(procs.values())
+
+    def _clear_generation(self, gen: int) -> None:
+        n = self.max_syscalls
+        zero_array_range(self.bpf[b"sc_stats"], gen * n, n)
+        if self._histogram:
+            width = n * SC_HIST_SLOTS
+            zero_array_range(self.bpf[b"sc_hist"], gen * width, width)
+        for name in ("sc_errnos", "sc_procs") if self.options.per_process else ("sc_errnos",):
+            table = self.bpf[name]
+            delete_keys(table, [k for k, _ in lookup_batch(table) if k.gen == gen])
+
+    def _switch_generation(self) -> tuple[int, float]:
+        """Start a new window; returns the old generation and the old window's length."""
+        old, now = self._gen, time.monotonic()
+        self._gen ^= 1
+        self._write_config()
+        interval = now - self._window_start
+        self._window_start = now
+        # Programs that read the old generation before the switch finish within
+        # microseconds: they run with preemption disabled. (On PREEMPT_RT they only
+        # have migration disabled; a call preempted across the switch may then land in
+        # the generation being cleared and be lost.)
+        time.sleep(GENERATION_SETTLE_S)
+        return old, interval
+
+    def _window(self, reset: bool, details: bool = True) -> tuple[dict, list, float]:
+        """Per-syscall rows, per-process rows and the window's length in seconds;
+        ``details``: with histograms and processes."""
+        with self._lock:
+            if reset:
+                gen, interval = self._switch_generation()
+            else:
+                gen, interval = self._gen, time.monotonic() - self._window_start
+            rows = self._read_syscalls(gen, histogram=details)
+            per_process = details and self.options.per_process
+            procs = self._read_processes(gen) if per_process else []
+            if reset:
+                self._clear_generation(gen)
+        return rows, procs, interval
+
+    # -- results -------------------------------------------------------------------------
+    def stats(self, sort: str = "count", limit: int | None = None, reset: bool = False) -> dict:
+        """The current window per syscall (and per process), sorted by ``sort``.
+
+        ``sort``: "count" or "time" (total latency; not with latency=False); ``limit``:
+        the first N rows of each list; ``reset``: end the window (its figures are
+        returned) and start a new one.
+        """
+        if sort not in SORT_KEYS:
+            raise ValueError(f"sort must be one of {sorted(SORT_KEYS)}, not {sort!r}")
+        if sort == "time" and not self.options.latency:
+            raise ValueError('sort="time" needs latency: this monitor runs with latency=false')
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if self.bpf is None:
+            return {"syscalls": [], "interval_s": 0.0}
+        rows, procs, interval = self._window(reset)
+        out: dict[str, Any] = {
+            "interval_s": round(interval, 6),
+            "syscalls": sort_limit(
+                [syscall_entry(nr, stat) for nr, stat in rows.items()], sort, limit
+            ),
+            "histogram_buckets": HISTOGRAM_DOC if self._histogram else None,
+        }
+        if self.options.per_process:
+            for proc in procs:
+                proc["syscalls"] = sort_limit(proc["syscalls"], sort, limit)
+            out["processes"] = sort_limit(procs, sort, limit)
+        return out
+
+    def metric_series(self) -> list[MetricSeries]:
+        """Per syscall name (a bounded set: the architecture's table). The figures are
+        those of the current window: a `?reset=true` read shows as a counter reset."""
+        rows = self.stats()["syscalls"]
+        series = [
+            MetricSeries("calls", "system calls in the current window", "syscall",
+                         {r["name"]: r["count"] for r in rows}),
+            MetricSeries("errors", "failed system calls in the current window", "syscall",
+                         {r["name"]: r["errors"] for r in rows}),
+        ]
+        if self.options.latency:
+            series.append(MetricSeries(
+                "latency_seconds", "time spent in system calls in the current window",
+                "syscall", {r["name"]: r["total_ns"] / 1e9 for r in rows}))
+        return series
+
+    def snapshot_rows(self) -> list[dict[str, Any]]:
+        """One row per syscall seen in the current window (cumulative since its start),
+        for periodic CSV snapshots; columns SNAPSHOT_FIELDS."""
+        if self.bpf is None:
+            return []
+        rows, _procs, _interval = self._window(reset=False, details=False)
+        now = self._clock.iso(time.monotonic_ns())
+        out = []
+        for nr in sorted(rows):
+            entry = syscall_entry(nr, rows[nr])
+            out.append({"timestamp": now, **{f: entry[f] for f in self.SNAPSHOT_FIELDS[1:]}})
+        return out
+
+    def kernel_counters(self) -> dict[str, int]:
+        out = super().kernel_counters()
+        if self.bpf is None:
+            return out
+        table = self.bpf[b"sc_counters"]
+        for i, name in enumerate(SC_COUNTERS):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out

@@ -1,0 +1,152 @@
+"""The syscall and func monitors driven through a real `ebpf-agent serve` over HTTP,
+checked against a workload that makes a known number of calls."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.api import Agent, start_agent
+from tests.support.kernel import compile_c
+
+pytestmark = pytest.mark.kernel
+
+GETPPID = 1000
+GETPID = 37
+
+WORKLOAD_C = r"""
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Waits for a line on stdin, makes exactly N getppid syscalls and K libc getpid()
+   calls (through a volatile pointer, so the compiler keeps every call), then waits for
+   a second line before exiting. */
+int main(void) {
+    pid_t (*volatile get_pid)(void) = getpid;
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    for (int i = 0; i < N_GETPPID; i++) syscall(SYS_getppid);
+    for (int i = 0; i < N_GETPID; i++) get_pid();
+    printf("done\n");
+    fflush(stdout);
+    fgets(line, sizeof line, stdin);
+    return 0;
+}
+""".replace("N_GETPPID", str(GETPPID)).replace("N_GETPID", str(GETPID))
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    from tests.support.kernel import require_kernel
+
+    require_kernel()
+    a = start_agent(tmp_path_factory.mktemp("agent"), {"monitors": {}})
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+@pytest.fixture
+def workload(tmp_path: Path) -> Iterator[subprocess.Popen]:
+    binary = compile_c(tmp_path, "workload", WORKLOAD_C)
+    proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_workload(proc: subprocess.Popen) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "done\n"
+
+
+def test_syscall_counts_over_http_are_exact(agent: Agent, workload: subprocess.Popen) -> None:
+    assert agent.request("PUT", "/targets/pids", json=[workload.pid]).status_code == 200
+    try:
+        r = agent.request("POST", "/monitors/syscall/start", json={"per_process": True})
+        assert r.status_code == 200 and r.json()["state"] == "running", r.text
+        run_workload(workload)
+        stats = agent.request("GET", "/monitors/syscall/stats", params={"limit": 50}).json()
+        rows = {row["name"]: row for row in stats["syscalls"]}
+        assert rows["getppid"]["count"] == GETPPID
+        assert rows["getppid"]["errors"] == 0 and rows["getppid"]["category"] == "process"
+        assert sum(rows["getppid"]["histogram"]) == GETPPID
+        procs = {p["pid"]: p for p in stats["processes"]}
+        assert workload.pid in procs
+        by_time = agent.request("GET", "/monitors/syscall/stats",
+                                params={"sort": "time", "limit": 1}).json()
+        assert len(by_time["syscalls"]) == 1
+        bad = agent.request("GET", "/monitors/syscall/stats", params={"sort": "colour"})
+        assert bad.status_code == 422
+        metrics = agent.request("GET", "/metrics").text
+        assert f'ebpf_agent_syscall_calls_total{{syscall="getppid"}} {GETPPID}.0' in metrics
+        assert 'ebpf_agent_syscall_latency_seconds_total{syscall="getppid"}' in metrics
+    finally:
+        agent.request("POST", "/monitors/syscall/stop")
+        agent.request("PUT", "/targets/pids", json=[])
+
+
+def test_func_counts_over_http_are_exact(agent: Agent, workload: subprocess.Popen) -> None:
+    assert agent.request("PUT", "/targets/pids", json=[workload.pid]).status_code == 200
+    try:
+        r = agent.request("POST", "/monitors/func/start",
+                          json={"patterns": ["c:getpid"], "latency": True})
+        assert r.status_code == 200 and r.json()["state"] == "running", r.text
+        run_workload(workload)
+        stats = agent.request("GET", "/monitors/func/stats").json()
+        getpid = [f for f in stats["functions"] if f["name"] in ("getpid", "__getpid")]
+        assert [f["count"] for f in getpid] == [GETPID]
+        assert sum(getpid[0]["histogram"]) == GETPID
+        metrics = agent.request("GET", "/metrics").text
+        assert f'ebpf_agent_func_calls_total{{function="libc.so.6:{getpid[0]["name"]}"}} ' \
+            f'{GETPID}.0' in metrics
+    finally:
+        agent.request("POST", "/monitors/func/stop")
+        agent.request("PUT", "/targets/pids", json=[])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"patterns": ["vfs_read"]}, 409, "kprobes"),
+        ({"patterns": ["c:no_such_function_xyz*"]}, 422, "matches no function"),
+        ({"patterns": ["c:str*"], "max_probes": 1}, 422, "max_probes=1"),
+        ({"patterns": []}, 422, "patterns"),
+        ({}, 422, "patterns"),
+    ],
+)
+def test_func_refusals_over_http_leave_it_stopped(agent: Agent, body, status, needle) -> None:
+    if status == 409 and agent.request("GET", "/capabilities").json()["features"][
+            "kprobes"]["available"]:
+        pytest.skip("this kernel has kprobes: kernel patterns are allowed here")
+    r = agent.request("POST", "/monitors/func/start", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    assert agent.request("GET", "/monitors/func").json()["state"] in ("stopped", "failed")
+
+
+def test_threshold_change_applies_without_reload(agent: Agent) -> None:
+    """Only the slow-call threshold differs: it goes into the running program's map."""
+    try:
+        first = agent.request("POST", "/monitors/syscall/start", json={}).json()
+        started = agent.request("GET", "/monitors/syscall/stats").json()["started_at"]
+        r = agent.request("POST", "/monitors/syscall/start", json={"slow_threshold_us": 50000})
+        assert r.status_code == 200 and r.json()["options"]["slow_threshold_us"] == 50000
+        assert first["options"]["slow_threshold_us"] is None
+        stats = agent.request("GET", "/monitors/syscall/stats").json()
+        assert stats["started_at"] == started  # the same load: no reload
+        r = agent.request("POST", "/monitors/syscall/start", json={"per_process": True})
+        assert r.json()["options"]["per_process"] is True
+        reloaded = agent.request("GET", "/monitors/syscall/stats").json()["started_at"]
+        assert reloaded != started  # a compiled-in option: reloaded
+    finally:
+        agent.request("POST", "/monitors/syscall/stop")

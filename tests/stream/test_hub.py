@@ -1,0 +1,204 @@
+"""The event hub: bounded ring, per-subscriber positions, drop counting, resume, filters,
+thread-safe publishing with coalesced wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from agent.model.events import encode_event
+from agent.stream.hub import EventHub, Filters, HubFull
+from agent.stream.wire import sse_chunk, ws_messages
+
+
+def ev(i: int, monitor: str = "exec", pid: int = 100, uid: int = 0, comm: str = "sh") -> dict:
+    return {"monitor": monitor, "pid": pid, "uid": uid, "comm": comm, "i": i}
+
+
+def test_ring_is_bounded_and_sequence_numbers_continue() -> None:
+    hub = EventHub(capacity=16)
+    for i in range(100):
+        hub.publish(ev(i))
+    assert hub.stats()["published"] == 100
+    assert hub.stats()["buffered"] == 16
+    assert len(hub._ring) == 16  # memory does not grow with events
+    assert (hub.first_seq, hub.next_seq) == (85, 101)
+
+
+def test_memory_is_shared_by_subscribers() -> None:
+    hub = EventHub(capacity=16, max_subscribers=1000)
+    subs = [hub.subscribe("sse", Filters(), last_event_id=0) for _ in range(500)]
+    for i in range(10):
+        hub.publish(ev(i))
+    assert len(hub._ring) == 16
+    assert all([e.seq for e in s.read().events] == list(range(1, 11)) for s in subs)
+
+
+def test_event_bytes_are_encoded_once_like_jsonl() -> None:
+    hub = EventHub(capacity=4)
+    sub = hub.subscribe("sse", Filters())
+    event = ev(1, comm="caf\udcc3")  # surrogate-escaped bytes: the stdlib path
+    hub.publish(event)
+    (got,) = sub.read().events
+    assert got.data == encode_event(event)
+    assert got.seq == 1 and got.monitor == "exec"
+
+
+def test_slow_subscriber_counts_its_own_drops_and_is_told_in_band() -> None:
+    hub = EventHub(capacity=8)
+    slow = hub.subscribe("sse", Filters())
+    fast = hub.subscribe("ws", Filters())
+    got_fast = []
+    for i in range(30):
+        hub.publish(ev(i))
+        got_fast += fast.read().events
+    assert [e.seq for e in got_fast] == list(range(1, 31))  # the fast one gets everything
+    assert slow.as_dict()["dropped"] == 22  # visible in /stats before it reads again
+    batch = slow.read()
+    assert batch.missed == 22
+    assert [e.seq for e in batch.events] == list(range(23, 31))
+    assert (slow.dropped, fast.dropped) == (22, 0)
+    chunk = sse_chunk(batch).decode()
+    assert chunk.startswith('event: dropped\ndata: {"missed":22}\n\n')
+    assert "id: 23\nevent: exec\ndata: {" in chunk
+    assert json.loads(ws_messages(batch)[0]) == {"event": "dropped", "missed": 22}
+
+
+def test_last_event_id_resumes_from_the_ring() -> None:
+    hub = EventHub(capacity=8)
+    for i in range(6):
+        hub.publish(ev(i))
+    sub = hub.subscribe("sse", Filters(), last_event_id=3)
+    batch = sub.read()
+    assert batch.missed == 0
+    assert [e.seq for e in batch.events] == [4, 5, 6]
+
+
+def test_resume_from_a_position_that_fell_out_reports_the_gap() -> None:
+    hub = EventHub(capacity=8)
+    for i in range(20):
+        hub.publish(ev(i))
+    sub = hub.subscribe("sse", Filters(), last_event_id=2)  # ring holds 13..20
+    batch = sub.read()
+    assert batch.missed == 10  # 3..12
+    assert [e.seq for e in batch.events] == list(range(13, 21))
+
+
+def test_ids_from_the_future_resume_live() -> None:
+    hub = EventHub(capacity=8)
+    hub.publish(ev(0))
+    sub = hub.subscribe("sse", Filters(), last_event_id=10_000)
+    assert sub.read().events == []
+    hub.publish(ev(1))
+    assert [e.seq for e in sub.read().events] == [2]
+
+
+def test_no_last_event_id_starts_live() -> None:
+    hub = EventHub(capacity=8)
+    hub.publish(ev(0))
+    sub = hub.subscribe("sse", Filters())
+    hub.publish(ev(1))
+    assert [e.seq for e in sub.read().events] == [2]
+
+
+def test_filters_combine_with_and_and_repeat_with_or() -> None:
+    hub = EventHub(capacity=64)
+    sub = hub.subscribe("sse", Filters(monitors=frozenset({"exec"}), pids=frozenset({1, 2}),
+                                       comms=frozenset({"sh"})))
+    hub.publish(ev(0, pid=1))
+    hub.publish(ev(1, pid=2))
+    hub.publish(ev(2, pid=3))
+    hub.publish(ev(3, pid=1, monitor="syscall"))
+    hub.publish(ev(4, pid=2, comm="bash"))
+    uid_sub = hub.subscribe("ws", Filters(uids=frozenset({1000})), last_event_id=0)
+    hub.publish(ev(5, uid=1000))
+    assert [json.loads(e.data)["i"] for e in sub.read().events] == [0, 1]
+    assert [json.loads(e.data)["i"] for e in uid_sub.read().events] == [5]
+
+
+def test_max_subscribers_and_unsubscribe() -> None:
+    hub = EventHub(capacity=8, max_subscribers=2)
+    a = hub.subscribe("sse", Filters())
+    hub.subscribe("ws", Filters())
+    with pytest.raises(HubFull):
+        hub.subscribe("sse", Filters())
+    hub.unsubscribe(a)
+    hub.unsubscribe(a)  # idempotent
+    hub.subscribe("sse", Filters())
+    assert len(hub.subscribers) == 2
+
+
+def test_totals_survive_disconnects() -> None:
+    hub = EventHub(capacity=4)
+    sub = hub.subscribe("sse", Filters())
+    for i in range(10):
+        hub.publish(ev(i))
+    batch = sub.read()
+    sub.inflight = len(batch.events)
+    sub.confirm()
+    hub.unsubscribe(sub)
+    assert hub.totals()["sse_delivered"] == 4
+    assert hub.totals()["sse_dropped"] == 6
+    assert hub.stats()["closed"] == {"disconnected": 1}
+
+
+def test_threaded_publishers_wake_waiting_subscribers_with_coalesced_callbacks() -> None:
+    async def scenario() -> tuple[list[int], int, EventHub]:
+        hub = EventHub(capacity=200_000)
+        hub.attach_loop(asyncio.get_running_loop())
+        sub = hub.subscribe("sse", Filters())
+        n_threads, per_thread = 4, 20_000
+
+        def produce(t: int) -> None:
+            for i in range(per_thread):
+                hub.publish(ev(i, pid=t))
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        seqs: list[int] = []
+        while len(seqs) < n_threads * per_thread:
+            batch = await asyncio.wait_for(sub.next_batch(), 10)
+            assert batch is not None and batch.missed == 0
+            seqs += [e.seq for e in batch.events]
+        for t in threads:
+            t.join()
+        return seqs, hub.wakeups, hub
+
+    seqs, wakeups, hub = asyncio.run(scenario())
+    assert seqs == list(range(1, 80_001))  # every event, in order, once
+    assert wakeups < 80_000 / 4  # far fewer loop callbacks than events
+
+
+def test_close_ends_waiting_subscribers() -> None:
+    async def scenario() -> object:
+        hub = EventHub(capacity=8)
+        hub.attach_loop(asyncio.get_running_loop())
+        sub = hub.subscribe("ws", Filters())
+        waiter = asyncio.create_task(sub.next_batch())
+        await asyncio.sleep(0.01)
+        threading.Thread(target=hub.close_threadsafe).start()
+        result = await asyncio.wait_for(waiter, 2)
+        with pytest.raises(HubFull):
+            hub.subscribe("sse", Filters())
+        return result
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_filtered_subscriber_skips_non_matching_floods_without_blocking_the_loop() -> None:
+    async def scenario() -> list[int]:
+        hub = EventHub(capacity=10_000)
+        hub.attach_loop(asyncio.get_running_loop())
+        sub = hub.subscribe("sse", Filters(pids=frozenset({7})))
+        for i in range(5000):
+            hub.publish(ev(i, pid=1))
+        hub.publish(ev(5000, pid=7))
+        batch = await asyncio.wait_for(sub.next_batch(limit=64), 2)
+        assert batch is not None
+        return [json.loads(e.data)["i"] for e in batch.events]
+
+    assert asyncio.run(scenario()) == [5000]

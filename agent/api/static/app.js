@@ -296,11 +296,17 @@ async function refreshSyscalls() {
   const byTime = timed ? await api("GET", "/monitors/syscall/stats?sort=time&limit=10") : null;
   syscallTable($("sc-count"), byCount.data.syscalls, (s) => String(s.count));
   syscallTable($("sc-time"), byTime && byTime.ok ? byTime.data.syscalls : [],
-    (s) => `${(s.total_ns / 1e6).toFixed(2)} ms`);
+    (s) => fmtNs(s.total_ns));
   const all = [...byCount.data.syscalls, ...(byTime && byTime.ok ? byTime.data.syscalls : [])];
   if (!state.selectedSyscall && all.length) state.selectedSyscall = all[0].name;
   const chosen = all.find((s) => s.name === state.selectedSyscall);
   drawHistogram(chosen);
+}
+
+function fmtNs(ns) {
+  if (ns >= 1e9) return `${(ns / 1e9).toFixed(2)} s`;
+  if (ns >= 1e6) return `${(ns / 1e6).toFixed(2)} ms`;
+  return `${(ns / 1e3).toFixed(1)} us`;
 }
 
 function syscallTable(table, rows, value) {
@@ -348,6 +354,7 @@ function drawHistogram(row) {
     tip.textContent = `>= ${bucketLabel(first + i)}: ${v}`;
     rect.append(tip);
     svg.append(rect);
+    if (i % Math.ceil(slots.length / 8) !== 0) return;  // labels must not overlap
     const label = document.createElementNS(ns, "text");
     label.setAttribute("x", String(i * width + 1));
     label.setAttribute("y", "145");

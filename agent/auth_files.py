@@ -53,7 +53,7 @@ def default_token_header(runtime_dir: Path | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _safe_dir(runtime_dir: Path) -> None:
+def prepare_runtime_dir(runtime_dir: Path) -> None:
     """Create the directory 0700, or accept an existing one that is ours and that no one
     else can write (systemd's RuntimeDirectory= may make it 0750 for a socket group)."""
     try:
@@ -91,7 +91,7 @@ def _write_secret(path: Path, text: str) -> None:
 
 def generate_token_files(runtime_dir: Path) -> str:
     """A new random token written to ``token`` and ``auth.header``; returns the token."""
-    _safe_dir(runtime_dir)
+    prepare_runtime_dir(runtime_dir)
     token = secrets.token_urlsafe(32)
     try:
         _write_secret(token_path(runtime_dir), token + "\n")

@@ -33,6 +33,7 @@ from agent.auth_files import (
     RuntimeDirError,
     generate_token_files,
     header_path,
+    prepare_runtime_dir,
     remove_token_files,
 )
 from agent.config import ConfigError, Settings
@@ -79,13 +80,18 @@ def check_security(settings: Settings) -> TokenStore:
     return tokens
 
 
-def generate_token(settings: Settings) -> str:
-    """Secure by default: a token for this run in api.runtime_dir (see agent.auth_files)."""
+def generate_token(settings: Settings, check_only: bool = False) -> str | None:
+    """Secure by default: a token for this run in api.runtime_dir (see agent.auth_files).
+    ``check_only``: only make sure the directory can hold it (before forking, so that a
+    refusal reaches the terminal); the token is written once the sockets are bound, so
+    an agent that cannot start never replaces the token of one that runs."""
     try:
-        token = generate_token_files(settings.api.runtime_dir)
+        if check_only:
+            prepare_runtime_dir(settings.api.runtime_dir)
+            return None
+        return generate_token_files(settings.api.runtime_dir)
     except RuntimeDirError as e:
         raise StartupRefused(f"no token configured and cannot generate one: {e}") from None
-    return token
 
 
 # -- PID file ----------------------------------------------------------------------------
@@ -338,27 +344,28 @@ def _report_when_ready(app: Any, daemon: Daemon) -> None:
 
 def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -> int:
     tokens = check_security(settings)  # before forking: refusals reach the terminal
-    generated = None
-    if settings.api.auth == "token" and not tokens:
-        generated = generate_token(settings)
+    generate = settings.api.auth == "token" and not tokens
+    if generate:
+        generate_token(settings, check_only=True)
     pid_file = PidFile(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:
         pid_file.acquire()
     runner = Daemon()
     if daemon and (code := runner.fork()) is not None:
         return code
-    redaction = install_redaction([generated] if generated else [])
+    redaction = install_redaction()
+    generated: list[str] = []  # filled by _serve, removed here whatever happens
     try:
-        return _serve(settings, registry, generated, runner if daemon else None, pid_file,
-                      redaction)
+        return _serve(settings, registry, generate, generated, runner if daemon else None,
+                      pid_file, redaction)
     except BaseException as e:
         runner.report(f"start-up failed: {e}")
         raise
     finally:
         if pid_file is not None:
             pid_file.release()
-        if generated is not None:
-            remove_token_files(settings.api.runtime_dir, generated)
+        for token in generated:
+            remove_token_files(settings.api.runtime_dir, token)
         uninstall_redaction(redaction)
 
 
@@ -370,14 +377,21 @@ def _auth_summary(settings: Settings, generated: str | None) -> str:
     return "token required"
 
 
-def _serve(settings: Settings, registry: MonitorRegistry, generated: str | None,
-           daemon: Daemon | None, pid_file: PidFile | None, redaction: RedactSecrets) -> int:
+def _serve(settings: Settings, registry: MonitorRegistry, generate: bool,
+           generated_out: list[str], daemon: Daemon | None, pid_file: PidFile | None,
+           redaction: RedactSecrets) -> int:
     from agent.api.app import create_app
 
     if pid_file is not None:
         pid_file.write(os.getpid())
     max_connections = fd_budget(settings.api.max_connections)
     sockets = bind_sockets(settings)
+    generated = None
+    if generate:
+        generated = generate_token(settings)
+        assert generated is not None
+        generated_out.append(generated)
+        redaction.add(generated)
     app = create_app(settings, registry, generated_token=generated)
     for t in settings.tokens:
         if t.token is not None:

@@ -72,6 +72,13 @@ def test_no_token_configured_generates_one_into_a_root_only_runtime_dir(tmp_path
         log = a.log_text()
         assert f"generated one: curl -H @{run / 'auth.header'}" in log
         assert a.token not in log
+        # A second agent that cannot start (the port is taken) leaves the token alone.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
+        second = subprocess.run(
+            [str(AGENT_BIN), "--config", str(tmp_path / "agent.yaml"), "serve", "--port",
+             str(address(a)[1])], capture_output=True, text=True, timeout=60, env=env)
+        assert second.returncode != 0 and "cannot listen" in second.stderr
+        assert (run / "token").read_text() == f"{a.token}\n"
     # Removed on exit: the secret of a stopped agent does not linger.
     assert not (run / "token").exists() and not (run / "auth.header").exists()
     assert default_token_header(run) == {}

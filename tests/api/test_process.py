@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.auth_files import default_token_header
 from tests.support.api import (
     AGENT_BIN,
     Agent,
@@ -352,7 +353,9 @@ def test_sigterm_with_open_streams_exits_0_and_unloads_every_program(
 def test_daemon_pid_file_and_refusal_of_a_second_instance(tmp_path: Path, kernel: None) -> None:
     pid_file = tmp_path / "agent.pid"
     port = free_port()
-    path = write_config(tmp_path, {"logging": {"file": str(tmp_path / "daemon.log")}})
+    # No token configured: the daemon generates one into the runtime dir.
+    path = write_config(tmp_path, {"logging": {"file": str(tmp_path / "daemon.log")},
+                                   "api": {"runtime_dir": str(tmp_path / "run")}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
     cmd = [str(AGENT_BIN), "--config", str(path), "serve", "--port", str(port), "--daemon",
            "--pid-file", str(pid_file)]
@@ -361,7 +364,9 @@ def test_daemon_pid_file_and_refusal_of_a_second_instance(tmp_path: Path, kernel
     pid = int(pid_file.read_text())
     try:
         os.kill(pid, 0)  # the daemon is alive, and serving since the parent exited 0
-        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200
+        auth = default_token_header(tmp_path / "run")
+        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10,
+                         headers=auth).status_code == 200
         again = subprocess.run([*cmd[:-4], str(free_port()), "--daemon", "--pid-file",
                                 str(pid_file)], capture_output=True, text=True, timeout=60,
                                env=env)

@@ -198,6 +198,8 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
         "stream": {"heartbeat_s": 0.5},  # readers notice stop() at the next heartbeat
         "output": {"directory": str(tmp_path / "out"), "formats": []},
         "monitors": {"exec": {"enabled": True}},
+        # Never the real /run/ebpf-agent: a generated token lands in the test's tmp dir.
+        "api": {"runtime_dir": str(tmp_path / "run")},
     }
     for key, value in config.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -158,7 +158,9 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = workdir / "agent.yaml"
     config.write_text(json.dumps({
-        "api": {"port": port},
+        # Loopback only: measured without authentication (explicit since the secure
+        # default generates a token).
+        "api": {"port": port, "auth": "none", "runtime_dir": str(workdir / "run")},
         "output": {"directory": str(workdir / "out"), "formats": []},
         "stream": {"replay_buffer": 65536, "max_subscribers": 256},
         "logging": {"level": "WARNING"},

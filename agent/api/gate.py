@@ -85,7 +85,7 @@ class AuthGate:
         if not changes:
             await self._handle(scope, receive, send, method, websocket, note)
             return
-        status = {"code": 500}
+        status = {"code": 499}  # no response at all: the client went away (nginx's 499)
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":

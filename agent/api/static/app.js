@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   who: null, monitors: [], timers: [], source: null, buffer: [], missed: 0,
-  received: 0, pending: 0, paused: false, selectedSyscall: null, lastCpu: null,
+  received: 0, pending: 0, paused: false, fresh: [], selectedSyscall: null, lastCpu: null,
   edited: {},
 };
 
@@ -119,6 +119,7 @@ function start(who) {
   every(3000, refreshMonitors);
   every(5000, refreshTargets);
   every(3000, refreshSyscalls);
+  every(250, flushEvents);
   if (who.scope === "control") { refreshAudit(); every(5000, refreshAudit); }
 }
 
@@ -383,10 +384,12 @@ function wireEvents() {
   $("pause").addEventListener("click", () => {
     state.paused = !state.paused;
     $("pause").textContent = state.paused ? "Resume" : "Pause";
-    if (!state.paused) { state.pending = 0; renderEvents(); }
+    if (!state.paused) { state.pending = 0; state.fresh = []; renderEvents(); }
     counters();
   });
-  $("clear").addEventListener("click", () => { state.buffer = []; renderEvents(); });
+  $("clear").addEventListener("click", () => {
+    state.buffer = []; state.fresh = []; renderEvents();
+  });
 }
 
 function connectEvents() {
@@ -415,28 +418,43 @@ function onEvent(e) {
   let data;
   try { data = JSON.parse(e.data); } catch (_) { return; }
   const monitor = data.monitor || e.type;
+  const ev = { monitor, data, raw: e.data };
   state.received += 1;
-  state.buffer.push({ monitor, data, raw: e.data });
+  state.buffer.push(ev);
   if (state.buffer.length > 2000) state.buffer.splice(0, state.buffer.length - 2000);
-  if (state.paused) { state.pending += 1; counters(); return; }
-  if (matches(monitor, data)) {
+  if (state.paused) { state.pending += 1; return; }
+  state.fresh.push(ev);
+  if (state.fresh.length > 2000) state.fresh.splice(0, state.fresh.length - 2000);
+}
+
+// Rows are added in batches (4 per second), not per event: a flood of events costs the
+// page one DOM update per batch, bounded by the row limit.
+function flushEvents() {
+  const fresh = state.fresh;
+  state.fresh = [];
+  if (fresh.length) {
+    const limit = maxRows();
+    const fragment = document.createDocumentFragment();
+    let added = 0;
+    for (let i = fresh.length - 1; i >= 0 && added < limit; i--) {
+      const ev = fresh[i];
+      if (!matches(ev.monitor, ev.data)) continue;
+      fragment.append(eventRow(ev.monitor, ev.data, ev.raw));
+      added += 1;
+    }
     const body = $("events").tBodies[0];
-    body.prepend(eventRow(monitor, data, e.data));
+    body.prepend(fragment);
     trimRows(body);
   }
   counters();
 }
 
 function trimRows(body) {
-  const limit = maxRows();
-  let rows = body.querySelectorAll("tr.event-row");
-  while (rows.length > limit) {
-    const last = rows[rows.length - 1];
-    if (last.nextSibling && last.nextSibling.classList.contains("expanded")) {
-      last.nextSibling.remove();
-    }
-    last.remove();
-    rows = body.querySelectorAll("tr.event-row");
+  const rows = body.querySelectorAll("tr.event-row");
+  for (let i = rows.length - 1; i >= maxRows(); i--) {
+    const next = rows[i].nextSibling;
+    if (next && next.classList && next.classList.contains("expanded")) next.remove();
+    rows[i].remove();
   }
 }
 
@@ -479,6 +497,7 @@ function eventRow(monitor, d, raw) {
 }
 
 function renderEvents() {
+  state.fresh = [];  // the buffer holds them: drawn below, not again by flushEvents
   const body = $("events").tBodies[0];
   const limit = maxRows();
   const rows = [];

@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+	$(PY) bench/flood_stop.py
 	$(PY) bench/api_limits.py
 
 clean:

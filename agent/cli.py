@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from agent.config import DEFAULT_CONFIG, ConfigError, Settings, absolute_paths, load_settings
 from agent.model.targets import TargetError
 from agent.monitors.registry import MonitorRegistry, discover_monitors
 
@@ -80,7 +80,8 @@ def _settings(args: argparse.Namespace, registry: MonitorRegistry) -> Settings:
         if args.pid_file:
             overrides["pid_file"] = str(args.pid_file)
     path = args.config if args.config is not None else DEFAULT_CONFIG
-    return load_settings(path if path.exists() or args.config else None, overrides, registry)
+    settings = load_settings(path if path.exists() or args.config else None, overrides, registry)
+    return absolute_paths(settings)
 
 
 def _run_options(args: argparse.Namespace, settings: Settings) -> dict[str, dict[str, Any]]:
@@ -146,6 +147,8 @@ def cmd_run(args: argparse.Namespace, registry: MonitorRegistry, settings: Setti
                 raise CliError(f"{name}: {detail}", EXIT_CONFIG) from None
             except UnknownMonitor:
                 raise CliError(f"unknown monitor {name!r}", EXIT_CONFIG) from None
+            except ValueError as e:  # func patterns, output paths: the API's 422s
+                raise CliError(f"{name}: {e}", EXIT_CONFIG) from None
         print(f"ebpf-agent: running {', '.join(args.monitors)}; Ctrl-C to stop", file=sys.stderr)
         done.wait(args.duration)
     finally:
@@ -166,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args, registry)
         settings = _settings(args, registry)
-        logging.basicConfig(
-            level=settings.logging.level,
-            filename=str(settings.logging.file) if settings.logging.file else None,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        try:
+            logging.basicConfig(
+                level=settings.logging.level,
+                filename=str(settings.logging.file) if settings.logging.file else None,
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+        except OSError as e:
+            raise ConfigError(f"logging.file {settings.logging.file}: {e.strerror}") from None
         if args.command == "run":
             return cmd_run(args, registry, settings)
         return cmd_serve(args, registry, settings)

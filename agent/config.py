@@ -6,11 +6,15 @@ reason (``ConfigError``); the CLI turns them into one line and exit code 2.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -19,7 +23,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from agent.model.targets import TargetError, validate_comm
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "agent.yaml"
 
@@ -80,6 +93,25 @@ class OutputSettings(Section):
     queue_size: int = Field(65536, ge=16, le=10_000_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     snapshot_interval_s: float = Field(10.0, gt=0, le=86400)  # aggregate tables to CSV
+    # Files are 0600 in a 0700 directory; with a group, 0640 and 0750 owned by it.
+    group: str | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _known_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            group_id(v)
+        return v
+
+
+def group_id(name: str) -> int:
+    """The gid of a group name (or number); ValueError naming it when unknown."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"no such group: {name!r}") from None
 
 
 def _power_of_two(v: int) -> int:
@@ -98,8 +130,16 @@ class TransportSettingsModel(Section):
 
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
-# TASK_COMM_LEN is 16 with the NUL; the length is checked in bytes by TargetSet too.
-Comm = Annotated[str, Field(min_length=1, max_length=15)]
+
+
+def _comm(value: str) -> str:
+    try:
+        return validate_comm(value)  # the API's rule: 1-15 bytes (TASK_COMM_LEN with NUL)
+    except TargetError as e:
+        raise ValueError(str(e).removeprefix("comms: ")) from None
+
+
+Comm = Annotated[str, AfterValidator(_comm)]
 
 
 class TargetSettings(Section):
@@ -110,6 +150,14 @@ class TargetSettings(Section):
     max_pids: int = Field(10240, ge=1, le=1_000_000)
     max_uids: int = Field(1024, ge=1, le=65536)
     max_comms: int = Field(256, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _fit_the_maps(self) -> TargetSettings:
+        for kind in ("pids", "uids", "comms"):
+            size, cap = len(getattr(self, kind)), getattr(self, f"max_{kind}")
+            if size > cap:
+                raise ValueError(f"{size} {kind} exceed max_{kind}={cap} (the kernel map's size)")
+        return self
 
 
 class MonitorConfig(Section):
@@ -166,14 +214,48 @@ class Settings(BaseSettings):
         if self.token is not None and self.token.get_secret_value():
             return self.token.get_secret_value()
         if self.token_file is not None:
-            try:
-                value = self.token_file.read_text().strip()
-            except OSError as e:
-                raise ConfigError(f"token_file {self.token_file}: {e.strerror}") from None
-            if not value:
-                raise ConfigError(f"token_file {self.token_file} is empty")
-            return value
+            return read_token_file(self.token_file)
         return None
+
+
+def check_token_file_mode(path: Path, mode: int) -> None:
+    """Refuse a token file that group or others can read (as ssh does for keys)."""
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"token_file {path}: readable by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}); chmod 600 {path}")
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            check_token_file_mode(path, os.fstat(f.fileno()).st_mode)
+            raw = f.read(64 * 1024 + 1)
+    except OSError as e:
+        raise ConfigError(f"token_file {path}: {e.strerror}") from None
+    if len(raw) > 64 * 1024:
+        raise ConfigError(f"token_file {path}: larger than 64 KiB; not a token")
+    try:
+        value = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"token_file {path}: not UTF-8 text (byte {e.start})") from None
+    if not value:
+        raise ConfigError(f"token_file {path} is empty")
+    return value
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment, where a list may also be written as a comma list:
+    EBPF_AGENT_TARGETS__PIDS=1,2 as well as [1,2]."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None,
+                             value: Any) -> Any:
+        try:
+            return json.loads(value)
+        except ValueError:
+            if field is not None and "list" in str(field.annotation) and isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            raise
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -203,16 +285,20 @@ def _settings_class(data: dict[str, Any]) -> type[Settings]:
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, _YamlSource(settings_cls, data))
+            env = _EnvSource(settings_cls, case_sensitive=False, env_prefix="EBPF_AGENT_",
+                             env_nested_delimiter="__")
+            return (init_settings, env, _YamlSource(settings_cls, data))
 
     return FileSettings
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -236,12 +322,38 @@ def _has_path(data: Any, loc: tuple[Any, ...]) -> bool:
     return True
 
 
-def _format_errors(err: ValidationError, path: Path | None, data: dict[str, Any]) -> str:
+def _env_name(loc: tuple[Any, ...]) -> str | None:
+    """The EBPF_AGENT_* variable that set ``loc`` (or a section holding it), if any."""
+    names = {k.upper() for k in os.environ if k.upper().startswith("EBPF_AGENT_")}
+    for end in range(len(loc), 0, -1):
+        name = "EBPF_AGENT_" + "__".join(str(p) for p in loc[:end]).upper()
+        if name in names:
+            return name
+    # A section-level error (targets: too many pids) from variables inside the section.
+    inside = sorted(n for n in names if loc and n.startswith(f"EBPF_AGENT_{loc[0]}__".upper()))
+    return ", ".join(inside) or None
+
+
+def _origin(loc: tuple[Any, ...], path: Path | None, data: dict[str, Any],
+            overrides: dict[str, Any]) -> str:
+    """Where a value came from, in the sources' priority: flags, environment, file."""
+    if _has_path(overrides, loc[:2]):
+        return "command line"
+    env = _env_name(loc)
+    if env:
+        return f"environment {env}"
+    if path and _has_path(data, loc):
+        return str(path)
+    return "EBPF_AGENT_* environment/flags"
+
+
+def _format_errors(err: ValidationError, path: Path | None, data: dict[str, Any],
+                   overrides: dict[str, Any] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(p) for p in loc)
-        origin = str(path) if path and _has_path(data, loc) else "EBPF_AGENT_* environment/flags"
+        origin = _origin(loc, path, data, overrides or {})
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"{origin}: {field}: {msg}")
     return "; ".join(lines)
@@ -257,10 +369,39 @@ def load_settings(
     try:
         settings: Settings = _settings_class(data)(**(overrides or {}))
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, path, data)) from None
+        raise ConfigError(_format_errors(e, path, data, overrides)) from None
+    except SettingsError as e:  # an environment value that does not parse
+        cause = e.__cause__
+        raise ConfigError(f"EBPF_AGENT_* environment: {e}"
+                          + (f": {cause}" if cause else "")) from None
     if registry is not None:
         validate_monitor_options(settings, registry, path)
     return settings
+
+
+# Path settings, as (section or None, field).
+PATH_FIELDS = (("output", "directory"), ("logging", "file"), ("api", "unix_socket"),
+               ("api", "tls_certfile"), ("api", "tls_keyfile"), (None, "pid_file"),
+               (None, "token_file"))
+
+
+def absolute_paths(settings: Settings, base: Path | None = None) -> Settings:
+    """Relative paths made absolute against ``base`` (the working directory): the daemon
+    chdirs to /, where `output` would otherwise land, and a relative pid file would not
+    be found again to remove it."""
+    base = base or Path.cwd()
+    updates: dict[str, Any] = {}
+    for section, name in PATH_FIELDS:
+        holder = getattr(settings, section) if section else settings
+        value = getattr(holder, name)
+        if value is None or value.is_absolute():
+            continue
+        if section is None:
+            updates[name] = base / value
+        else:
+            current = updates.get(section, holder)
+            updates[section] = current.model_copy(update={name: base / value})
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def validate_monitor_options(settings: Settings, registry: Any, path: Path | None) -> None:

@@ -161,3 +161,115 @@ def test_make_run_command_line_starts_the_agent(kernel, tmp_path: Path) -> None:
     finally:
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=20) == 0
+
+
+# -- issue 7: start-up problems are one line and exit 2 ------------------------------------
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def serve_problems(tmp_path: Path) -> list[tuple[dict[str, str], list[str] | None, str]]:
+    """(environment, extra serve flags, expected message) for each refused start-up."""
+    (tmp_path / "adir").mkdir()
+    world = tmp_path / "world"
+    world.mkdir()
+    world.chmod(0o1777)
+    cert, key = self_signed(tmp_path)
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    missing = tmp_path / "missing" / "x"
+    return [
+        ({"EBPF_AGENT_LOGGING__FILE": str(missing)}, [], "logging.file"),
+        ({"EBPF_AGENT_LOGGING__FILE": str(tmp_path / "adir")}, [], "Is a directory"),
+        ({}, ["--pid-file", str(missing)], "No such file or directory"),
+        ({}, ["--pid-file", str(tmp_path / "adir")], "Is a directory"),
+        ({}, ["--pid-file", str(world / "a.pid")], "writable by group or others"),
+        ({"EBPF_AGENT_API__TLS_CERTFILE": str(missing), "EBPF_AGENT_API__TLS_KEYFILE": str(key)},
+         [], "api.tls_certfile"),
+        ({"EBPF_AGENT_API__TLS_CERTFILE": str(cert), "EBPF_AGENT_API__TLS_KEYFILE": str(not_pem)},
+         [], "not a certificate and its private key"),
+        ({"EBPF_AGENT_API__HOST": "no-such-host.invalid", "EBPF_AGENT_TOKEN": "t" * 20}, [],
+         "cannot resolve"),
+        ({"EBPF_AGENT_TARGETS__PIDS": "1,2,3", "EBPF_AGENT_TARGETS__MAX_PIDS": "2"}, [],
+         "3 pids exceed max_pids=2"),
+        ({"EBPF_AGENT_API__PORT": "abc"}, None, "environment EBPF_AGENT_API__PORT: api.port"),
+        ({"EBPF_AGENT_TARGETS__COMMS": "abcdefghijklmnop"}, [], "is 16 bytes"),
+    ]
+
+
+def test_serve_start_up_problems_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("monitors: {}\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
+    for env, flags, message in serve_problems(tmp_path):
+        # None: no --port flag, which would override the environment's port.
+        cmd = ["--config", str(cfg), "serve", *(["--port", "0", *flags] if flags is not None
+                                                else [])]
+        proc = run_cli(*cmd, env={**base, **env})
+        assert proc.returncode == 2, (env, flags, proc.stderr[-2000:])
+        assert message in proc.stderr, (env, flags, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_pid_file_symlink_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "p.pid").symlink_to(victim)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("monitors: {}\n")
+    proc = run_cli("--config", str(cfg), "serve", "--port", "0", "--pid-file",
+                   str(tmp_path / "p.pid"))
+    assert proc.returncode == 2 and "is a symbolic link" in proc.stderr, proc.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_daemon_resolves_relative_paths_before_detaching(kernel, tmp_path: Path) -> None:
+    """A relative output.directory and --pid-file are the caller's, not /'s (the daemon
+    chdirs to /), and the relative pid file is removed on exit."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("output:\n  directory: rel-out\n  formats: [jsonl]\n"
+                   "monitors:\n  exec:\n    enabled: true\nlogging:\n  file: rel.log\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
+    proc = run_cli("--config", "agent.yaml", "serve", "--port", str(port), "--daemon",
+                   "--pid-file", "agent.pid", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    pid = int((tmp_path / "agent.pid").read_text())
+    try:
+        marker = f"daemon-{os.getpid()}"
+        subprocess.run(["/bin/echo", marker], stdout=subprocess.DEVNULL, check=True)
+        assert wait_for_line(tmp_path / "rel-out" / "exec.jsonl", marker, timeout=20), \
+            (tmp_path / "rel.log").read_text()
+        assert not Path("/rel-out").exists() and not Path("/agent.pid").exists()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while (tmp_path / "agent.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (tmp_path / "agent.pid").exists()
+    assert "ebpf-agent stopped" in (tmp_path / "rel.log").read_text()
+
+
+def test_run_refusals_are_one_line(kernel, tmp_path: Path) -> None:
+    """A pattern that matches nothing, an output file linking out of the directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "exec.jsonl").symlink_to(tmp_path / "victim")
+    for args, message in [
+        (["run", "func", "--option", 'func.patterns=["c:no_such_fn_zz"]', "--duration", "1"],
+         "matches no function"),
+        (["run", "exec", "--output-dir", str(out), "--format", "jsonl", "--duration", "1"],
+         "escapes the output directory"),
+    ]:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "victim").exists()

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from agent.api import (
@@ -20,6 +21,7 @@ from agent.api import (
 )
 from agent.api.auth import TokenStore
 from agent.api.deps import AppContext
+from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.gate import AuthGate
 from agent.api.metrics import AgentCollector
 from agent.api.security import RequestGuard, require_token
@@ -80,9 +82,11 @@ def create_app(
     )
     docs = settings.api.docs
     app = FastAPI(title="ebpf-agent", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan, docs_url="/docs" if docs else None,
+                  lifespan=lifespan, default_response_class=SafeJSONResponse,
+                  docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
     _add_middleware(app, settings, ctx)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.config import ConfigError, Settings
+from agent.config import ConfigError, Settings, read_token_file
 
 Scope = Literal["read", "control"]
 MAX_TOKEN_CHARS = 4096  # longer presented secrets are refused without hashing
@@ -71,14 +71,10 @@ class TokenStore:
                 digest = _digest(t.token.get_secret_value())
             else:
                 assert t.token_file is not None
-                try:
-                    value = t.token_file.read_text().strip()
-                except (OSError, UnicodeDecodeError) as e:
-                    why = getattr(e, "strerror", None) or "not UTF-8 text"
-                    raise ConfigError(f"tokens.{t.name}.token_file {t.token_file}: {why}") \
-                        from None
-                if not value:
-                    raise ConfigError(f"tokens.{t.name}.token_file {t.token_file} is empty")
+                try:  # the same checks as the single token_file (mode 0600, UTF-8, size)
+                    value = read_token_file(t.token_file)
+                except ConfigError as e:
+                    raise ConfigError(f"tokens.{t.name}.{e}") from None
                 digest = _digest(value)
             entries.append(_Entry(t.name, t.scope, digest))
         if generated is not None:

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from agent.core.manager import MonitorUnsupported, OptionsInvalid, UnknownMonitor
 from agent.model.targets import TargetError
 
 T = TypeVar("T")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that survives what the kernel hands us: strings holding bytes that are not
+    UTF-8 (decoded with surrogateescape: comms, symbol names, argv) are written as
+    \\udcXX escapes, as the event streams do, instead of failing the response (500)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                              separators=(",", ":")).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (which JSON cannot carry) as their text; the rest as is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def request_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, able to echo NaN, Infinity or 1e400 (a float overflowing to
+    inf) from a JSON body: the default handler fails on them with a 500."""
+    assert isinstance(exc, RequestValidationError)
+    return SafeJSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, 422)
 
 
 def validation_detail(msg: str, loc: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:

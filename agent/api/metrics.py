@@ -91,8 +91,14 @@ def _monitor_tables(series_by_monitor: dict[str, list[MetricSeries]]) -> Iterato
             family_cls = CounterMetricFamily if s.counter else GaugeMetricFamily
             family = family_cls(f"ebpf_agent_{monitor}_{s.name}", s.doc, labels=[s.label])
             for value_label, value in s.values.items():
-                family.add_metric([value_label], float(value))
+                family.add_metric([_label(value_label)], float(value))
             yield family
+
+
+def _label(value: str) -> str:
+    """A label value the exposition format (UTF-8) can carry: bytes that are not UTF-8
+    (surrogate-escaped symbol names) are written as \\xNN."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _streams(hub: dict) -> Iterator[Metric]:

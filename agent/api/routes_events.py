@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -38,8 +39,9 @@ def filters(
 
 
 FiltersDep = Annotated[Filters, Depends(filters)]
-LastIdQuery = Annotated[int | None, Query(ge=0, description="resume after this id (like the "
-                                          "Last-Event-ID header)")]
+LAST_ID = re.compile(r"[0-9]{1,18}")
+LastIdQuery = Annotated[int | None, Query(
+    ge=0, le=2**63 - 1, description="resume after this id (like the Last-Event-ID header)")]
 
 
 def client_of(conn: HTTPConnection) -> str:
@@ -51,7 +53,9 @@ def client_of(conn: HTTPConnection) -> str:
 def resume_from(header: str | None, query: int | None) -> int | None:
     if query is not None:
         return query
-    if header is not None and header.strip().isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses. An id
+    # that is not one (or absurdly long) is ignored, as a missing header is.
+    if header is not None and LAST_ID.fullmatch(header.strip()):
         return int(header.strip())
     return None
 

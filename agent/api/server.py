@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -77,6 +79,8 @@ def check_security(settings: Settings) -> TokenStore:
                 "loopback only (127.0.0.1 / ::1).")
     if (api.tls_certfile is None) != (api.tls_keyfile is None):
         raise StartupRefused("api.tls_certfile and api.tls_keyfile go together")
+    if api.tls_certfile is not None and api.tls_keyfile is not None:
+        check_tls_files(api.tls_certfile, api.tls_keyfile)
     return tokens
 
 
@@ -94,17 +98,42 @@ def generate_token(settings: Settings, check_only: bool = False) -> str | None:
         raise StartupRefused(f"no token configured and cannot generate one: {e}") from None
 
 
+def check_tls_files(certfile: Path, keyfile: Path) -> None:
+    """Load the pair as uvicorn will, so a missing or bad file is one line, not a
+    traceback from inside uvicorn."""
+    for what, path in (("api.tls_certfile", certfile), ("api.tls_keyfile", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise StartupRefused(f"{what} {path}: {e.strerror}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as e:
+        raise StartupRefused(
+            f"api.tls_certfile {certfile} / api.tls_keyfile {keyfile}: not a certificate and "
+            f"its private key in PEM ({getattr(e, 'reason', None) or e})") from None
+
+
 # -- PID file ----------------------------------------------------------------------------
 class PidFile:
     """An flock'ed PID file. flock (not fcntl/lockf) because the lock belongs to the open
     file, which the daemon inherits across fork; it dies with the last holder."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = path.absolute()  # removed on exit, after the daemon's chdir("/")
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        check_private_parent(self.path, "pid file")
+        try:
+            # O_NOFOLLOW: a symlink planted at the path must not make root truncate and
+            # write its target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o644)
+        except OSError as e:
+            reason = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise StartupRefused(f"pid file {self.path}: {reason}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -134,6 +163,23 @@ class PidFile:
                 self.path.unlink()
         os.close(self._fd)
         self._fd = None
+
+
+def check_private_parent(path: Path, what: str) -> None:
+    """Refuse a file in a directory others can write to: they could swap it for a link
+    between our checks and our open (a /tmp-style directory, sticky or not)."""
+    parent = path.parent
+    try:
+        st = parent.stat()
+    except OSError as e:
+        raise StartupRefused(f"{what} {path}: directory {parent}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupRefused(f"{what} {path}: {parent} is not a directory")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StartupRefused(
+            f"{what} {path}: directory {parent} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); use a directory only root can write, "
+            "e.g. /run")
 
 
 def _read_pid(path: Path) -> int | None:
@@ -201,8 +247,11 @@ class Daemon:
 
 # -- sockets -----------------------------------------------------------------------------
 def tcp_socket(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError as e:  # socket.gaierror: a name that does not resolve
+        raise StartupRefused(f"api.host {host!r}: cannot resolve: {e.strerror}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from agent.config import Settings
+from agent.config import Settings, group_id
 from agent.core.manager import MonitorManager, OutputConfig
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
@@ -42,6 +42,7 @@ def build_manager(
             out.queue_size,
             out.flush_interval_s,
             out.snapshot_interval_s,
+            None if out.group is None else group_id(out.group),
         ),
         publish=publish,
     )

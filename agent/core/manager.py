@@ -1,9 +1,15 @@
 """The monitor manager: one control thread owns every BCC object.
 
 Handlers (REST, CLI) never touch BPF objects; they send commands to the control
-thread and wait on a Future (Tetragon's sensor manager does the same). Each running
-monitor also has a poller thread that drains its ring/perf buffer into the sinks; the
-control thread stops and joins that poller before it detaches anything.
+thread and wait on a Future (Tetragon's sensor manager does the same). The control
+thread also runs the periodic work on a timer (delivery rates, monitor.periodic(),
+snapshot reads for the CSV snapshots), so it never stops under load.
+
+Each running monitor has a poller thread that only drains its ring/perf buffer into
+the sinks (monitor.poll). Stopping asks the monitor to make a poll in progress return
+(BaseMonitor.request_stop: bounded consume calls, production quiesced), joins the
+poller, and frees the BPF object only once the poller is gone: a poller that does not
+end in time keeps its object alive (``_stuck``) until it does.
 """
 
 from __future__ import annotations
@@ -44,11 +50,14 @@ from agent.monitors.contract import (
     TransportSettings,
 )
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import OutputWriter
+from agent.output.writer import OutputWriter, check_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL_TIMEOUT_MS = 100
+TICK_S = 0.25  # the control thread's timer: rates, periodic(), snapshots, stuck pollers
+RATE_WINDOW_S = 1.0
+STOP_JOIN_S = 2.0  # a poller returns within one bounded consume call once asked to stop
 
 
 class UnknownMonitor(KeyError):
@@ -74,6 +83,7 @@ class OutputConfig:
     queue_size: int = 65536
     flush_interval_s: float = 1.0
     snapshot_interval_s: float = 10.0
+    group: int | None = None  # gid of output.group
 
 
 class MonitorSink:
@@ -103,6 +113,9 @@ class Running:
     thread: threading.Thread | None = None
     rate: float = 0.0
     poll_error: str | None = None
+    # Control thread only: the rate window and the last snapshot.
+    rate_mark: tuple[float, int] = (0.0, 0)
+    last_snapshot: float = 0.0
 
 
 class MonitorManager:
@@ -128,6 +141,8 @@ class MonitorManager:
         self._failed: dict[str, str] = {}
         self._last_options: dict[str, MonitorOptions] = {}
         self._commands: queue.Queue[Any] = queue.Queue()
+        # Stopped monitors whose poller did not end in time: freed once it has.
+        self._stuck: list[Running] = []
         self._thread = threading.Thread(target=self._control_loop, name="bpf-control", daemon=True)
         self._started = time.monotonic()
         self._closed = False
@@ -135,10 +150,19 @@ class MonitorManager:
 
     # -- the control thread --------------------------------------------------------
     def _control_loop(self) -> None:
+        next_tick = time.monotonic() + TICK_S
         while True:
-            item = self._commands.get()
+            try:
+                item = self._commands.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + TICK_S
             if item is None:
                 return
+            if not item:
+                continue
             fn, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
@@ -146,6 +170,43 @@ class MonitorManager:
                 fut.set_result(fn())
             except BaseException as e:
                 fut.set_exception(e)
+
+    def _tick(self) -> None:
+        """Periodic work (control thread): it reads BCC tables, so it runs here and not
+        on the pollers, which may spend seconds inside one poll under a flood."""
+        now = time.monotonic()
+        for run in list(self._running.values()):
+            try:
+                self._periodic(run, now)
+            except Exception:
+                log.exception("monitor %s: periodic work failed", run.monitor.name)
+        self._reap_stuck()
+
+    def _periodic(self, run: Running, now: float) -> None:
+        mark_time, mark_count = run.rate_mark
+        if now - mark_time >= RATE_WINDOW_S:
+            delivered = run.sink.delivered
+            run.rate = (delivered - mark_count) / (now - mark_time)
+            run.rate_mark = (now, delivered)
+            run.monitor.periodic()
+        writer = run.sink.writer
+        if writer is not None and writer.wants_snapshots and (
+            now - run.last_snapshot >= self.output.snapshot_interval_s
+        ):
+            writer.offer_snapshot(run.monitor.snapshot_rows())
+            run.last_snapshot = now
+
+    def _reap_stuck(self) -> None:
+        for run in list(self._stuck):
+            if run.thread is not None and run.thread.is_alive():
+                continue
+            self._stuck.remove(run)
+            try:
+                run.monitor.close()
+            except Exception:
+                log.exception("monitor %s: close failed", run.monitor.name)
+                continue
+            log.info("monitor %s: its late poller ended; BPF object freed", run.monitor.name)
 
     def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -194,7 +255,8 @@ class MonitorManager:
             if current.monitor.apply_options(options):
                 current.options = options  # changed in place: no reload, no gap
                 return self._info(name)
-            self._stop(name)
+        # Everything that can refuse the options runs before a running monitor is
+        # touched: a refused change leaves it running as it was.
         reason = self._unsupported_reason(cls, options)
         if reason:
             raise MonitorUnsupported(f"{name} cannot run on this kernel: {reason}")
@@ -208,17 +270,26 @@ class MonitorManager:
             kernel_offsets=self.report.kernel_offsets,
         )
         monitor = cls(options, ctx)
+        monitor.prepare()
+        self._check_output(name)
+        if current is not None:
+            self._stop(name)
+        if self.output.formats:
+            sink.writer = self._open_writer(name, monitor)
         try:
             monitor.load()
-        except MonitorError as e:
-            self._failed[name] = str(e)
-            raise MonitorUnsupported(str(e)) from e
-        if self.output.formats:
-            sink.writer = OutputWriter(
-                name, self.output.formats, self.output.directory, monitor,
-                self.output.queue_size, self.output.flush_interval_s,
-            )
+        except BaseException as e:
+            # load() leaves nothing loaded on failure; close() again costs nothing and
+            # covers a monitor that does not.
+            monitor.close()
+            if sink.writer is not None:
+                sink.writer.close()
+            if isinstance(e, MonitorError):
+                self._failed[name] = str(e)
+                raise MonitorUnsupported(str(e)) from e
+            raise
         run = Running(monitor, options, sink, _now_iso(), time.monotonic())
+        run.rate_mark, run.last_snapshot = (run.started_mono, 0), run.started_mono
         run.thread = threading.Thread(target=self._poll_loop, args=(run,), name=f"poll-{name}",
                                       daemon=True)
         self._running[name] = run
@@ -228,24 +299,29 @@ class MonitorManager:
         log.info("monitor %s started", name)
         return self._info(name)
 
+    def _check_output(self, name: str) -> None:
+        """Output paths that would fail: OutputPathError (422) or MonitorUnsupported."""
+        try:
+            check_output(name, self.output.formats, self.output.directory)
+        except OSError as e:
+            raise MonitorUnsupported(f"{name}: output: {e}") from None
+
+    def _open_writer(self, name: str, monitor: BaseMonitor) -> OutputWriter:
+        try:
+            return OutputWriter(
+                name, self.output.formats, self.output.directory, monitor,
+                self.output.queue_size, self.output.flush_interval_s,
+                group=self.output.group,
+            )
+        except OSError as e:
+            raise MonitorUnsupported(f"{name}: output: {e}") from None
+
     def _poll_loop(self, run: Running) -> None:
-        last_tick, last_delivered = time.monotonic(), 0
-        last_snapshot = last_tick
-        writer = run.sink.writer
+        """The poller thread: drains the buffer, nothing else (monitor.poll returns
+        after a bounded number of records, or once request_stop was called)."""
         try:
             while not run.stop.is_set():
                 run.monitor.poll(POLL_TIMEOUT_MS)
-                now = time.monotonic()
-                if now - last_tick >= 1.0:
-                    delivered = run.sink.delivered
-                    run.rate = (delivered - last_delivered) / (now - last_tick)
-                    last_tick, last_delivered = now, delivered
-                    run.monitor.periodic()
-                if writer is not None and writer.wants_snapshots and (
-                    now - last_snapshot >= self.output.snapshot_interval_s
-                ):
-                    writer.offer_snapshot(run.monitor.snapshot_rows())
-                    last_snapshot = now
         except Exception as e:  # reported in the monitor's state, never silent
             run.poll_error = f"poller failed: {e}"
             log.exception("monitor %s: poller failed", run.monitor.name)
@@ -254,12 +330,20 @@ class MonitorManager:
         run = self._running.pop(name, None)
         if run is not None:
             run.stop.set()
+            run.monitor.request_stop()
             if run.thread is not None:
-                run.thread.join(timeout=5)
+                run.thread.join(timeout=STOP_JOIN_S)
             writer = run.sink.writer
             if writer is not None and writer.wants_snapshots:
                 writer.offer_snapshot(run.monitor.snapshot_rows())  # the final totals
-            run.monitor.close()
+            if run.thread is not None and run.thread.is_alive():
+                # Freeing the BPF object under a poller inside libbpf crashes the
+                # process: keep it until the poller has returned (_reap_stuck).
+                log.error("monitor %s: the poller did not return within %.0f s; its BPF "
+                          "object is freed once it does", name, STOP_JOIN_S)
+                self._stuck.append(run)
+            else:
+                run.monitor.close()
             if run.sink.writer is not None:
                 run.sink.writer.close()
             if run.poll_error:
@@ -407,6 +491,10 @@ class MonitorManager:
                     self._stop(name)
                 except Exception:
                     log.exception("stopping %s failed", name)
+            for run in self._stuck:
+                if run.thread is not None:
+                    run.thread.join(STOP_JOIN_S)
+            self._reap_stuck()  # still alive: left to the exiting process, never freed
 
         try:
             self.call(stop_all, timeout=timeout)

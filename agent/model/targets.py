@@ -60,7 +60,12 @@ def validate_id(value: object, kind: str) -> int:
 def validate_comm(value: object) -> str:
     if not isinstance(value, str):
         raise TargetError(f"comms: {value!r} is not a string")
-    raw = value.encode()
+    try:
+        # "\udcXX" (the form non-UTF-8 bytes take in our JSON) stands for byte XX.
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise TargetError(f"comms: {value!r} holds a lone surrogate that is not a "
+                          "\\udc80-\\udcff byte escape") from None
     if not raw:
         raise TargetError("comms: empty process name")
     if len(raw) > COMM_MAX_BYTES:

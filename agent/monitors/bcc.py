@@ -27,6 +27,13 @@ KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full"
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
 
+# Records one ring buffer consume call hands to the callback before it returns: libbpf's
+# ring_buffer__poll/__consume loop until the ring is empty, which never happens while a
+# flood keeps it filled; a callback returning a negative value ends the call (the record
+# it was given counts as consumed). BCC 0.26 has no ring_buffer__consume_n.
+CONSUME_BUDGET = 4096
+STOP_CONSUMING = -1
+
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
@@ -62,6 +69,9 @@ class BccMonitor(BaseMonitor):
         self.use_ringbuf = False
         self.lost_in_perf = 0
         self.parse_errors = 0
+        # Poller thread only, except _stopping (set once by the control thread).
+        self._budget = CONSUME_BUDGET
+        self._stopping = False
 
     # -- kernel side ---------------------------------------------------------------
     def extra_cflags(self) -> dict[str, int | str]:
@@ -123,15 +133,18 @@ class BccMonitor(BaseMonitor):
         self.lost_in_perf += lost
 
     def _on_raw_event(self, _cpu_or_ctx: Any, data: int, size: int) -> int:
+        """The buffer callback (poller thread). The ring buffer honours the return value
+        (STOP_CONSUMING ends the consume call); the perf reader ignores it."""
+        self._budget -= 1
         try:
             event = self.parse_event(ctypes.string_at(data, size))
         except Exception:  # a bad record must not kill the poller; it is counted
             self.parse_errors += 1
             log.exception("%s: cannot decode an event", self.name)
-            return 0
+            event = None
         if event is not None:
             self.ctx.sink.publish(event)
-        return 0
+        return STOP_CONSUMING if self._budget <= 0 or self._stopping else 0
 
     def parse_event(self, raw: bytes) -> Event | None:
         """The event from one raw record; its struct starts with ``struct event_hdr``,
@@ -148,16 +161,36 @@ class BccMonitor(BaseMonitor):
         return header_fields(self.name, hdr, self._clock)
 
     def poll(self, timeout_ms: int) -> None:
-        if self.bpf is None:
+        """Poller thread. Each consume call ends after CONSUME_BUDGET records (ring
+        buffer), so poll returns at any event rate. BCC's perf reader cannot be ended
+        from the callback: it reads each CPU's buffer until empty, which request_stop
+        guarantees by quiescing the programs."""
+        if self.bpf is None or self._stopping:
             return
         # Producers wake us only every `wakeup_every` events: drain what is there after
         # every wait, woken or timed out.
         if self.use_ringbuf:
+            self._budget = CONSUME_BUDGET
             self.bpf.ring_buffer_poll(timeout_ms)
-            self.bpf.ring_buffer_consume()
+            if not self._stopping:
+                self._budget = CONSUME_BUDGET
+                self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
-            self.bpf.perf_buffer_consume()
+            if not self._stopping:
+                self.bpf.perf_buffer_consume()
+
+    def request_stop(self) -> None:
+        """Control thread: end the poller's consume call at its next record, and stop
+        the programs from producing (target_flags without TF_READY matches nothing) so
+        that a perf buffer drains. Only the maps are written; the object stays."""
+        self._stopping = True
+        if self.bpf is None:
+            return
+        try:
+            self.bpf[b"target_flags"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        except Exception:  # best effort: the ring buffer path does not need it
+            log.exception("%s: cannot quiesce the programs", self.name)
 
     def close(self) -> None:
         if self.bpf is not None:

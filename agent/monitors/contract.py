@@ -61,6 +61,11 @@ class MonitorContext:
 
 
 class BaseMonitor(ABC):
+    """Threads: every hook runs on the manager's control thread, except poll() (the
+    monitor's poller thread, and what it calls: parsing, ctx.sink.publish) and
+    request_stop() (control thread, while the poller may be inside poll()), and
+    csv_row()/console_line() (the output writer's thread: pure functions of the event)."""
+
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[MonitorOptions]] = MonitorOptions
@@ -80,13 +85,27 @@ class BaseMonitor(ABC):
         """Why these options cannot run on this kernel (409), beyond the static needs."""
         return None
 
+    def prepare(self) -> None:  # noqa: B027 (optional hook)
+        """Control thread, before anything is loaded and before a running monitor of
+        the same name is stopped for a reload: resolve and check whatever can refuse
+        these options without touching the kernel (ValueError subclasses: 422;
+        MonitorError: 409), so that a refused change leaves the running one as it was."""
+
     @abstractmethod
     def load(self) -> None:
-        """Compile, load and attach; raise MonitorError with the reason on failure."""
+        """Compile, load and attach; raise MonitorError with the reason on failure, with
+        nothing left loaded."""
 
     @abstractmethod
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending events to ctx.sink; called in a loop by the poller thread."""
+        """Deliver pending events to ctx.sink; called in a loop by the poller thread.
+        Must return within about ``timeout_ms`` plus a bounded amount of work at any
+        event rate: the manager stops a monitor by letting its poll return."""
+
+    def request_stop(self) -> None:  # noqa: B027 (optional hook)
+        """Control thread, before the poller is joined: make a poll in progress return
+        promptly and keep it from starting another long one. Must be safe while the
+        poller is inside poll(); close() follows once the poller has returned."""
 
     @abstractmethod
     def close(self) -> None:
@@ -109,14 +128,16 @@ class BaseMonitor(ABC):
         return {}
 
     def periodic(self) -> None:  # noqa: B027 (optional hook)
-        """Called about once a second on the poller thread (snapshots, housekeeping)."""
+        """Called about once a second on the control thread (housekeeping)."""
 
     def snapshot_rows(self) -> list[dict[str, Any]]:
-        """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors)."""
+        """The aggregate tables as rows of SNAPSHOT_FIELDS (aggregating monitors); read
+        on the control thread every output.snapshot_interval_s and at stop."""
         return []
 
     def metric_series(self) -> list[MetricSeries]:
-        """Prometheus series of aggregating monitors' tables (read at scrape time)."""
+        """Prometheus series of aggregating monitors' tables (control thread, read at
+        scrape time)."""
         return []
 
     def csv_row(self, event: Event) -> list[Any]:

@@ -3,6 +3,7 @@ origin checks, two apps side by side. Real-kernel tests are in tests/api/test_pr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,6 +142,39 @@ def test_targets_edit_and_validation(client: TestClient) -> None:
     assert client.get("/targets").json() == state
 
 
+@pytest.mark.parametrize("body", ["[NaN]", "[Infinity]", "[-Infinity]", "[1e400]",
+                                  '{"level": NaN}'])
+def test_non_finite_numbers_are_422_not_500(client: TestClient, body: str) -> None:
+    path = "/monitors/fake/start" if body.startswith("{") else "/targets/pids"
+    before = client.get("/targets").json()
+    r = client.request("PUT" if "targets" in path else "POST", path, content=body,
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]  # valid JSON: NaN/inf are echoed as text
+    assert client.get("/targets").json() == before
+
+
+def test_comm_escapes_stand_for_bytes_other_lone_surrogates_are_422(
+        client: TestClient) -> None:
+    """"\\udcXX" is how our JSON writes a byte that is not UTF-8 (README): it is
+    accepted as that byte and read back in the same form; other lone surrogates are 422."""
+    for body in ('["\\ud800"]', '["a\\udc41"]', '["\\udfff"]'):
+        r = client.put("/targets/comms", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (body, r.text)
+    r = client.put("/targets/comms", content='["ab\\udcff"]',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["comms"] == ["ab\udcff"]
+    assert b'"ab\\udcff"' in client.get("/targets").content
+    # 15 bytes (13 + two escaped bytes) fit, 16 do not.
+    ok = "x" * 13 + "\udcfe\udcff"
+    for comms, status in (([ok], 200), (["x" + ok], 422)):
+        r = client.put("/targets/comms", content=json.dumps(comms),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+    assert client.get("/targets").json()["comms"] == [ok]
+
+
 def test_targets_reach_running_monitors(client: TestClient) -> None:
     client.post("/monitors/fake/start", json={})
     client.put("/targets/pids", json=[42])
@@ -191,6 +225,7 @@ def test_token_protects_everything_but_health() -> None:
 
 def test_token_from_file(tmp_path: Any) -> None:
     (tmp_path / "token").write_text("from-file\n")
+    (tmp_path / "token").chmod(0o600)
     with client_for(token_file=tmp_path / "token") as c:
         assert c.get("/monitors").status_code == 401
         assert c.get("/monitors", headers={"Authorization": "Bearer from-file"}).status_code == 200

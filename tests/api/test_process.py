@@ -219,6 +219,67 @@ def test_stats_and_metrics(agent: Agent) -> None:
         sse.stop()
 
 
+def test_failed_starts_over_http_leave_no_program_attached(tmp_path: Path,
+                                                          kernel: None) -> None:
+    """output.directory a regular file (was a 500), or exec.jsonl a symlink out of it (a
+    422): each attempt used to leave 7 exec programs attached."""
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    a = start_agent(tmp_path, {"monitors": {},
+                               "output": {"directory": str(regular), "formats": ["jsonl"]}})
+    try:
+        held = prog_ids_held_by(a.proc.pid)
+        for _ in range(2):
+            r = a.request("POST", "/monitors/exec/start", json={})
+            assert r.status_code == 409 and "is not a directory" in r.text, r.text
+            assert prog_ids_held_by(a.proc.pid) == held
+            assert a.get("/monitors/exec").json()["state"] in ("stopped", "failed")
+    finally:
+        a.stop()
+    out = tmp_path / "out2"
+    out.mkdir()
+    (out / "exec.jsonl").symlink_to(tmp_path / "victim")
+    a = start_agent(tmp_path, {"monitors": {},
+                               "output": {"directory": str(out), "formats": ["jsonl"]}})
+    try:
+        held = prog_ids_held_by(a.proc.pid)
+        r = a.request("POST", "/monitors/exec/start", json={})
+        assert r.status_code == 422 and "escapes the output directory" in r.text, r.text
+        assert prog_ids_held_by(a.proc.pid) == held
+    finally:
+        a.stop()
+    assert not (tmp_path / "victim").exists()
+
+
+NON_UTF8_SYMBOL_C = r"""
+__attribute__((noinline)) int badXname(int x) { return x + 1; }
+int main(void) { int s = 0; for (int i = 0; i < 7; i++) s = badXname(s); return s == 7 ? 0 : 1; }
+"""
+
+
+def test_a_symbol_name_that_is_not_utf8_is_served(agent: Agent, tmp_path: Path) -> None:
+    """A func monitor on an ELF whose symbol name holds byte 0xff: stats show it as the
+    \\udcff escape, /metrics as \\xff (both were 500s)."""
+    binary = compile_c(tmp_path, "nonutf8", NON_UTF8_SYMBOL_C)
+    data = binary.read_bytes()
+    assert data.count(b"badXname") == 1  # the .symtab string (no debug info)
+    binary.write_bytes(data.replace(b"badXname", b"bad\xffname"))
+    r = agent.request("POST", "/monitors/func/start", json={"patterns": [f"{binary}:bad*"]})
+    assert r.status_code == 200, r.text
+    try:
+        assert subprocess.run([str(binary)]).returncode == 0
+        r = agent.get("/monitors/func/stats")
+        assert r.status_code == 200, r.text
+        (row,) = r.json()["functions"]
+        assert row["name"] == "bad\udcffname" and row["count"] == 7
+        assert row["name"].encode("utf-8", "surrogateescape") == b"bad\xffname"
+        metrics = agent.get("/metrics")
+        assert metrics.status_code == 200, metrics.text
+        assert 'ebpf_agent_func_calls_total{function="nonutf8:bad\\\\xffname"} 7.0' in metrics.text
+    finally:
+        agent.request("POST", "/monitors/func/stop")
+
+
 def test_last_event_id_resume(agent: Agent) -> None:
     first, second = (f"resume-{i}-{uuid.uuid4().hex[:8]}" for i in range(2))
     sse = read_sse(f"{agent.url}/events", agent.headers, {"comm": "echo"})

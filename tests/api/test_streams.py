@@ -113,6 +113,23 @@ def test_last_event_id_resume_header_and_query(server: ThreadServer) -> None:
         ws.stop()
 
 
+@pytest.mark.parametrize("header", ["²".encode("latin-1"), b"\xb9\xb2", b"1" * 5000, b"-3"])
+def test_a_last_event_id_that_is_not_a_number_is_ignored(server: ThreadServer,
+                                                         header: bytes) -> None:
+    """Superscript digits pass str.isdigit() but not int(): that was a 500."""
+    emit(server, {"pid": 1})
+    wait_published(server, 1)
+    reader = read_sse(f"{server.url}/events", headers={"Last-Event-ID": header})  # type: ignore[dict-item]
+    try:
+        reader.connected.wait(10)
+        assert reader.error is None, reader.error
+        emit(server, {"pid": 2})
+        msg = reader.wait_for(lambda m: True)  # live from now on, as without a header
+        assert msg.id == 2 and msg.data["pid"] == 2
+    finally:
+        reader.stop()
+
+
 def test_resume_after_the_ring_moved_on_reports_missed(server: ThreadServer) -> None:
     emit(server, *({"pid": 1, "n": i} for i in range(50)))  # replay_buffer is 32
     wait_published(server, 50)

@@ -453,6 +453,7 @@ class FuncMonitor(BccMonitor):
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self.probes: list[Probe] = []
+        self._prepared = False
         self.unattached: dict[int, str] = {}  # probe id -> why the kernel refused it
         self.links: UprobeMultiLinks | None = None
         # False forces BCC's perf-event uprobes (the only way before Linux 6.6): tests and
@@ -499,9 +500,16 @@ class FuncMonitor(BccMonitor):
         )
 
     # -- kernel side ----------------------------------------------------------------
+    def prepare(self) -> None:
+        """Resolve the patterns (ELF symbols, kernel functions): a FuncPatternError (422)
+        before anything is loaded or a running func monitor is stopped."""
+        self.probes = self.resolve(self.options)
+        self._prepared = True
+
     def load(self) -> None:
         # Outside BccMonitor.load's try: a pattern error stays a FuncPatternError (422).
-        self.probes = self.resolve(self.options)
+        if not self._prepared:
+            self.prepare()
         super().load()
 
     def extra_cflags(self) -> dict[str, int | str]:

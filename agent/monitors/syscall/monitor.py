@@ -47,7 +47,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import threading
 import time
 from array import array
 from collections import defaultdict
@@ -86,6 +85,9 @@ HISTOGRAM_DOC = (
 )
 
 
+SLOW_THRESHOLD_US_MAX = (2**64 - 1) // 1000  # the largest threshold slow_ns can hold
+
+
 class ScConfig(ctypes.Structure):
     _fields_ = [
         ("slow_ns", ctypes.c_uint64),
@@ -115,6 +117,7 @@ class SyscallOptions(MonitorOptions):
     slow_threshold_us: int | None = Field(
         None,
         ge=0,
+        le=SLOW_THRESHOLD_US_MAX,  # the kernel compares in ns, a u64 (sc_config.slow_ns)
         description="stream calls slower than this as events; None: off, 0: every call",
     )
     histogram: bool = Field(
@@ -329,7 +332,6 @@ class SyscallMonitor(BccMonitor):
 
     def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
-        self._lock = threading.Lock()  # stats()/snapshot_rows() vs. a reset
         self._gen = 0
         self._window_start = time.monotonic()
 
@@ -414,8 +416,7 @@ class SyscallMonitor(BccMonitor):
             {**self.options.model_dump(), "slow_threshold_us": threshold_us}
         )
         if self.bpf is not None:
-            with self._lock:
-                self._write_config()
+            self._write_config()
 
     # -- events ------------------------------------------------------------------------
     def parse_event(self, raw: bytes) -> Event:
@@ -528,17 +529,17 @@ class SyscallMonitor(BccMonitor):
 
     def _window(self, reset: bool, details: bool = True) -> tuple[dict, list, float]:
         """Per-syscall rows, per-process rows and the window's length in seconds;
-        ``details``: with histograms and processes."""
-        with self._lock:
-            if reset:
-                gen, interval = self._switch_generation()
-            else:
-                gen, interval = self._gen, time.monotonic() - self._window_start
-            rows = self._read_syscalls(gen, histogram=details)
-            per_process = details and self.options.per_process
-            procs = self._read_processes(gen) if per_process else []
-            if reset:
-                self._clear_generation(gen)
+        ``details``: with histograms and processes. Control thread only (stats, metric
+        series and snapshots all run there), so a reset never interleaves a read."""
+        if reset:
+            gen, interval = self._switch_generation()
+        else:
+            gen, interval = self._gen, time.monotonic() - self._window_start
+        rows = self._read_syscalls(gen, histogram=details)
+        per_process = details and self.options.per_process
+        procs = self._read_processes(gen) if per_process else []
+        if reset:
+            self._clear_generation(gen)
         return rows, procs, interval
 
     # -- results -------------------------------------------------------------------------

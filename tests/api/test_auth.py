@@ -77,6 +77,7 @@ def test_control_tokens_from_config_hash_and_legacy_token(tmp_path: Path) -> Non
     assert client_for().__enter__().post(
         "/monitors/fake/start", json={}, headers=bearer(HASHED)).status_code == 200
     (tmp_path / "t").write_text("from-a-file\n")
+    (tmp_path / "t").chmod(0o600)  # like the single token_file: not readable by others
     with client_for(token="legacy-secret", tokens=[
             {"name": "filed", "scope": "read", "token_file": str(tmp_path / "t")}]) as c:
         who = c.get("/auth/session", headers=bearer("legacy-secret")).json()
@@ -84,6 +85,16 @@ def test_control_tokens_from_config_hash_and_legacy_token(tmp_path: Path) -> Non
         who = c.get("/auth/session", headers=bearer("from-a-file")).json()
         assert (who["name"], who["scope"]) == ("filed", "read")
         assert c.get("/monitors", headers=bearer(HASHED)).status_code == 401
+
+
+def test_scoped_token_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    from agent.config import ConfigError
+
+    (tmp_path / "t").write_text("secret\n")
+    (tmp_path / "t").chmod(0o644)
+    with pytest.raises(ConfigError, match="tokens.filed.token_file .*readable by group"):
+        client_for(tokens=[{"name": "filed", "scope": "read",
+                            "token_file": str(tmp_path / "t")}])
 
 
 def test_token_config_needs_exactly_one_secret() -> None:

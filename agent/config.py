@@ -32,7 +32,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from agent.model.targets import TargetError, validate_comm
+from agent.model.targets import TargetError, TargetLimits, validate_comm
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "agent.yaml"
 
@@ -42,7 +42,9 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A settings section: frozen, and passed as it is to where it is used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ApiSettings(Section):
@@ -120,10 +122,14 @@ def _power_of_two(v: int) -> int:
     return v
 
 
-class TransportSettingsModel(Section):
+class TransportSettings(Section):
+    """How events leave the kernel (every monitor's BccMonitor.cflags)."""
+
     kind: Literal["auto", "ringbuf", "perf"] = "auto"
     ringbuf_pages: int = Field(512, ge=1, le=65536)
     perf_pages: int = Field(64, ge=1, le=4096)
+    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
+    # in between wait at most one poll timeout (100 ms).
     wakeup_every: int = Field(32, ge=1, le=4096)
 
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
@@ -150,6 +156,10 @@ class TargetSettings(Section):
     max_pids: int = Field(10240, ge=1, le=1_000_000)
     max_uids: int = Field(1024, ge=1, le=65536)
     max_comms: int = Field(256, ge=1, le=65536)
+
+    def limits(self) -> TargetLimits:
+        """The kernel target maps' sizes (MAX_TARGET_* in common.h)."""
+        return TargetLimits(self.max_pids, self.max_uids, self.max_comms)
 
     @model_validator(mode="after")
     def _fit_the_maps(self) -> TargetSettings:
@@ -199,7 +209,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     stream: StreamSettings = StreamSettings()
     output: OutputSettings = OutputSettings()
-    transport: TransportSettingsModel = TransportSettingsModel()
+    transport: TransportSettings = TransportSettings()
     targets: TargetSettings = TargetSettings()
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()

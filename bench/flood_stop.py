@@ -29,6 +29,7 @@ def main() -> None:
     from agent.model.targets import TargetSet
     from agent.monitors.contract import TransportSettings
     from agent.monitors.registry import discover_monitors
+    from tests.support.kernel import compile_c
 
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=5)
@@ -36,9 +37,8 @@ def main() -> None:
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
-    binary = tmp / "getppid_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "bench" / "getppid_loop.c")],
-                   check=True)
+    source = (REPO / "bench" / "getppid_loop.c").read_text()
+    binary = compile_c(tmp, "getppid_loop", source, "-O2")
     loop = subprocess.Popen([str(binary), str(10**12)])
     reg = discover_monitors()
     report = build_report(reg)

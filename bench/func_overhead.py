@@ -39,10 +39,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO))  # tests.support: the helpers tests use too
+
+from tests.support.kernel import compile_c  # noqa: E402
+from tests.support.monitors import NullSink, loaded_monitor, monitor_context  # noqa: E402
+
 CONFIGS = ("baseline", "func count", "func latency", "bpftrace")
 
 LOOP_SOURCE = r"""
@@ -72,17 +76,8 @@ int main(int argc, char **argv)
 """
 
 
-class NullSink:
-    def publish(self, event: dict) -> None:
-        pass
-
-
 def compile_loop(workdir: Path) -> Path:
-    src = workdir / "getpid_loop.c"
-    src.write_text(LOOP_SOURCE)
-    binary = workdir / "getpid_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(src)], check=True)
-    return binary
+    return compile_c(workdir, "getpid_loop", LOOP_SOURCE, "-O2")
 
 
 def run_loop(binary: Path, calls: int) -> int:
@@ -100,27 +95,11 @@ def run_loop(binary: Path, calls: int) -> int:
 
 
 # -- tracers ---------------------------------------------------------------------------
-def context() -> Any:
-    """What the manager would pass: no targets (watch every process), BTF offsets."""
-    sys.path.insert(0, str(REPO))
-    from agent.kernel.btf import kernel_offsets
-    from agent.model.targets import TargetSet
-    from agent.monitors.contract import MonitorContext
-
-    return MonitorContext(targets=TargetSet(), sink=NullSink(), kernel_offsets=kernel_offsets())
-
-
-# -- (tracers) ----------------------------------------------------------------------------
 def with_func_monitor(latency: bool, measure: Callable[[], int], calls: int) -> int:
-    from agent.monitors.func.monitor import FuncMonitor, FuncOptions
-
-    monitor = FuncMonitor(FuncOptions(patterns=["c:getpid"], latency=latency), context())
-    monitor.load()
-    try:
+    # No targets (watch every process), as the manager would run it.
+    with loaded_monitor("func", NullSink(), patterns=["c:getpid"], latency=latency) as monitor:
         ns = measure()
         [entry] = monitor.stats()["functions"]
-    finally:
-        monitor.close()
     if entry["count"] < calls:
         raise RuntimeError(f"func monitor counted {entry['count']} < {calls} calls")
     return ns
@@ -159,7 +138,7 @@ def attach_cost(multi: bool) -> dict[str, float | int | str]:
     from agent.monitors.func.monitor import FuncMonitor, FuncOptions
 
     options = FuncOptions(patterns=ATTACH_PATTERNS, max_probes=500, latency=True)
-    monitor = FuncMonitor(options, context())
+    monitor = FuncMonitor(options, monitor_context(NullSink()))
     monitor.prefer_uprobe_multi = multi
     t0 = time.monotonic()
     monitor.load()

@@ -24,6 +24,7 @@ the samples it could not keep clean. Needs root. Prints a markdown table; no ass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,56 +107,50 @@ class NoAgent(Config):
     name = "no agent"
 
 
-class EmptyPrograms(Config):
+class InProcess(Config):
+    """Programs this process loads: what open() returns lives from start() to stop()."""
+
+    stack: contextlib.ExitStack | None = None
+
+    def open(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(self.open())
+
+    def stop(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+            self.stack = None
+
+    def pids(self) -> set[int]:
+        return {os.getpid()}
+
+
+class EmptyPrograms(InProcess):
     def __init__(self, name: str, text: str) -> None:
         self.name, self.text = name, text
-        self.bpf: Any = None
 
-    def start(self) -> None:
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Any]:
         from bcc import BPF
 
-        self.bpf = BPF(text=self.text)
-
-    def stop(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-
-    def pids(self) -> set[int]:
-        return {os.getpid()}
+        bpf = BPF(text=self.text)
+        try:
+            yield bpf
+        finally:
+            bpf.cleanup()
 
 
-class Monitor(Config):
+class Monitor(InProcess):
     def __init__(self, name: str, targets: Any = None, **options: Any) -> None:
         self.name, self.targets, self.options = name, targets, options
-        self.m: Any = None
 
-    def start(self) -> None:
-        from agent.kernel.btf import kernel_offsets
-        from agent.model.targets import TargetSet
-        from agent.monitors.contract import MonitorContext
-        from agent.monitors.registry import default_registry
+    def open(self) -> contextlib.AbstractContextManager[Any]:
+        from tests.support.monitors import NullSink, loaded_monitor
 
-        default_registry.discover()
-        cls = default_registry.get("syscall")
-        ctx = MonitorContext(
-            targets=self.targets or TargetSet(), sink=_NullSink(), kernel_offsets=kernel_offsets()
-        )
-        self.m = cls(cls.Options(**self.options), ctx)
-        self.m.load()
-
-    def stop(self) -> None:
-        if self.m is not None:
-            self.m.close()
-            self.m = None
-
-    def pids(self) -> set[int]:
-        return {os.getpid()}
-
-
-class _NullSink:
-    def publish(self, event: dict) -> None:
-        pass
+        return loaded_monitor("syscall", NullSink(), targets=self.targets, **self.options)
 
 
 class Peer(Config):
@@ -227,10 +222,10 @@ class Workload:
 
 
 def workloads(tmp: Path, dd_count: int, getppid: int) -> list[Workload]:
-    binary = tmp / "getppid_loop"
-    subprocess.run(
-        ["gcc", "-O2", "-o", str(binary), str(REPO / "bench" / "getppid_loop.c")], check=True
-    )
+    from tests.support.kernel import compile_c
+
+    source = (REPO / "bench" / "getppid_loop.c").read_text()
+    binary = compile_c(tmp, "getppid_loop", source, "-O2")
     return [
         Workload(f"dd bs=1 count={dd_count}",
                  ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={dd_count}"],

@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,11 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.support: the helpers tests use too
+
+from tests.support.api import free_port  # noqa: E402
+from tests.support.kernel import compile_c  # noqa: E402
+
 AGENT = REPO / ".venv" / "bin" / "ebpf-agent"
 
 # Both generators wait for a byte on stdin (so their pids can be targeted first), then
@@ -148,12 +152,6 @@ def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
 
 
 # -- the agent --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_agent(workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = workdir / "agent.yaml"
@@ -192,12 +190,9 @@ def pick_source(url: str, wanted: str) -> str:
 
 
 def compile_generator(workdir: Path, source: str) -> Path:
-    c = workdir / f"{source}_storm.c"
-    c.write_text(SOURCES[source].replace("#include <unistd.h>",
-                                         "#include <unistd.h>\n#include <stdlib.h>"))
-    binary = workdir / f"{source}_storm"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(c)], check=True)
-    return binary
+    text = SOURCES[source].replace("#include <unistd.h>",
+                                   "#include <unistd.h>\n#include <stdlib.h>")
+    return compile_c(workdir, f"{source}_storm", text, "-O2")
 
 
 # -- one scenario -----------------------------------------------------------------------

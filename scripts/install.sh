@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a Debian 12 host for ebpf-agent (see ../shared/KERNEL.md).
+# Idempotent set-up of a Debian 12 host for ebpf-agent (see docs/kernel.md).
 # Every step checks first and skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,7 @@ from agent.api.deps import AppContext
 from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.gate import AuthGate
 from agent.api.metrics import AgentCollector
+from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -100,6 +101,7 @@ def create_app(
     app.include_router(routes_targets.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
+    add_monitor_components(app, ctx.registry)
     return app
 
 

@@ -60,7 +60,7 @@ def options_detail(e: OptionsInvalid) -> list[dict[str, Any]]:
     out = []
     for err in e.errors:
         out.append({
-            "loc": ["body", *err.get("loc", ())],
+            "loc": [e.where, *err.get("loc", ())],
             "msg": str(err.get("msg", "")),
             "type": str(err.get("type", "value_error")),
         })

@@ -13,9 +13,13 @@ from agent.monitors.registry import MonitorRegistry
 
 
 def openapi_document() -> dict[str, Any]:
-    # The document depends on no monitor, host or token: build the app with none
-    # (creating it probes nothing; the lifespan never runs here).
-    app = create_app(Settings(token=None, token_file=None), MonitorRegistry())
+    # The document depends on no host or token: build the app with none (creating it
+    # probes nothing; the lifespan never runs here). Its components include the
+    # schemas of the monitors in agent/monitors/ (a fresh registry: importing the
+    # monitor modules does no BPF work).
+    registry = MonitorRegistry()
+    registry.discover()
+    app = create_app(Settings(token=None, token_file=None), registry)
     doc: dict[str, Any] = json.loads(json.dumps(app.openapi()))
     return doc
 

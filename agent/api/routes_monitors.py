@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
@@ -10,11 +9,8 @@ from fastapi import APIRouter, Body, Query
 from agent.api.deps import ManagerDep, SettingsDep
 from agent.api.errors import call
 from agent.api.models import ERROR_RESPONSES, MonitorInfo, MonitorStats, errors
-from agent.core.manager import MonitorManager
 
 router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
-# Keys a monitor's stats() may accept; passed only when given and accepted.
-STATS_QUERY = ("sort", "limit")
 
 
 @router.get("", response_model=list[MonitorInfo], response_model_exclude_unset=True,
@@ -65,7 +61,9 @@ async def monitor_stats(
 ) -> dict[str, Any]:
     """Read-only: a GET never changes anything (see POST .../stats/reset)."""
     given = {"sort": sort, "limit": limit}
-    query = _accepted(manager, name, {k: v for k, v in given.items() if v is not None})
+    query = {k: v for k, v in given.items() if v is not None}
+    # Validated against the monitor's StatsQuery model; what it does not declare is
+    # ignored (exec's stats() takes nothing).
     return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
 
 
@@ -80,15 +78,12 @@ async def reset_monitor_stats(
     """A POST, so that no foreign page can trigger it with a link or an <img>. Monitors
     without a window (exec) answer their stats unchanged."""
     given = {"sort": sort, "limit": limit, "reset": True}
-    query = _accepted(manager, name, {k: v for k, v in given.items() if v is not None})
+    query = {k: v for k, v in given.items() if v is not None}
     return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
 
 
-def _accepted(manager: MonitorManager, name: str, query: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``query`` the monitor's stats() takes (exec's takes none)."""
-    if not query or name not in manager.registry:
-        return {}
-    params = inspect.signature(manager.registry.get(name).stats).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return query
-    return {k: v for k, v in query.items() if k in params}
+@router.get("/{name}/schema", response_model=dict[str, Any], responses=errors(404),
+            summary="the JSON Schema of the monitor's options")
+async def monitor_schema(name: str, manager: ManagerDep) -> dict[str, Any]:
+    cls = await call(manager.monitor_class, name)
+    return cls.Options.model_json_schema()

@@ -3,29 +3,31 @@
  * perf buffer). Constants and layouts userspace mirrors live in types.h.
  *
  * Kernel structs are never read through header types: the headers BCC compiles
- * against belong to another kernel (KERNEL.md). Offsets come from the running
+ * against may belong to another kernel (docs/kernel.md). Offsets come from the running
  * kernel's BTF as -D constants (agent/kernel/btf.py), read with bpf_probe_read_kernel.
  */
 #ifndef EBPF_AGENT_COMMON_H
 #define EBPF_AGENT_COMMON_H
 
+/* Constants that must agree with a setting come only from the settings, as -D flags
+ * (BccMonitor.cflags in agent/monitors/bcc.py): no default here could drift from them. */
 #ifndef MAX_TARGET_PIDS
-#define MAX_TARGET_PIDS 10240
+#error "MAX_TARGET_PIDS must be defined (targets.max_pids)"
 #endif
 #ifndef MAX_TARGET_UIDS
-#define MAX_TARGET_UIDS 1024
+#error "MAX_TARGET_UIDS must be defined (targets.max_uids)"
 #endif
 #ifndef MAX_TARGET_COMMS
-#define MAX_TARGET_COMMS 256
+#error "MAX_TARGET_COMMS must be defined (targets.max_comms)"
+#endif
+#ifndef WAKEUP_EVERY
+#error "WAKEUP_EVERY must be defined (transport.wakeup_every)"
+#endif
+#ifndef RINGBUF_PAGES
+#error "RINGBUF_PAGES must be defined (transport.ringbuf_pages)"
 #endif
 #ifndef MAX_FOLLOWED
 #define MAX_FOLLOWED 65536
-#endif
-#ifndef WAKEUP_EVERY
-#define WAKEUP_EVERY 1
-#endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 512
 #endif
 
 #include "types.h"

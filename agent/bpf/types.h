@@ -1,6 +1,6 @@
 /* What kernel programs and userspace share, in plain C: constants, map keys and the
  * event header. No BPF macros here, so that gcc compiles this file (and every monitor
- * header including it) for the layout checks in tests/support/layout.py; common.h
+ * header including it) for the layout checks (tests/support/layout.py); common.h
  * includes it for the programs. The integer types (u64, u32...) come from the includer.
  */
 #ifndef EBPF_AGENT_TYPES_H

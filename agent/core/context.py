@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from agent.config import Settings, group_id
-from agent.core.manager import MonitorManager, OutputConfig
+from agent.config import Settings
+from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
-from agent.model.targets import TargetLimits, TargetSet
-from agent.monitors.contract import TransportSettings
+from agent.model.targets import TargetSet
 from agent.monitors.registry import MonitorRegistry
+from agent.output.writer import WriterFactory
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,15 @@ def build_manager(
     formats: Sequence[str] | None = None,
     targets: TargetSet | None = None,
 ) -> MonitorManager:
-    t, tr, out = settings.targets, settings.transport, settings.output
     return MonitorManager(
         registry,
         report,
         targets=targets or target_set(settings),
-        limits=TargetLimits(t.max_pids, t.max_uids, t.max_comms),
-        transport=TransportSettings(tr.kind, tr.ringbuf_pages, tr.perf_pages, tr.wakeup_every),
-        output=OutputConfig(
-            tuple(out.formats if formats is None else formats),
-            out.directory,
-            out.queue_size,
-            out.flush_interval_s,
-            out.snapshot_interval_s,
-            None if out.group is None else group_id(out.group),
-        ),
+        limits=settings.targets.limits(),
+        transport=settings.transport,
+        output=settings.output,
         publish=publish,
+        writers=WriterFactory(settings.output, formats),
     )
 
 

@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from agent.config import OutputSettings, TargetSettings, TransportSettings
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
 from agent.model.targets import (
@@ -47,10 +47,9 @@ from agent.monitors.contract import (
     MonitorContext,
     MonitorError,
     MonitorOptions,
-    TransportSettings,
 )
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import OutputWriter, check_output
+from agent.output.writer import OutputWriter, WriterFactory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,21 +68,14 @@ class MonitorUnsupported(Exception):
 
 
 class OptionsInvalid(ValueError):
-    """Options that fail validation; 422. ``errors`` is pydantic's list."""
+    """Options (or a stats query) that fail validation; 422. ``errors`` is pydantic's
+    list; ``where``: the request part they came from ("body" or "query")."""
 
-    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+    def __init__(self, message: str, errors: list[Any] | None = None,
+                 where: str = "body") -> None:
         super().__init__(message)
         self.errors = errors or []
-
-
-@dataclass
-class OutputConfig:
-    formats: tuple[str, ...] = ()
-    directory: Path = Path("output")
-    queue_size: int = 65536
-    flush_interval_s: float = 1.0
-    snapshot_interval_s: float = 10.0
-    group: int | None = None  # gid of output.group
+        self.where = where
 
 
 class MonitorSink:
@@ -126,14 +118,19 @@ class MonitorManager:
         targets: TargetSet | None = None,
         limits: TargetLimits | None = None,
         transport: TransportSettings | None = None,
-        output: OutputConfig | None = None,
+        output: OutputSettings | None = None,
         publish: Callable[[Event], None] | None = None,
+        writers: WriterFactory | None = None,
     ) -> None:
+        """``writers``: makes each started monitor's output (files, console); None: no
+        output. ``output``: the settings section (the snapshot interval); default: the
+        writers' one."""
         self.registry = registry
         self.report = report
-        self.limits = limits or TargetLimits()
+        self.limits = limits or TargetSettings().limits()
         self.transport = transport or TransportSettings()
-        self.output = output or OutputConfig()
+        self._writers = writers
+        self.output = output or (writers.output if writers else OutputSettings(formats=[]))
         self._publish = publish
         self._targets = targets or TargetSet()
         check_capacity(self._targets, self.limits)
@@ -274,8 +271,7 @@ class MonitorManager:
         self._check_output(name)
         if current is not None:
             self._stop(name)
-        if self.output.formats:
-            sink.writer = self._open_writer(name, monitor)
+        sink.writer = self._open_writer(name, monitor)
         try:
             monitor.load()
         except BaseException as e:
@@ -301,18 +297,18 @@ class MonitorManager:
 
     def _check_output(self, name: str) -> None:
         """Output paths that would fail: OutputPathError (422) or MonitorUnsupported."""
+        if self._writers is None:
+            return
         try:
-            check_output(name, self.output.formats, self.output.directory)
+            self._writers.check(name)
         except OSError as e:
             raise MonitorUnsupported(f"{name}: output: {e}") from None
 
-    def _open_writer(self, name: str, monitor: BaseMonitor) -> OutputWriter:
+    def _open_writer(self, name: str, monitor: BaseMonitor) -> OutputWriter | None:
+        if self._writers is None:
+            return None
         try:
-            return OutputWriter(
-                name, self.output.formats, self.output.directory, monitor,
-                self.output.queue_size, self.output.flush_interval_s,
-                group=self.output.group,
-            )
+            return self._writers.open(name, monitor)
         except OSError as e:
             raise MonitorUnsupported(f"{name}: output: {e}") from None
 
@@ -426,13 +422,22 @@ class MonitorManager:
 
     # -- stats ---------------------------------------------------------------------
     def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
-        self.monitor_class(name)
+        """Counters and the monitor's stats(); ``query`` is validated against the
+        monitor's StatsQuery model (OptionsInvalid, 422) and only the fields it declares
+        and the caller gave reach stats()."""
+        cls = self.monitor_class(name)
+        try:
+            parsed = cls.StatsQuery.model_validate(query)
+        except ValidationError as e:
+            raise OptionsInvalid(f"invalid stats query for {name}", e.errors(),
+                                 where="query") from None
+        accepted = parsed.model_dump(exclude_unset=True)
 
         def read() -> dict[str, Any]:
             run = self._running.get(name)
             out = self._counters(name, run)
             if run is not None:
-                out.update(run.monitor.stats(**query))
+                out.update(run.monitor.stats(**accepted))
             return out
 
         return self.call(read)

@@ -1,7 +1,7 @@
 """A small reader of the kernel's BTF (``/sys/kernel/btf/vmlinux``).
 
-BCC has no CO-RE, and the only kernel headers on our hosts belong to another kernel,
-so a struct read through header types lands on wrong offsets (KERNEL.md). The running
+BCC has no CO-RE, and the kernel headers BCC compiles against may belong to another
+kernel, so a struct read through header types lands on wrong offsets (docs/kernel.md). The running
 kernel describes its own layout in BTF; we read member offsets from it at start-up
 and hand them to BPF programs as ``-D`` constants. Format: the kernel's
 Documentation/bpf/btf.rst ("Type encoding").
@@ -9,6 +9,7 @@ Documentation/bpf/btf.rst ("Type encoding").
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -137,3 +138,17 @@ def kernel_offsets(btf: BTF | None = None) -> dict[str, int]:
     return {
         f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in TASK_FIELDS
     }
+
+
+# The syscall number in struct pt_regs, per machine (what syscall_get_nr() reads:
+# arch/x86/include/asm/syscall.h, arch/arm64/include/asm/syscall.h).
+PT_REGS_SYSCALL_NR = {"x86_64": "orig_ax", "aarch64": "syscallno"}
+
+
+def pt_regs_nr_offset(machine: str | None = None) -> int:
+    """Offset of the syscall number in this kernel's struct pt_regs."""
+    m = machine or os.uname().machine
+    field = PT_REGS_SYSCALL_NR.get(m)
+    if field is None:
+        raise BTFError(f"no known pt_regs syscall-number field for machine {m}")
+    return vmlinux_btf().member_offset("pt_regs", field)

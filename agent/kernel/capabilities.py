@@ -1,13 +1,12 @@
 """What this kernel and host can do, and which monitors can run here.
 
-Each check detects rather than assumes (KERNEL.md: a user's kernel may differ in every
-respect). The same report feeds ``ebpf-agent check``, ``GET /capabilities`` and the
+Each check detects rather than assumes (docs/kernel.md: a user's kernel may differ in
+every respect). The same report feeds ``ebpf-agent check``, ``GET /capabilities`` and the
 monitor manager, which refuses to start a monitor the report says cannot run.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import platform
 import re
@@ -17,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.kernel import btf
-
-TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+from agent.kernel.kconfig import kernel_config
+from agent.kernel.probes import kprobes_status
+from agent.kernel.tracefs import find_tracefs
+from agent.kernel.tracefs import is_dir as _is_dir
 
 
 @dataclass
@@ -69,39 +70,12 @@ class CapabilityReport:
         return out
 
 
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # tracefs is root-only (0700): a non-root check sees EACCES
-        return False
-
-
-def find_tracefs() -> Path | None:
-    for p in TRACEFS_CANDIDATES:
-        if _is_dir(p / "events"):
-            return p
-    return None
-
-
 def _tracefs_feature(tracefs: Path | None) -> Feature:
     if tracefs is not None:
         return Feature(True, str(tracefs))
     if os.geteuid() != 0:
         return Feature(False, "tracefs not readable (root only)")
     return Feature(False, "tracefs not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
-
-
-def kernel_config() -> dict[str, str]:
-    """CONFIG_* of the running kernel from /proc/config.gz or /boot/config-$(uname -r)."""
-    text = ""
-    try:
-        text = gzip.decompress(Path("/proc/config.gz").read_bytes()).decode()
-    except OSError:
-        try:
-            text = Path(f"/boot/config-{platform.release()}").read_text()
-        except OSError:
-            return {}
-    return dict(re.findall(r"^(CONFIG_\w+)=(.*)$", text, re.MULTILINE))
 
 
 def _lockdown() -> str:
@@ -160,14 +134,8 @@ def _check_headers() -> Feature:
     return Feature(True, f"mismatched: {target} for kernel {release} (offsets come from BTF)")
 
 
-def _check_kprobes(tracefs: Path | None, config: dict[str, str]) -> Feature:
-    if config:
-        if config.get("CONFIG_KPROBES") != "y":
-            return Feature(False, "CONFIG_KPROBES is not set in this kernel")
-        return Feature(True, "CONFIG_KPROBES=y")
-    if tracefs and _is_dir(tracefs) and (tracefs / "kprobe_events").exists():
-        return Feature(True, f"{tracefs}/kprobe_events present")
-    return Feature(False, "no kprobe_events in tracefs")
+def _check_kprobes() -> Feature:
+    return Feature(*kprobes_status())
 
 
 def _check_uprobes(tracefs: Path | None, config: dict[str, str]) -> Feature:
@@ -191,7 +159,7 @@ def _check_fentry(lockdown: str, kallsyms: set[str]) -> Feature:
     if "bpf_trampoline_link_prog" not in kallsyms:
         return Feature(False, "no BPF trampoline in this kernel")
     if lockdown not in ("none", "unknown"):
-        # Measured on our hosts: fentry loads fail with EPERM under lockdown=integrity.
+        # fentry loads fail with EPERM under lockdown=integrity (docs/kernel.md).
         return Feature(False, f"kernel lockdown is {lockdown}: fentry programs are refused")
     return Feature(True, "BPF trampoline present")
 
@@ -214,7 +182,7 @@ def build_report(registry: Any | None = None) -> CapabilityReport:
         "bcc": _check_bcc(),
         "kernel_headers": _check_headers(),
         "ringbuf": _check_ringbuf(kallsyms),
-        "kprobes": _check_kprobes(tracefs, config),
+        "kprobes": _check_kprobes(),
         "uprobes": _check_uprobes(tracefs, config),
         "fentry": _check_fentry(lockdown, kallsyms),
         "lockdown": Feature(lockdown in ("none", "unknown"), lockdown),

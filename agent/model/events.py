@@ -1,7 +1,7 @@
 """The event contract and its encoding (JSONL output, SSE and WebSocket streams).
 
 Every event of every monitor starts with the same fields, COMMON_FIELDS, decoded from
-``struct event_hdr`` (agent/bpf/common.h) by header_fields(); the monitor's own fields
+``struct event_hdr`` (agent/bpf/types.h) by header_fields(); the monitor's own fields
 follow. Stream filters (monitor, pid, uid, comm) therefore work on every monitor.
 """
 
@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
 Event = dict[str, Any]
 
-COMM_LEN = 16  # agent/bpf/common.h
+COMM_LEN = 16  # agent/bpf/types.h
 # The fields every event carries first, with one meaning for every monitor.
 COMMON_FIELDS = ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm")
 # The first CSV columns of every monitor (one file per monitor: no monitor column).
@@ -24,7 +25,8 @@ COMMON_CSV_FIELDS = COMMON_FIELDS[1:]
 
 
 class EventHeader(ctypes.Structure):
-    """Mirror of ``struct event_hdr`` in agent/bpf/common.h: the first member of every
+    """Mirror of ``struct event_hdr`` in agent/bpf/types.h (checked against gcc by
+    tests/monitors/test_common.py): the first member of every
     monitor's event struct."""
 
     _fields_ = [
@@ -91,3 +93,20 @@ def header_fields(monitor: str, hdr: EventHeader, clock: MonotonicClock) -> Even
         "gid": hdr.gid,
         "comm": decode_c_string(hdr.comm),
     }
+
+
+class EventModel(BaseModel):
+    """The fields every event starts with, the same for every monitor (COMMON_FIELDS).
+    Each monitor's model extends it (OpenAPI components <Name>Event)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monitor: str = Field(description="the monitor's name")
+    timestamp: str = Field(description="ts_ns as UTC wall-clock time, ISO 8601, ns precision")
+    ts_ns: int = Field(description="CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the event")
+    pid: int = Field(description="process id (the kernel's tgid)")
+    tid: int = Field(description="thread id")
+    ppid: int = Field(description="the real parent's process id")
+    uid: int = Field(description="real user id")
+    gid: int = Field(description="real group id")
+    comm: str = Field(description="the task's name (at most 15 bytes)")

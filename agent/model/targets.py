@@ -22,9 +22,12 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class TargetLimits:
-    pids: int = 10240
-    uids: int = 1024
-    comms: int = 256
+    """The kernel target maps' sizes. No defaults here: they come from the settings
+    (agent/config.py TargetSettings.limits())."""
+
+    pids: int
+    uids: int
+    comms: int
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,18 @@ from typing import Any, ClassVar
 from agent.kernel import procfs
 from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
 from agent.model.targets import TargetSet
-from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
 
 log = logging.getLogger(__name__)
 
 # Shared C (common.h); each monitor's own C lives in its folder.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
-# Mirrors the CNT_* indices of agent/bpf/common.h.
+# Mirrors of agent/bpf/types.h (tests/monitors/test_common.py checks them with gcc):
+# the CNT_* indices, the TF_* flags and the PID_* kinds.
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
-PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids (common.h)
+PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids
 
 # Records one ring buffer consume call hands to the callback before it returns: libbpf's
 # ring_buffer__poll/__consume loop until the ring is empty, which never happens while a
@@ -56,14 +57,14 @@ def inline_includes(path: Path, seen: frozenset[Path] = frozenset()) -> str:
     return _LOCAL_INCLUDE.sub(expand, path.read_text())
 
 
-class BccMonitor(BaseMonitor):
+class BccMonitor(BaseMonitor[OptionsT]):
     """A monitor whose kernel side is one BCC program including agent/bpf/common.h."""
 
     BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
         "root", "bcc", "tracefs", "btf", "kernel_headers")
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self.bpf: Any = None
         self.use_ringbuf = False

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.model.events import Event, EventSink
+from agent.config import TargetSettings, TransportSettings
+from agent.model.events import Event, EventModel, EventSink
 from agent.model.targets import TargetLimits, TargetSet
 
 
@@ -38,14 +39,15 @@ class MonitorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class TransportSettings:
-    kind: str = "auto"  # auto | ringbuf | perf
-    ringbuf_pages: int = 512  # shared by all CPUs; a power of two
-    perf_pages: int = 64  # per CPU; a power of two
-    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
-    # in between wait at most one poll timeout (100 ms).
-    wakeup_every: int = 32
+class MonitorStatsQuery(BaseModel):
+    """Base of the query parameters a monitor's stats() takes (GET
+    /monitors/{name}/stats). Validated like options; the route's parameters a monitor
+    does not declare are ignored, so none is passed to a stats() that takes none."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=MonitorOptions)
 
 
 @dataclass
@@ -55,13 +57,16 @@ class MonitorContext:
     targets: TargetSet
     sink: EventSink
     transport: TransportSettings = field(default_factory=TransportSettings)
-    limits: TargetLimits = field(default_factory=TargetLimits)
+    limits: TargetLimits = field(default_factory=lambda: TargetSettings().limits())
     ringbuf_supported: bool = True
     kernel_offsets: dict[str, int] = field(default_factory=dict)
 
 
-class BaseMonitor(ABC):
-    """Threads: every hook runs on the manager's control thread, except poll() (the
+class BaseMonitor(ABC, Generic[OptionsT]):
+    """A monitor, generic over its options model: ``class X(BccMonitor[XOptions])`` with
+    ``Options = XOptions`` (a ClassVar cannot name the type variable).
+
+    Threads: every hook runs on the manager's control thread, except poll() (the
     monitor's poller thread, and what it calls: parsing, ctx.sink.publish) and
     request_stop() (control thread, while the poller may be inside poll()), and
     csv_row()/console_line() (the output writer's thread: pure functions of the event)."""
@@ -69,6 +74,10 @@ class BaseMonitor(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[MonitorOptions]] = MonitorOptions
+    # The keyword arguments stats() takes, as a model (OpenAPI: <Name>StatsQuery).
+    StatsQuery: ClassVar[type[MonitorStatsQuery]] = MonitorStatsQuery
+    # The fields of this monitor's events (OpenAPI: <Name>Event); the common ones first.
+    EventModel: ClassVar[type[EventModel]] = EventModel
     # "category:event" tracepoints and capability names (agent.kernel.capabilities).
     REQUIRED_TRACEPOINTS: ClassVar[tuple[str, ...]] = ()
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = ()
@@ -76,8 +85,8 @@ class BaseMonitor(ABC):
     # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
+        self.options: OptionsT = options
         self.ctx = ctx
 
     @classmethod
@@ -124,7 +133,8 @@ class BaseMonitor(ABC):
         return {}
 
     def stats(self) -> dict[str, Any]:
-        """Monitor-specific figures (aggregating monitors return their tables)."""
+        """Monitor-specific figures (aggregating monitors return their tables). Takes the
+        fields of StatsQuery as keyword arguments, those the client gave."""
         return {}
 
     def periodic(self) -> None:  # noqa: B027 (optional hook)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from agent.config import OutputSettings, group_id
 from agent.model.events import Event, encode_event
 
 log = logging.getLogger(__name__)
@@ -386,3 +387,27 @@ class OutputWriter:
         """Write what is queued, flush and close the files."""
         self._stopping.set()
         self._thread.join(timeout)
+
+
+class WriterFactory:
+    """Each started monitor's output, as the manager asks for it: check() before a
+    running monitor is touched (what would be refused), open() once it is to start."""
+
+    def __init__(self, output: OutputSettings, formats: Sequence[str] | None = None) -> None:
+        """``formats``: instead of the configured ones (the CLI's --format)."""
+        self.output = output
+        self.formats = tuple(output.formats if formats is None else formats)
+        # Resolved once, at start-up: an unknown group is a configuration error.
+        self.group = None if output.group is None else group_id(output.group)
+
+    def check(self, name: str) -> None:
+        """OutputPathError (422) or OSError for paths that would fail; creates nothing."""
+        check_output(name, self.formats, self.output.directory)
+
+    def open(self, name: str, monitor: Any) -> OutputWriter | None:
+        """The monitor's writer; None when no format is chosen. Raises OSError."""
+        if not self.formats:
+            return None
+        o = self.output
+        return OutputWriter(name, self.formats, o.directory, monitor, o.queue_size,
+                            o.flush_interval_s, group=self.group)

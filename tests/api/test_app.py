@@ -296,3 +296,18 @@ def test_errors_are_json(client: TestClient) -> None:
     assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
     r = client.delete("/monitors")
     assert r.status_code == 405 and "detail" in r.json()
+
+
+def test_monitor_options_schema(client: TestClient) -> None:
+    from tests.support.api import FakeOptions
+
+    r = client.get("/monitors/fake/schema")
+    assert r.status_code == 200 and r.json() == FakeOptions.model_json_schema()
+    assert r.json()["properties"]["level"]["maximum"] == 10
+    assert client.get("/monitors/nope/schema").status_code == 404
+
+
+def test_stats_query_errors_name_the_query_field(client: TestClient) -> None:
+    client.post("/monitors/fake/start", json={})
+    r = client.get("/monitors/fake/stats", params={"limit": "x"})
+    assert r.status_code == 422

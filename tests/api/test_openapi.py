@@ -73,3 +73,23 @@ def test_fuzz_without_token_is_always_401(fuzz_server: ThreadServer) -> None:
         public = {("GET", "/health"): 200, ("POST", "/auth/session"): 422}
         expected = public.get((operation.method.upper(), path), 401)
         assert r.status_code == expected, (operation.method, path, r.text)
+
+
+def test_each_monitor_options_stats_query_and_event_are_components() -> None:
+    from agent.monitors.registry import MonitorRegistry
+
+    schemas = openapi_document()["components"]["schemas"]
+    registry = MonitorRegistry()
+    registry.discover()
+    assert {"exec", "func", "syscall"} <= set(registry.names())
+    for cls in registry:
+        title = cls.name.title()
+        assert schemas[f"{title}Options"]["properties"] == (
+            cls.Options.model_json_schema()["properties"])
+        assert set(schemas[f"{title}StatsQuery"].get("properties", {})) == set(
+            cls.StatsQuery.model_fields)
+        event = schemas[f"{title}Event"]["properties"]
+        assert list(event)[:9] == ["monitor", "timestamp", "ts_ns", "pid", "tid", "ppid",
+                                   "uid", "gid", "comm"]
+    assert set(schemas["SyscallStatsQuery"]["properties"]) == {"sort", "limit", "reset"}
+    assert schemas["SyscallStatsQuery"]["properties"]["sort"]["enum"] == ["count", "time"]

@@ -60,7 +60,7 @@ def fake_report() -> CapabilityReport:
 @pytest.fixture
 def fake():
     reg, log = fake_registry()
-    mgr = MonitorManager(reg, fake_report(), limits=TargetLimits(pids=3))
+    mgr = MonitorManager(reg, fake_report(), limits=TargetLimits(pids=3, uids=1024, comms=256))
     yield mgr, log
     mgr.shutdown()
 

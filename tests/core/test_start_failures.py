@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from agent.core.manager import MonitorManager, MonitorUnsupported, OutputConfig
+from agent.config import OutputSettings
+from agent.core.manager import MonitorManager, MonitorUnsupported
 from agent.kernel.capabilities import CapabilityReport, build_report
 from agent.model.targets import TargetSet
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import BaseMonitor, MonitorOptions
 from agent.monitors.registry import MonitorRegistry, discover_monitors
-from agent.output.writer import OutputPathError
+from agent.output.writer import OutputPathError, WriterFactory
 from tests.support.kernel import prog_ids_held_by
 
 
@@ -79,7 +80,7 @@ def test_refused_output_path_keeps_the_running_monitor(tmp_path: Path) -> None:
     log: list = []
     out = tmp_path / "out"
     mgr = MonitorManager(refusing_registry(log), CapabilityReport("t", "x86_64", {}),
-                         output=OutputConfig(("jsonl",), out))
+                         writers=WriterFactory(OutputSettings(formats=["jsonl"], directory=out)))
     try:
         mgr.start_monitor("fake")
         (out / "fake.jsonl").unlink()
@@ -109,7 +110,8 @@ def test_failed_starts_leave_no_program_loaded(tmp_path: Path, kernel: None,
     report = build_report(reg)
     before = prog_ids_held_by(os.getpid())
     for directory, error in broken_outputs(tmp_path):
-        mgr = MonitorManager(reg, report, output=OutputConfig(("jsonl",), directory))
+        mgr = MonitorManager(reg, report, writers=WriterFactory(
+            OutputSettings(formats=["jsonl"], directory=directory)))
         try:
             with pytest.raises(error):
                 mgr.start_monitor("exec")

@@ -236,16 +236,8 @@ def test_errno_name(n: int, name: str) -> None:
 
 
 def test_every_syscall_has_one_allowed_category() -> None:
-    assert set(CATEGORY_NAMES) == {
-        "file",
-        "network",
-        "process",
-        "memory",
-        "signal",
-        "ipc",
-        "time",
-        "other",
-    }
+    assert set(CATEGORY_NAMES) == {"file", "network", "process", "memory", "signal", "ipc",
+                                   "time", "other"}
     names = {name for table in SYSCALLS.values() for name in table.values()}
     assert names - CATEGORIES.keys() == set()
     assert CATEGORIES.keys() - names == set(), "categories for names in no table"

@@ -8,65 +8,33 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.kernel.btf import kernel_offsets
 from agent.model.targets import TargetSet
-from agent.monitors.contract import MonitorContext, TransportSettings
-from agent.monitors.registry import default_registry
+from agent.monitors.contract import TransportSettings
 from agent.output.writer import OutputWriter
-from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.filters import filter_tests
 from tests.support.kernel import (
     CollectingSink,
     compile_c,
     loaded_prog_ids,
     prog_ids_held_by,
-    require_kernel,
 )
+from tests.support.monitors import drain, loaded_monitor, wait_for_events
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
 NOBODY = 65534
 
 
-@contextmanager
-def exec_monitor(
-    sink: CollectingSink, targets: TargetSet | None = None, transport: str = "auto",
-    ringbuf_pages: int = 512, **options: int,
-) -> Iterator:
-    default_registry.discover()
-    cls = default_registry.get("exec")
-    ctx = MonitorContext(
-        targets=targets or TargetSet(),
-        sink=sink,
-        transport=TransportSettings(kind=transport, ringbuf_pages=ringbuf_pages),
-        kernel_offsets=kernel_offsets(),
-    )
-    monitor = cls(cls.Options(**options), ctx)
-    monitor.load()
-    try:
-        yield monitor
-    finally:
-        monitor.close()
-
-
-def wait_for(monitor, sink: CollectingSink, pred: Callable[[dict], bool], timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        monitor.poll(50)
-        found = [e for e in sink.events if pred(e)]
-        if found:
-            return found
-    return []
-
-
-def drain(monitor, rounds: int = 5) -> None:
-    for _ in range(rounds):
-        monitor.poll(50)
+def exec_monitor(sink: CollectingSink, targets: TargetSet | None = None, transport: str = "auto",
+                 ringbuf_pages: int = 512, **options: int) -> ContextManager[Any]:
+    transport_settings = TransportSettings(kind=transport, ringbuf_pages=ringbuf_pages)
+    return loaded_monitor("exec", sink, targets=targets, transport=transport_settings, **options)
 
 
 def test_exact_event_for_known_process_and_uid(sink):
@@ -77,7 +45,7 @@ def test_exact_event_for_known_process_and_uid(sink):
             capture_output=True, check=True,
         )
         assert proc.stdout == b"hello exec-test-1\n"
-        events = wait_for(m, sink, lambda e: e["argv"] == argv)
+        events = wait_for_events(m, sink, lambda e: e["argv"] == argv)
     assert len(events) == 1
     e = events[0]
     # setpriv execs echo in place: same pid, whose parent is this test process. (The
@@ -102,7 +70,7 @@ def test_failed_exec_reports_enoent(sink):
     with exec_monitor(sink) as m:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
         assert proc.returncode != 0
-        events = wait_for(m, sink, lambda e: e["filename"] == "/nonexistent/prog")
+        events = wait_for_events(m, sink, lambda e: e["filename"] == "/nonexistent/prog")
     assert len(events) == 1
     e = events[0]
     assert (e["pid"], e["ret"], e["argv"], e["ppid"]) == (proc_pid(sink, e), -2, ["prog", "x"],
@@ -125,7 +93,7 @@ def test_exec_from_thread_reports_tgid(sink):
     with exec_monitor(sink) as m:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=10)
         assert proc.stdout == b"from-thread\n"
-        events = wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "from-thread"])
+        events = wait_for_events(m, sink, lambda e: e["argv"] == ["/bin/echo", "from-thread"])
     assert len(events) == 1
     e = events[0]
     assert e["pid"] != e["tid"], "exec ran on a non-leader thread"
@@ -140,9 +108,10 @@ def test_truncation_of_args_and_long_argument(sink):
         subprocess.run(many, check=True)
         subprocess.run(["/bin/true", long_arg], check=True)
         subprocess.run(["/bin/true", "y" * 128], check=True)
-        cut_count = wait_for(m, sink, lambda e: e["argv"][:2] == ["/bin/true", "a1"][:1] + ["a0"])
-        cut_long = wait_for(m, sink, lambda e: e["argv"][1:] == ["x" * 128])
-        exact = wait_for(m, sink, lambda e: e["argv"][1:] == ["y" * 128])
+        cut_count = wait_for_events(
+            m, sink, lambda e: e["argv"][:2] == ["/bin/true", "a1"][:1] + ["a0"])
+        cut_long = wait_for_events(m, sink, lambda e: e["argv"][1:] == ["x" * 128])
+        exact = wait_for_events(m, sink, lambda e: e["argv"][1:] == ["y" * 128])
     assert len(cut_count) == 1
     assert cut_count[0]["argv"] == many[:20] and cut_count[0]["truncated"] is True
     assert len(cut_long) == 1 and cut_long[0]["truncated"] is True
@@ -155,7 +124,7 @@ def test_both_transports_deliver_the_same_event(sink, transport):
     with exec_monitor(sink, transport=transport) as m:
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         p.wait()
-        events = wait_for(m, sink, lambda e: e["argv"] == argv)
+        events = wait_for_events(m, sink, lambda e: e["argv"] == argv)
         assert m.use_ringbuf is (transport == "ringbuf")
     assert [(e["pid"], e["ppid"], e["ret"]) for e in events] == [(p.pid, os.getpid(), 0)]
 
@@ -180,8 +149,8 @@ def test_pid_target_follows_children_and_filters_others(sink):
             other = subprocess.Popen(["/bin/echo", "other-marker"], stdout=subprocess.DEVNULL)
             other.wait()
             _go(shell)
-            child = wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "child-marker"])
-            grandchild = wait_for(m, sink, lambda e: e["argv"][-1:] == ["grandchild-marker"])
+            child = wait_for_events(m, sink, lambda e: e["argv"] == ["/bin/echo", "child-marker"])
+            grandchild = wait_for_events(m, sink, lambda e: e["argv"][-1:] == ["grandchild-marker"])
             drain(m)
             # Followed children share the kernel map but are not the operator's targets.
             assert m.read_targets()["pids"] == [shell.pid]
@@ -210,7 +179,7 @@ def test_targets_change_at_runtime(sink):
     idle = subprocess.Popen(["sleep", "30"])  # a target with no descendants
     with exec_monitor(sink) as m:
         subprocess.run(["/bin/echo", "before-change"], stdout=subprocess.DEVNULL, check=True)
-        assert wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "before-change"])
+        assert wait_for_events(m, sink, lambda e: e["argv"] == ["/bin/echo", "before-change"])
         m.set_targets(TargetSet(pids=frozenset({idle.pid})))
         assert m.read_targets()["pids"] == [idle.pid]
         subprocess.run(["/bin/echo", "while-filtered"], stdout=subprocess.DEVNULL, check=True)
@@ -218,7 +187,7 @@ def test_targets_change_at_runtime(sink):
         assert not [e for e in sink.events if e["argv"] == ["/bin/echo", "while-filtered"]]
         m.set_targets(TargetSet())
         subprocess.run(["/bin/echo", "after-clear"], stdout=subprocess.DEVNULL, check=True)
-        assert wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "after-clear"])
+        assert wait_for_events(m, sink, lambda e: e["argv"] == ["/bin/echo", "after-clear"])
     idle.kill()
 
 
@@ -252,7 +221,7 @@ def test_awkward_argv_round_trips_through_csv_and_jsonl(sink, tmp_path: Path):
     with exec_monitor(sink) as m:
         writer = OutputWriter("exec", ["csv", "jsonl"], tmp_path, m, flush_interval_s=0.05)
         subprocess.run(AWKWARD, stdout=subprocess.DEVNULL, check=True)
-        events = wait_for(m, sink, lambda e: e["argv"][:2] == ["/bin/echo", "a,b"])
+        events = wait_for_events(m, sink, lambda e: e["argv"][:2] == ["/bin/echo", "a,b"])
         assert len(events) == 1
         writer.offer(events[0])
         writer.close()
@@ -304,7 +273,7 @@ def test_existing_descendants_of_a_new_target_are_followed(sink):
     try:
         with exec_monitor(sink, TargetSet(pids=frozenset({outer.pid}))) as m:
             _go(outer)
-            found = wait_for(m, sink, lambda e: e["argv"] == ["/bin/echo", "seeded-marker"])
+            found = wait_for_events(m, sink, lambda e: e["argv"] == ["/bin/echo", "seeded-marker"])
     finally:
         outer.kill()
     assert len(found) == 1 and found[0]["ppid"] != outer.pid
@@ -352,10 +321,11 @@ def test_failed_exec_with_unreadable_argv_is_marked_truncated(sink, tmp_path: Pa
     source = FORK_EXEC.replace('"/bin/true"', '"/nonexistent/true"')
     binary = compile_c(tmp_path, "forkexec_missing", "#include <stdlib.h>\n" + source)
     with exec_monitor(sink) as m:
-        subprocess.run([str(binary), "5"], check=True)
+        gen = subprocess.Popen([str(binary), "5"])
+        assert gen.wait(60) == 0
         drain(m, 10)
     mine = [e for e in sink.events if e["filename"] in ("/nonexistent/true", "")
-            and e["ret"] == -2 and e["ppid"] != os.getpid()]
+            and e["ret"] == -2 and e["ppid"] == gen.pid]
     assert len(mine) == 5
     for e in mine:
         complete = e["argv"] == ["true", "rodata-marker", "second,arg"]
@@ -363,18 +333,5 @@ def test_failed_exec_with_unreadable_argv_is_marked_truncated(sink, tmp_path: Pa
 
 
 # -- the common header and stream filters (tests/support/filters.py) ----------------------
-@pytest.fixture(scope="module")
-def filter_events(filter_workload: Path) -> Recorded:
-    require_kernel()
-    return record("exec", filter_workload, lambda e: e["filename"] == str(filter_workload))
-
-
-@pytest.mark.usefixtures("kernel")
-def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
-    check_own_event(filter_events)
-
-
-@pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("field", FILTER_FIELDS)
-def test_stream_filter(filter_events: Recorded, field: str) -> None:
-    check_filter(filter_events, field)
+filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
+    "exec", lambda e, binary: e["filename"] == str(binary))

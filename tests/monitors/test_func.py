@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,33 +16,32 @@ from typing import IO
 
 import pytest
 
+from agent.kernel.probes import kprobes_available
+from agent.kernel.symbols import Probe, dedup_by_address, glob_regex
 from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
-from agent.monitors.bcc import BPF_DIR
-from agent.monitors.contract import MonitorContext, MonitorError
+from agent.monitors.contract import MonitorError
 from agent.monitors.func.monitor import (
     FUNC_COUNTERS,
+    FUNC_F_LATENCY,
     FUNC_HIST_SLOTS,
+    NR_FUNC_COUNTERS,
     FuncEvent,
     FuncMonitor,
     FuncPatternError,
     FuncStats,
-    Probe,
-    dedup_by_address,
-    glob_regex,
-    kprobes_available,
     parse_pattern,
     trim_zeros,
 )
-from agent.monitors.registry import default_registry
-from tests.support.filters import FILTER_FIELDS, Recorded, check_filter, check_own_event, record
+from tests.support.filters import filter_tests
 from tests.support.kernel import (
     CollectingSink,
     compile_c,
     loaded_prog_ids,
     prog_ids_held_by,
-    require_kernel,
 )
+from tests.support.layout import assert_constants, assert_layout, indexed, struct_sizes
+from tests.support.monitors import drain, loaded_monitor
 
 MONITOR_DIR = FuncMonitor.source_dir()
 
@@ -125,23 +125,12 @@ def started(binary: Path, k: int = K) -> Iterator[Caller]:
             proc.wait()
 
 
-@contextmanager
-def func_monitor(
-    sink: CollectingSink, targets: TargetSet, multi: bool = True, **options: object
-) -> Iterator[FuncMonitor]:
-    from agent.kernel.btf import kernel_offsets
+def func_monitor(sink: CollectingSink, targets: TargetSet, multi: bool = True,
+                 **options: object) -> ContextManager[FuncMonitor]:
+    def choose(m: FuncMonitor) -> None:
+        m.prefer_uprobe_multi = multi
 
-    default_registry.discover()
-    cls = default_registry.get("func")
-    assert cls is FuncMonitor
-    ctx = MonitorContext(targets=targets, sink=sink, kernel_offsets=kernel_offsets())
-    monitor = cls(cls.Options(**options), ctx)
-    monitor.prefer_uprobe_multi = multi
-    monitor.load()
-    try:
-        yield monitor
-    finally:
-        monitor.close()
+    return loaded_monitor("func", sink, targets=targets, before_load=choose, **options)
 
 
 def only(pid: int) -> TargetSet:
@@ -153,59 +142,26 @@ def function_stats(monitor: FuncMonitor, name: str) -> dict:
     return entry
 
 
-def drain(monitor: FuncMonitor, rounds: int = 5) -> None:
-    for _ in range(rounds):
-        monitor.poll(50)
-
-
 # -- no kernel needed --------------------------------------------------------------------
-LAYOUT_PROGRAM = """
-#include <stdio.h>
-#include <stddef.h>
-typedef unsigned long long u64;
-typedef unsigned int u32;
-typedef int s32;
-typedef unsigned char u8;
-#include "func.h"
-int main(void) {
-{body}
-    return 0;
-}
-"""
-
-
-def c_layout(tmp_path: Path, struct: str, fields: list[str]) -> dict[str, int]:
-    lines = [f'    printf("size %zu\\n", sizeof(struct {struct}));']
-    lines += [f'    printf("{f} %zu\\n", offsetof(struct {struct}, {f}));' for f in fields]
-    src = tmp_path / f"{struct}.c"
-    src.write_text(LAYOUT_PROGRAM.replace("{body}", "\n".join(lines)))
-    binary = tmp_path / struct
-    subprocess.run(
-        ["gcc", f"-I{MONITOR_DIR}", f"-I{BPF_DIR}", "-o", str(binary), str(src)], check=True)
-    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
-    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+HEADER = MONITOR_DIR / "func.h"
 
 
 @pytest.mark.parametrize(
     ("struct", "mirror"), [("func_event", FuncEvent), ("func_stats", FuncStats)]
 )
-def test_ctypes_mirror_matches_c(
-    tmp_path: Path, struct: str, mirror: type[ctypes.Structure]
-) -> None:
-    fields = [name for name, *_ in mirror._fields_]  # type: ignore[attr-defined]
-    expected = c_layout(tmp_path, struct, fields)
-    got = {f: getattr(mirror, f).offset for f in fields}
-    got["size"] = ctypes.sizeof(mirror)
-    assert got == expected
+def test_ctypes_mirror_matches_c(struct: str, mirror: type[ctypes.Structure]) -> None:
+    assert_layout(HEADER, struct, mirror)
 
 
 def test_header_constants_match_python() -> None:
-    import re
-
-    header = (MONITOR_DIR / "func.h").read_text()
-    assert re.search(rf"#define FUNC_HIST_SLOTS {FUNC_HIST_SLOTS}\b", header)
-    for i, name in enumerate(FUNC_COUNTERS):
-        assert re.search(rf"#define FCNT_{name.upper()}\s+{i}\b", header)
+    assert_constants(HEADER, {
+        "FUNC_HIST_SLOTS": FUNC_HIST_SLOTS, "FUNC_F_LATENCY": FUNC_F_LATENCY,
+        "NR_FUNC_COUNTERS": NR_FUNC_COUNTERS, **indexed(FUNC_COUNTERS, "FCNT_{}"),
+    })
+    assert len(FUNC_COUNTERS) <= NR_FUNC_COUNTERS
+    # Map keys and the shared (not per-CPU) rate window BCC builds from the header.
+    assert struct_sizes(HEADER, ["func_entry_key", "func_rate"]) == {
+        "func_entry_key": 8, "func_rate": 16}
 
 
 def test_pattern_forms() -> None:
@@ -293,7 +249,7 @@ def test_kernel_patterns_need_kprobes() -> None:
 
 
 def test_kernel_pattern_refused_on_this_kernel() -> None:
-    """These machines have CONFIG_KPROBES off (KERNEL.md): detection must say so, both
+    """These machines have CONFIG_KPROBES off (docs/kernel.md): detection must say so, both
     our own and through the capability report the manager passes."""
     if kprobes_available():
         pytest.skip("this kernel has kprobes")
@@ -433,19 +389,6 @@ def test_close_releases_every_program_quickly(sink: CollectingSink) -> None:
 
 
 # -- the common header and stream filters (tests/support/filters.py) ----------------------
-@pytest.fixture(scope="module")
-def filter_events(filter_workload: Path) -> Recorded:
-    require_kernel()
-    return record("func", filter_workload, lambda e: e["function"] == "flt_target",
-                  patterns=[f"{filter_workload}:flt_target"], events=True, latency=False)
-
-
-@pytest.mark.usefixtures("kernel")
-def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
-    check_own_event(filter_events)
-
-
-@pytest.mark.usefixtures("kernel")
-@pytest.mark.parametrize("field", FILTER_FIELDS)
-def test_stream_filter(filter_events: Recorded, field: str) -> None:
-    check_filter(filter_events, field)
+filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
+    "func", lambda e, _: e["function"] == "flt_target",
+    lambda binary: {"patterns": [f"{binary}:flt_target"], "events": True, "latency": False})

@@ -18,16 +18,7 @@ import pytest
 
 from agent.output import writer as writer_mod
 from agent.output.writer import OutputWriter
-
-
-class Mon:
-    CSV_FIELDS = ("pid", "argv")
-
-    def csv_row(self, e: dict) -> list:
-        return [e["pid"], json.dumps(e["argv"])]
-
-    def console_line(self, e: dict) -> str:
-        return f"pid={e['pid']}"
+from tests.support.monitors import RowMonitor
 
 
 def event(i: int, tag: str) -> dict:
@@ -73,7 +64,7 @@ def test_a_full_filesystem(tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> N
     filler = tiny_fs / "filler"
     filler.write_bytes(b"\0" * 32 * 1024)  # freed later: the space that "returns"
     out = tiny_fs / "out"
-    w = OutputWriter("m", ["jsonl"], out, Mon(), flush_interval_s=0.01)
+    w = OutputWriter("m", ["jsonl"], out, RowMonitor(), flush_interval_s=0.01)
     try:
         for i in range(1000):  # ~100 KB into ~28 KB of room
             w.offer(event(i, "before"))
@@ -122,7 +113,7 @@ def test_partial_writes_are_cut_back_to_a_line_boundary(
     caplog.set_level(logging.INFO, logger=writer_mod.__name__)
     fault = FailingWrites(4)  # two flushes write a third of their lines, then fail
     monkeypatch.setattr(writer_mod.os, "write", fault)
-    w = OutputWriter("m", [fmt], tmp_path, Mon(), flush_interval_s=0.01)
+    w = OutputWriter("m", [fmt], tmp_path, RowMonitor(), flush_interval_s=0.01)
     try:
         for round_ in range(5):
             for i in range(10):
@@ -149,7 +140,7 @@ def test_files_are_private_and_the_directory_too(tmp_path: Path) -> None:
     out = tmp_path / "out"
     old = os.umask(0)
     try:
-        OutputWriter("a", ["jsonl", "csv"], out, Mon()).close()
+        OutputWriter("a", ["jsonl", "csv"], out, RowMonitor()).close()
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
@@ -158,7 +149,7 @@ def test_files_are_private_and_the_directory_too(tmp_path: Path) -> None:
     # An existing file that others could read is narrowed when it is opened.
     (out / "b.jsonl").write_text("")
     os.chmod(out / "b.jsonl", 0o644)
-    OutputWriter("b", ["jsonl"], out, Mon()).close()
+    OutputWriter("b", ["jsonl"], out, RowMonitor()).close()
     assert stat.S_IMODE((out / "b.jsonl").stat().st_mode) == 0o600
 
 
@@ -167,7 +158,7 @@ def test_a_configured_group_reads(tmp_path: Path) -> None:
         pytest.skip("chown to another group needs root")
     gid = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getegid())
     out = tmp_path / "out"
-    OutputWriter("a", ["jsonl"], out, Mon(), group=gid).close()
+    OutputWriter("a", ["jsonl"], out, RowMonitor(), group=gid).close()
     assert stat.S_IMODE(out.stat().st_mode) == 0o750 and out.stat().st_gid == gid
     f = (out / "a.jsonl").stat()
     assert stat.S_IMODE(f.st_mode) == 0o640 and f.st_gid == gid

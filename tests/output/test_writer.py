@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.output.writer import OutputPathError, OutputWriter, safe_path
+from tests.support.monitors import RowMonitor
 
 
 @pytest.mark.parametrize("name", ["../x.csv", "/etc/passwd", "a/../../x", ".", ""])
@@ -28,16 +29,6 @@ def test_symlink_escape_is_refused(tmp_path: Path) -> None:
     assert safe_path(out, "exec.csv") == (out / "exec.csv").resolve()
 
 
-class _Mon:
-    CSV_FIELDS = ("pid", "argv")
-
-    def csv_row(self, e: dict) -> list:
-        return [e["pid"], json.dumps(e["argv"])]
-
-    def console_line(self, e: dict) -> str:
-        return f"pid={e['pid']}"
-
-
 class _Blocking(io.StringIO):
     """A console that blocks until released: the writer thread stalls on it."""
 
@@ -52,7 +43,7 @@ class _Blocking(io.StringIO):
 
 def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     console = _Blocking()
-    w = OutputWriter("t", ["console"], tmp_path, _Mon(), queue_size=16, console=console)
+    w = OutputWriter("t", ["console"], tmp_path, RowMonitor(), queue_size=16, console=console)
     for i in range(100):
         w.offer({"pid": i, "argv": []})
     # One event may be in the writer's hands; the queue holds 16; the rest are dropped.
@@ -63,7 +54,7 @@ def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
 
 
 def test_files_written_and_flushed_on_close(tmp_path: Path) -> None:
-    w = OutputWriter("m", ["csv", "jsonl"], tmp_path, _Mon())
+    w = OutputWriter("m", ["csv", "jsonl"], tmp_path, RowMonitor())
     for i in range(3):
         w.offer({"pid": i, "argv": ["a,b", 'q"', "n\nl"]})
     w.close()

@@ -25,7 +25,12 @@ from agent.api.server import AgentServer, tcp_socket, uvicorn_config
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.targets import TargetSet
-from agent.monitors.contract import BaseMonitor, MonitorError, MonitorOptions
+from agent.monitors.contract import (
+    BaseMonitor,
+    MonitorError,
+    MonitorOptions,
+    MonitorStatsQuery,
+)
 from agent.monitors.registry import MonitorRegistry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +43,11 @@ class FakeOptions(MonitorOptions):
     label: str = "x"
 
 
+class FakeStatsQuery(MonitorStatsQuery):
+    sort: str = "count"
+    limit: int = 10
+
+
 class PatternError(ValueError):
     """Like FuncMonitor's FuncPatternError: a ValueError that is not a pydantic error."""
 
@@ -48,8 +58,9 @@ def fake_registry() -> MonitorRegistry:
     registry = MonitorRegistry()
 
     @registry.register("fake", "a fake monitor for tests")
-    class Fake(BaseMonitor):
+    class Fake(BaseMonitor[FakeOptions]):
         Options = FakeOptions
+        StatsQuery = FakeStatsQuery
         inbox: queue.Queue[dict] = queue.Queue()
         targets_seen: list[TargetSet] = []
 
@@ -84,6 +95,8 @@ def fake_registry() -> MonitorRegistry:
 
     @registry.register("plain", "stats without parameters")
     class Plain(Fake):
+        StatsQuery = MonitorStatsQuery
+
         def stats(self) -> dict[str, Any]:
             return {"plain": True}
 
@@ -178,6 +191,13 @@ class Agent:
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         with self.client() as c:
             return c.request(method, path, **kw)
+
+    def sigterm(self, timeout: float = 30) -> tuple[int, float]:
+        """SIGTERM; the exit code and the seconds until the process ended."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - t0
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.model.events import COMMON_FIELDS, Event
+from agent.monitors.registry import default_registry
 from agent.stream.hub import EventHub, Filters
+from tests.support.kernel import compile_c, require_kernel
 from tests.support.monitors import loaded_monitor
 
 FILTER_FIELDS = ("monitor", "pid", "uid", "comm")
@@ -59,11 +63,7 @@ def workload_binary() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="ebpf-agent-filters-"))
     try:
         d.chmod(0o755)
-        src = d / "workload.c"
-        src.write_text(WORKLOAD_C)
-        binary = d / WORKLOAD_COMM
-        subprocess.run(["gcc", "-O0", "-o", str(binary), str(src)], check=True)
-        yield binary
+        yield compile_c(d, WORKLOAD_COMM, WORKLOAD_C)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -124,6 +124,9 @@ def check_own_event(rec: Recorded) -> None:
     assert e["pid"] == e["tid"] == rec.pid  # setpriv execs the workload in place
     assert e["ppid"] == os.getpid()
     assert e["ts_ns"] > 0 and e["timestamp"].endswith("Z")
+    # The event holds exactly what its monitor documents (OpenAPI <Name>Event).
+    default_registry.discover()
+    default_registry.get(rec.monitor).EventModel.model_validate(e)
 
 
 def check_filter(rec: Recorded, field: str) -> None:
@@ -134,3 +137,31 @@ def check_filter(rec: Recorded, field: str) -> None:
         got = stream(rec.hub, Filters(**{f"{field}s": frozenset({value})}))
         assert got == [e for e in everything if e.get(field) == value]
         assert (rec.own in got) is has_own
+
+
+def filter_tests(monitor: str, own: Callable[[Event, Path], bool],
+                 options: Callable[[Path], dict[str, Any]] | None = None) -> tuple[Any, ...]:
+    """The fixture and tests a monitor's test module takes as its own:
+
+        filter_events, test_common_fields_of_a_known_process, test_stream_filter = (
+            filter_tests("exec", lambda e, binary: e["filename"] == str(binary)))
+
+    ``own`` picks the workload's event; ``options`` gives the monitor's options for the
+    workload binary (e.g. func's pattern on it)."""
+
+    @pytest.fixture(scope="module")
+    def filter_events(filter_workload: Path) -> Recorded:
+        require_kernel()
+        return record(monitor, filter_workload, lambda e: own(e, filter_workload),
+                      **(options(filter_workload) if options else {}))
+
+    @pytest.mark.usefixtures("kernel")
+    def test_common_fields_of_a_known_process(filter_events: Recorded) -> None:
+        check_own_event(filter_events)
+
+    @pytest.mark.usefixtures("kernel")
+    @pytest.mark.parametrize("field", FILTER_FIELDS)
+    def test_stream_filter(filter_events: Recorded, field: str) -> None:
+        check_filter(filter_events, field)
+
+    return filter_events, test_common_fields_of_a_known_process, test_stream_filter

@@ -1,5 +1,5 @@
 """Kernel test helpers: whether eBPF can run here (skip outside CI, fail under CI=true),
-small C programs, BPF program ownership, a collecting sink."""
+small C programs, BPF program ownership. Sinks and loaded monitors: tests/support/monitors.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+
+from tests.support.monitors import CollectingSink
+
+__all__ = ["CollectingSink", "compile_c", "kernel_problem", "loaded_prog_ids",
+           "prog_ids_held_by", "require_kernel"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[2]
@@ -40,23 +45,14 @@ def require_kernel() -> None:
     pytest.skip(message)
 
 
-def compile_c(tmp_path: Path, name: str, source: str) -> Path:
-    """gcc a small test program; returns the binary's path."""
-    src = tmp_path / f"{name}.c"
+def compile_c(directory: Path, name: str, source: str, *flags: str) -> Path:
+    """gcc a small program (``flags``: e.g. "-O2"; default -O0) into ``directory``;
+    returns the binary's path. Tests and bench/ alike."""
+    src = directory / f"{name}.c"
     src.write_text(textwrap.dedent(source))
-    binary = tmp_path / name
-    subprocess.run(["gcc", "-O0", "-o", str(binary), str(src)], check=True)
+    binary = directory / name
+    subprocess.run(["gcc", *(flags or ("-O0",)), "-o", str(binary), str(src)], check=True)
     return binary
-
-
-class CollectingSink:
-    """A sink for monitors built directly in tests."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def publish(self, event: dict) -> None:
-        self.events.append(event)
 
 
 def prog_ids_held_by(pid: int) -> set[int]:

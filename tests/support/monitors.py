@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,19 @@ class CollectingSink:
 
     def publish(self, event: Event) -> None:
         self.events.append(event)
+
+
+class RowMonitor:
+    """What an OutputWriter needs of a monitor, for writer tests: CSV columns and rows,
+    and console lines, of events {"pid": ..., "argv": [...]}."""
+
+    CSV_FIELDS = ("pid", "argv")
+
+    def csv_row(self, e: Event) -> list[Any]:
+        return [e["pid"], json.dumps(e["argv"])]
+
+    def console_line(self, e: Event) -> str:
+        return f"pid={e['pid']}"
 
 
 def monitor_context(sink: EventSink, targets: TargetSet | None = None,

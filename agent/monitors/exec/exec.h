@@ -6,11 +6,12 @@
 
 #include "types.h"  /* agent/bpf/: struct event_hdr */
 
+/* From the options (max_args, arg_size) as -D flags: ExecMonitor.extra_cflags. */
 #ifndef ARGS_MAX
-#define ARGS_MAX 20          /* arguments kept per exec */
+#error "ARGS_MAX must be defined (arguments kept per exec)"
 #endif
 #ifndef ARG_SIZE
-#define ARG_SIZE 128         /* bytes kept per argument */
+#error "ARG_SIZE must be defined (bytes kept per argument)"
 #endif
 /* Each argument is read with room for ARG_SIZE + 1 bytes and a NUL: a read that fills
  * the slot means the argument was longer than ARG_SIZE, i.e. truncated. */

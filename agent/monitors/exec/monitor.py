@@ -9,20 +9,37 @@ from typing import ClassVar
 import orjson
 from pydantic import Field
 
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
+from agent.model.events import (
+    COMMON_CSV_FIELDS,
+    Event,
+    EventHeader,
+    EventModel,
+    decode_c_string,
+)
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorOptions
 from agent.monitors.registry import register_monitor
 
-FILENAME_SIZE = 256  # agent/monitors/exec/exec.h
+# Mirrors of agent/monitors/exec/exec.h (tests/monitors/test_exec_struct.py checks them
+# with gcc, tests/support/layout.py).
+FILENAME_SIZE = 256
 EXEC_F_ARGS_TRUNCATED = 1
-EXEC_F_ARGS_RAW = 4  # agent/monitors/exec/exec.h
+EXEC_F_ARGS_RAW = 4
 EXEC_F_ARGS_CUT = 8
 
 
 class ExecOptions(MonitorOptions):
     max_args: int = Field(20, ge=1, le=64, description="arguments kept per exec")
     arg_size: int = Field(128, ge=8, le=1024, description="bytes kept per argument")
+
+
+class ExecEventModel(EventModel):
+    """An exec: the common fields (comm: the new program's when the exec succeeded)."""
+
+    filename: str = Field(description="the path passed to execve/execveat")
+    argv: list[str] = Field(description="arguments; bytes that are not UTF-8 as \\udcXX")
+    truncated: bool = Field(description="max_args or arg_size cut something")
+    ret: int = Field(description="0, or -errno when the exec failed")
 
 
 def exec_event_struct(max_args: int, arg_size: int) -> type[ctypes.Structure]:
@@ -43,10 +60,11 @@ def exec_event_struct(max_args: int, arg_size: int) -> type[ctypes.Structure]:
 
 
 @register_monitor("exec", "process executions (execve, execveat) with argv and result")
-class ExecMonitor(BccMonitor):
+class ExecMonitor(BccMonitor[ExecOptions]):
     """Process executions."""
 
     Options = ExecOptions
+    EventModel = ExecEventModel
     BPF_SOURCE = "exec.c"
     REQUIRED_TRACEPOINTS = (
         "syscalls:sys_enter_execve",
@@ -61,7 +79,6 @@ class ExecMonitor(BccMonitor):
         *COMMON_CSV_FIELDS, "filename", "argv", "truncated", "ret",
     )
 
-    options: ExecOptions
 
     def extra_cflags(self) -> dict[str, int | str]:
         return {"ARGS_MAX": self.options.max_args, "ARG_SIZE": self.options.arg_size}

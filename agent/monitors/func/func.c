@@ -14,17 +14,12 @@
 #include "common.h"
 #include "func.h"
 
-#ifndef NR_PROBES
-#define NR_PROBES 1
-#endif
-#ifndef FUNC_LATENCY
-#define FUNC_LATENCY 1
-#endif
-#ifndef FUNC_EVENTS
-#define FUNC_EVENTS 0
+/* From the options and the resolved probes as -D flags (FuncMonitor.extra_cflags). */
+#if !defined(NR_PROBES) || !defined(FUNC_LATENCY) || !defined(FUNC_EVENTS)
+#error "NR_PROBES, FUNC_LATENCY and FUNC_EVENTS must be defined"
 #endif
 #ifndef EVENTS_PER_SECOND
-#define EVENTS_PER_SECOND 1000
+#error "EVENTS_PER_SECOND must be defined (events_per_second)"
 #endif
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240

@@ -18,49 +18,55 @@ perf events, whose detach is slow (FuncMonitor.attach says why).
 from __future__ import annotations
 
 import ctypes
-import errno
-import fnmatch
-import gzip
 import logging
 import os
 import re
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader
+from agent.kernel.probes import (
+    UprobeMultiLinks,
+    describe_error,
+    kprobes_status,
+    remove_leaked_uprobe_event,
+)
+from agent.kernel.symbols import (
+    KERNEL_TARGET,
+    Probe,
+    dedup_by_address,
+    glob_regex,
+    kernel_functions,
+    resolve_binary,
+    user_symbols,
+)
+from agent.kernel.symbols import PatternError as FuncPatternError
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.registry import register_monitor
 
+__all__ = ["FuncMonitor", "FuncOptions", "FuncPatternError", "Probe", "parse_pattern"]
+
 log = logging.getLogger(__name__)
 
-# Mirrors agent/monitors/func/func.h.
+# Mirrors of agent/monitors/func/func.h (tests/monitors/test_func.py checks them with gcc).
 FUNC_HIST_SLOTS = 40
 FUNC_F_LATENCY = 1
 FUNC_COUNTERS = ("suppressed", "no_entry")
 NR_FUNC_COUNTERS = 4
 
 PROBES_MARKER = "/* FUNC_PROBES */"
-KERNEL_TARGET = "kernel"
-TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+FEATURE_PROBE = "func_feature_probe"  # func.c: loaded only to detect uprobe_multi links
 # BCC counts every perf-event uprobe, uretprobe, kprobe and kretprobe of the process
 # against one quota (bcc/__init__.py _default_probe_limit = 1000, env BCC_PROBE_LIMIT);
 # with latency a function takes two, so 500 functions is the most one monitor can attach
-# that way (uprobe_multi links are outside the quota, but compile time grows too: ~5 s
-# per 200 functions with latency, measured).
+# that way (uprobe_multi links are outside the quota, but compile time grows with the
+# number of functions: bench/RESULTS.md, "func_overhead").
 MAX_PROBES_LIMIT = 500
 _SAFE_NAME = re.compile(r"^[\w.@$]+$")
-
-
-class FuncPatternError(ValueError):
-    """A pattern cannot be resolved: no match, too many matches, unknown library (422)."""
 
 
 class FuncOptions(MonitorOptions):
@@ -86,17 +92,6 @@ class FuncOptions(MonitorOptions):
 
 
 @dataclass(frozen=True)
-class Probe:
-    """One resolved function. ``address`` is the ELF symbol value (0 for kernel)."""
-
-    kind: str  # "uprobe" | "kprobe"
-    target: str  # real path of the binary, or "kernel"
-    name: str
-    address: int = 0
-    pattern: str = ""
-
-
-@dataclass(frozen=True)
 class Pattern:
     target: str | None  # library name or path; None for kernel functions
     glob: str
@@ -115,57 +110,6 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(target, glob)
 
 
-def glob_regex(glob: str) -> str:
-    """The glob as an anchored regex (fnmatch.translate ends it with ``\\Z``)."""
-    return fnmatch.translate(glob)
-
-
-# -- resolving user-space patterns ----------------------------------------------------
-def resolve_binary(target: str) -> str:
-    """A real path: ``/path`` as given, a name as BCC's funccount does: a library, else an
-    executable in PATH (its BPF.find_exe, which wants bytes; shutil.which is the same)."""
-    from bcc import BPF
-
-    path: str | None
-    if target.startswith("/"):
-        path = target
-    else:
-        found = BPF.find_library(target)  # ld.so.cache: "c" -> .../libc.so.6
-        path = os.fsdecode(found) if found else shutil.which(target)
-    if not path or not os.path.isfile(path):
-        raise FuncPatternError(f"{target!r}: no such library or binary")
-    return os.path.realpath(path)
-
-
-def user_symbols(path: str, glob: str) -> list[tuple[str, int]]:
-    """(name, ELF address) of the function symbols of ``path`` that match ``glob``."""
-    from bcc import BPF
-
-    try:
-        found = BPF.get_user_functions_and_addresses(path, glob_regex(glob).encode())
-    except Exception as e:  # BCC raises a bare Exception: not ELF, unreadable...
-        raise FuncPatternError(f"{path}: cannot read its symbols: {e}") from e
-    # Undefined (imported) symbols have no address in this file.
-    return [(n.decode("utf-8", "surrogateescape"), a) for n, a in found if a]
-
-
-def name_rank(name: str) -> tuple[int, int, str]:
-    """Which alias names a function: ``getpid`` before ``__getpid`` before ``__GI_x``."""
-    return (len(name) - len(name.lstrip("_")), len(name), name)
-
-
-def dedup_by_address(probes: list[Probe]) -> list[Probe]:
-    """One probe per (binary, address). Aliases share an address (``getpid`` and
-    ``__getpid`` in libc): probing both would count each call twice, and BCC names a
-    uprobe event by path and address, so the second attach would collide."""
-    best: dict[tuple[str, int], Probe] = {}
-    for p in probes:
-        key = (p.target, p.address)
-        if key not in best or name_rank(p.name) < name_rank(best[key].name):
-            best[key] = p
-    return list(best.values())
-
-
 def resolve_user(text: str, pat: Pattern) -> list[Probe]:
     assert pat.target is not None
     path = resolve_binary(pat.target)
@@ -175,71 +119,9 @@ def resolve_user(text: str, pat: Pattern) -> list[Probe]:
     ]
 
 
-# -- resolving kernel patterns --------------------------------------------------------
-def tracefs_dir() -> Path | None:
-    for d in TRACEFS_DIRS:
-        if (d / "available_events").exists():
-            return d
-    return None
-
-
-def kernel_functions() -> list[str]:
-    """Traceable kernel functions, without duplicates (static functions of the same name
-    in several files: a kprobe by name attaches to one of them anyway)."""
-    d = tracefs_dir()
-    if d is None:
-        raise FuncPatternError("tracefs is not mounted: cannot list kernel functions")
-    names: dict[str, None] = {}
-    try:
-        with open(d / "available_filter_functions") as f:
-            for line in f:  # "name" or "name [module]"
-                names[line.split(maxsplit=1)[0]] = None
-    except OSError as e:  # EPERM under some lockdown setups
-        raise FuncPatternError(f"cannot list kernel functions: {e}") from e
-    return list(names)
-
-
 def resolve_kernel(text: str, pat: Pattern, functions: list[str]) -> list[Probe]:
     rx = re.compile(glob_regex(pat.glob))
     return [Probe("kprobe", KERNEL_TARGET, n, 0, text) for n in functions if rx.match(n)]
-
-
-# -- kprobes availability --------------------------------------------------------------
-def kernel_config_kprobes() -> bool | None:
-    """CONFIG_KPROBES from /proc/config.gz or /boot/config-*; None when neither exists."""
-    release = os.uname().release
-    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{release}")):
-        try:
-            opener: Any = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt") as f:
-                text = f.read()
-        except OSError:
-            continue
-        return "\nCONFIG_KPROBES=y" in "\n" + text
-    return None
-
-
-def kprobes_status() -> tuple[bool, str]:
-    """Whether kprobes can be created, and the evidence.
-
-    BCC creates a kprobe through the perf "kprobe" PMU when the kernel has one, else
-    through tracefs kprobe_events; both exist only with CONFIG_KPROBE_EVENTS (which
-    needs CONFIG_KPROBES)."""
-    if Path("/sys/bus/event_source/devices/kprobe").exists():
-        return True, "perf kprobe PMU present"
-    d = tracefs_dir()
-    if d is not None:
-        if (d / "kprobe_events").exists():
-            return True, f"{d}/kprobe_events present"
-        return False, f"{d}/kprobe_events is missing (kernel built without CONFIG_KPROBES)"
-    config = kernel_config_kprobes()
-    if config is None:
-        return False, "cannot tell: tracefs is not mounted and the kernel config is unreadable"
-    return config, "CONFIG_KPROBES=y" if config else "CONFIG_KPROBES is not set"
-
-
-def kprobes_available() -> bool:
-    return kprobes_status()[0]
 
 
 def report_kprobes(report: Any) -> tuple[bool, str] | None:
@@ -255,159 +137,13 @@ def report_kprobes(report: Any) -> tuple[bool, str] | None:
     return available, str(getattr(feature, "detail", "") or "capability report")
 
 
-# -- attaching uprobes ------------------------------------------------------------------
-ENOTSUPP = 524  # kernel-internal errno (include/linux/errno.h), which strerror() lacks
-BPF_LINK_CREATE = 28  # enum bpf_cmd, include/uapi/linux/bpf.h
-BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type, Linux 6.6 (our 6.1 headers lack it)
-BPF_F_UPROBE_MULTI_RETURN = 1
-_NR_BPF = {"x86_64": 321, "aarch64": 280}  # the bpf(2) syscall number
+class FuncEventModel(EventModel):
+    """A call of a probed function (events=true), rate-limited in the kernel."""
 
-
-class _UprobeMultiAttr(ctypes.Structure):
-    """``union bpf_attr``'s link_create member, uprobe_multi variant."""
-
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("target_fd", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("path", ctypes.c_uint64),
-        ("offsets", ctypes.c_uint64),
-        ("ref_ctr_offsets", ctypes.c_uint64),
-        ("cookies", ctypes.c_uint64),
-        ("cnt", ctypes.c_uint32),
-        ("um_flags", ctypes.c_uint32),
-        ("pid", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
-@lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
-
-
-def uprobe_multi_link(prog_fd: int, path: str, offset: int, retprobe: bool) -> int:
-    """A BPF link attaching ``prog_fd`` at a file offset of ``path`` in every process
-    (pid 0); raises OSError. BCC 0.26 predates these links, so this is bpf(2) itself."""
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, "bpf(2) syscall number unknown for this architecture")
-    libc = _libc()
-    path_buf = ctypes.create_string_buffer(os.fsencode(path))
-    offsets = (ctypes.c_uint64 * 1)(offset)
-    attr = _UprobeMultiAttr(
-        prog_fd=prog_fd,
-        attach_type=BPF_TRACE_UPROBE_MULTI,
-        path=ctypes.addressof(path_buf),
-        offsets=ctypes.addressof(offsets),
-        cnt=1,
-        um_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0,
-    )
-    fd = libc.syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, describe_errno(err))
-    return int(fd)
-
-
-def file_offset(path: str, vaddr: int) -> int:
-    """The file offset of an ELF virtual address (what a uprobe is placed at), found from
-    the program headers by BCC's bcc_resolve_symname, as its attach_uprobe(addr=) does."""
-    from bcc import BPF
-
-    _path, offset = BPF._check_path_symbol(path, b"", vaddr, -1)
-    return int(offset)
-
-
-class UprobeMultiLinks:
-    """The generated programs attached through uprobe_multi links, one link each.
-
-    Closing a link unregisters its uprobe and waits for RCU grace periods, but outside
-    any global lock: closes from many threads share the grace periods (measured here:
-    40 links in 0.07 s in parallel against 2.1 s one by one)."""
-
-    CLOSE_THREADS = 32
-
-    def __init__(self, bpf: Any) -> None:
-        self.bpf = bpf
-        self.fds: dict[str, int] = {}
-
-    @classmethod
-    def create(cls, bpf: Any) -> UprobeMultiLinks | None:
-        """An instance when the kernel has uprobe_multi links, else None. The probe is
-        libbpf's: a link on "/" fails with EBADF only where the attach type exists."""
-        from bcc import BPF
-
-        try:
-            fn = bpf.load_func(
-                b"func_feature_probe", BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI
-            )
-        except Exception:  # the program load was refused: an older kernel
-            return None
-        try:
-            os.close(uprobe_multi_link(fn.fd, "/", 0, retprobe=False))  # never succeeds
-        except OSError as e:
-            return cls(bpf) if e.errno == errno.EBADF else None
-        return None
-
-    def attach(self, fn_name: str, path: str, vaddr: int, retprobe: bool) -> None:
-        from bcc import BPF
-
-        fn = self.bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-        self.fds[fn_name] = uprobe_multi_link(fn.fd, path, file_offset(path, vaddr), retprobe)
-
-    def detach(self, fn_name: str) -> None:
-        fd = self.fds.pop(fn_name, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        fds, self.fds = list(self.fds.values()), {}
-        if not fds:
-            return
-        with ThreadPoolExecutor(min(self.CLOSE_THREADS, len(fds))) as pool:
-            list(pool.map(os.close, fds))
-
-
-def describe_errno(err: int) -> str:
-    if err == ENOTSUPP:
-        return "ENOTSUPP (the kernel cannot probe the instruction at this address)"
-    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
-
-
-def describe_error(error: Exception) -> str:
-    if isinstance(error, OSError) and error.errno is not None:
-        return describe_errno(error.errno)
-    return str(error)
-
-
-def remove_leaked_uprobe_event(bpf: Any, p: Probe, retprobe: bool) -> None:
-    """libbcc falls back to tracefs uprobe_events when the perf uprobe PMU refuses a
-    probe, and when perf_event_open then fails too it leaves the event it created behind
-    ("<event>_bcc_<pid>"). Remove exactly that one: other monitors of this process may be
-    creating their own events at the same moment."""
-    tracefs = tracefs_dir()
-    if tracefs is None:
-        return
-    try:
-        offset = file_offset(p.target, p.address)
-        prefix = b"r" if retprobe else b"p"
-        name = bpf._get_uprobe_evname(prefix, p.target.encode(), offset, -1).decode()
-        leaked = f"{name}_bcc_{os.getpid()}"
-        if f"uprobes/{leaked} " not in (tracefs / "uprobe_events").read_text():
-            return
-        # os.open, not open(..., "a"): Python seeks to the end of a file opened for
-        # appending, and tracefs refuses that seek with EINVAL.
-        fd = os.open(tracefs / "uprobe_events", os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, f"-:uprobes/{leaked}\n".encode())
-        finally:
-            os.close(fd)
-    except Exception:
-        log.exception("func: cannot remove the uprobe event left by a failed attach")
+    function: str = Field(description="the symbol name")
+    target: str = Field(description="the binary's real path, or \"kernel\"")
+    latency_ns: int | None = Field(
+        None, description="from entry to return; present only with latency=true")
 
 
 # -- the monitor ------------------------------------------------------------------------
@@ -436,10 +172,11 @@ STATS_WORDS = ctypes.sizeof(FuncStats) // 8
 
 
 @register_monitor("func", "function calls by glob pattern: counts, latency, events")
-class FuncMonitor(BccMonitor):
+class FuncMonitor(BccMonitor[FuncOptions]):
     """Function calls (uprobes and kprobes) matched by glob patterns."""
 
     Options = FuncOptions
+    EventModel = FuncEventModel
     BPF_SOURCE = "func.c"
     REQUIRED_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
     # ignore: BccMonitor's unannotated tuple makes mypy infer a fixed 5-tuple type.
@@ -448,9 +185,8 @@ class FuncMonitor(BccMonitor):
         *COMMON_CSV_FIELDS, "function", "target", "latency_ns",
     )
 
-    options: FuncOptions
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: FuncOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self.probes: list[Probe] = []
         self._prepared = False
@@ -531,9 +267,10 @@ class FuncMonitor(BccMonitor):
         each attach loads one small generated program and creates one probe.
 
         Uprobes go through uprobe_multi BPF links when the kernel has them (Linux 6.6+):
-        BCC's perf-event uprobes cost ~100 ms each to *close* here, serialised on the
-        kernel's event_mutex (perf_trace_event_unreg waits for RCU grace periods), i.e.
-        minutes to stop 200 functions with latency; links close in parallel instead.
+        closing BCC's perf-event uprobes is serialised on the kernel's event_mutex
+        (perf_trace_event_unreg waits for RCU grace periods inside it), so stopping a few
+        hundred probes takes about a minute; links close in parallel instead
+        (bench/RESULTS.md, "func_overhead").
 
         A function the kernel refuses (x86 uprobes cannot single-step some instructions,
         e.g. the lock prefix that starts glibc's pthread_spin_lock: ENOTSUPP) is skipped
@@ -547,7 +284,7 @@ class FuncMonitor(BccMonitor):
         uses_uprobes = any(p.kind == "uprobe" for p in self.probes)
         self.links = None
         if uses_uprobes and self.prefer_uprobe_multi:
-            self.links = UprobeMultiLinks.create(self.bpf)
+            self.links = UprobeMultiLinks.create(self.bpf, FEATURE_PROBE)
         for i, p in enumerate(self.probes):
             error = self._try_attach(i, p)
             if error is not None:
@@ -607,7 +344,7 @@ class FuncMonitor(BccMonitor):
         if "quota" in str(error):  # BCC's per-process probe limit: nothing else would fit
             raise MonitorError(f"{p.target}:{p.name}: {error}") from error
         if p.kind == "uprobe" and self.links is None:
-            remove_leaked_uprobe_event(self.bpf, p, retprobe)
+            remove_leaked_uprobe_event(self.bpf, p.target, p.address, retprobe)
         kind = f"{p.kind[0]}{'ret' if retprobe else ''}probe"  # uprobe, uretprobe, kprobe...
         return f"the kernel refused the {kind}: {describe_error(error)}"
 

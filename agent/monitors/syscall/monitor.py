@@ -43,24 +43,41 @@ What is counted (decisions, see agent/monitors/syscall/syscall.c for the kernel 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
 import os
 import time
 from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from agent.kernel.btf import BTFError, vmlinux_btf
+from agent.kernel.btf import BTFError, pt_regs_nr_offset
+from agent.kernel.maps import (
+    delete_keys,
+    lookup_batch,
+    lookup_batch_raw,
+    sum_columns,
+    zero_array_range,
+)
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, decode_c_string
+from agent.model.events import (
+    COMMON_CSV_FIELDS,
+    Event,
+    EventHeader,
+    EventModel,
+    decode_c_string,
+)
 from agent.monitors.bcc import BccMonitor
-from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.contract import (
+    MetricSeries,
+    MonitorContext,
+    MonitorError,
+    MonitorOptions,
+    MonitorStatsQuery,
+)
 from agent.monitors.registry import register_monitor
 
 # Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
@@ -70,11 +87,6 @@ SC_GENERATIONS = 2
 SC_CFG_ARMED = 1
 SC_CFG_SLOW = 2
 SC_COUNTERS = ("process_overflow", "errno_overflow", "nr_out_of_range")  # SC_CNT_* order
-
-# The syscall number in struct pt_regs, per machine (what syscall_get_nr() reads:
-# arch/x86/include/asm/syscall.h, arch/arm64/include/asm/syscall.h). Its offset is
-# read from the running kernel's BTF; only the latency=False build needs it.
-PT_REGS_SYSCALL_NR = {"x86_64": "orig_ax", "aarch64": "syscallno"}
 
 # How long a generation switch waits for programs still writing the old generation.
 GENERATION_SETTLE_S = 0.005
@@ -144,101 +156,21 @@ class SyscallOptions(MonitorOptions):
         return self
 
 
-# -- batch map operations ------------------------------------------------------------
-# BCC 0.26's TableBase.items_lookup_batch() passes one c_uint32 as both the batch token
-# and the count, so a table that needs more than one bpf(2) call is read wrongly; these
-# keep them apart. The batch token is a u32 for every map used here: the key of an
-# array (generic_map_lookup_batch) and the bucket index of a hash (kernel/bpf/hashtab.c).
+class SyscallStatsQuery(MonitorStatsQuery):
+    sort: Literal["count", "time"] = Field(
+        "count", description="order rows by call count or by total latency (latency only)")
+    limit: int | None = Field(None, ge=0, description="the first N rows of each list")
+    reset: bool = Field(False, description="end the window: return it and start a new one")
 
 
-def _lib() -> Any:
-    from bcc.libbcc import lib  # imported late: no libbcc at import time
+class SyscallEventModel(EventModel):
+    """A call slower than slow_threshold_us (comm: at sys_exit)."""
 
-    return lib
-
-
-def _batch_error(op: str, table: Any) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{op} on {table.name!r}: {os.strerror(err)}")
-
-
-def lookup_batch_raw(
-    table: Any, after: int | None = None, limit: int | None = None
-) -> tuple[Any, Any, int]:
-    """Keys and values of a BCC table as two ctypes arrays, and how many were read.
-
-    ``after``: an array key to start after; ``limit``: at most this many entries. A
-    per-CPU value holds one item per possible CPU.
-    """
-    n = limit or table.max_entries
-    keys, values = (table.Key * n)(), (table.Leaf * n)()
-    ksize, vsize = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
-    token_in = ctypes.c_uint32(after or 0)
-    token_out = ctypes.c_uint32(0)
-    have_token = after is not None
-    total = 0
-    while total < n:
-        count = ctypes.c_uint32(n - total)
-        res = _lib().bpf_lookup_batch(
-            table.map_fd,
-            ctypes.byref(token_in) if have_token else None,
-            ctypes.byref(token_out),
-            ctypes.byref(keys, ksize * total),
-            ctypes.byref(values, vsize * total),
-            ctypes.byref(count),
-        )
-        total += count.value
-        if res != 0:
-            if ctypes.get_errno() == errno.ENOENT:  # the end of the map
-                break
-            raise _batch_error("BPF_MAP_LOOKUP_BATCH", table)
-        if count.value == 0:
-            break
-        token_in.value, have_token = token_out.value, True
-    return keys, values, total
-
-
-def lookup_batch(
-    table: Any, after: int | None = None, limit: int | None = None
-) -> list[tuple[Any, Any]]:
-    """The (key, value) pairs of a BCC table (see lookup_batch_raw)."""
-    keys, values, total = lookup_batch_raw(table, after, limit)
-    return [(keys[i], values[i]) for i in range(total)]
-
-
-def zero_array_range(table: Any, first: int, n: int) -> None:
-    """Zero entries first..first+n-1 of a (per-CPU) array: one BPF_MAP_UPDATE_BATCH."""
-    keys = (table.Key * n)(*range(first, first + n))
-    values = (table.Leaf * n)()
-    count = ctypes.c_uint32(n)
-    res = _lib().bpf_update_batch(
-        table.map_fd, ctypes.byref(keys), ctypes.byref(values), ctypes.byref(count)
-    )
-    if res != 0:
-        raise _batch_error("BPF_MAP_UPDATE_BATCH", table)
-
-
-def delete_keys(table: Any, keys: list[Any]) -> None:
-    """Delete these keys of a hash with BPF_MAP_DELETE_BATCH, one by one if that fails."""
-    if not keys:
-        return
-    arr = (table.Key * len(keys))(*keys)
-    count = ctypes.c_uint32(len(keys))
-    if _lib().bpf_delete_batch(table.map_fd, ctypes.byref(arr), ctypes.byref(count)) == 0:
-        return
-    for key in keys[count.value :]:  # the batch stops at its first failure
-        with contextlib.suppress(KeyError):  # gone already
-            del table[key]
-
-
-def sum_columns(flat: array, width: int) -> list[int]:
-    """Sum the per-CPU copies of a u64 array map: ``flat`` is entries x CPUs."""
-    ncpu = len(flat) // width
-    out = [0] * width
-    for cpu in range(ncpu):
-        for i, v in enumerate(flat[cpu::ncpu]):
-            out[i] += v
-    return out
+    syscall: str = Field(description="the native name of nr on this machine")
+    nr: int = Field(description="the syscall number")
+    category: str = Field(description="file, network, process, memory... (agent/kernel)")
+    latency_ns: int = Field(description="from sys_enter to sys_exit")
+    ret: int = Field(description="the raw return value: -errno on failure")
 
 
 # -- aggregation ---------------------------------------------------------------------
@@ -277,15 +209,6 @@ def without_latency(stat: dict[str, Any]) -> dict[str, Any]:
     return stat
 
 
-def pt_regs_nr_offset(machine: str | None = None) -> int:
-    """Offset of the syscall number in this kernel's struct pt_regs (BTF)."""
-    m = machine or os.uname().machine
-    field = PT_REGS_SYSCALL_NR.get(m)
-    if field is None:
-        raise BTFError(f"no known pt_regs syscall-number field for machine {m}")
-    return vmlinux_btf().member_offset("pt_regs", field)
-
-
 def sort_limit(rows: list[dict], sort: str, limit: int | None) -> list[dict]:
     field = SORT_KEYS[sort]
     rows.sort(key=lambda r: (-r[field], r["nr"] if "nr" in r else r["pid"]))
@@ -298,10 +221,12 @@ def window_max_syscalls(names: dict[int, str]) -> int:
 
 
 @register_monitor("syscall", "system calls: counts, errors, errnos and latency per syscall")
-class SyscallMonitor(BccMonitor):
+class SyscallMonitor(BccMonitor[SyscallOptions]):
     """System calls aggregated in the kernel; slow calls as events."""
 
     Options = SyscallOptions
+    StatsQuery = SyscallStatsQuery
+    EventModel = SyscallEventModel
     BPF_SOURCE = "syscall.c"
     REQUIRED_TRACEPOINTS = (
         "raw_syscalls:sys_enter",
@@ -318,7 +243,6 @@ class SyscallMonitor(BccMonitor):
         "max_ns",
     )
 
-    options: SyscallOptions
 
     @classmethod
     def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
@@ -330,7 +254,7 @@ class SyscallMonitor(BccMonitor):
             return f"latency=false reads the syscall number from pt_regs: {e}; use latency=true"
         return None
 
-    def __init__(self, options: MonitorOptions, ctx: MonitorContext) -> None:
+    def __init__(self, options: SyscallOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
         self._gen = 0
         self._window_start = time.monotonic()

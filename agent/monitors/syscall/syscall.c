@@ -5,9 +5,8 @@
  * passes the tracepoint's arguments as they are, ctx->args[0] = struct pt_regs *,
  * ctx->args[1] = the syscall number at sys_enter and the return value at sys_exit. A
  * perf-attached tracepoint (TRACEPOINT_PROBE) would first build a perf record (buffer
- * allocation, the argument copy, perf_trace_run_bpf_submit): on this project's VMs a
- * pair of empty programs costs ~25-30 ns more per syscall attached that way
- * (bench/RESULTS.md, "overhead (syscall monitor)").
+ * allocation, the argument copy, perf_trace_run_bpf_submit), a measurable cost per
+ * syscall for a pair of empty programs (bench/RESULTS.md, "overhead (syscall monitor)").
  *
  * Two builds, chosen by the latency option (agent/monitors/syscall.py):
  * - WITH_LATENCY: sys_enter stamps the calling thread's start time and syscall number
@@ -18,10 +17,10 @@
  *   latency, no start table). The syscall number is read from pt_regs (below).
  *   exit(2) and exit_group(2) are not counted in this build: they never reach sys_exit,
  *   and every way to see them costs every other syscall. A raw sys_enter program is
- *   the floor again (~30 ns per call); the syscalls:sys_enter_exit{,_group} events
- *   register perf_syscall_enter() on sys_enter, which returns after a bit test but
- *   still measured +3..+17 ns per call (getppid, dd) on this project's VMs, enough to
- *   lose the lead over syscount-bpfcc; sched_process_exit cannot tell a thread that
+ *   the floor again; the syscalls:sys_enter_exit{,_group} events register
+ *   perf_syscall_enter() on sys_enter, which returns after a bit test but still costs
+ *   every syscall enough to lose the lead over syscount-bpfcc (figures in
+ *   bench/RESULTS.md, "overhead (syscall monitor)"); sched_process_exit cannot tell a thread that
  *   called exit/exit_group from one killed by a signal or by a sibling's exit_group
  *   without reading pt_regs through the task's stack, whose layout BTF does not give.
  *
@@ -39,9 +38,7 @@
  * (preempt_disable_notrace() around bpf_trace_runN()), perf-attached ones in
  * perf_syscall_enter()/perf_trace_<class>() (guard(preempt_notrace)). Before 6.14 every
  * tracepoint probe ran under rcu_read_lock_sched(), preemption off. So on the kernels
- * this runs on (6.18 here; these VMs also run preempt=none: CONFIG_PREEMPT_NONE with
- * PREEMPT_DYNAMIC and no preempt= on the kernel command line) the increments
- * need no atomic instruction; userspace sums the copies and merges min/max. A future
+ * this runs on (docs/kernel.md) the increments need no atomic instruction; userspace sums the copies and merges min/max. A future
  * kernel may run syscall tracepoint programs preemptibly (migration disabled only): a
  * program preempted between its load and store could then lose another task's update
  * on that CPU (a count off by one, rarely), and the generation switch's settle time
@@ -50,17 +47,18 @@
 #include "common.h"
 #include "syscall.h"
 
+/* From the options and the syscall table as -D flags (SyscallMonitor.extra_cflags). */
 #ifndef MAX_SYSCALLS
-#define MAX_SYSCALLS 512        /* a power of two above the highest syscall number */
+#error "MAX_SYSCALLS must be defined (a power of two above the highest syscall number)"
 #endif
 #ifndef MAX_THREADS
-#define MAX_THREADS 32768       /* threads that made a syscall while targeted, alive */
+#error "MAX_THREADS must be defined (max_threads: targeted threads alive)"
+#endif
+#ifndef MAX_PROC_ENTRIES
+#error "MAX_PROC_ENTRIES must be defined (max_process_entries)"
 #endif
 #ifndef MAX_ERRNO_KEYS
 #define MAX_ERRNO_KEYS 4096     /* (syscall, errno, generation) triples */
-#endif
-#ifndef MAX_PROC_ENTRIES
-#define MAX_PROC_ENTRIES 16384  /* (process, syscall, generation) triples */
 #endif
 /* exit(2) and exit_group(2) never return (kernel/exit.c: do_exit() is __noreturn), so
  * sys_exit never fires for them: the latency build counts them at sys_enter, without
@@ -75,7 +73,7 @@
 /* The syscall number's offset in struct pt_regs (x86_64: orig_ax, arm64: syscallno),
  * read by userspace from the running kernel's BTF. pt_regs is the architecture's
  * syscall ABI, but the offset still comes from BTF rather than from the build's
- * headers (KERNEL.md). */
+ * headers (docs/kernel.md). */
 #ifndef OFF_PT_REGS_SYSCALL_NR
 #error "OFF_PT_REGS_SYSCALL_NR must be defined"
 #endif

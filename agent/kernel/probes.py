@@ -1,0 +1,186 @@
+"""kprobes and uprobes: whether the kernel offers kprobes, uprobe_multi BPF links through
+bpf(2) itself (BCC 0.26 predates them), and readable errors for refused probes."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from agent.kernel.kconfig import kernel_config
+from agent.kernel.symbols import file_offset
+from agent.kernel.tracefs import find_tracefs, has_uprobe_event, remove_uprobe_event
+
+log = logging.getLogger(__name__)
+
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
+ENOTSUPP = 524  # kernel-internal errno (include/linux/errno.h), which strerror() lacks
+BPF_LINK_CREATE = 28  # enum bpf_cmd, include/uapi/linux/bpf.h
+BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type, Linux 6.6 (our 6.1 headers lack it)
+BPF_F_UPROBE_MULTI_RETURN = 1
+NR_BPF = {"x86_64": 321, "aarch64": 280}  # the bpf(2) syscall number
+
+
+# -- kprobes availability --------------------------------------------------------------
+def kprobes_status() -> tuple[bool, str]:
+    """Whether kprobes can be created, and the evidence. The one check: the capability
+    report's "kprobes" feature and the func monitor both use it.
+
+    BCC creates a kprobe through the perf "kprobe" PMU when the kernel has one, else
+    through tracefs kprobe_events; both exist only with CONFIG_KPROBE_EVENTS (which
+    needs CONFIG_KPROBES)."""
+    if KPROBE_PMU.exists():
+        return True, "perf kprobe PMU present"
+    d = find_tracefs()
+    if d is not None:
+        if (d / "kprobe_events").exists():
+            return True, f"{d}/kprobe_events present"
+        return False, f"{d}/kprobe_events is missing (kernel built without CONFIG_KPROBES)"
+    config = kernel_config()
+    if not config:
+        return False, "cannot tell: tracefs is not mounted and the kernel config is unreadable"
+    if config.get("CONFIG_KPROBES") == "y":
+        return True, "CONFIG_KPROBES=y"
+    return False, "CONFIG_KPROBES is not set in this kernel"
+
+
+def kprobes_available() -> bool:
+    return kprobes_status()[0]
+
+
+# -- errors ------------------------------------------------------------------------------
+def describe_errno(err: int) -> str:
+    if err == ENOTSUPP:
+        return "ENOTSUPP (the kernel cannot probe the instruction at this address)"
+    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
+
+
+def describe_error(error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        return describe_errno(error.errno)
+    return str(error)
+
+
+# -- uprobe_multi links ------------------------------------------------------------------
+class _UprobeMultiAttr(ctypes.Structure):
+    """``union bpf_attr``'s link_create member, uprobe_multi variant."""
+
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("path", ctypes.c_uint64),
+        ("offsets", ctypes.c_uint64),
+        ("ref_ctr_offsets", ctypes.c_uint64),
+        ("cookies", ctypes.c_uint64),
+        ("cnt", ctypes.c_uint32),
+        ("um_flags", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def uprobe_multi_link(prog_fd: int, path: str, offset: int, retprobe: bool) -> int:
+    """A BPF link attaching ``prog_fd`` at a file offset of ``path`` in every process
+    (pid 0); raises OSError. BCC 0.26 predates these links, so this is bpf(2) itself."""
+    nr = NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, "bpf(2) syscall number unknown for this architecture")
+    libc = _libc()
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    offsets = (ctypes.c_uint64 * 1)(offset)
+    attr = _UprobeMultiAttr(
+        prog_fd=prog_fd,
+        attach_type=BPF_TRACE_UPROBE_MULTI,
+        path=ctypes.addressof(path_buf),
+        offsets=ctypes.addressof(offsets),
+        cnt=1,
+        um_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0,
+    )
+    fd = libc.syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, describe_errno(err))
+    return int(fd)
+
+
+class UprobeMultiLinks:
+    """Programs of one BCC object attached through uprobe_multi links, one link each.
+
+    Closing a link unregisters its uprobe and waits for RCU grace periods, but outside
+    any global lock: closes from many threads share the grace periods (measurements in
+    bench/RESULTS.md, "func_overhead")."""
+
+    CLOSE_THREADS = 32
+
+    def __init__(self, bpf: Any) -> None:
+        self.bpf = bpf
+        self.fds: dict[str, int] = {}
+
+    @classmethod
+    def create(cls, bpf: Any, feature_probe: str) -> UprobeMultiLinks | None:
+        """An instance when the kernel has uprobe_multi links, else None.
+        ``feature_probe``: a program of ``bpf`` never attached otherwise. The probe is
+        libbpf's: a link on "/" fails with EBADF only where the attach type exists."""
+        from bcc import BPF
+
+        try:
+            fn = bpf.load_func(feature_probe.encode(), BPF.KPROBE,
+                               attach_type=BPF_TRACE_UPROBE_MULTI)
+        except Exception:  # the program load was refused: an older kernel
+            return None
+        try:
+            os.close(uprobe_multi_link(fn.fd, "/", 0, retprobe=False))  # never succeeds
+        except OSError as e:
+            return cls(bpf) if e.errno == errno.EBADF else None
+        return None
+
+    def attach(self, fn_name: str, path: str, vaddr: int, retprobe: bool) -> None:
+        from bcc import BPF
+
+        fn = self.bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+        self.fds[fn_name] = uprobe_multi_link(fn.fd, path, file_offset(path, vaddr), retprobe)
+
+    def detach(self, fn_name: str) -> None:
+        fd = self.fds.pop(fn_name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        fds, self.fds = list(self.fds.values()), {}
+        if not fds:
+            return
+        with ThreadPoolExecutor(min(self.CLOSE_THREADS, len(fds))) as pool:
+            list(pool.map(os.close, fds))
+
+
+def remove_leaked_uprobe_event(bpf: Any, path: str, vaddr: int, retprobe: bool) -> None:
+    """libbcc falls back to tracefs uprobe_events when the perf uprobe PMU refuses a
+    probe, and when perf_event_open then fails too it leaves the event it created behind
+    ("<event>_bcc_<pid>"). Remove exactly that one: other monitors of this process may be
+    creating their own events at the same moment."""
+    tracefs = find_tracefs()
+    if tracefs is None:
+        return
+    try:
+        offset = file_offset(path, vaddr)
+        prefix = b"r" if retprobe else b"p"
+        name = bpf._get_uprobe_evname(prefix, path.encode(), offset, -1).decode()
+        leaked = f"uprobes/{name}_bcc_{os.getpid()}"
+        if has_uprobe_event(tracefs, leaked):
+            remove_uprobe_event(tracefs, leaked)
+    except Exception:
+        log.exception("cannot remove the uprobe event left by a failed attach")

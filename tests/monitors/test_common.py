@@ -1,0 +1,78 @@
+"""agent/bpf/types.h (included by common.h and every monitor header): the event header,
+the target flags, the pid kinds and the counter indices, as Python mirrors them."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from agent.model.events import COMM_LEN, COMMON_FIELDS, EventHeader, EventModel
+from agent.monitors.bcc import (
+    BPF_DIR,
+    KERNEL_COUNTERS,
+    PID_FOLLOWED,
+    PID_TARGET,
+    TF_COMMS,
+    TF_FOLLOW,
+    TF_PIDS,
+    TF_READY,
+    TF_UIDS,
+)
+from tests.support.layout import assert_constants, assert_layout, c_values, indexed, struct_sizes
+
+HEADER = BPF_DIR / "types.h"
+
+
+def test_event_header_layout() -> None:
+    assert_layout(HEADER, "event_hdr", EventHeader)
+    assert tuple(EventModel.model_fields) == COMMON_FIELDS
+
+
+def test_map_key_sizes() -> None:
+    assert struct_sizes(HEADER, ["comm_key"]) == {"comm_key": COMM_LEN}
+
+
+def test_constants_match_python() -> None:
+    assert_constants(HEADER, {
+        "COMM_LEN": COMM_LEN,
+        "TF_PIDS": TF_PIDS, "TF_UIDS": TF_UIDS, "TF_COMMS": TF_COMMS,
+        "TF_FOLLOW": TF_FOLLOW, "TF_READY": TF_READY,
+        "PID_TARGET": PID_TARGET, "PID_FOLLOWED": PID_FOLLOWED,
+        **indexed(KERNEL_COUNTERS, "CNT_{}"),
+    })
+    assert c_values(HEADER, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
+
+
+SETTINGS_MACROS = {"MAX_TARGET_PIDS": 8, "MAX_TARGET_UIDS": 8, "MAX_TARGET_COMMS": 8,
+                   "WAKEUP_EVERY": 32, "RINGBUF_PAGES": 64}
+
+
+def preprocess(defines: dict[str, int]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["gcc", "-E", "-x", "c", f"-I{BPF_DIR}", *(f"-D{k}={v}" for k, v in defines.items()),
+         "-o", "/dev/null", str(BPF_DIR / "common.h")],
+        capture_output=True, text=True,
+    )
+
+
+@pytest.mark.parametrize("missing", sorted(SETTINGS_MACROS))
+def test_settings_constants_have_no_default_in_c(missing: str) -> None:
+    """A constant that must agree with a setting comes only through -D: without it the
+    program does not compile (BccMonitor.cflags always passes it)."""
+    assert preprocess(SETTINGS_MACROS).returncode == 0
+    proc = preprocess({k: v for k, v in SETTINGS_MACROS.items() if k != missing})
+    assert proc.returncode != 0 and f"{missing} must be defined" in proc.stderr
+
+
+def test_cflags_pass_every_settings_constant() -> None:
+    from agent.config import TransportSettings
+    from agent.model.targets import TargetSet
+    from agent.monitors.contract import MonitorContext
+    from agent.monitors.exec.monitor import ExecMonitor, ExecOptions
+
+    transport = TransportSettings(wakeup_every=7, ringbuf_pages=128)
+    ctx = MonitorContext(targets=TargetSet(), sink=None, transport=transport)  # type: ignore[arg-type]
+    flags = ExecMonitor(ExecOptions(), ctx).cflags()
+    assert {"-DWAKEUP_EVERY=7", "-DRINGBUF_PAGES=128"} <= set(flags)
+    assert {f"-D{k}" for k in SETTINGS_MACROS} <= {f.split("=")[0] for f in flags}

@@ -46,6 +46,7 @@ class FakeOptions(MonitorOptions):
 class FakeStatsQuery(MonitorStatsQuery):
     sort: str = "count"
     limit: int = 10
+    reset: bool = False  # POST .../stats/reset
 
 
 class PatternError(ValueError):

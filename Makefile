@@ -27,6 +27,7 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
 	$(PY) bench/flood_stop.py
+	$(PY) bench/fleet.py
 	$(PY) bench/api_limits.py
 
 clean:

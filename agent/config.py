@@ -175,6 +175,60 @@ class MonitorConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class NatsExportSettings(Section):
+    """export.nats: every event published once to NATS JetStream (agent/export/nats.py)."""
+
+    enabled: bool = False
+    # One server or several (a cluster); a comma-separated string works too (environment).
+    url: str | list[str] = "nats://127.0.0.1:4222"
+    token: SecretStr | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    creds_file: Path | None = None
+    # {host} and {monitor} are replaced (dots in them become "_": a dot splits subjects).
+    subject: str = "ebpf.{host}.{monitor}"
+    stream: str = Field("EBPF", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    stream_subjects: list[str] = ["ebpf.>"]  # what the stream captures when it is created
+    stream_max_bytes: int = Field(1 << 30, ge=1 << 20)
+    stream_max_age_s: float = Field(86400.0, gt=0)
+    duplicate_window_s: float = Field(120.0, gt=0, le=86400)
+    # Per monitor on/off; a monitor not listed is exported.
+    monitors: dict[str, bool] = Field(default_factory=dict)
+    buffer: int = Field(65536, ge=16, le=10_000_000)  # events waiting; overflow is counted
+    batch: int = Field(256, ge=1, le=10_000)
+    publish_timeout_s: float = Field(5.0, gt=0, le=300)
+    reconnect_min_s: float = Field(0.2, gt=0, le=60)
+    reconnect_max_s: float = Field(5.0, gt=0, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, v: str | list[str]) -> str | list[str]:
+        urls = [u.strip() for u in v.split(",")] if isinstance(v, str) else v
+        if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
+            raise ValueError("expected nats://host:port (or tls://), or a list of them")
+        return urls if len(urls) > 1 else urls[0]
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        try:
+            probe = v.format(host="h", monitor="m")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{host}} and {{monitor}} may appear ({e})") from None
+        if not probe or any(c in probe for c in " \t\r\n") or "" in probe.split("."):
+            raise ValueError("not a valid NATS subject")
+        return v
+
+    def servers(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+
+class ExportSettings(Section):
+    # The host name in exported events and subjects; default: this machine's hostname.
+    host_name: str | None = Field(None, min_length=1, max_length=255)
+    nats: NatsExportSettings = NatsExportSettings()
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -212,6 +266,7 @@ class Settings(BaseSettings):
     transport: TransportSettings = TransportSettings()
     targets: TargetSettings = TargetSettings()
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
+    export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
     # Bearer token for the API (EBPF_AGENT_TOKEN), or a file holding it.
     token: SecretStr | None = None

@@ -14,7 +14,7 @@ need_root() {
 }
 
 # chromium: the headless browser the /ui tests drive through Playwright
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps chromium)
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2 chromium)
 
 install_debs() {
   local missing=()

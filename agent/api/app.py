@@ -15,6 +15,7 @@ from agent.api import (
     routes_auth,
     routes_events,
     routes_monitors,
+    routes_state,
     routes_system,
     routes_targets,
     routes_ui,
@@ -99,6 +100,7 @@ def create_app(
     app.include_router(routes_system.router, dependencies=auth)
     app.include_router(routes_monitors.router, dependencies=auth)
     app.include_router(routes_targets.router, dependencies=auth)
+    app.include_router(routes_state.router, dependencies=auth)
     app.include_router(routes_events.router, dependencies=auth)
     app.include_router(routes_events.ws_router)
     add_monitor_components(app, ctx.registry)

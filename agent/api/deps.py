@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException
 from prometheus_client import CollectorRegistry
@@ -21,6 +23,7 @@ from agent.config import Settings
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
+from agent.model.events import Event
 from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
@@ -39,6 +42,7 @@ class AppContext:
         default_factory=lambda: CollectorRegistry(auto_describe=False))
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
+    exporter: Any = None  # agent.export.nats.NatsExporter when export.nats is enabled
     sessions: SessionStore = field(init=False)
     tickets: TicketStore = field(init=False)
     audit: AuditLog = field(init=False)
@@ -72,10 +76,27 @@ class AppContext:
         if self.report is None:
             self.report = await run_in_threadpool(build_report, self.registry)
         self.manager = build_manager(self.settings, self.registry, self.report,
-                                     publish=self.hub.publish)
+                                     publish=self._publisher(self.hub))
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
+
+    def _publisher(self, hub: EventHub) -> Callable[[Event], Any]:
+        """The hub, plus the NATS exporter fed with the bytes the hub encoded."""
+        nats_cfg = self.settings.export.nats
+        if not nats_cfg.enabled:
+            return hub.publish
+        from agent.export.nats import NatsExporter
+
+        host = self.settings.export.host_name or socket.gethostname()
+        exporter = self.exporter = NatsExporter(nats_cfg, host)
+        exporter.start()
+        hub_publish, offer = hub.publish, exporter.offer
+
+        def publish(event: Event) -> None:
+            offer(str(event.get("monitor", "")), hub_publish(event))
+
+        return publish
 
     def _autostart(self) -> None:
         try:
@@ -96,6 +117,8 @@ class AppContext:
         if self.manager is not None:
             timeout = self.settings.api.shutdown_timeout_s * 4
             await run_in_threadpool(self.manager.shutdown, timeout)
+        if self.exporter is not None:  # after the monitors: their last events go out too
+            await run_in_threadpool(self.exporter.stop)
         self.audit.close()
 
     @property

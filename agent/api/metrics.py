@@ -45,6 +45,9 @@ class AgentCollector(Collector):
         yield from _monitors(stats["monitors"])
         yield from _monitor_tables(manager.monitor_metrics())
         yield from _streams(hub.stats())
+        yield from _leases(dict(manager.leases_expired), manager.registry.names())
+        if self.ctx.exporter is not None:
+            yield from _export(self.ctx.exporter.stats())
         yield from _auth(self.ctx)
 
 
@@ -60,6 +63,36 @@ def _auth(ctx: AppContext) -> Iterator[Metric]:
     yield CounterMetricFamily("ebpf_agent_audit_write_errors",
                               "audit entries that could not be written to the audit file",
                               value=ctx.audit.write_errors)
+
+
+def _leases(expired: dict[str, int], names: list[str]) -> Iterator[Metric]:
+    family = CounterMetricFamily("ebpf_agent_lease_expired",
+                                 "monitors stopped because their lease ran out",
+                                 labels=["monitor"])
+    for name in names:
+        family.add_metric([name], float(expired.get(name, 0)))
+    yield family
+
+
+def _export(nats: dict) -> Iterator[Metric]:
+    """produced = published + dropped + buffered, per exporter."""
+    for key, doc in (("produced", "events offered to the exporter"),
+                     ("published", "events the bus acknowledged"),
+                     ("dropped", "events that will never be published (counted by reason)")):
+        if key == "dropped":
+            family = CounterMetricFamily("ebpf_agent_export_events_dropped", doc,
+                                         labels=["exporter", "reason"])
+            for reason in ("buffer_full", "publish_failed", "shutdown"):
+                family.add_metric(["nats", reason], float(nats[f"dropped_{reason}"]))
+        else:
+            family = CounterMetricFamily(f"ebpf_agent_export_events_{key}", doc,
+                                         labels=["exporter"])
+            family.add_metric(["nats"], float(nats[key]))
+        yield family
+    yield GaugeMetricFamily("ebpf_agent_export_buffered", "events waiting to be published",
+                            value=nats["buffered"])
+    yield GaugeMetricFamily("ebpf_agent_export_connected", "1 while connected to the bus",
+                            value=1.0 if nats["connected"] else 0.0)
 
 
 def _agent(agent: dict) -> Iterator[Metric]:

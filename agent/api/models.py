@@ -19,6 +19,7 @@ class ErrorBody(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+    version: str | None = None
 
 
 class Ready(BaseModel):
@@ -26,12 +27,56 @@ class Ready(BaseModel):
     autostart_errors: dict[str, str] = Field(default_factory=dict)
 
 
+class LeaseInfo(BaseModel):
+    lease_s: float = Field(description="the length of the lease last granted")
+    expires_at: str = Field(description="UTC; the monitor stops then unless renewed")
+    remaining_s: float
+
+
 class MonitorInfo(BaseModel):
     name: str
     description: str
     state: Literal["stopped", "running", "failed", "unsupported"]
     options: dict[str, Any]
-    reason: str | None = Field(None, description="why it is unsupported or failed")
+    reason: str | None = Field(None, description="why it is unsupported, failed, or "
+                               "stopped by an expired lease")
+    lease: LeaseInfo | None = Field(None, description="present while a lease runs")
+
+
+class LeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lease_s: float | None = Field(description="seconds from now (1..604800); null removes "
+                                  "the lease: the monitor runs until stopped")
+
+
+class TargetsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pids: list[StrictInt] = Field(default_factory=list)
+    uids: list[StrictInt] = Field(default_factory=list)
+    comms: list[StrictStr] = Field(default_factory=list)
+    follow_children: StrictBool = True
+
+
+class StateDoc(BaseModel):
+    monitors: dict[str, dict[str, Any]] = Field(
+        description="running monitors: name -> options")
+    targets: Targets
+
+
+class StateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    monitors: dict[str, dict[str, Any] | None] = Field(
+        description="the monitors that must run, name -> options (missing options: the "
+        "monitor's defaults); every other monitor is stopped")
+    targets: TargetsIn | None = Field(None, description="absent: targets are left alone; "
+                                      "a kind left out of it is emptied")
+
+
+class StateResult(BaseModel):
+    state: StateDoc
+    changes: list[dict[str, Any]] = Field(description="what changed (with dry_run: what "
+                                          "would change)")
+    applied: bool
 
 
 class Targets(BaseModel):
@@ -63,6 +108,8 @@ class AgentStats(BaseModel):
     agent: AgentFigures
     monitors: dict[str, MonitorStats]
     streams: StreamStats
+    export: dict[str, Any] | None = Field(None, description="exporters (export.nats): "
+                                          "produced = published + dropped + buffered")
 
 
 class Capabilities(Open):
@@ -88,6 +135,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {404: "unknown monitor", 409: "this kernel cannot run the monitor",
+                    412: "If-Match names a state that is no longer current",
                     422: "invalid options or values; nothing was changed"}
     return {**ERROR_RESPONSES,
             **{c: {"model": ErrorBody, "description": descriptions[c]} for c in codes}}

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, HTTPException, Query
 
 from agent.api.deps import ManagerDep, SettingsDep
-from agent.api.errors import call
-from agent.api.models import ERROR_RESPONSES, MonitorInfo, MonitorStats, errors
+from agent.api.errors import call, validation_detail
+from agent.api.models import (
+    ERROR_RESPONSES,
+    ErrorBody,
+    LeaseRequest,
+    MonitorInfo,
+    MonitorStats,
+    errors,
+)
+from agent.core.leases import MAX_LEASE_S, NotRunning
 
 router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
 
@@ -16,13 +24,13 @@ router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPON
 @router.get("", response_model=list[MonitorInfo], response_model_exclude_unset=True,
             summary="every registered monitor with its state")
 async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
-    return await call(manager.monitors)
+    return await call(manager.monitors_with_leases)
 
 
 @router.get("/{name}", response_model=MonitorInfo, response_model_exclude_unset=True,
             responses=errors(404))
 async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
-    return await call(manager.monitor_info, name)
+    return await call(manager.monitor_with_lease, name)
 
 
 @router.post("/{name}/start", response_model=MonitorInfo, response_model_exclude_unset=True,
@@ -35,14 +43,34 @@ async def start_monitor(
     options: Annotated[dict[str, Any] | None, Body(
         description="the monitor's options; absent: a running monitor keeps its options "
         "and a stopped one starts with the configured ones")] = None,
+    lease_s: Annotated[float | None, Query(ge=1, le=MAX_LEASE_S, description=(
+        "stop by itself after this many seconds unless renewed (POST .../lease); absent: "
+        "an existing lease is kept, else none"))] = None,
 ) -> dict[str, Any]:
     if options is None:
         info = await call(manager.monitor_info, name)
         if info["state"] == "running":
-            return info
-        configured = settings.monitors.get(name)
-        options = dict(configured.options) if configured else {}
-    return await call(manager.start_monitor, name, options, value_error_is_422=True)
+            if lease_s is None:
+                return await call(manager.monitor_with_lease, name)
+            options = info["options"]
+        else:
+            configured = settings.monitors.get(name)
+            options = dict(configured.options) if configured else {}
+    return await call(manager.start_leased, name, options, lease_s, value_error_is_422=True)
+
+
+@router.post("/{name}/lease", response_model=MonitorInfo, response_model_exclude_unset=True,
+             responses={**errors(404, 422),
+                        409: {"model": ErrorBody, "description": "the monitor is not running"}},
+             summary="renew (or remove) the lease of a running monitor")
+async def renew_lease(name: str, body: LeaseRequest, manager: ManagerDep) -> dict[str, Any]:
+    if body.lease_s is not None and not 1 <= body.lease_s <= MAX_LEASE_S:
+        raise HTTPException(422, validation_detail(
+            f"lease_s: {body.lease_s} is outside 1..{int(MAX_LEASE_S)}", ("body", "lease_s")))
+    try:
+        return await call(manager.renew_lease, name, body.lease_s)
+    except NotRunning as e:
+        raise HTTPException(409, str(e)) from None
 
 
 @router.post("/{name}/stop", response_model=MonitorInfo, response_model_exclude_unset=True,

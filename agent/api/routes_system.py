@@ -18,7 +18,9 @@ router = APIRouter(tags=["system"], responses=ERROR_RESPONSES)
 
 @public.get("/health", response_model=Health, summary="liveness (no authentication)")
 async def health() -> dict[str, str]:
-    return {"status": "ok"}
+    from agent.api.app import _version
+
+    return {"status": "ok", "version": _version()}
 
 
 @router.get("/ready", response_model=Ready, summary="200 once monitors are up, 503 before")
@@ -38,9 +40,11 @@ async def capabilities(ctx: ContextDep, _: ManagerDep) -> dict[str, Any]:
 
 @router.get("/stats", response_model=AgentStats,
             summary="agent uptime, CPU and RSS; per monitor and per stream subscriber")
-async def stats(manager: ManagerDep, hub: HubDep) -> dict[str, Any]:
+async def stats(ctx: ContextDep, manager: ManagerDep, hub: HubDep) -> dict[str, Any]:
     out = await call(manager.stats)
     out["streams"] = hub.stats()
+    if ctx.exporter is not None:
+        out["export"] = {"nats": ctx.exporter.stats()}
     return out
 
 

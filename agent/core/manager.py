@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from agent.config import OutputSettings, TargetSettings, TransportSettings
+from agent.core.leases import LeaseStateMixin
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.events import Event
 from agent.model.targets import (
@@ -110,7 +111,7 @@ class Running:
     last_snapshot: float = 0.0
 
 
-class MonitorManager:
+class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/leases.py
     def __init__(
         self,
         registry: MonitorRegistry,

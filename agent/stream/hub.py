@@ -171,8 +171,9 @@ class EventHub:
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def publish(self, event: Event) -> None:
-        """Thread-safe, non-blocking, O(1) in the number of subscribers."""
+    def publish(self, event: Event) -> bytes:
+        """Thread-safe, non-blocking, O(1) in the number of subscribers. Returns the
+        encoded event (other consumers, e.g. the NATS exporter, reuse the bytes)."""
         data = encode_event(event)
         pid, uid, comm = event.get("pid"), event.get("uid"), event.get("comm")
         with self._lock:
@@ -191,6 +192,7 @@ class EventHub:
                 self._loop.call_soon_threadsafe(self._wake)  # type: ignore[union-attr]
             except RuntimeError:  # the loop is closed: shutting down
                 self._wake_pending = False
+        return data
 
     def _wake(self) -> None:
         # Cleared before waking: an event published from now on schedules a new wake-up,

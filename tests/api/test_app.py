@@ -31,7 +31,8 @@ def client() -> Iterator[TestClient]:
 
 
 def test_health_and_ready(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["version"]
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 

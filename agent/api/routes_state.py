@@ -1,0 +1,68 @@
+"""The agent's state as one document: GET with an ETag, PUT with If-Match (all or nothing).
+
+This is what `ebpf-agentctl apply/diff` and configuration management tools use."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+
+from agent.api.deps import ManagerDep
+from agent.api.errors import call
+from agent.api.models import ERROR_RESPONSES, ErrorBody, StateDoc, StateIn, StateResult, errors
+from agent.core.leases import PreconditionFailed, StateRejected
+
+router = APIRouter(tags=["state"], responses=ERROR_RESPONSES)
+
+ETAG_HEADER = {"ETag": {"description": "the state's version; send it back in If-Match",
+                        "schema": {"type": "string"}}}
+
+
+@router.get("/state", response_model=StateDoc,
+            responses={200: {"headers": ETAG_HEADER}},
+            summary="running monitors with their options, and the targets, with an ETag")
+async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
+    doc, etag = await call(manager.state)
+    response.headers["ETag"] = etag
+    return doc
+
+
+@router.put(
+    "/state",
+    response_model=StateResult,
+    responses={
+        **errors(404, 422),
+        200: {"headers": ETAG_HEADER},
+        400: {"description": "a malformed request (e.g. an If-Match value HTTP does not "
+              "allow), refused by the HTTP server before the API sees it",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        409: {"model": ErrorBody, "description": "a monitor failed to start: every change "
+              "was rolled back; detail: {message, monitor, rolled_back}"},
+        412: {"model": ErrorBody, "description": "If-Match names a state that is no longer "
+              "current (the ETag header holds the current one)"},
+    },
+    summary="make the agent match a whole state document, atomically",
+)
+async def put_state(
+    manager: ManagerDep,
+    response: Response,
+    body: Annotated[StateIn, Body()],
+    if_match: Annotated[str | None, Header(description="the ETag the change is based on; "
+                                           "absent or *: unconditional")] = None,
+    dry_run: Annotated[bool, Query(description="only report what would change")] = False,
+) -> Any:
+    desired: dict[str, Any] = {"monitors": body.monitors}
+    if body.targets is not None:
+        desired["targets"] = body.targets.model_dump()
+    try:
+        doc, etag, changes = await call(manager.put_state, desired, if_match, dry_run,
+                                        value_error_is_422=True)
+    except PreconditionFailed as e:
+        return JSONResponse({"detail": str(e)}, status_code=412, headers={"ETag": e.current_etag})
+    except StateRejected as e:
+        raise HTTPException(409, {"message": str(e), "monitor": e.monitor,
+                                  "rolled_back": e.rolled_back}) from None
+    response.headers["ETag"] = etag
+    return {"state": doc, "changes": changes, "applied": bool(changes) and not dry_run}

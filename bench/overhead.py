@@ -7,10 +7,12 @@ through perf events (TRACEPOINT_PROBE, as syscount and bpftrace attach), the sam
 programs as raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT, no perf-event record built;
 the monitor attaches this way), and an empty raw tracepoint at sys_exit alone (the floor
 of the counts-only mode); the SyscallMonitor: full (counts, errors, latency, histogram
-on) watching everything, with per-process tables, with a target filter that excludes
-the workload, and with latency off (counts, errors and errnos at sys_exit only), also
-with the workload filtered out; ``syscount-bpfcc`` (counts at sys_exit),
-``syscount-bpfcc -L`` (adds latency) and a bpftrace one-liner counting at sys_enter.
+on) watching everything, with per-process tables, with a pid filter that matches the
+workload (pid 1 with follow_children: every descendant of pid 1 is followed), with a
+pid filter that excludes it (pid 1 alone, follow_children off), and with latency off
+(counts, errors and errnos at sys_exit only), also with the workload excluded;
+``syscount-bpfcc`` (counts at sys_exit), ``syscount-bpfcc -L`` (adds latency) and a
+bpftrace one-liner counting at sys_enter.
 
 Everything runs in one process run: each repetition starts every configuration in turn
 (rotating the order), runs each workload once under it, and stops it; the table shows
@@ -197,10 +199,17 @@ def configurations() -> list[Config]:
         EmptyPrograms("floor: empty raw_tracepoint prog, sys_exit only", FLOOR_RAW_EXIT),
         Monitor("syscall monitor"),
         Monitor("syscall monitor, per_process", per_process=True),
-        Monitor("syscall monitor, workload filtered out", TargetSet(pids=frozenset({1}))),
+        # Target pid 1 with follow_children on seeds every living descendant of pid 1
+        # as followed: the workload is counted, through the pid filter (this
+        # configuration was once mislabelled "workload filtered out").
+        Monitor("syscall monitor, pid filter matching the workload (pid 1 + descendants)",
+                TargetSet(pids=frozenset({1}))),
+        # Target pid 1 alone: the workload is a process the filter excludes.
+        Monitor("syscall monitor, workload excluded (target pid 1, follow_children off)",
+                TargetSet(pids=frozenset({1}), follow_children=False)),
         Monitor("syscall monitor, latency off (counts+errors)", latency=False),
-        Monitor("syscall monitor, latency off, workload filtered out",
-                TargetSet(pids=frozenset({1})), latency=False),
+        Monitor("syscall monitor, latency off, workload excluded (target pid 1, no follow)",
+                TargetSet(pids=frozenset({1}), follow_children=False), latency=False),
     ]
     if shutil.which("syscount-bpfcc"):
         configs.append(Peer("syscount-bpfcc (counts)", ["syscount-bpfcc"], 1))

@@ -1,19 +1,27 @@
-"""End-to-end stream throughput: kernel -> agent -> SSE / WebSocket clients.
+"""End-to-end streams: kernel -> agent -> SSE / WebSocket clients, side by side.
 
-Starts `ebpf-agent serve`, a generator that produces more events than the pipeline can
-take (the syscall monitor with slow_threshold_us=0 on a getppid() loop, or the exec
-monitor on a fork+exec loop), targets the generator's pids so background activity on
-the host is filtered out in the kernel, and prints per scenario:
+Starts `ebpf-agent serve` (JSONL output on, as by default), a generator that produces
+more events than the pipeline can take (the syscall monitor with slow_threshold_us=0 on
+a getppid() loop, or the exec monitor on a fork+exec loop), targets the generator's
+pids so background activity on the host is filtered out in the kernel, and prints:
 
-  produced  = events the kernel programs offered to the ring buffer (submitted + dropped)
-  delivered = events each client received
-  drops     = dropped in the kernel + dropped in userspace queues + this client's drops
-              (in-band `dropped` messages), and checks produced == delivered + drops.
+- the anchor: a minimal BCC Python reader of the same flood (ring buffer, ctypes decode
+  and json.dumps per record), records/s;
+- per scenario (one SSE client, one WebSocket client with ?batch=true and without, and
+  --clients SSE fan-outs): the agent's intake from the kernel, its CPU, each client's
+  rate (client 1 decodes every event and measures receipt - ts_ns: p50/p99/max), and
+  the accounting: produced (submitted + dropped in the kernel) == delivered + kernel
+  drops + userspace-queue drops + parse errors + this client's in-band `dropped`;
+- memory (exec+syscall running, one client): RSS idle, peak under the flood, 6 s after,
+  and a bare BCC process holding the same programs;
+- low rate: an exec every 10 ms, one decoding SSE client, default settings: latency
+  p50/p99/max and the agent's CPU per event; with --baseline-src also for another
+  checkout's agent (e.g. `git archive main | tar -x -C DIR`), in the same run.
 
-No assertions: it prints figures. Usage: .venv/bin/python bench/stream.py [--duration 8]
-[--clients 50] [--source auto|syscall|exec]
+Clients run niced (they stand for other hosts). No assertions: it prints figures.
+Usage: .venv/bin/python bench/stream.py [--duration 8] [--clients 10 50]
+[--source auto|syscall|exec] [--baseline-src DIR]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.support: the helpers tests use too
@@ -79,66 +88,137 @@ int main(int argc, char **argv) {
 }
 """,
 }
+CLIENT_NICE = 5
 MONITOR_OPTIONS = {"syscall": {"slow_threshold_us": 0, "histogram": False}, "exec": {}}
 
 
-# -- clients (in a child process, asyncio) --------------------------------------------------
+# -- clients (in a child process, asyncio, raw sockets) ---------------------------------
+# httpx/websockets cost more per event than the agent does; these clients count SSE
+# frames at C speed (bytes.count) and only client 0 decodes every event (orjson.loads,
+# ts_ns -> receipt latency on CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()).
 @dataclass
 class ClientResult:
     received: int = 0
     missed: int = 0
     first: float = 0.0
     last: float = 0.0
+    decoded: int = 0
+    latencies_us: list[float] | None = None
 
     def rate(self) -> float:
         span = self.last - self.first
         return self.received / span if span > 0 else 0.0
 
 
-def _count_sse(buf: bytes, r: ClientResult) -> bytes:
-    frames = buf.split(b"\n\n")
-    for f in frames[:-1]:
-        if f.startswith(b"id:"):
-            r.received += 1
-        elif f.startswith(b"event: dropped"):
-            r.missed += json.loads(f.split(b"data: ", 1)[1])["missed"]
-    return frames[-1]
+class Frames:
+    """SSE frames -> counts (and decoded events with latency when ``decode``)."""
+
+    def __init__(self, r: ClientResult, decode: bool) -> None:
+        self.r, self.decode, self.tail = r, decode, b""
+        if decode:
+            r.latencies_us = []
+
+    def feed(self, data: bytes) -> None:
+        buf = self.tail + data
+        cut = buf.rfind(b"\n\n") + 2
+        if cut < 2:
+            self.tail = buf
+            return
+        whole, self.tail = buf[:cut], buf[cut:]
+        r = self.r
+        frames = whole.count(b"\n\n")
+        dropped = whole.count(b"event: dropped\n")
+        heartbeats = whole.count(b": heartbeat\n")
+        if dropped:
+            for f in whole.split(b"\n\n"):
+                if f.startswith(b"event: dropped"):
+                    r.missed += orjson.loads(f.split(b"data: ", 1)[1])["missed"]
+        n = frames - dropped - heartbeats
+        if n <= 0:
+            return
+        now = time.monotonic()
+        r.first = r.first or now
+        r.last = now
+        r.received += n
+        if self.decode:
+            now_ns = time.monotonic_ns()
+            lat = r.latencies_us
+            for f in whole.split(b"\n\n")[:-1]:
+                i = f.find(b"\ndata: ")
+                if i < 0 or f.startswith(b"event: dropped"):
+                    continue
+                ev = orjson.loads(f[i + 7:])
+                r.decoded += 1
+                if r.decoded % 16 == 0 or len(lat) < 100_000:  # type: ignore[arg-type]
+                    lat.append((now_ns - ev["ts_ns"]) / 1000)  # type: ignore[union-attr]
 
 
-async def sse_client(url: str, r: ClientResult, progress: Any) -> None:
-    async with httpx.AsyncClient(timeout=None) as c, c.stream("GET", url) as resp:
-        buf = b""
-        async for chunk in resp.aiter_bytes():
-            now = time.monotonic()
-            before = r.received
-            buf = _count_sse(buf + chunk, r)
-            if r.received != before:
-                r.first = r.first or now
-                r.last = now
-            progress.value = r.received + r.missed
+async def sse_client(host: str, port: int, path: str, r: ClientResult, decode: bool,
+                     progress: Any) -> None:
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    chunked = b"chunked" in head.lower()
+    frames = Frames(r, decode)
+    while True:
+        if chunked:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            if size == 0:
+                return
+            data = await reader.readexactly(size + 2)
+            frames.feed(data[:-2])
+        else:
+            data = await reader.read(1 << 20)
+            if not data:
+                return
+            frames.feed(data)
+        progress.value = r.received + r.missed
 
 
-async def ws_client(url: str, r: ClientResult, progress: Any) -> None:
+async def ws_client(url: str, r: ClientResult, decode: bool, progress: Any) -> None:
     from websockets.asyncio.client import connect
 
-    async with connect(url, max_size=None, max_queue=None) as ws:
+    batched = "batch=true" in url
+    if decode:
+        r.latencies_us = []
+    async with connect(url, max_size=None, max_queue=None, compression=None) as ws:
         async for msg in ws:
             now = time.monotonic()
-            if msg.startswith('{"event":"dropped"'):
-                r.missed += json.loads(msg)["missed"]
-            else:
+            items = orjson.loads(msg)
+            for m in items if batched else [items]:
+                if m.get("event") == "dropped" and "missed" in m:
+                    r.missed += m["missed"]
+                    continue
                 r.received += 1
-                r.first = r.first or now
-                r.last = now
+                if decode:
+                    r.decoded += 1
+                    lat = r.latencies_us
+                    if r.decoded % 16 == 0 or len(lat) < 100_000:  # type: ignore[arg-type]
+                        lat.append((time.monotonic_ns() - m["data"]["ts_ns"]) / 1000)  # type: ignore[union-attr]
+            r.first = r.first or now
+            r.last = now
             progress.value = r.received + r.missed
 
 
 def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
                    progress: list[Any], out: Any) -> None:
+    # Clients stand for processes on other hosts: on this 2-CPU machine they would
+    # otherwise take the agent's CPU (fan-out figures would measure the clients).
+    os.nice(CLIENT_NICE)
+
     async def main() -> list[ClientResult]:
         results = [ClientResult() for _ in range(n)]
-        run = sse_client if kind == "sse" else ws_client
-        tasks = [asyncio.create_task(run(url, results[i], progress[i])) for i in range(n)]
+        tasks = []
+        for i in range(n):
+            if kind == "sse":
+                u = httpx.URL(url)
+                path = u.raw_path.decode()
+                coro = sse_client(u.host, u.port or 80, path, results[i], i == 0, progress[i])
+            else:
+                coro = ws_client(url, results[i], i == 0, progress[i])
+            tasks.append(asyncio.create_task(coro))
         await asyncio.sleep(1.0)  # all connected (checked through /stats by the parent)
         connected.set()
         while not stop.is_set():
@@ -152,21 +232,28 @@ def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
 
 
 # -- the agent --------------------------------------------------------------------------
-def start_agent(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_agent(workdir: Path, src: Path | None = None,
+                formats: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """This tree's agent, or (``src``) the agent package of another checkout (the
+    baseline: `git archive main | tar -x -C DIR`) run with this venv's Python."""
     port = free_port()
-    config = workdir / "agent.yaml"
+    tag = "base" if src else "agent"
+    config = workdir / f"{tag}.yaml"
     config.write_text(json.dumps({
         # Loopback only: measured without authentication (explicit since the secure
         # default generates a token).
         "api": {"port": port, "auth": "none", "runtime_dir": str(workdir / "run")},
-        "output": {"directory": str(workdir / "out"), "formats": []},
-        "stream": {"replay_buffer": 65536, "max_subscribers": 256},
+        "output": {"directory": str(workdir / f"out-{tag}"), "formats": formats or []},
+        "stream": {"max_subscribers": 256},
         "logging": {"level": "WARNING"},
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
-    log = open(workdir / "agent.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(AGENT), "--config", str(config), "serve"], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
+    cmd = [str(AGENT), "--config", str(config), "serve"]
+    if src is not None:
+        cmd = [sys.executable, "-m", "agent", "--config", str(config), "serve"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=str(src) if src else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -177,7 +264,21 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    sys.exit(f"the agent did not start:\n{(workdir / 'agent.log').read_text()}")
+    sys.exit(f"the agent did not start:\n{(workdir / f'{tag}.log').read_text()}")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pick_source(url: str, wanted: str) -> str:
@@ -196,48 +297,69 @@ def compile_generator(workdir: Path, source: str) -> Path:
 
 
 # -- one scenario -----------------------------------------------------------------------
-def run_scenario(url: str, source: str, binary: Path, kind: str, n_clients: int,
-                 duration: float, generators: int) -> dict[str, Any]:
+def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
+                 n_clients: int, duration: float, generators: int,
+                 memory: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     stop, connected, out = ctx.Event(), ctx.Event(), ctx.Queue()
     progress = [ctx.Value("q", 0, lock=False) for _ in range(n_clients)]
     gens = [subprocess.Popen([str(binary), str(duration)], stdin=subprocess.PIPE)
             for _ in range(generators)]
     stream_url = f"{url}/events?monitor={source}"
-    if kind == "ws":
+    if kind.startswith("ws"):
         stream_url = url.replace("http", "ws") + f"/events/ws?monitor={source}"
+        if kind == "ws-batch":
+            stream_url += "&batch=true"
     client = ctx.Process(target=client_process,
-                         args=(kind, stream_url, n_clients, stop, connected, progress, out))
+                         args=("sse" if kind == "sse" else "ws", stream_url, n_clients, stop,
+                               connected, progress, out))
     before = httpx.get(f"{url}/stats", timeout=60).json()["streams"]
+    mem: dict[str, float] = {}
     try:
         httpx.put(f"{url}/targets/pids", json=[g.pid for g in gens]).raise_for_status()
         client.start()
         connected.wait(30)
+        if memory:  # exec beside syscall: the pair the memory figures are about
+            httpx.post(f"{url}/monitors/exec/start", json={}, timeout=120).raise_for_status()
         r = httpx.post(f"{url}/monitors/{source}/start", json=MONITOR_OPTIONS[source],
                        timeout=120)
         r.raise_for_status()
+        if memory:
+            time.sleep(2)
+            mem["idle"] = rss_mb(agent_pid)
+        cpu0 = cpu_s(agent_pid)
         t0 = time.monotonic()
         for g in gens:
             g.stdin.write(b"g")  # type: ignore[union-attr]
             g.stdin.close()  # type: ignore[union-attr]
-        for g in gens:
-            g.wait()
+        peak = 0.0
+        while any(g.poll() is None for g in gens):
+            peak = max(peak, rss_mb(agent_pid))
+            time.sleep(0.2)
         gen_time = time.monotonic() - t0
         _wait_drained(progress)
+        cpu = cpu_s(agent_pid) - cpu0
         mon = httpx.get(f"{url}/monitors/{source}/stats", timeout=60).json()
         streams = httpx.get(f"{url}/stats", timeout=60).json()["streams"]
         stop.set()
-        results = [ClientResult(**d) for d in out.get(timeout=60)]
+        results = [ClientResult(**d) for d in out.get(timeout=120)]
         client.join(30)
+        if memory:
+            mem["peak"] = peak
+            time.sleep(6)  # the agent trims its heaps after 2-4 s without events
+            mem["after"] = rss_mb(agent_pid)
     finally:
         stop.set()
         for g in gens:
             if g.poll() is None:
                 g.kill()
         httpx.post(f"{url}/monitors/{source}/stop", timeout=60)
+        if memory:
+            httpx.post(f"{url}/monitors/exec/stop", timeout=60)
         httpx.put(f"{url}/targets/pids", json=[])
     return {"kind": kind, "clients": n_clients, "gen_time": gen_time, "monitor": mon,
-            "streams": streams, "before": before, "results": results}
+            "streams": streams, "before": before, "results": results, "mem": mem,
+            "cpu": cpu}
 
 
 def _wait_drained(progress: list[Any], quiet_s: float = 1.5, limit_s: float = 60) -> None:
@@ -252,18 +374,29 @@ def _wait_drained(progress: list[Any], quiet_s: float = 1.5, limit_s: float = 60
         time.sleep(0.1)
 
 
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    v = sorted(values)
+    p50, p99 = v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]
+    return f"p50 {p50 / 1000:.2f} ms  p99 {p99 / 1000:.2f} ms  max {v[-1] / 1000:.2f} ms"
+
+
 # -- report -----------------------------------------------------------------------------
-def report(source: str, s: dict[str, Any]) -> None:
+def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     mon, results = s["monitor"], s["results"]
     k = mon.get("kernel", {})
     produced = k.get("submitted", 0) + k.get("dropped", 0)
     dk, du = mon.get("events_dropped_kernel", 0), mon.get("events_dropped_userspace", 0)
     parse = k.get("parse_errors", 0)
+    intake = mon.get("events_delivered", 0)
     title = f"{source} -> {s['kind'].upper()} x{s['clients']}"
     print(f"\n== {title} (generator ran {s['gen_time']:.1f}s)")
     print(f"  kernel: seen {k.get('seen', 0)}  produced (submitted+dropped) {produced}  "
-          f"dropped in kernel {dk}  delivered to userspace {mon.get('events_delivered')}  "
+          f"dropped in kernel {dk}  delivered to userspace {intake}  "
           f"dropped in userspace queues {du}  parse errors {parse}")
+    print(f"  agent intake from the kernel {intake / s['gen_time']:,.0f} ev/s  "
+          f"agent CPU {s['cpu']:.2f} s ({s['cpu'] / s['gen_time'] * 100:.0f}% of one CPU)")
     balanced = 0
     for r in results:
         if produced == r.received + dk + du + parse + r.missed:
@@ -274,8 +407,9 @@ def report(source: str, s: dict[str, Any]) -> None:
     last = max((r.last for r in results), default=0.0)
     agg = total / (last - first) if last > first else 0.0
     r0 = results[0]
-    print(f"  client 1: delivered {r0.received}  subscriber dropped {r0.missed}  "
-          f"rate {r0.rate():,.0f} ev/s")
+    print(f"  client 1 (decodes every event): delivered {r0.received}  decoded {r0.decoded}  "
+          f"subscriber dropped {r0.missed}  rate {r0.rate():,.0f} ev/s")
+    print(f"  client 1 latency (receipt - ts_ns): {percentiles(r0.latencies_us or [])}")
     if len(results) > 1:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
               f"per client min/median/max {rates[0]:,.0f}/{rates[len(rates) // 2]:,.0f}/"
@@ -288,41 +422,261 @@ def report(source: str, s: dict[str, Any]) -> None:
                if produced != r.received + dk + du + parse + r.missed][:3]
         for r in bad:
             print(f"    e.g. {produced} != {r.received} + {dk} + {du} + {parse} + {r.missed}")
-    now, before, kind = s["streams"], s["before"], s["kind"]
+    now, before, kind = s["streams"], s["before"], s["kind"].split("-")[0]
 
     def delta(key: str) -> int:
         return int(now["totals"][f"{kind}_{key}"] - before["totals"][f"{kind}_{key}"])
 
     print(f"  hub: published {now['published'] - before['published']}  server-side "
           f"subscribers: delivered {delta('delivered')} dropped {delta('dropped')}")
+    return {"intake": intake / s["gen_time"], "client1": r0.rate(), "min": rates[0]}
+
+
+# -- the anchor: a minimal BCC Python reader of the same flood ----------------------------
+ANCHOR = r"""
+import ctypes, json, sys
+from bcc import BPF
+prog = '''
+struct ev { u64 ts_ns; u64 latency_ns; s64 ret; u32 pid; u32 tid; u32 nr; u32 pad;
+            char comm[16]; };
+BPF_RINGBUF_OUTPUT(events, 512);
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TARGET) return 0;
+    struct ev e = {};
+    e.ts_ns = bpf_ktime_get_ns();
+    e.pid = id >> 32; e.tid = (u32)id; e.ret = (s64)ctx->args[1];
+    bpf_get_current_comm(&e.comm, sizeof(e.comm));
+    events.ringbuf_output(&e, sizeof(e), 0);
+    return 0;
+}
+'''
+class Ev(ctypes.Structure):
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("latency_ns", ctypes.c_uint64),
+                ("ret", ctypes.c_int64), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
+                ("nr", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
+b = BPF(text=prog, cflags=["-DTARGET=%s" % sys.argv[1]])
+n = [0]
+def cb(ctx, data, size):
+    e = ctypes.cast(data, ctypes.POINTER(Ev)).contents
+    json.dumps({"ts_ns": e.ts_ns, "latency_ns": e.latency_ns, "ret": e.ret, "pid": e.pid,
+                "tid": e.tid, "nr": e.nr, "comm": e.comm.decode("utf-8", "replace")})
+    n[0] += 1
+b[b"events"].open_ring_buffer(cb)
+print("ready", flush=True)
+sys.stdin.readline()  # the parent releases the generator, then writes a line
+def alive(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+while alive(sys.argv[1]):
+    b.ring_buffer_poll(100)
+b.ring_buffer_consume()
+print(n[0], flush=True)
+"""
+
+
+def run_anchor(binary: Path, duration: float, workdir: Path) -> float:
+    gen = subprocess.Popen([str(binary), str(duration)], stdin=subprocess.PIPE)
+    script = workdir / "anchor.py"
+    script.write_text(ANCHOR)
+    rd = subprocess.Popen([sys.executable, str(script), str(gen.pid)], stdout=subprocess.PIPE,
+                          stdin=subprocess.PIPE, text=True, bufsize=1)
+    assert rd.stdout is not None and rd.stdin is not None
+    try:
+        if rd.stdout.readline().strip() != "ready":
+            return 0.0
+        t0 = time.monotonic()
+        rd.stdin.write("go\n")
+        rd.stdin.flush()
+        gen.stdin.write(b"g")  # type: ignore[union-attr]
+        gen.stdin.close()  # type: ignore[union-attr]
+        while gen.poll() is None:  # the reader stops when the generator is a zombie
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        count = int(rd.stdout.readline().strip() or 0)
+    finally:
+        for p in (gen, rd):
+            if p.poll() is None:
+                p.kill()
+        gen.wait()
+        rd.wait()
+    rate = count / elapsed
+    print(f"\n== anchor: minimal BCC Python reader (ring buffer, ctypes decode, json.dumps "
+          f"per record) of the same flood\n  records {count} in {elapsed:.1f}s: "
+          f"{rate:,.0f} records/s")
+    return rate
+
+
+# -- memory baseline: a bare BCC process holding the same programs ------------------------
+BARE = r"""
+import time
+from agent.kernel.capabilities import build_report
+from agent.model.targets import TargetSet
+from agent.monitors.contract import MonitorContext
+from agent.monitors.registry import discover_monitors
+reg = discover_monitors()
+report = build_report(reg)
+class Null:
+    def publish(self, e): pass
+held = []
+for name, opts in (("exec", {}), ("syscall", {"slow_threshold_us": 0, "histogram": False})):
+    cls = reg.get(name)
+    m = cls(cls.Options(**opts), MonitorContext(targets=TargetSet(pids=frozenset({1})),
+            sink=Null(), kernel_offsets=report.kernel_offsets))
+    m.load()
+    held.append(m)
+time.sleep(2)
+print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0], flush=True)
+for m in held:
+    m.close()
+"""
+
+
+def bare_bcc_rss() -> float:
+    out = subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True,
+                         cwd=str(REPO), timeout=300)
+    try:
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+    except (ValueError, IndexError):
+        print(out.stderr[-2000:], file=sys.stderr)
+        return 0.0
+
+
+# -- low rate: an exec every 10 ms, latency and agent CPU per event ------------------------
+LOW_RATE = r"""
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char c; if (read(0, &c, 1) != 1) return 1;
+    char path[] = "/bin/true", arg[] = "bench-low-rate";
+    int n = atoi(argv[1]);
+    struct timespec gap = {0, 10 * 1000 * 1000};
+    for (int i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid == 0) { execl(path, path, arg, (char *)0); _exit(127); }
+        waitpid(pid, 0, 0);
+        nanosleep(&gap, 0);
+    }
+    return 0;
+}
+"""
+
+
+def run_low_rate(url: str, agent_pid: int, workdir: Path, seconds: float, label: str) -> None:
+    c = workdir / "low_rate.c"
+    binary = workdir / "low_rate"
+    if not binary.exists():
+        c.write_text(LOW_RATE)
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(c)], check=True)
+    n = int(seconds * 100)
+    ctx = mp.get_context("fork")
+    stop, connected, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    progress = [ctx.Value("q", 0, lock=False)]
+    gen = subprocess.Popen([str(binary), str(n)], stdin=subprocess.PIPE)
+    client = ctx.Process(target=client_process, args=("sse", f"{url}/events?monitor=exec", 1,
+                                                      stop, connected, progress, out))
+    try:
+        httpx.put(f"{url}/targets/pids", json=[gen.pid]).raise_for_status()
+        httpx.post(f"{url}/monitors/exec/start", json={}, timeout=120).raise_for_status()
+        client.start()
+        connected.wait(30)
+        time.sleep(1)
+        cpu0, t0 = cpu_s(agent_pid), time.monotonic()
+        gen.stdin.write(b"g")  # type: ignore[union-attr]
+        gen.stdin.close()  # type: ignore[union-attr]
+        gen.wait()
+        elapsed = time.monotonic() - t0
+        _wait_drained(progress, quiet_s=0.5)
+        cpu = cpu_s(agent_pid) - cpu0
+        stop.set()
+        (res,) = [ClientResult(**d) for d in out.get(timeout=60)]
+        client.join(30)
+    finally:
+        stop.set()
+        if gen.poll() is None:
+            gen.kill()
+        httpx.post(f"{url}/monitors/exec/stop", timeout=60)
+        httpx.put(f"{url}/targets/pids", json=[])
+    per_event = cpu / res.received * 1e6 if res.received else 0.0
+    print(f"\n== {label}: exec every 10 ms for {elapsed:.1f}s -> SSE x1 (default settings)\n"
+          f"  delivered {res.received} of {n}  latency (receipt - ts_ns): "
+          f"{percentiles(res.latencies_us or [])}\n"
+          f"  agent CPU {cpu:.3f} s: {per_event:,.0f} us per event")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
-    p.add_argument("--clients", type=int, default=50, help="clients in the fan-out scenario")
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 50],
+                   help="fan-out scenarios (SSE clients)")
     p.add_argument("--source", choices=["auto", "syscall", "exec"], default="auto")
     p.add_argument("--generators", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--low-rate-seconds", type=float, default=10.0)
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also run the low-rate scenario against the agent package of this "
+                        "checkout (e.g. `git archive main | tar -x -C DIR`)")
     args = p.parse_args()
     if os.geteuid() != 0 or shutil.which("gcc") is None:
         print("bench/stream.py needs root and gcc", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    agent, url = start_agent(workdir)
+    agent, url = start_agent(workdir, formats=["jsonl"])
     try:
         source = pick_source(url, args.source)
         binary = compile_generator(workdir, source)
         print(f"source: {source} monitor {MONITOR_OPTIONS[source]}, {args.generators} "
               f"generator process(es), {args.duration:.0f}s per scenario, "
-              f"{os.cpu_count()} CPUs")
-        for kind, n in (("sse", 1), ("ws", 1), ("sse", args.clients)):
-            report(source, run_scenario(url, source, binary, kind, n, args.duration,
-                                        args.generators))
+              f"{os.cpu_count()} CPUs, agent output formats: jsonl")
+        print(f"agent RSS after start-up, no monitor: {rss_mb(agent.pid):.0f} MB")
+        anchor = run_anchor(binary, args.duration, workdir) if source == "syscall" else 0.0
+        one = run_scenario(url, agent.pid, source, binary, "sse", 1, args.duration,
+                           args.generators, memory=True)
+        f1 = report(source, one)
+        figures = {("sse", 1): f1}
+        for kind in ("ws-batch", "ws"):
+            figures[(kind, 1)] = report(source, run_scenario(
+                url, agent.pid, source, binary, kind, 1, args.duration, args.generators))
+        for n in args.clients:
+            figures[("sse", n)] = report(source, run_scenario(
+                url, agent.pid, source, binary, "sse", n, args.duration, args.generators))
+        bare = bare_bcc_rss()
+        m = one["mem"]
+        print("\n== summary")
+        if anchor:
+            print(f"  anchor (BCC reader) {anchor:,.0f} records/s; agent, one SSE client: "
+                  f"{f1['client1']:,.0f} decoded ev/s ({f1['client1'] / anchor:.2f}x anchor)")
+        sse1 = f1["client1"] or 1.0
+        print(f"  WebSocket batch=true / SSE: {figures[('ws-batch', 1)]['client1'] / sse1:.2f};"
+              f"  one event per frame / SSE: {figures[('ws', 1)]['client1'] / sse1:.2f}")
+        for n in args.clients:
+            f = figures[("sse", n)]
+            print(f"  {n} SSE clients: slowest client {f['min']:,.0f} ev/s; intake "
+                  f"{f['intake']:,.0f} ev/s = {f['intake'] / f1['intake']:.2f}x the intake "
+                  f"with one client ({f1['intake']:,.0f})")
+        print(f"  RSS (exec+syscall running): idle {m['idle']:.0f} MB, one client at full "
+              f"load peak {m['peak']:.0f} MB, 6 s after the load {m['after']:.0f} MB "
+              f"({(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle); bare BCC process "
+              f"holding the same programs {bare:.0f} MB: peak = "
+              f"{m['peak'] / (bare or 1):.2f}x bare")
+        run_low_rate(url, agent.pid, workdir, args.low_rate_seconds, "this agent")
     finally:
         agent.terminate()
         code = agent.wait(30)
         print(f"\nagent exit code after SIGTERM: {code}")
-        shutil.rmtree(workdir, ignore_errors=True)
+    if args.baseline_src is not None:
+        base, burl = start_agent(workdir, src=args.baseline_src, formats=["jsonl"])
+        try:
+            run_low_rate(burl, base.pid, workdir, args.low_rate_seconds,
+                         f"baseline agent from {args.baseline_src}")
+        finally:
+            base.terminate()
+            base.wait(30)
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

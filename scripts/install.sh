@@ -13,8 +13,11 @@ need_root() {
   fi
 }
 
-# chromium: the headless browser the /ui tests drive through Playwright
-DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2 chromium)
+DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2
+  # chromium: the headless browser the /ui tests drive through Playwright.
+  # The consumers the packaging tests run (tests/packaging): Prometheus and promtool,
+  # systemd-analyze, and the daemonless image build (buildah, debootstrap).
+  prometheus systemd buildah debootstrap chromium)
 
 install_debs() {
   local missing=()
@@ -27,6 +30,19 @@ install_debs() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   else
     log "Debian packages present"
+  fi
+}
+
+quiet_system_prometheus() {
+  # Debian's prometheus package may start a server on :9090. Tests start their own on a
+  # free loopback port and never use it; stop and disable it so it scrapes nothing here.
+  if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
+    log "disabling the system prometheus service (tests run their own)"
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+    log "stopping the system prometheus service (tests run their own)"
+    /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
   fi
 }
 
@@ -87,6 +103,7 @@ make_venv() {
 
 need_root
 install_debs
+quiet_system_prometheus
 mount_fs
 link_headers
 make_venv

@@ -30,6 +30,8 @@ def test_default_config_loads_and_validates_monitor_options() -> None:
         ("bogus: 1\n", "bogus: unknown key"),
         ("transport:\n  ringbuf_pages: 3\n", "transport.ringbuf_pages: Value error, 3 is not"),
         ("output:\n  formats: [xml]\n", "output.formats.0: Input should be"),
+        ("stream:\n  replay_bytes: 1000\n",
+         "stream.replay_bytes: Input should be greater than or equal to 65536"),
         ("monitors:\n  exec:\n    options:\n      max_args: 0\n",
          "monitors.exec.options.max_args: Input should be greater than or equal to 1"),
         ("monitors:\n  exec:\n    options:\n      colour: red\n",

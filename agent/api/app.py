@@ -24,7 +24,7 @@ from agent.api.auth import TokenStore
 from agent.api.deps import AppContext
 from agent.api.errors import SafeJSONResponse, request_validation_error
 from agent.api.gate import AuthGate
-from agent.api.metrics import AgentCollector
+from agent.api.metrics import AgentCollector, RequestDuration
 from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
@@ -121,6 +121,8 @@ def _add_middleware(app: FastAPI, settings: Settings, ctx: AppContext) -> None:
     app.add_middleware(AuthGate, ctx=ctx)
     trusted = [*api.trusted_hosts, api.host]
     app.add_middleware(RequestGuard, trusted_hosts=trusted, origins=api.cors_origins)
+    # Outermost: refusals by the guard (403, 400) are timed too.
+    app.add_middleware(RequestDuration, registry=context_of(app).metrics)
 
 
 def context_of(app: FastAPI) -> AppContext:

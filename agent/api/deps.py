@@ -20,6 +20,7 @@ from starlette.requests import HTTPConnection
 from agent.api.audit import AuditLog
 from agent.api.auth import LoginLimiter, SessionStore, TicketStore, TokenStore
 from agent.config import Settings
+from agent.core import memory
 from agent.core.context import autostart, build_manager
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
@@ -28,6 +29,7 @@ from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
 
 log = logging.getLogger(__name__)
+TRIM_IDLE_S = 2.0
 
 
 @dataclass
@@ -43,6 +45,7 @@ class AppContext:
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
     exporter: Any = None  # agent.export.nats.NatsExporter when export.nats is enabled
+    _trimmer: asyncio.Task[None] | None = None
     sessions: SessionStore = field(init=False)
     tickets: TicketStore = field(init=False)
     audit: AuditLog = field(init=False)
@@ -71,7 +74,7 @@ class AppContext:
         """Lifespan start-up: the hub, the capability report, the manager, autostart."""
         stream = self.settings.stream
         self.audit.open()
-        self.hub = EventHub(stream.replay_buffer, stream.max_subscribers)
+        self.hub = EventHub(stream.replay_buffer, stream.max_subscribers, stream.replay_bytes)
         self.hub.attach_loop(asyncio.get_running_loop())
         if self.report is None:
             self.report = await run_in_threadpool(build_report, self.registry)
@@ -80,6 +83,20 @@ class AppContext:
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        """After a burst, once no event was published for TRIM_IDLE_S, give the heaps'
+        free memory back (agent/core/memory.py); once per burst."""
+        last, trimmed = -1, True
+        while True:
+            await asyncio.sleep(TRIM_IDLE_S)
+            seq = self.hub.next_seq if self.hub is not None else 0
+            if seq != last:
+                last, trimmed = seq, False
+            elif not trimmed:
+                trimmed = True
+                await run_in_threadpool(memory.trim)
 
     def _publisher(self, hub: EventHub) -> Callable[[Event], Any]:
         """The hub, plus the NATS exporter fed with the bytes the hub encoded."""
@@ -93,8 +110,10 @@ class AppContext:
         exporter.start()
         hub_publish, offer = hub.publish, exporter.offer
 
-        def publish(event: Event) -> None:
-            offer(str(event.get("monitor", "")), hub_publish(event))
+        def publish(event: Event) -> bytes:
+            data = hub_publish(event)
+            offer(str(event.get("monitor", "")), data)
+            return data  # the JSONL writer writes these bytes too (MonitorSink)
 
         return publish
 
@@ -112,6 +131,8 @@ class AppContext:
 
     async def stop(self) -> None:
         """Lifespan shutdown: close streams, stop every monitor (detaching every probe)."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self.hub is not None:
             self.hub.close()
         if self.manager is not None:

@@ -39,6 +39,7 @@ from agent.auth_files import (
     remove_token_files,
 )
 from agent.config import ConfigError, Settings
+from agent.core import memory
 from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
@@ -391,6 +392,9 @@ def _report_when_ready(app: Any, daemon: Daemon) -> None:
     daemon.detach_stdio()
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -> int:
     tokens = check_security(settings)  # before forking: refusals reach the terminal
     generate = settings.api.auth == "token" and not tokens
@@ -402,6 +406,12 @@ def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -
     runner = Daemon()
     if daemon and (code := runner.fork()) is not None:
         return code
+    # The poller threads and the event loop share the GIL: a thread that gives it up for a
+    # system call (the loop's socket writes, the poller's epoll) waits up to the switch
+    # interval to get it back while the other one computes. 1 ms instead of 5 ms keeps
+    # intake and fan-out moving together (bench/stream.py, bench/RESULTS.md).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    memory.tune_malloc()  # large blocks in their own mappings: see agent/core/memory.py
     redaction = install_redaction()
     generated: list[str] = []  # filled by _serve, removed here whatever happens
     try:

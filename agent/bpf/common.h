@@ -167,10 +167,13 @@ BPF_PERF_OUTPUT(events);
 static __always_inline void submit_event(void *ctx, void *data, u64 size)
 {
 #ifdef USE_RINGBUF
-    /* Waking the consumer costs it a syscall and a thread switch per event. Ask for a
-     * wake-up only every WAKEUP_EVERY events per CPU; the consumer also drains on its
-     * poll timeout, so an event waits at most that long (agent/core/manager.py). */
-    u64 flags = BPF_RB_NO_WAKEUP;
+    /* Flags 0 is the kernel's adaptive notification: bpf_ringbuf_commit() wakes the
+     * consumer when it had read everything before this record (the buffer was empty to
+     * it), so an event at a low rate is delivered at once. Under load the consumer is
+     * behind and is not woken per event (it batches: agent/monitors/ringbuf.py);
+     * WAKEUP_EVERY events per CPU still force a wake-up, a backstop for a consumer that
+     * went to sleep. */
+    u64 flags = 0;
     u32 idx = CNT_SINCE_WAKEUP;
     u64 *since = counters.lookup(&idx);
     if (since && ++*since >= WAKEUP_EVERY) {

@@ -25,7 +25,7 @@ def build_manager(
     settings: Settings,
     registry: MonitorRegistry,
     report: CapabilityReport,
-    publish: Callable[[Event], None] | None = None,
+    publish: Callable[[Event], object] | None = None,
     formats: Sequence[str] | None = None,
     targets: TargetSet | None = None,
 ) -> MonitorManager:

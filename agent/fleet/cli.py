@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from agent.fleet import ops
+from agent.fleet import kubernetes, ops
 from agent.fleet.client import DEFAULT_PARALLEL, DEFAULT_TIMEOUT_S, Fleet, HostResult, tls_verify
 from agent.fleet.events import EventFilters, MergedEvents, event_line, nats_events
 from agent.fleet.inventory import INVENTORY_ENV, InventoryError, resolve_hosts
@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("diff", "show what apply would change")):
         s = sub.add_parser(name, parents=[common], help=what)
         s.add_argument("file", type=Path)
+    # Dispatched in main() before parsing (it reads stdin and contacts no host); listed
+    # here for --help.
+    s = sub.add_parser("inventory", help="inventory from-kubernetes: an inventory from "
+                       "`kubectl get endpoints -o json` on stdin")
+    s.add_argument("source", choices=["from-kubernetes"])
     return p
 
 
@@ -326,6 +331,9 @@ async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["inventory", "from-kubernetes"]:
+        return kubernetes.main(argv[2:])
     args = _parser().parse_args(argv)
     try:
         if args.parallel < 1 or args.timeout <= 0:

@@ -16,6 +16,7 @@ from agent.kernel import procfs
 from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
+from agent.monitors.ringbuf import RingReader, ringbuf_supported
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class BccMonitor(BaseMonitor[OptionsT]):
         super().__init__(options, ctx)
         self.bpf: Any = None
         self.use_ringbuf = False
+        self._reader: RingReader | None = None  # our ring buffer consumer (x86-64)
         self.lost_in_perf = 0
         self.parse_errors = 0
         # Poller thread only, except _stopping (set once by the control thread).
@@ -122,7 +124,10 @@ class BccMonitor(BaseMonitor[OptionsT]):
         """TRACEPOINT_PROBE programs attach themselves when BCC loads them."""
 
     def open_buffer(self) -> None:
-        if self.use_ringbuf:
+        if self.use_ringbuf and ringbuf_supported():
+            table = self.bpf[b"events"]
+            self._reader = RingReader(table.map_fd, table.max_entries, self._on_record)
+        elif self.use_ringbuf:
             self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
         else:
             self.bpf[b"events"].open_perf_buffer(
@@ -136,9 +141,14 @@ class BccMonitor(BaseMonitor[OptionsT]):
     def _on_raw_event(self, _cpu_or_ctx: Any, data: int, size: int) -> int:
         """The buffer callback (poller thread). The ring buffer honours the return value
         (STOP_CONSUMING ends the consume call); the perf reader ignores it."""
+        return self._on_record(ctypes.string_at(data, size))
+
+    def _on_record(self, raw: bytes) -> int:
+        """One record (poller thread), from BCC's callbacks or from our RingReader, which
+        also stops at STOP_CONSUMING."""
         self._budget -= 1
         try:
-            event = self.parse_event(ctypes.string_at(data, size))
+            event = self.parse_event(raw)
         except Exception:  # a bad record must not kill the poller; it is counted
             self.parse_errors += 1
             log.exception("%s: cannot decode an event", self.name)
@@ -170,7 +180,11 @@ class BccMonitor(BaseMonitor[OptionsT]):
             return
         # Producers wake us only every `wakeup_every` events: drain what is there after
         # every wait, woken or timed out.
-        if self.use_ringbuf:
+        if self._reader is not None:
+            if not self._stopping:
+                self._budget = CONSUME_BUDGET
+                self._reader.poll(timeout_ms)
+        elif self.use_ringbuf:
             self._budget = CONSUME_BUDGET
             self.bpf.ring_buffer_poll(timeout_ms)
             if not self._stopping:
@@ -194,6 +208,9 @@ class BccMonitor(BaseMonitor[OptionsT]):
             log.exception("%s: cannot quiesce the programs", self.name)
 
     def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.close()
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
             bpf.cleanup()

@@ -79,7 +79,7 @@ class _Format:
 
     pending = 0  # events written since the last flush
 
-    def write(self, event: Event) -> None: ...
+    def write(self, event: Event, data: bytes | None = None) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -88,7 +88,7 @@ class ConsoleFormat(_Format):
     def __init__(self, line: Callable[[Event], str], stream: IO[str] | None = None) -> None:
         self._line, self._stream = line, stream or sys.stdout
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, data: bytes | None = None) -> None:
         self._stream.write(self._line(event) + "\n")
 
     def flush(self) -> None:
@@ -177,15 +177,16 @@ class CsvFormat(_FileFormat):
         self._csv.writerow(row)
         return self._text.getvalue().encode("utf-8", "surrogateescape")
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, data: bytes | None = None) -> None:
         if self.empty:  # a new (or emptied) file starts with the header
             self.append(self._line(self._header), events=0)
         self.append(self._line(self._row(event)))
 
 
 class JsonlFormat(_FileFormat):
-    def write(self, event: Event) -> None:
-        self.append(encode_event(event) + b"\n")
+    def write(self, event: Event, data: bytes | None = None) -> None:
+        # ``data``: the bytes the stream hub encoded (encoded once per event).
+        self.append((encode_event(event) if data is None else data) + b"\n")
 
 
 def _pick(fields: Sequence[str], row: dict[str, Any]) -> list[Any]:
@@ -269,6 +270,7 @@ class OutputWriter:
                 with contextlib.suppress(OSError):
                     f.close()
             raise
+        self._bytes_only = all(isinstance(f, JsonlFormat) for f in self._formats)
         self._thread = threading.Thread(target=self._run, name=f"output-{name}", daemon=True)
         self._thread.start()
 
@@ -277,13 +279,17 @@ class OutputWriter:
         """Every event (and snapshot row) that did not reach the output."""
         return self.queue_dropped + self.snapshot_rows_dropped + self.write_failed
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event, data: bytes | None = None) -> None:
         """Never blocks: a full queue drops the event and counts it. Checking the length
-        before appending bounds the queue (to one more item per extra producer)."""
+        before appending bounds the queue (to one more item per extra producer).
+        ``data``: the event already encoded (encode_event); JSONL-only writers queue just
+        those bytes, not the event's dict (~1 KB of Python objects per event)."""
         if len(self._pending) >= self._capacity:
             self.queue_dropped += 1
-        else:
+        elif data is None:
             self._pending.append(event)
+        else:
+            self._pending.append(data if self._bytes_only else (event, data))
 
     @property
     def wants_snapshots(self) -> bool:
@@ -316,16 +322,20 @@ class OutputWriter:
         pending = self._pending
         while pending:
             item = pending.popleft()
-            if isinstance(item, SnapshotRows):
+            if type(item) is bytes:
+                self._write({}, item)
+            elif type(item) is tuple:
+                self._write(*item)
+            elif isinstance(item, SnapshotRows):
                 self._write_snapshot(item)
             else:
                 self._write(item)
 
-    def _write(self, event: Event) -> None:
+    def _write(self, event: Event, data: bytes | None = None) -> None:
         lost = False
         for f in self._formats:
             try:
-                f.write(event)
+                f.write(event, data)
             except Exception as e:  # a console that failed; an event that cannot encode
                 lost = True
                 self._report(e)

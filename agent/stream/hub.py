@@ -1,15 +1,27 @@
 """The event hub: one bounded ring of encoded events shared by every stream subscriber.
 
 Monitor poller threads call ``publish``; it encodes the event once (the same bytes as the
-JSONL output), stores it with a sequence number in a fixed-size ring and wakes the asyncio
-side. Memory is bounded by ``capacity`` whatever the number of subscribers: each
-subscriber only keeps its read position. A subscriber that falls more than ``capacity``
-events behind loses the overwritten ones; it counts them and is told in-band (the
-``missed`` count of its next batch).
+JSONL output, returned to the caller so other consumers reuse them) and copies its SSE
+frame (``id: N\\nevent: M\\ndata: <json>\\n\\n``) into one preallocated byte ring. The
+ring is bounded twice: in events (``capacity``, the replay_buffer setting) and in bytes
+(``replay_bytes``); whichever fills first evicts the oldest events. Per event the hub
+keeps no Python object, only a few numbers in flat arrays (where its frame starts, its
+length, and the fields filters look at), so its memory is the byte ring plus ~40 bytes
+per slot whatever the number of subscribers. A subscriber only keeps its read position;
+one that falls behind the oldest buffered event counts what it missed and is told
+in-band (the ``missed`` count of its next batch).
 
-Threading: ``publish`` runs on poller threads; everything else runs on the event loop.
-Reads are lock-free: a slot is checked against the expected sequence number, so a slot
-overwritten while being read counts as missed instead of delivering the wrong event.
+Frames lie back to back in sequence order (a frame that does not fit before the end of
+the buffer starts again at offset 0), so an unfiltered subscriber's batch is one slice of
+the ring: one memcpy and one socket write for hundreds of events, the same bytes for
+every subscriber, no per-event work on the event loop.
+
+Threading: ``publish`` runs on poller threads under a lock (one poller per monitor);
+everything else runs on the event loop, without the lock. Readers copy first and check
+afterwards: the publisher advances ``_first`` (the oldest live sequence number) *before*
+it overwrites bytes, and the GIL makes both threads see each other's writes in program
+order, so an event whose number is still >= ``_first`` after the copy was intact while it
+was copied; older ones count as missed.
 """
 
 from __future__ import annotations
@@ -17,16 +29,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from agent.model.events import Event, encode_event
 
 # How many sequence numbers one read scans at most: bounds the time a subscriber holds the
 # event loop and the size of one SSE chunk / burst of WebSocket frames.
 DEFAULT_BATCH = 512
+# An unfiltered SSE read takes up to this many events / bytes at once: one slice copy,
+# so large batches cost the loop nothing per event and save socket writes under load.
+SSE_BATCH_EVENTS = 8192
+SSE_BATCH_BYTES = 512 * 1024
+DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
+MIN_REPLAY_BYTES = 64 * 1024
+# pid/uid of events that carry none (or not an int): never equal to a filter value.
+NONE = -(2**63)
+# Per-slot index memory: offset (8) + frame length (4) + header length (2) + monitor id
+# (2) + pid (8) + uid (8) + comm hash (8).
+SLOT_BYTES = 40
 
 
 class HubFull(Exception):
@@ -35,11 +61,10 @@ class HubFull(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HubEvent:
+    """One event as a subscriber reads it (WebSocket, tests): a copy of its JSON."""
+
     seq: int
     monitor: str
-    pid: int | None
-    uid: int | None
-    comm: str | None
     data: bytes  # encode_event(event): one JSON object
 
 
@@ -52,13 +77,9 @@ class Filters:
     uids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
 
-    def matches(self, ev: HubEvent) -> bool:
-        return (
-            (not self.monitors or ev.monitor in self.monitors)
-            and (not self.pids or ev.pid in self.pids)
-            and (not self.uids or ev.uid in self.uids)
-            and (not self.comms or ev.comm in self.comms)
-        )
+    @property
+    def empty(self) -> bool:
+        return not (self.monitors or self.pids or self.uids or self.comms)
 
     def as_dict(self) -> dict[str, list[Any]]:
         return {
@@ -71,8 +92,13 @@ class Filters:
 
 @dataclass
 class Batch:
-    events: list[HubEvent]
+    """What one read returns: either the SSE frames of ``count`` events back to back
+    (``frames``, read_sse) or the events one by one (``events``, read_events)."""
+
+    events: list[HubEvent] = field(default_factory=list)
     missed: int = 0
+    frames: bytes = b""
+    count: int = 0
 
 
 @dataclass(eq=False)
@@ -89,26 +115,42 @@ class Subscriber:
     connected_at: str = field(default_factory=lambda: _now_iso())
     closed_reason: str | None = None
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _ping: bool = False
 
     @property
     def closed(self) -> bool:
         return self.closed_reason is not None
 
     def read(self, limit: int = DEFAULT_BATCH) -> Batch:
-        """What is new for this subscriber (never blocks)."""
-        return self.hub.read(self, limit)
+        """What is new for this subscriber, one event at a time (never blocks)."""
+        return self.hub.read_events(self, limit)
 
-    async def next_batch(self, limit: int = DEFAULT_BATCH) -> Batch | None:
-        """Waits for events (or a missed count); None once this subscriber is closed."""
+    def read_sse(self, limit: int = SSE_BATCH_EVENTS) -> Batch:
+        """What is new for this subscriber as SSE frames (never blocks)."""
+        return self.hub.read_sse(self, limit)
+
+    async def next_batch(self, limit: int = DEFAULT_BATCH, sse: bool = False) -> Batch | None:
+        """Waits for events (or a missed count); None once this subscriber is closed. An
+        empty batch when ping() was called meanwhile (an idle stream's heartbeat)."""
         while not self.closed:
-            batch = self.hub.read(self, limit)
-            if batch.events or batch.missed:
+            batch = self.read_sse(limit) if sse else self.read(limit)
+            if batch.count or batch.missed:
+                self._ping = False
+                return batch
+            if self._ping:
+                self._ping = False
                 return batch
             if self.hub.has_after(self.position):
                 await asyncio.sleep(0)  # filtered out a full scan: let others run
                 continue
             self._wakeup.clear()
             self.hub.waiting.add(self)
+            # Re-arm the publishers' wake-up (see EventHub._wake), then look once more:
+            # an event published before the re-arm scheduled nothing but is seen here.
+            self.hub.arm()
+            if self.hub.has_after(self.position) or self._ping:
+                self.hub.waiting.discard(self)
+                continue
             try:
                 await self._wakeup.wait()
             finally:
@@ -127,6 +169,11 @@ class Subscriber:
         self._wakeup.set()
 
     def wake(self) -> None:
+        self._wakeup.set()
+
+    def ping(self) -> None:
+        """Makes next_batch() return, with an empty batch if nothing is new."""
+        self._ping = True
         self._wakeup.set()
 
     def lag(self) -> int:
@@ -149,13 +196,31 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, capacity: int = 65536, max_subscribers: int = 256) -> None:
+    def __init__(self, capacity: int = 65536, max_subscribers: int = 256,
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
         if capacity < 1:
             raise ValueError("capacity must be positive")
+        if replay_bytes < MIN_REPLAY_BYTES:
+            raise ValueError(f"replay_bytes must be at least {MIN_REPLAY_BYTES}")
         self.capacity = capacity
+        self.replay_bytes = replay_bytes
         self.max_subscribers = max_subscribers
-        self._ring: list[HubEvent | None] = [None] * capacity
+        # bytearray(n) is calloc'ed: pages become resident as the ring first fills.
+        self._buf = bytearray(replay_bytes)
+        self._mv = memoryview(self._buf)
+        self._off = array("q", bytes(8 * capacity))  # frame start in _buf, per slot
+        self._len = array("I", bytes(4 * capacity))  # frame length
+        self._hdr = array("H", bytes(2 * capacity))  # length of "id: ..data: " before JSON
+        self._mon = array("H", bytes(2 * capacity))  # monitor id (_monitor_ids)
+        self._pid = array("q", bytes(8 * capacity))
+        self._uid = array("q", bytes(8 * capacity))
+        self._comm = array("q", bytes(8 * capacity))  # hash(comm): exact check on a hit
+        self._monitor_ids: dict[str, int] = {}
+        self._monitor_names: list[str] = []
+        self._monitor_heads: list[bytes] = []  # b"\nevent: <name>\ndata: "
+        self._head = 0  # where the next frame goes in _buf
         self._next = 1  # sequence number of the next event; ids start at 1
+        self._first = 1  # oldest sequence number still buffered
         self._lock = threading.Lock()  # orders publishers (one poller thread per monitor)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_pending = False
@@ -166,22 +231,34 @@ class EventHub:
         # Totals of subscribers that are gone, so counters never go backwards.
         self._past = Counter[str]()
         self.wakeups = 0
+        self.oversized = 0  # events larger than the whole byte ring: published, not kept
+        # The last SSE run read (first seq, end seq, frames): shared by subscribers at
+        # the same position. One run (<= SSE_BATCH_BYTES) at most.
+        self._chunk: tuple[int, int, bytes] | None = None
 
     # -- the publishing side (poller threads) ----------------------------------------
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def _monitor_id(self, name: str) -> int:
+        mid = self._monitor_ids.get(name)
+        if mid is None:  # monitor names come from the registry: a handful
+            mid = self._monitor_ids[name] = len(self._monitor_names)
+            self._monitor_names.append(name)
+            self._monitor_heads.append(b"\nevent: " + name.encode("utf-8", "replace")
+                                       + b"\ndata: ")
+        return mid
+
     def publish(self, event: Event) -> bytes:
         """Thread-safe, non-blocking, O(1) in the number of subscribers. Returns the
-        encoded event (other consumers, e.g. the NATS exporter, reuse the bytes)."""
+        encoded event (the JSONL writer and other consumers, e.g. the NATS exporter,
+        reuse these bytes)."""
         data = encode_event(event)
-        pid, uid, comm = event.get("pid"), event.get("uid"), event.get("comm")
+        get = event.get
+        monitor = get("monitor", "")
         with self._lock:
-            seq = self._next
-            self._ring[seq % self.capacity] = HubEvent(
-                seq, str(event.get("monitor", "")), pid, uid, comm, data
-            )
-            self._next = seq + 1  # after the slot is written: readers trust seq < _next
+            self._store(data, monitor if type(monitor) is str else str(monitor),
+                        get("pid"), get("uid"), get("comm"))
             schedule = not self._wake_pending and self._loop is not None
             if schedule:
                 self._wake_pending = True
@@ -194,13 +271,72 @@ class EventHub:
                 self._wake_pending = False
         return data
 
+    def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any) -> None:
+        """Append one frame (caller holds the lock). The hot path of every event: kept to
+        one formatted frame, one slice copy and flat array stores."""
+        seq = self._next
+        mid = self._monitor_ids.get(monitor)
+        if mid is None:
+            mid = self._monitor_id(monitor)
+        frame = b"id: %d%s%s\n\n" % (seq, self._monitor_heads[mid], data)
+        size = len(frame)
+        cap, buf_size = self.capacity, self.replay_bytes
+        if size > buf_size:
+            # Cannot be kept: it is published (counted, numbered) but born evicted, so
+            # every subscriber counts it as missed.
+            self.oversized += 1
+            self._next = self._first = seq + 1
+            self._head = 0
+            return
+        start = tail = self._head
+        wrapped = start + size > buf_size
+        if wrapped:
+            start = 0  # the tail of the buffer is given up this round
+        end = start + size
+        # Evict (advance _first) before overwriting: see the module docstring. Frames lie
+        # in sequence order, so the ones in the way are the oldest ones.
+        first, off, ln = self._first, self._off, self._len
+        if seq - first >= cap:
+            first = seq - cap + 1
+        while first < seq:
+            i = first % cap
+            o = off[i]
+            # Wrapped: [0, end) plus the abandoned tail [tail, buf_size) are in the way.
+            in_the_way = (o < end or o + ln[i] > tail) if wrapped else (
+                o < end and o + ln[i] > start)
+            if not in_the_way:
+                break
+            first += 1
+        self._first = first
+        self._mv[start:end] = frame
+        i = seq % cap
+        off[i] = start
+        ln[i] = size
+        self._hdr[i] = size - len(data) - 2
+        self._mon[i] = mid
+        self._pid[i] = pid if type(pid) is int and NONE < pid < -NONE else NONE
+        self._uid[i] = uid if type(uid) is int and NONE < uid < -NONE else NONE
+        self._comm[i] = hash(comm) if type(comm) is str else NONE
+        self._head = end
+        self._next = seq + 1  # last: readers trust seq < _next
+
     def _wake(self) -> None:
+        # With nobody waiting (every subscriber busy sending) the flag stays set: the
+        # publishers then schedule no more callbacks, so a busy loop is not woken (and
+        # the poller not made to hand over the GIL) once per batch for nothing. A
+        # subscriber re-arms it before it waits (arm()).
+        self.wakeups += 1
+        if not self.waiting:
+            return
         # Cleared before waking: an event published from now on schedules a new wake-up,
         # and one published before it is visible to the subscribers woken below.
         self._wake_pending = False
-        self.wakeups += 1
         for sub in list(self.waiting):
             sub.wake()
+
+    def arm(self) -> None:
+        """The next publish schedules a wake-up (a subscriber is about to wait)."""
+        self._wake_pending = False
 
     # -- the reading side (event loop) ----------------------------------------------
     @property
@@ -210,29 +346,131 @@ class EventHub:
     @property
     def first_seq(self) -> int:
         """The oldest sequence number still in the ring."""
-        return max(1, self._next - self.capacity)
+        return self._first
 
     def has_after(self, position: int) -> bool:
         return self._next > position
 
-    def read(self, sub: Subscriber, limit: int) -> Batch:
-        end_seq = self._next
-        first = max(1, end_seq - self.capacity)
-        pos, missed = sub.position, 0
-        if pos < first:
-            missed, pos = first - pos, first
-        end = min(end_seq, pos + limit)
-        events: list[HubEvent] = []
-        ring, cap, matches = self._ring, self.capacity, sub.filters.matches
-        for seq in range(pos, end):
-            ev = ring[seq % cap]
-            if ev is None or ev.seq != seq:  # overwritten by a publisher meanwhile
-                missed += 1
-            elif matches(ev):
-                events.append(ev)
-        sub.position = end
+    def _start(self, sub: Subscriber) -> tuple[int, int]:
+        """(position to read from, events missed before it)."""
+        first, pos = self._first, sub.position
+        return (first, first - pos) if pos < first else (pos, 0)
+
+    def read_sse(self, sub: Subscriber, limit: int = SSE_BATCH_EVENTS) -> Batch:
+        """The subscriber's next events as SSE frames back to back."""
+        f = sub.filters
+        if not f.empty and not (f.monitors and not (f.pids or f.uids or f.comms)
+                                and self._all_from(f.monitors, sub.position, limit)):
+            return self._read_filtered(sub, limit, sse=True)
+        chunk = self._chunk
+        if chunk is not None and chunk[0] == sub.position and chunk[1] - chunk[0] <= limit:
+            # Another subscriber at the same position just read this run: the same bytes
+            # object, no copy (subscribers that keep up move in step, so under fan-out
+            # most reads are this).
+            sub.position = chunk[1]
+            return Batch(frames=chunk[2], count=chunk[1] - chunk[0])
+        cap, off, ln = self.capacity, self._off, self._len
+        while True:
+            pos, missed = self._start(sub)
+            end = min(self._next, pos + limit)
+            if pos >= end:
+                frames = b""
+                break
+            lo = off[pos % cap]
+            end = self._contiguous_end(pos, end, lo)
+            hi = off[(end - 1) % cap] + ln[(end - 1) % cap]
+            frames = bytes(self._mv[lo:hi])
+            if self._first <= pos:  # after the copy: everything copied was intact
+                break
+            # A publisher evicted the start of the run meanwhile (a thread switch in the
+            # middle of this read): read again from the new oldest event.
+        sub.position = max(end, pos)
         sub.dropped += missed
-        return Batch(events, missed)
+        if frames:
+            self._chunk = (pos, end, frames)  # events never change: valid while kept
+        return Batch(missed=missed, frames=frames, count=max(0, end - pos))
+
+    def _all_from(self, monitors: frozenset[str], position: int, limit: int) -> bool:
+        """Whether every event from ``position`` (up to ``limit``) comes from one of
+        ``monitors``: counted at C speed in the monitor-id array, so a subscriber that
+        filters on the only monitor running still reads one slice. A false answer (or
+        a race with a publisher) only sends the read down the per-event path."""
+        cap = self.capacity
+        start, end = max(position, self._first), min(self._next, position + limit)
+        if start >= end:
+            return True
+        a, b = start % cap, (end - 1) % cap + 1
+        runs = [self._mon[a:b]] if a < b else [self._mon[a:], self._mon[:b]]
+        ids = [self._monitor_ids[m] for m in monitors if m in self._monitor_ids]
+        matching = sum(run.count(m) for run in runs for m in ids)
+        return matching == end - start
+
+    def _contiguous_end(self, pos: int, end: int, lo: int) -> int:
+        """The end of the run of frames from ``pos`` that lie in one slice (and within
+        SSE_BATCH_BYTES): frames after a wrap start below ``lo``."""
+        cap, off = self.capacity, self._off
+        limit_hi = lo + SSE_BATCH_BYTES
+        last = off[(end - 1) % cap]
+        if lo <= last < limit_hi:
+            return end
+        a, b = pos + 1, end  # off[s] in [lo, limit_hi) for s < answer
+        while a < b:
+            m = (a + b) // 2
+            if lo <= off[m % cap] < limit_hi:
+                a = m + 1
+            else:
+                b = m
+        return a
+
+    def read_events(self, sub: Subscriber, limit: int = DEFAULT_BATCH) -> Batch:
+        """The subscriber's next events one by one (WebSocket)."""
+        return self._read_filtered(sub, limit, sse=False)
+
+    def _read_filtered(self, sub: Subscriber, limit: int, sse: bool) -> Batch:
+        pos, missed = self._start(sub)
+        end = min(self._next, pos + limit)
+        cap, off, ln, hdr, mv = self.capacity, self._off, self._len, self._hdr, self._mv
+        f = sub.filters
+        mons = {self._monitor_ids.get(m, -1) for m in f.monitors}
+        pids, uids = f.pids, f.uids
+        comm_hashes = {hash(c) for c in f.comms}
+        monarr, pidarr, uidarr, commarr = self._mon, self._pid, self._uid, self._comm
+        picked: list[tuple[int, bytes]] = []
+        for seq in range(pos, end):
+            i = seq % cap
+            if mons and monarr[i] not in mons:
+                continue
+            if pids and (pidarr[i] not in pids or pidarr[i] == NONE):
+                continue
+            if uids and (uidarr[i] not in uids or uidarr[i] == NONE):
+                continue
+            if comm_hashes and commarr[i] not in comm_hashes:
+                continue
+            o = off[i]
+            if sse:
+                picked.append((seq, bytes(mv[o:o + ln[i]])))
+            else:
+                picked.append((seq, bytes(mv[o + hdr[i]:o + ln[i] - 2])))
+        first = self._first  # after the copies: see the module docstring
+        if first > pos:
+            lost = min(first, end) - pos
+            missed += lost
+            picked = [p for p in picked if p[0] >= first]
+        if f.comms and picked:  # a hash hit is checked against the event itself
+            picked = [p for p in picked if self._comm_of(p[1], sse) in f.comms]
+        sub.position = max(end, pos)
+        sub.dropped += missed
+        if sse:
+            return Batch(missed=missed, frames=b"".join(p[1] for p in picked),
+                         count=len(picked))
+        names = self._monitor_names
+        events = [HubEvent(s, names[self._mon[s % cap]], d) for s, d in picked]
+        return Batch(events=events, missed=missed, count=len(events))
+
+    @staticmethod
+    def _comm_of(item: bytes, sse: bool) -> Any:
+        data = item[item.index(b"\ndata: ") + 7:-2] if sse else item
+        return orjson.loads(data).get("comm")
 
     def subscribe(
         self, kind: str, filters: Filters, client: str = "", last_event_id: int | None = None
@@ -283,12 +521,25 @@ class EventHub:
             out[f"{sub.kind}_dropped"] = out.get(f"{sub.kind}_dropped", 0) + d["dropped"]
         return out
 
+    def buffered_bytes(self) -> int:
+        """Bytes the buffered events' frames take in the ring."""
+        first, nxt, cap = self._first, self._next, self.capacity
+        if first >= nxt:
+            return 0
+        lo = self._off[first % cap]
+        hi = self._head
+        return hi - lo if hi > lo else self.replay_bytes - lo + hi  # approx. after a wrap
+
     def stats(self) -> dict[str, Any]:
         return {
             "published": self._next - 1,
-            "buffered": min(self._next - 1, self.capacity),
+            "buffered": self._next - self._first,
+            "buffered_bytes": self.buffered_bytes(),
             "capacity": self.capacity,
-            "first_id": self.first_seq if self._next > 1 else None,
+            "replay_bytes": self.replay_bytes,
+            "memory_bytes": self.replay_bytes + SLOT_BYTES * self.capacity,
+            "oversized": self.oversized,
+            "first_id": self.first_seq if self._next > self._first else None,
             "last_id": self._next - 1 if self._next > 1 else None,
             "max_subscribers": self.max_subscribers,
             "wakeups": self.wakeups,

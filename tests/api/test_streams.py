@@ -172,3 +172,21 @@ def test_shutdown_with_open_streams_is_prompt() -> None:
     for reader in (sse, ws):
         reader.stop()
         assert reader.thread is not None and not reader.thread.is_alive()
+
+
+def test_ws_batch_mode_sends_json_arrays_of_the_usual_objects(server: ThreadServer) -> None:
+    import json
+
+    from websockets.sync.client import connect
+
+    url = server.url.replace("http", "ws") + "/events/ws?batch=true&last_event_id=0"
+    emit(server, *({"pid": 5, "n": i} for i in range(20)))  # within replay_buffer (32)
+    wait_published(server, 20)
+    got: list[dict[str, Any]] = []
+    with connect(url, open_timeout=15) as ws:
+        while len(got) < 20:
+            frame = json.loads(ws.recv(timeout=10))
+            assert isinstance(frame, list) and frame  # one array per batch
+            got += frame
+    assert [m["id"] for m in got] == list(range(1, 21))
+    assert got[0] == {"id": 1, "event": "fake", "data": {"monitor": "fake", "pid": 5, "n": 0}}

@@ -64,3 +64,18 @@ def test_files_written_and_flushed_on_close(tmp_path: Path) -> None:
     assert [json.loads(r[1]) for r in rows[1:]] == [["a,b", 'q"', "n\nl"]] * 3
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert [json.loads(x)["pid"] for x in lines] == [0, 1, 2]
+
+
+def test_jsonl_writes_the_bytes_it_is_given_in_order(tmp_path: Path) -> None:
+    """With the hub's encoded bytes, a JSONL-only writer queues and writes just those
+    (no second encoding); events without bytes are encoded; order is kept."""
+    w = OutputWriter("j", ["jsonl"], tmp_path, RowMonitor())
+    w.offer({"pid": 0, "argv": []}, b'{"pid":0,"from":"hub"}')
+    w.offer({"pid": 1, "argv": []})
+    for i in range(2, 5000):
+        w.offer({"pid": i, "argv": []}, b'{"pid":%d}' % i)
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert lines[0] == {"pid": 0, "from": "hub"}
+    assert [x["pid"] for x in lines] == list(range(5000))
+    assert w.dropped == 0

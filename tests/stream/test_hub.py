@@ -11,7 +11,7 @@ import pytest
 
 from agent.model.events import encode_event
 from agent.stream.hub import EventHub, Filters, HubFull
-from agent.stream.wire import sse_chunk, ws_messages
+from agent.stream.wire import sse_chunk, ws_array, ws_messages
 
 
 def ev(i: int, monitor: str = "exec", pid: int = 100, uid: int = 0, comm: str = "sh") -> dict:
@@ -24,7 +24,7 @@ def test_ring_is_bounded_and_sequence_numbers_continue() -> None:
         hub.publish(ev(i))
     assert hub.stats()["published"] == 100
     assert hub.stats()["buffered"] == 16
-    assert len(hub._ring) == 16  # memory does not grow with events
+    assert len(hub._off) == 16  # memory does not grow with events
     assert (hub.first_seq, hub.next_seq) == (85, 101)
 
 
@@ -33,7 +33,7 @@ def test_memory_is_shared_by_subscribers() -> None:
     subs = [hub.subscribe("sse", Filters(), last_event_id=0) for _ in range(500)]
     for i in range(10):
         hub.publish(ev(i))
-    assert len(hub._ring) == 16
+    assert len(hub._off) == 16
     assert all([e.seq for e in s.read().events] == list(range(1, 11)) for s in subs)
 
 
@@ -202,3 +202,113 @@ def test_filtered_subscriber_skips_non_matching_floods_without_blocking_the_loop
         return [json.loads(e.data)["i"] for e in batch.events]
 
     assert asyncio.run(scenario()) == [5000]
+
+
+def test_replay_is_bounded_in_bytes_too() -> None:
+    hub = EventHub(capacity=100_000, replay_bytes=64 * 1024)
+    sub = hub.subscribe("sse", Filters(), last_event_id=0)
+    big = "x" * 1000
+    for i in range(1000):
+        hub.publish({**ev(i), "pad": big})
+    stats = hub.stats()
+    assert stats["published"] == 1000
+    # ~1.1 KB frames: at most 64 KiB of them are kept, the oldest are evicted.
+    assert 50 <= stats["buffered"] <= 60
+    assert stats["buffered_bytes"] <= 64 * 1024
+    batch = sub.read_sse()
+    assert batch.missed == 1000 - stats["buffered"]
+    frames = batch.frames.split(b"\n\n")[:-1]
+    count = batch.count
+    while (batch := sub.read_sse()).count:  # a read stops where the ring wrapped
+        frames += batch.frames.split(b"\n\n")[:-1]
+        count += batch.count
+    assert len(frames) == count == stats["buffered"]
+    assert frames[-1].startswith(b"id: 1000\nevent: exec\ndata: {")
+    assert json.loads(frames[-1].split(b"data: ", 1)[1])["i"] == 999
+
+
+def test_sse_frames_survive_wrap_arounds_in_order() -> None:
+    """Odd-sized frames wrap around the byte ring many times; every read returns whole
+    frames in sequence order and counts the rest as missed."""
+    hub = EventHub(capacity=64, replay_bytes=64 * 1024)
+    fast = hub.subscribe("sse", Filters(), last_event_id=0)
+    got: list[int] = []
+    missed = 0
+    for i in range(5000):
+        hub.publish({**ev(i), "pad": "y" * (i * 37 % 3000)})
+        if i % 7 == 0:
+            batch = fast.read_sse(limit=50)
+            missed += batch.missed
+            for f in batch.frames.split(b"\n\n")[:-1]:
+                head, data = f.split(b"\ndata: ")
+                seq = int(head.split(b"\n")[0][4:])
+                assert json.loads(data)["i"] == seq - 1
+                got.append(seq)
+    while (batch := fast.read_sse()).count or batch.missed:
+        missed += batch.missed
+        got += [int(f.split(b"\n")[0][4:]) for f in batch.frames.split(b"\n\n")[:-1]]
+    assert got == sorted(got) and len(set(got)) == len(got)
+    assert len(got) + missed == 5000 and got[-1] == 5000
+
+
+def test_event_larger_than_the_ring_is_counted_missed() -> None:
+    hub = EventHub(capacity=8, replay_bytes=64 * 1024)
+    sub = hub.subscribe("sse", Filters())
+    hub.publish({**ev(0), "pad": "z" * 100_000})
+    hub.publish(ev(1))
+    batch = sub.read_sse()
+    assert (batch.missed, batch.count, hub.oversized) == (1, 1, 1)
+    assert batch.frames.startswith(b"id: 2\n")
+
+
+def test_comm_filter_is_exact() -> None:
+    hub = EventHub(capacity=64)
+    sub = hub.subscribe("sse", Filters(comms=frozenset({"bash"})))
+    for comm in ("sh", "bash", "zsh", "bash"):
+        hub.publish(ev(0, comm=comm))
+    batch = sub.read_sse()
+    assert batch.count == 2
+    assert all(b'"comm":"bash"' in f for f in batch.frames.split(b"\n\n")[:-1])
+
+
+def test_websocket_array_mode_carries_the_same_objects() -> None:
+    hub = EventHub(capacity=8)
+    sub = hub.subscribe("ws", Filters())
+    for i in range(3):
+        hub.publish(ev(i))
+    batch = sub.read()
+    assert json.loads(ws_array(batch)) == [json.loads(m) for m in ws_messages(batch)]
+    assert [m["id"] for m in json.loads(ws_array(batch))] == [1, 2, 3]
+
+
+def test_monitor_filter_reads_the_matching_runs_only() -> None:
+    hub = EventHub(capacity=64)
+    sub = hub.subscribe("sse", Filters(monitors=frozenset({"exec"})))
+    for i in range(5):
+        hub.publish(ev(i))
+    hub.publish(ev(5, monitor="syscall"))
+    hub.publish(ev(6))
+    batch = sub.read_sse()
+    ids = [int(f.split(b"\n")[0][4:]) for f in batch.frames.split(b"\n\n")[:-1]]
+    assert ids == [1, 2, 3, 4, 5, 7] and batch.count == 6
+    for i in range(3):
+        hub.publish(ev(i))
+    assert sub.read_sse().count == 3  # all from exec: the one-slice path
+
+
+def test_memory_is_the_preallocated_ring_not_per_event_objects() -> None:
+    import tracemalloc
+
+    hub = EventHub(capacity=1000, replay_bytes=256 * 1024)
+    for i in range(2000):  # ring full in events and in bytes
+        hub.publish({**ev(i), "pad": "p" * (i % 300)})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5000):
+            hub.publish({**ev(i), "pad": "p" * (i % 300)})
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024  # nothing kept per event: ~1 KB each would be ~5 MB
+    assert hub.stats()["memory_bytes"] == 256 * 1024 + 40 * 1000

@@ -1,8 +1,10 @@
 /* FuncMonitor: call counts, latency and optional per-call events for functions picked
  * by glob patterns (uprobes for user-space symbols, kprobes for kernel functions).
  *
- * This file is a template: agent/monitors/func.py replaces the FUNC_PROBES marker below
- * with one tiny program per resolved function, e.g.
+ * With uprobe_multi links (Linux 6.6+) one pair of programs serves every function, the
+ * probe id coming from the attach cookie (FUNC_COOKIE_PROGRAMS). Otherwise this file is
+ * a template: agent/monitors/func.py replaces the FUNC_PROBES marker below with one
+ * tiny program per resolved function, e.g.
  *     int func_entry_3(struct pt_regs *ctx) { return on_entry(ctx, 3); }
  * (as BCC's funccount does). A uprobe cannot tell its program which attachment fired
  * it (BCC 0.26 has no attach cookies), so the probe id must be a compile-time constant
@@ -131,5 +133,20 @@ int func_feature_probe(struct pt_regs *ctx)
 {
     return 0;
 }
+
+#ifdef FUNC_COOKIE_PROGRAMS
+/* One entry (and one return) program for every function: each uprobe_multi attach point
+ * carries the function's probe id as its cookie (agent/monitors/func/multi.py). */
+int func_entry_any(struct pt_regs *ctx)
+{
+    return on_entry(ctx, (u32)bpf_get_attach_cookie(ctx));
+}
+#if FUNC_LATENCY
+int func_return_any(struct pt_regs *ctx)
+{
+    return on_return(ctx, (u32)bpf_get_attach_cookie(ctx));
+}
+#endif
+#endif
 
 /* FUNC_PROBES */

@@ -22,12 +22,14 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from agent.kernel.probes import (
+    BPF_TRACE_UPROBE_MULTI,
     UprobeMultiLinks,
     describe_error,
     kprobes_status,
@@ -46,6 +48,7 @@ from agent.kernel.symbols import PatternError as FuncPatternError
 from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
+from agent.monitors.func.multi import CookieLinks, file_offsets, lock_prefixed
 from agent.monitors.registry import register_monitor
 
 __all__ = ["FuncMonitor", "FuncOptions", "FuncPatternError", "Probe", "parse_pattern"]
@@ -63,9 +66,11 @@ FEATURE_PROBE = "func_feature_probe"  # func.c: loaded only to detect uprobe_mul
 # BCC counts every perf-event uprobe, uretprobe, kprobe and kretprobe of the process
 # against one quota (bcc/__init__.py _default_probe_limit = 1000, env BCC_PROBE_LIMIT);
 # with latency a function takes two, so 500 functions is the most one monitor can attach
-# that way (uprobe_multi links are outside the quota, but compile time grows with the
-# number of functions: bench/RESULTS.md, "func_overhead").
-MAX_PROBES_LIMIT = 500
+# that way. With uprobe_multi links one program pair serves every function (attach
+# cookies), so max_probes counts attach points (a function with latency is two); the
+# per-function programs of older kernels are capped at MAX_COMPILED_FUNCTIONS.
+MAX_PROBES_LIMIT = 50_000
+MAX_COMPILED_FUNCTIONS = 500
 _SAFE_NAME = re.compile(r"^[\w.@$]+$")
 
 
@@ -77,7 +82,9 @@ class FuncOptions(MonitorOptions):
     latency: bool = Field(True, description="latency histogram (adds a return probe)")
     events: bool = Field(False, description="one event per call, rate-limited in the kernel")
     max_probes: int = Field(
-        200, ge=1, le=MAX_PROBES_LIMIT, description="refuse patterns matching more functions"
+        1000, ge=1, le=MAX_PROBES_LIMIT,
+        description="refuse patterns needing more attach points (a function is one, two "
+                    "with latency)",
     )
     events_per_second: int = Field(
         1000, ge=1, le=1_000_000, description="event rate cap; calls over it are counted"
@@ -196,6 +203,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         # the bench set it to cover and compare that path.
         self.prefer_uprobe_multi = True
         self.attach_seconds = 0.0
+        # One shared program pair, probe id from the attach cookie (multi.py); False: a
+        # program per function (no uprobe_multi links, kprobes, or prefer_uprobe_multi off).
+        self.cookie_mode = False
+        self.cookie_links: CookieLinks | None = None
 
     # -- validation before loading ----------------------------------------------------
     @classmethod
@@ -215,10 +226,12 @@ class FuncMonitor(BccMonitor[FuncOptions]):
                 raise FuncPatternError(f"pattern {text!r} matches no function")
             probes += found
         probes = dedup_by_address(probes)
-        if len(probes) > options.max_probes:
+        points = len(probes) * (2 if options.latency else 1)
+        if points > options.max_probes:
             raise FuncPatternError(
-                f"patterns match {len(probes)} functions, more than max_probes="
-                f"{options.max_probes}; narrow the patterns or raise max_probes"
+                f"patterns match {len(probes)} functions ({points} attach points), more "
+                f"than max_probes={options.max_probes}; narrow the patterns or raise "
+                f"max_probes"
             )
         return probes
 
@@ -246,6 +259,21 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         # Outside BccMonitor.load's try: a pattern error stays a FuncPatternError (422).
         if not self._prepared:
             self.prepare()
+        self.cookie_mode = self.prefer_uprobe_multi and all(
+            p.kind == "uprobe" for p in self.probes)
+        if self.cookie_mode:
+            try:
+                super().load()
+                return
+            except MonitorError as e:
+                log.info("func: one program with attach cookies failed (%s): a program "
+                         "per function instead", e)
+                self.cookie_mode = False
+        if len(self.probes) > MAX_COMPILED_FUNCTIONS:
+            raise FuncPatternError(
+                f"patterns match {len(self.probes)} functions; without uprobe_multi links "
+                f"(Linux 6.6+) each needs a program of its own, at most "
+                f"{MAX_COMPILED_FUNCTIONS}")
         super().load()
 
     def extra_cflags(self) -> dict[str, int | str]:
@@ -254,12 +282,15 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             "FUNC_LATENCY": int(self.options.latency),
             "FUNC_EVENTS": int(self.options.events),
             "EVENTS_PER_SECOND": self.options.events_per_second,
+            **({"FUNC_COOKIE_PROGRAMS": 1} if self.cookie_mode else {}),
         }
 
     def bpf_text(self) -> str:
         template = inline_includes(self.source_dir() / self.BPF_SOURCE)
         if PROBES_MARKER not in template:
             raise MonitorError(f"{self.BPF_SOURCE}: the {PROBES_MARKER} marker is missing")
+        if self.cookie_mode:
+            return template
         return template.replace(PROBES_MARKER, generate_probes(self.probes, self.options.latency))
 
     def attach(self) -> None:
@@ -285,7 +316,14 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         self.links = None
         if uses_uprobes and self.prefer_uprobe_multi:
             self.links = UprobeMultiLinks.create(self.bpf, FEATURE_PROBE)
-        for i, p in enumerate(self.probes):
+        if self.cookie_mode:
+            if self.links is None:
+                raise MonitorError("this kernel has no uprobe_multi links")
+            self._attach_with_cookies()
+            probes: list[tuple[int, Probe]] = []
+        else:
+            probes = list(enumerate(self.probes))
+        for i, p in probes:
             error = self._try_attach(i, p)
             if error is not None:
                 log.warning("func: skipping %s:%s: %s", p.target, p.name, error)
@@ -298,8 +336,57 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             len(self.probes) - len(self.unattached), self.attach_seconds, self.attach_mode,
         )
 
+    def _attach_with_cookies(self) -> None:
+        """Every function of a binary in one link per direction (multi.py)."""
+        from bcc import BPF
+
+        latency = self.options.latency
+        entry = self.bpf.load_func(b"func_entry_any", BPF.KPROBE,
+                                   attach_type=BPF_TRACE_UPROBE_MULTI)
+        ret = self.bpf.load_func(b"func_return_any", BPF.KPROBE,
+                                 attach_type=BPF_TRACE_UPROBE_MULTI) if latency else None
+        links = self.cookie_links = CookieLinks(entry.fd, ret.fd if ret else None)
+        by_path: dict[str, list[int]] = {}
+        for i, p in enumerate(self.probes):
+            by_path.setdefault(p.target, []).append(i)
+
+        def refused(kind: str) -> Callable[[int, OSError], None]:
+            def note(i: int, e: OSError) -> None:
+                self.unattached[i] = f"the kernel refused the {kind}: {describe_error(e)}"
+                log.warning("func: skipping %s:%s: %s", self.probes[i].target,
+                            self.probes[i].name, self.unattached[i])
+            return note
+
+        for path, ids in by_path.items():
+            try:
+                offsets = file_offsets(path, [self.probes[i].address for i in ids])
+            except OSError as e:
+                for i in ids:
+                    self.unattached[i] = f"cannot place a uprobe: {describe_error(e)}"
+                continue
+            for k in sorted(lock_prefixed(path, offsets), reverse=True):
+                i = ids.pop(k)
+                offsets.pop(k)
+                self.unattached[i] = ("the kernel refused the uprobe: ENOTSUPP (its first "
+                                      "instruction is lock-prefixed; x86 uprobes refuse "
+                                      "those, so it was left out before linking)")
+                log.warning("func: skipping %s:%s: %s", path, self.probes[i].name,
+                            self.unattached[i])
+            if not ids:
+                continue
+            offset_of = dict(zip(ids, offsets, strict=True))
+            ok = links.attach(path, ids, offsets, False, refused("uprobe"))
+            if latency and ok:
+                ok.sort()
+                # A function whose return probe is refused is listed as unattached; its
+                # entry probe stays in its group's link (links are all or nothing) and
+                # only stores start times that the LRU table ages out.
+                links.attach(path, ok, [offset_of[i] for i in ok], True, refused("uretprobe"))
+
     @property
     def attach_mode(self) -> str:
+        if self.cookie_mode and self.links is not None:
+            return "uprobe_multi links, one program (attach cookies)"
         return "uprobe_multi links" if self.links is not None else "perf events (BCC)"
 
     def _try_attach(self, i: int, p: Probe) -> str | None:
@@ -352,6 +439,9 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         links, self.links = self.links, None
         if links is not None:
             links.close()
+        cookie_links, self.cookie_links = self.cookie_links, None
+        if cookie_links is not None:
+            cookie_links.close()
         super().close()
 
     # -- events ---------------------------------------------------------------------

@@ -44,6 +44,7 @@ What is counted (decisions, see agent/monitors/syscall/syscall.c for the kernel 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from array import array
@@ -79,6 +80,8 @@ from agent.monitors.contract import (
     MonitorStatsQuery,
 )
 from agent.monitors.registry import register_monitor
+
+log = logging.getLogger(__name__)
 
 # Mirrors of agent/monitors/syscall/syscall.h (tests/monitors/test_syscall.py checks them with gcc).
 SC_COMM_LEN = 16
@@ -256,6 +259,7 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
 
     def __init__(self, options: SyscallOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
+        self._nr_names: dict[int, tuple[str, str]] = {}  # nr -> (name, category)
         self._gen = 0
         self._window_start = time.monotonic()
 
@@ -288,6 +292,8 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
         }
         if o.latency:
             flags["WITH_LATENCY"] = 1
+            if self._task_storage:
+                flags["SC_TASK_STORAGE"] = 1
             if o.histogram:
                 flags["WITH_HISTOGRAM"] = 1
         else:
@@ -302,12 +308,23 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
 
     def attach(self) -> None:
         # The RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE programs attached themselves.
-        if self.options.latency:
+        if self.options.latency and not self._task_storage:
             # A second program on sched_process_exit frees the exiting thread's start slot.
             self.bpf.attach_tracepoint(tp="sched:sched_process_exit", fn_name="sc_task_exit")
 
+    # Task-local storage for the in-flight start time (syscall.c); a kernel or BCC that
+    # refuses it gets the tid-keyed hash map instead, at the cost of one more compile.
+    _task_storage = True
+
     def load(self) -> None:
-        super().load()
+        try:
+            super().load()
+        except MonitorError as e:
+            if not (self.options.latency and self._task_storage):
+                raise
+            log.info("syscall: task storage unavailable (%s): using a hash map", e)
+            self._task_storage = False
+            super().load()
         try:
             self._window_start = time.monotonic()
             self._write_config(armed=True)  # counting starts: the targets are in place
@@ -345,12 +362,16 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
     # -- events ------------------------------------------------------------------------
     def parse_event(self, raw: bytes) -> Event:
         e = SyscallEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(SyscallEvent), b"\0"))
-        name = syscall_name(e.nr)
+        nr = e.nr
+        named = self._nr_names.get(nr)
+        if named is None:  # once per syscall number: this runs for every event
+            name = syscall_name(nr)
+            named = self._nr_names[nr] = (name, category(name))
         return {
             **self.common_fields(e.hdr),
-            "syscall": name,
-            "nr": e.nr,
-            "category": category(name),
+            "syscall": named[0],
+            "nr": nr,
+            "category": named[1],
             "latency_ns": e.latency_ns,
             "ret": e.ret,
         }

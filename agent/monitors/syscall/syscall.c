@@ -101,7 +101,15 @@ struct sc_start {
  * returns before trace_sys_enter() (syscall_trace_enter(), kernel/entry/common.c) but
  * still passes through sys_exit. Such calls are not counted in this build.
  * Storing the number at sys_enter also spares sys_exit a read of pt_regs. */
+#ifdef SC_TASK_STORAGE
+/* Task-local storage (BPF_MAP_TYPE_TASK_STORAGE, Linux 5.11+, raw tracepoints since
+ * bpf_tracing_func_proto() offers it): the entry hangs off the task itself, so a lookup
+ * is a pointer walk with a per-map cache slot instead of hashing the tid into a shared
+ * table, and the kernel frees it with the task (no sched_process_exit program). */
+BPF_TASK_STORAGE(sc_start, struct sc_start);
+#else
 BPF_HASH(sc_start, u32, struct sc_start, MAX_THREADS);
+#endif
 #endif
 BPF_ARRAY(sc_config, struct sc_config, 1);
 BPF_PERCPU_ARRAY(sc_stats, struct sc_stat, SC_GENERATIONS * MAX_SYSCALLS);
@@ -249,8 +257,19 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         account(nr, cfg->gen & 1, 0, 0, 0);
         return 0;
     }
-    u32 tid = (u32)bpf_get_current_pid_tgid();
     u64 now = bpf_ktime_get_ns();
+#ifdef SC_TASK_STORAGE
+    struct sc_start *s = sc_start.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                   BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!s) {
+        count(CNT_PENDING_FULL);  /* no memory for this task's slot: call uncounted */
+        return 0;
+    }
+    s->start_ns = now;
+    s->nr = nr;
+    return 0;
+#else
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     struct sc_start *s = sc_start.lookup(&tid);
     if (s) {
         /* Only this thread reads or writes its entry: no torn pair. */
@@ -262,6 +281,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     if (sc_start.update(&tid, &init))
         count(CNT_PENDING_FULL);  /* this thread's calls go uncounted until room frees */
     return 0;
+#endif
 }
 
 static __always_inline void submit_slow(void *ctx, u32 nr, u64 start, u64 lat, long ret)
@@ -281,9 +301,12 @@ static __always_inline void submit_slow(void *ctx, u32 nr, u64 start, u64 lat, l
  * until the tid is reused). */
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
+#ifdef SC_TASK_STORAGE
+    struct sc_start *s = sc_start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+#else
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     struct sc_start *s = sc_start.lookup(&tid);
+#endif
     if (!s)
         return 0;
     u64 start = s->start_ns;
@@ -305,12 +328,14 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 /* Attached by agent/monitors/syscall.py to sched:sched_process_exit (common.h already
  * has the TRACEPOINT_PROBE of that name). It fires in do_exit() for every exiting
  * thread, current being that thread (include/trace/events/sched.h). */
+#ifndef SC_TASK_STORAGE
 int sc_task_exit(void *ctx)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     sc_start.delete(&tid);
     return 0;
 }
+#endif
 
 #else /* !WITH_LATENCY: counts, errors and errnos at sys_exit only; no exit/exit_group */
 

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.api.audit import summarize_body
@@ -118,6 +119,7 @@ class AuthGate:
                 note["body"] = body
                 receive = _replay(body, receive)
         except Denied as e:
+            _label_route(scope)
             await deny(scope, send, e.status, e.detail)
             return
         await self.app(scope, receive, send)
@@ -217,6 +219,32 @@ class AuthGate:
                 raise too_large()
             if not message.get("more_body", False):
                 return bytes(body)
+
+
+def _label_route(scope: Scope) -> None:
+    """A refusal never reaches the router: find the route it would have gone to, so the
+    request-duration metric labels it by its template like any other request."""
+    app = scope.get("app")
+    route = _find_route(getattr(getattr(app, "router", None), "routes", ()), scope)
+    if route is not None:
+        scope["route"] = route
+
+
+def _find_route(routes: Any, scope: Scope) -> Any:
+    for route in routes:
+        # FastAPI wraps an included router (all ours are included without a prefix).
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None:
+            if (found := _find_route(inner, scope)) is not None:
+                return found
+            continue
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route type that cannot match this scope
+            continue
+        if match is Match.FULL:
+            return route
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

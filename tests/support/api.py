@@ -273,7 +273,7 @@ def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
     return agent
 
 
-def _read_generated(agent: Agent, runtime_dir: Path, timeout: float = 60) -> None:
+def _read_generated(agent: Agent, runtime_dir: Path, timeout: float = 120) -> None:
     from agent.auth_files import read_default_token
 
     deadline = time.monotonic() + timeout

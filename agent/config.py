@@ -59,6 +59,27 @@ class ApiSettings(Section):
     trusted_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]
     cors_origins: list[str] = Field(default_factory=list)
     shutdown_timeout_s: float = Field(5.0, gt=0, le=60)
+    # -- authentication (agent/api/auth.py) --
+    # "token": every endpoint but /health and /ui needs a token (with none configured,
+    # one is generated into runtime_dir at start-up); "none": open, loopback only.
+    auth: Literal["token", "none"] = "token"
+    runtime_dir: Path = Path("/run/ebpf-agent")  # generated token + curl header file
+    session_ttl_s: float = Field(8 * 3600.0, gt=0, le=30 * 86400)
+    max_sessions: int = Field(1024, ge=1, le=1_000_000)
+    ticket_ttl_s: float = Field(30.0, gt=0, le=3600)
+    max_tickets: int = Field(4096, ge=1, le=1_000_000)
+    audit_entries: int = Field(1000, ge=1, le=1_000_000)  # the in-memory ring of GET /audit
+    # Failed logins per address per minute answered at full speed; later ones are delayed.
+    login_failures_per_minute: int = Field(5, ge=1, le=10_000)
+    docs: bool = True  # /docs, /redoc, /openapi.json (behind the token like the rest)
+    # -- limits on what a client may make the agent hold (before authentication too) --
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024**3)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024**2)  # request line + headers
+    header_timeout_s: float = Field(10.0, gt=0, le=600)  # to finish a request's headers
+    keepalive_timeout_s: float = Field(5.0, gt=0, le=600)  # idle between requests
+    # Open connections at most (capped below RLIMIT_NOFILE at start-up); over it, the
+    # oldest connection still sending its headers is closed first.
+    max_connections: int = Field(1000, ge=8, le=1_000_000)
 
 
 class StreamSettings(Section):
@@ -214,6 +235,27 @@ class ExportSettings(Section):
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
+    audit_file: Path | None = None  # JSON lines, one per state-changing API request
+
+
+class TokenConfig(Section):
+    """A named API token: exactly one of ``token``, ``token_file`` or ``sha256`` (the hex
+    SHA-256 of the secret, so the config file need not hold it)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    scope: Literal["read", "control"]
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> TokenConfig:
+        given = [k for k in ("token", "token_file", "sha256") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of token, token_file, sha256")
+        if self.token is not None and not self.token.get_secret_value():
+            raise ValueError("token is empty")
+        return self
 
 
 class Settings(BaseSettings):
@@ -232,6 +274,8 @@ class Settings(BaseSettings):
     # Bearer token for the API (EBPF_AGENT_TOKEN), or a file holding it.
     token: SecretStr | None = None
     token_file: Path | None = None
+    # Named tokens with a scope ("read" or "control"); `token` above is "default", control.
+    tokens: list[TokenConfig] = Field(default_factory=list)
     pid_file: Path | None = None
 
     def resolve_token(self) -> str | None:

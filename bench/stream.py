@@ -240,7 +240,9 @@ def start_agent(workdir: Path, src: Path | None = None,
     tag = "base" if src else "agent"
     config = workdir / f"{tag}.yaml"
     config.write_text(json.dumps({
-        "api": {"port": port},
+        # Loopback only: measured without authentication (explicit since the secure
+        # default generates a token).
+        "api": {"port": port, "auth": "none", "runtime_dir": str(workdir / "run")},
         "output": {"directory": str(workdir / f"out-{tag}"), "formats": formats or []},
         "stream": {"max_subscribers": 256},
         "logging": {"level": "WARNING"},

@@ -134,24 +134,29 @@ def test_make_run_command_line_starts_the_agent(kernel, tmp_path: Path) -> None:
     cmd = recipe.group(1).replace("$(VENV)", str(REPO / ".venv")).replace(
         "$(CONFIG)", str(REPO / "config" / "agent.yaml")).split()
     port = "18999"
+    # No token in the default config: the agent generates one (here into tmp_path/run).
     env = {**os.environ, "EBPF_AGENT_API__PORT": port, "EBPF_AGENT_OUTPUT__DIRECTORY":
-           str(tmp_path)}
+           str(tmp_path), "EBPF_AGENT_API__RUNTIME_DIR": str(tmp_path / "run")}
     agent = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         import httpx
 
+        from agent.auth_files import default_token_header
+
         deadline = time.monotonic() + 30
         ready = None
         while time.monotonic() < deadline and agent.poll() is None:
+            auth = default_token_header(tmp_path / "run")
             try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2, headers=auth)
                 if ready.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         assert ready is not None and ready.status_code == 200, agent.stderr
-        monitors = httpx.get(f"http://127.0.0.1:{port}/monitors", timeout=5).json()
+        monitors = httpx.get(f"http://127.0.0.1:{port}/monitors", timeout=5,
+                             headers=auth).json()
         assert {m["name"]: m["state"] for m in monitors}["exec"] == "running"
     finally:
         agent.send_signal(signal.SIGTERM)

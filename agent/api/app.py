@@ -12,14 +12,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from agent.api import (
+    routes_auth,
     routes_events,
     routes_monitors,
     routes_state,
     routes_system,
     routes_targets,
+    routes_ui,
 )
+from agent.api.auth import TokenStore
 from agent.api.deps import AppContext
 from agent.api.errors import SafeJSONResponse, request_validation_error
+from agent.api.gate import AuthGate
 from agent.api.metrics import AgentCollector, RequestDuration
 from agent.api.schemas import add_monitor_components
 from agent.api.security import RequestGuard, require_token
@@ -29,10 +33,14 @@ from agent.monitors.registry import MonitorRegistry, discover_monitors
 
 DESCRIPTION = """Loads eBPF monitors into the kernel and serves them.
 
-Every endpoint but `/health` needs `Authorization: Bearer <token>` when a token is
-configured (EBPF_AGENT_TOKEN, token_file or token). Without a token the agent only
-listens on loopback and needs no authentication. Errors are `{"detail": ...}`; a 422's
-detail is a list of `{loc, msg, type}`.
+Every endpoint but `/health` and the `/ui` page needs `Authorization: Bearer <token>`
+(a token from the config, or the one generated into `api.runtime_dir`), or the session
+cookie of `POST /auth/session`, or (streams only) a ticket of `POST /events/tickets`.
+A `read` token may read, stream, log in and make tickets; everything that changes state
+needs a `control` token (403 otherwise). With `api.auth: none` (loopback only) nothing is
+required. The gate authenticates before it reads a body; bodies are capped at
+`api.max_body_bytes` (413). Errors are `{"detail": ...}`; a 422's detail is a list of
+`{loc, msg, type}`.
 
 Live events: `GET /events` (Server-Sent Events: `id:` sequence number, `event:` monitor
 name, `data:` the JSON event, the same bytes as the JSONL output) and `GET /events/ws`
@@ -64,22 +72,31 @@ def create_app(
     registry: MonitorRegistry | None = None,
     *,
     report: CapabilityReport | None = None,
+    generated_token: str | None = None,
 ) -> FastAPI:
-    """``report``: a capability report to use instead of probing this host (tests)."""
+    """``report``: a capability report to use instead of probing this host (tests);
+    ``generated_token``: the token ``serve`` generated into api.runtime_dir (control)."""
     ctx = AppContext(
         settings=settings,
         registry=registry if registry is not None else discover_monitors(),
-        token=settings.resolve_token(),
+        tokens=TokenStore.from_settings(settings, generated_token),
         report=report,
     )
+    docs = settings.api.docs
     app = FastAPI(title="ebpf-agent", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan, default_response_class=SafeJSONResponse)
+                  lifespan=lifespan, default_response_class=SafeJSONResponse,
+                  docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.add_exception_handler(RequestValidationError, request_validation_error)
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
-    _add_middleware(app, settings)
+    _add_middleware(app, settings, ctx)
     auth = [Depends(require_token)]
     app.include_router(routes_system.public)
+    app.include_router(routes_ui.router)
+    app.include_router(routes_auth.public)
+    app.include_router(routes_auth.router, dependencies=auth)
     app.include_router(routes_system.router, dependencies=auth)
     app.include_router(routes_monitors.router, dependencies=auth)
     app.include_router(routes_targets.router, dependencies=auth)
@@ -90,9 +107,10 @@ def create_app(
     return app
 
 
-def _add_middleware(app: FastAPI, settings: Settings) -> None:
+def _add_middleware(app: FastAPI, settings: Settings, ctx: AppContext) -> None:
     api = settings.api
-    # Added last = outermost: host and origin checks run before CORS and the routes.
+    # Added last = outermost: host and origin checks, then authentication (before any
+    # body is read), then CORS and the routes.
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -100,6 +118,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
+    app.add_middleware(AuthGate, ctx=ctx)
     trusted = [*api.trusted_hosts, api.host]
     app.add_middleware(RequestGuard, trusted_hosts=trusted, origins=api.cors_origins)
     # Outermost: refusals by the guard (403, 400) are timed too.

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -16,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
+from agent.api.audit import AuditLog
+from agent.api.auth import LoginLimiter, SessionStore, TicketStore, TokenStore
 from agent.config import Settings
 from agent.core import memory
 from agent.core.context import autostart, build_manager
@@ -33,7 +36,7 @@ TRIM_IDLE_S = 2.0
 class AppContext:
     settings: Settings
     registry: MonitorRegistry
-    token: str | None
+    tokens: TokenStore
     report: CapabilityReport | None = None
     hub: EventHub | None = None
     manager: MonitorManager | None = None
@@ -43,10 +46,34 @@ class AppContext:
     autostart_errors: dict[str, str] = field(default_factory=dict)
     exporter: Any = None  # agent.export.nats.NatsExporter when export.nats is enabled
     _trimmer: asyncio.Task[None] | None = None
+    sessions: SessionStore = field(init=False)
+    tickets: TicketStore = field(init=False)
+    audit: AuditLog = field(init=False)
+    logins: LoginLimiter = field(init=False)
+    # Failed authentications by kind (login, bearer, session, ticket): /metrics.
+    auth_failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("login", "bearer", "session", "ticket"), 0))
+
+    def __post_init__(self) -> None:
+        api = self.settings.api
+        self.sessions = SessionStore(api.session_ttl_s, api.max_sessions, time.monotonic)
+        self.tickets = TicketStore(api.ticket_ttl_s, api.max_tickets, time.monotonic)
+        self.audit = AuditLog(api.audit_entries, self.settings.logging.audit_file)
+        self.logins = LoginLimiter(api.login_failures_per_minute)
+
+    @property
+    def open(self) -> bool:
+        """``api.auth: none``: no authentication (the server allows it on loopback only).
+        With auth on and no token at all, nothing is open: every request is a 401."""
+        return self.settings.api.auth == "none"
+
+    def auth_failed(self, kind: str) -> None:
+        self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
 
     async def start(self) -> None:
         """Lifespan start-up: the hub, the capability report, the manager, autostart."""
         stream = self.settings.stream
+        self.audit.open()
         self.hub = EventHub(stream.replay_buffer, stream.max_subscribers, stream.replay_bytes)
         self.hub.attach_loop(asyncio.get_running_loop())
         if self.report is None:
@@ -113,6 +140,7 @@ class AppContext:
             await run_in_threadpool(self.manager.shutdown, timeout)
         if self.exporter is not None:  # after the monitors: their last events go out too
             await run_in_threadpool(self.exporter.stop)
+        self.audit.close()
 
     @property
     def ready(self) -> bool:

@@ -58,6 +58,21 @@ class AgentCollector(Collector):
         yield from _leases(dict(manager.leases_expired), manager.registry.names())
         if self.ctx.exporter is not None:
             yield from _export(self.ctx.exporter.stats())
+        yield from _auth(self.ctx)
+
+
+def _auth(ctx: AppContext) -> Iterator[Metric]:
+    failures = CounterMetricFamily(
+        "ebpf_agent_auth_failures", "failed authentications: kind=login is a wrong token "
+        "at POST /auth/session; bearer, session, ticket: refused requests", labels=["kind"])
+    for kind, n in sorted(ctx.auth_failures.items()):
+        failures.add_metric([kind], float(n))
+    yield failures
+    yield GaugeMetricFamily("ebpf_agent_sessions", "open browser sessions",
+                            value=len(ctx.sessions))
+    yield CounterMetricFamily("ebpf_agent_audit_write_errors",
+                              "audit entries that could not be written to the audit file",
+                              value=ctx.audit.write_errors)
 
 
 def _leases(expired: dict[str, int], names: list[str]) -> Iterator[Metric]:

@@ -124,7 +124,11 @@ TargetValues = list[StrictInt] | list[StrictStr]
 FollowChildren = StrictBool
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token, session "
+          "cookie or ticket"},
+    403: {"model": ErrorBody, "description": "the token's scope does not allow this "
+          "(read vs control), or a disallowed Origin"},
+    413: {"model": ErrorBody, "description": "body larger than api.max_body_bytes"},
     503: {"model": ErrorBody, "description": "the agent is starting or shutting down"},
 }
 

@@ -16,14 +16,15 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from agent.api.deps import ContextDep, HubDep, SettingsDep
+from agent.api.gate import principal_of
 from agent.api.models import ERROR_RESPONSES
-from agent.api.security import bearer_from_header, deny, token_matches
+from agent.api.security import deny
 from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
 from agent.stream.wire import sse_chunk, ws_array, ws_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=ERROR_RESPONSES)
-ws_router = APIRouter(tags=["events"])  # authenticates itself: see events_ws
+ws_router = APIRouter(tags=["events"])  # not in OpenAPI: see events_ws
 
 
 def filters(
@@ -193,9 +194,9 @@ async def events_ws(
     batch: Annotated[bool, Query(description="send each batch of events as one JSON array "
                                  "per frame (same objects as one-per-frame mode)")] = False,
 ) -> None:
-    # Before accept: a refusal is an HTTP response, not a WebSocket close code.
-    presented = bearer_from_header(websocket.headers.get("authorization"))
-    if not token_matches(ctx.token, presented):
+    # Before accept: a refusal is an HTTP response, not a WebSocket close code. The gate
+    # authenticated the handshake (bearer, session cookie or ticket).
+    if principal_of(websocket.scope) is None:
         await deny(websocket.scope, websocket.send, 401, "missing or invalid bearer token")
         return
     if ctx.hub is None:

@@ -86,12 +86,27 @@ async def monitor_stats(
     manager: ManagerDep,
     sort: Annotated[str | None, Query(max_length=64, description="table sort key")] = None,
     limit: Annotated[int | None, Query(ge=1, le=100_000, description="rows per table")] = None,
-    reset: Annotated[bool | None, Query(description="clear the tables after reading")] = None,
 ) -> dict[str, Any]:
-    given = {"sort": sort, "limit": limit, "reset": reset}
+    """Read-only: a GET never changes anything (see POST .../stats/reset)."""
+    given = {"sort": sort, "limit": limit}
     query = {k: v for k, v in given.items() if v is not None}
     # Validated against the monitor's StatsQuery model; what it does not declare is
     # ignored (exec's stats() takes nothing).
+    return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
+
+
+@router.post("/{name}/stats/reset", response_model=MonitorStats, responses=errors(404, 422),
+             summary="read the tables and start a new window (aggregating monitors)")
+async def reset_monitor_stats(
+    name: str,
+    manager: ManagerDep,
+    sort: Annotated[str | None, Query(max_length=64, description="table sort key")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=100_000, description="rows per table")] = None,
+) -> dict[str, Any]:
+    """A POST, so that no foreign page can trigger it with a link or an <img>. Monitors
+    without a window (exec) answer their stats unchanged."""
+    given = {"sort": sort, "limit": limit, "reset": True}
+    query = {k: v for k, v in given.items() if v is not None}
     return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
 
 

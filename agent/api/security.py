@@ -3,13 +3,12 @@
 The agent loads kernel programs as root, so a web page in the operator's browser must
 not be able to reach it: browsers send Origin on cross-site requests and on every
 WebSocket handshake, and a DNS-rebinding page sends a foreign Host header. Both are
-refused here before any route runs. The token is compared in constant time and never
-logged (not even its length).
+refused here before any route runs. Authentication itself happens in
+agent/api/gate.py (before any body is read); tokens never reach a log (redact.py).
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException
@@ -18,22 +17,13 @@ from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agent.api.deps import get_context
-
 bearer_scheme = HTTPBearer(
     auto_error=False,
-    description="EBPF_AGENT_TOKEN, token_file or token from the config. Without a "
-    "configured token (loopback only) no authentication is required.",
+    description="A token from the config (`token`, `token_file`, `tokens:`) or the one "
+    "generated into api.runtime_dir. A `read` token may read and stream; changing state "
+    "needs `control`. With `api.auth: none` (loopback only) nothing is required.",
 )
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def token_matches(expected: str | None, presented: str | None) -> bool:
-    if expected is None:
-        return True  # no token configured: only allowed on loopback (see server.py)
-    if presented is None:
-        return False
-    return hmac.compare_digest(expected.encode(), presented.encode())
 
 
 def bearer_from_header(value: str | None) -> str | None:
@@ -45,11 +35,13 @@ def bearer_from_header(value: str | None) -> str | None:
 
 def require_token(
     conn: HTTPConnection,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
-    """Router dependency of every HTTP endpoint but /health."""
-    presented = credentials.credentials if credentials else None
-    if not token_matches(get_context(conn).token, presented):
+    """Router dependency of every endpoint but /health: the AuthGate middleware has
+    already authenticated the caller (before the body was read: bearer token, or the
+    session cookie `ebpf_agent_session` of POST /auth/session); this documents the bearer
+    scheme in OpenAPI and refuses a request that somehow bypassed the gate."""
+    if conn.scope.get("ebpf_agent.principal") is None:
         raise HTTPException(401, "missing or invalid bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -90,10 +82,20 @@ class RequestGuard:
             return
         origin = headers.get("origin")
         changes_state = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
-        if origin is not None and changes_state and origin not in self.origins:
+        if origin is not None and changes_state and origin not in self.origins \
+                and not same_origin(scope, origin, headers.get("host")):
             await deny(scope, send, 403, f"origin {origin} is not allowed (api.cors_origins)")
             return
         await self.app(scope, receive, send)
+
+
+def same_origin(scope: Scope, origin: str, host: str | None) -> bool:
+    """The page the agent serves itself (/ui): Origin is this very scheme://host."""
+    if not host:
+        return False
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"),
+                                                 scope.get("scheme", "http"))
+    return origin.lower() == f"{scheme}://{host}".lower()
 
 
 async def deny(scope: Scope, send: Send, status: int, detail: str) -> None:

@@ -26,6 +26,18 @@ from typing import Any
 
 import uvicorn
 
+from agent.api.auth import TokenStore
+from agent.api.connguard import GuardState, fd_budget, protocol_class
+from agent.api.redact import RedactSecrets
+from agent.api.redact import install as install_redaction
+from agent.api.redact import uninstall as uninstall_redaction
+from agent.auth_files import (
+    RuntimeDirError,
+    generate_token_files,
+    header_path,
+    prepare_runtime_dir,
+    remove_token_files,
+)
 from agent.config import ConfigError, Settings
 from agent.core import memory
 from agent.monitors.registry import MonitorRegistry
@@ -53,21 +65,38 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
-def check_security(settings: Settings) -> str | None:
-    """The token (None: no authentication), or StartupRefused when unsafe."""
+def check_security(settings: Settings) -> TokenStore:
+    """The configured tokens (possibly none), or StartupRefused when unsafe."""
     api = settings.api
-    token = settings.resolve_token()
-    if token is None and not is_loopback(api.host):
-        raise StartupRefused(
-            f"refusing to listen on {api.host}:{api.port} without a token: anyone who can "
-            "reach that address could load kernel programs as root. Set EBPF_AGENT_TOKEN "
-            "(or token_file), or listen on 127.0.0.1 / a unix socket."
-        )
+    tokens = TokenStore.from_settings(settings)
+    if api.auth == "none":
+        if tokens:
+            raise StartupRefused("api.auth is none but tokens are configured: remove the "
+                                 "tokens or set api.auth: token")
+        if not is_loopback(api.host):
+            raise StartupRefused(
+                f"refusing api.auth: none on {api.host}:{api.port}: anyone who can reach "
+                "that address could load kernel programs as root. api.auth: none is for "
+                "loopback only (127.0.0.1 / ::1).")
     if (api.tls_certfile is None) != (api.tls_keyfile is None):
         raise StartupRefused("api.tls_certfile and api.tls_keyfile go together")
     if api.tls_certfile is not None and api.tls_keyfile is not None:
         check_tls_files(api.tls_certfile, api.tls_keyfile)
-    return token
+    return tokens
+
+
+def generate_token(settings: Settings, check_only: bool = False) -> str | None:
+    """Secure by default: a token for this run in api.runtime_dir (see agent.auth_files).
+    ``check_only``: only make sure the directory can hold it (before forking, so that a
+    refusal reaches the terminal); the token is written once the sockets are bound, so
+    an agent that cannot start never replaces the token of one that runs."""
+    try:
+        if check_only:
+            prepare_runtime_dir(settings.api.runtime_dir)
+            return None
+        return generate_token_files(settings.api.runtime_dir)
+    except RuntimeDirError as e:
+        raise StartupRefused(f"no token configured and cannot generate one: {e}") from None
 
 
 def check_tls_files(certfile: Path, keyfile: Path) -> None:
@@ -331,10 +360,18 @@ def _signals_end_cleanly() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, max_connections: int | None = None) \
+        -> uvicorn.Config:
     api, stream = settings.api, settings.stream
+    guard = GuardState(max_connections or api.max_connections, api.header_timeout_s,
+                       api.max_header_bytes)
     return uvicorn.Config(
         app,
+        http=protocol_class(guard),  # header deadline and size cap, connection cap
+        timeout_keep_alive=api.keepalive_timeout_s,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=api.max_header_bytes,
+        ws_max_size=64 * 1024,  # the streams ignore what clients send
+        access_log=True,
         lifespan="on",
         log_config=None,  # keep the agent's logging set-up (agent.cli)
         # uvicorn types it int but only ever passes it to asyncio.wait_for
@@ -359,7 +396,10 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -> int:
-    token = check_security(settings)  # before forking: refusals reach the terminal
+    tokens = check_security(settings)  # before forking: refusals reach the terminal
+    generate = settings.api.auth == "token" and not tokens
+    if generate:
+        generate_token(settings, check_only=True)
     pid_file = PidFile(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:
         pid_file.acquire()
@@ -372,34 +412,64 @@ def serve(settings: Settings, registry: MonitorRegistry, daemon: bool = False) -
     # intake and fan-out moving together (bench/stream.py, bench/RESULTS.md).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     memory.tune_malloc()  # large blocks in their own mappings: see agent/core/memory.py
+    redaction = install_redaction()
+    generated: list[str] = []  # filled by _serve, removed here whatever happens
     try:
-        return _serve(settings, registry, token, runner if daemon else None, pid_file)
+        return _serve(settings, registry, generate, generated, runner if daemon else None,
+                      pid_file, redaction)
     except BaseException as e:
         runner.report(f"start-up failed: {e}")
         raise
     finally:
         if pid_file is not None:
             pid_file.release()
+        for token in generated:
+            remove_token_files(settings.api.runtime_dir, token)
+        uninstall_redaction(redaction)
 
 
-def _serve(settings: Settings, registry: MonitorRegistry, token: str | None,
-           daemon: Daemon | None, pid_file: PidFile | None) -> int:
+def _auth_summary(settings: Settings, generated: str | None) -> str:
+    if settings.api.auth == "none":
+        return "api.auth: none: NO AUTHENTICATION (loopback only)"
+    if generated is not None:
+        return f"token required; generated one: curl -H @{header_path(settings.api.runtime_dir)}"
+    return "token required"
+
+
+def _serve(settings: Settings, registry: MonitorRegistry, generate: bool,
+           generated_out: list[str], daemon: Daemon | None, pid_file: PidFile | None,
+           redaction: RedactSecrets) -> int:
     from agent.api.app import create_app
 
     if pid_file is not None:
         pid_file.write(os.getpid())
+    max_connections = fd_budget(settings.api.max_connections)
     sockets = bind_sockets(settings)
-    app = create_app(settings, registry)
+    generated = None
+    if generate:
+        generated = generate_token(settings)
+        assert generated is not None
+        generated_out.append(generated)
+        redaction.add(generated)
+    app = create_app(settings, registry, generated_token=generated)
+    for t in settings.tokens:
+        if t.token is not None:
+            redaction.add(t.token.get_secret_value())
+    if (legacy := settings.resolve_token()) is not None:
+        redaction.add(legacy)
     tls = settings.api.tls_certfile is not None
     where = ", ".join(describe(s, tls) for s in sockets)
+    if settings.api.auth == "none":
+        log.warning("api.auth is none: any local user can read every process's arguments "
+                    "and load kernel programs through this API")
 
     def started() -> None:
         log.info("ebpf-agent API listening on %s (%s)", where,
-                 "bearer token required" if token else "no token: loopback only, no auth")
+                 _auth_summary(settings, generated))
         if daemon is not None:
             threading.Thread(target=_report_when_ready, args=(app, daemon), daemon=True).start()
 
-    server = AgentServer(uvicorn_config(app, settings), started)
+    server = AgentServer(uvicorn_config(app, settings, max_connections), started)
     try:
         with _signals_end_cleanly():
             server.run(sockets=sockets)  # uvicorn's loop factory (uvloop when present)

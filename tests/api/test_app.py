@@ -107,7 +107,7 @@ def test_stats_pass_only_accepted_query_params(client: TestClient) -> None:
     assert "events_delivered" in stats and "events_seen_kernel" in stats
     assert client.get("/monitors/fake/stats").json()["sort"] == "count"
     # plain's stats() takes nothing: the query is not passed (no TypeError, no 500).
-    plain = client.get("/monitors/plain/stats", params={"sort": "x", "reset": "true"})
+    plain = client.get("/monitors/plain/stats", params={"sort": "x"})
     assert plain.status_code == 200 and plain.json()["plain"] is True
     assert client.get("/monitors/fake/stats", params={"sort": "nope"}).status_code == 422
     assert client.get("/monitors/fake/stats", params={"limit": 0}).status_code == 422

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.auth_files import default_token_header
 from tests.support.api import (
     AGENT_BIN,
     Agent,
@@ -318,14 +319,16 @@ def test_token_is_required_everywhere_but_health(agent: Agent) -> None:
     assert "test-token" not in agent.log_text()  # the token is never logged
 
 
-def test_refuses_non_loopback_without_token(tmp_path: Path) -> None:
-    path = write_config(tmp_path, {})
+def test_refuses_non_loopback_without_authentication(tmp_path: Path) -> None:
+    # Without a token the agent generates one (tests/api/test_hardening.py); running
+    # open is the explicit api.auth: none, refused off loopback before anything binds.
+    path = write_config(tmp_path, {"api": {"auth": "none", "runtime_dir": str(tmp_path)}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
     r = subprocess.run([str(AGENT_BIN), "--config", str(path), "serve", "--host", "0.0.0.0",
                         "--port", str(free_port())], capture_output=True, text=True,
                        timeout=60, env=env)
-    assert r.returncode != 0
-    assert "refusing to listen on 0.0.0.0" in r.stderr and "EBPF_AGENT_TOKEN" in r.stderr
+    assert r.returncode == 2
+    assert "refusing api.auth: none on 0.0.0.0" in r.stderr and "loopback" in r.stderr
 
 
 # -- slow and stalled subscribers ---------------------------------------------------------
@@ -408,7 +411,9 @@ def test_sigterm_with_open_streams_exits_0_and_unloads_every_program(
 def test_daemon_pid_file_and_refusal_of_a_second_instance(tmp_path: Path, kernel: None) -> None:
     pid_file = tmp_path / "agent.pid"
     port = free_port()
-    path = write_config(tmp_path, {"logging": {"file": str(tmp_path / "daemon.log")}})
+    # No token configured: the daemon generates one into the runtime dir.
+    path = write_config(tmp_path, {"logging": {"file": str(tmp_path / "daemon.log")},
+                                   "api": {"runtime_dir": str(tmp_path / "run")}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
     cmd = [str(AGENT_BIN), "--config", str(path), "serve", "--port", str(port), "--daemon",
            "--pid-file", str(pid_file)]
@@ -417,7 +422,9 @@ def test_daemon_pid_file_and_refusal_of_a_second_instance(tmp_path: Path, kernel
     pid = int(pid_file.read_text())
     try:
         os.kill(pid, 0)  # the daemon is alive, and serving since the parent exited 0
-        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200
+        auth = default_token_header(tmp_path / "run")
+        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10,
+                         headers=auth).status_code == 200
         again = subprocess.run([*cmd[:-4], str(free_port()), "--daemon", "--pid-file",
                                 str(pid_file)], capture_output=True, text=True, timeout=60,
                                env=env)

@@ -46,6 +46,7 @@ class FakeOptions(MonitorOptions):
 class FakeStatsQuery(MonitorStatsQuery):
     sort: str = "count"
     limit: int = 10
+    reset: bool = False  # POST .../stats/reset
 
 
 class PatternError(ValueError):
@@ -86,10 +87,12 @@ def fake_registry() -> MonitorRegistry:
         def kernel_counters(self) -> dict[str, int]:
             return {"seen": 0, "dropped": 0}
 
-        def stats(self, sort: str = "count", limit: int = 10) -> dict[str, Any]:  # type: ignore[override]
+        def stats(self, sort: str = "count", limit: int = 10,  # type: ignore[override]
+                  reset: bool = False) -> dict[str, Any]:
             if sort not in ("count", "name"):
                 raise ValueError(f"sort: unknown key {sort!r}")
-            return {"table": [{"name": "a", "count": 1}][:limit], "sort": sort, "limit": limit}
+            return {"table": [{"name": "a", "count": 1}][:limit], "sort": sort, "limit": limit,
+                    "reset": reset}
 
     @registry.register("plain", "stats without parameters")
     class Plain(Fake):
@@ -111,6 +114,12 @@ def fake_report() -> CapabilityReport:
 
 
 def settings(**overrides: Any) -> Settings:
+    """Settings for in-process apps: without any token given, ``api.auth: none`` (the
+    explicit opt-in to an open API), so tests of other features need no credentials."""
+    if not any(k in overrides for k in ("token", "token_file", "tokens")):
+        api = dict(overrides.get("api") or {})
+        api.setdefault("auth", "none")
+        overrides["api"] = api
     return Settings(**overrides)
 
 
@@ -210,6 +219,8 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
         "stream": {"heartbeat_s": 0.5},  # readers notice stop() at the next heartbeat
         "output": {"directory": str(tmp_path / "out"), "formats": []},
         "monitors": {"exec": {"enabled": True}},
+        # Never the real /run/ebpf-agent: a generated token lands in the test's tmp dir.
+        "api": {"runtime_dir": str(tmp_path / "run")},
     }
     for key, value in config.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -223,21 +234,36 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
 
 def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
                 token: str | None = "test-token-0123456789", extra_args: list[str] | None = None,
-                wait_ready: bool = True) -> Agent:
+                wait_ready: bool = True, generated: bool = False,
+                prefix: list[str] | None = None,
+                headers: dict[str, str] | None = None) -> Agent:
+    """``token``: EBPF_AGENT_TOKEN; None: ``api.auth: none`` unless ``generated`` (then
+    the agent generates one into tmp_path/run and the Agent reads it from there).
+    ``prefix``: a command to run the agent under (e.g. prlimit); ``headers``: what the
+    Agent sends (default: the token's bearer header)."""
     port = free_port()
-    path = write_config(tmp_path, config or {})
+    config = dict(config or {})
+    api = {"runtime_dir": str(tmp_path / "run"), **(config.get("api") or {})}
+    if token is None and not generated and not config.get("tokens"):
+        api.setdefault("auth", "none")
+    config["api"] = api
+    path = write_config(tmp_path, config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
     if token:
         env["EBPF_AGENT_TOKEN"] = token
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(AGENT_BIN), "--config", str(path), "serve", "--port", str(port),
+            [*(prefix or []), str(AGENT_BIN), "--config", str(path), "serve",
+             "--port", str(port),
              *(extra_args or [])],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )
     agent = Agent(proc, f"http://127.0.0.1:{port}", token, log,
+                  headers if headers is not None else
                   {"Authorization": f"Bearer {token}"} if token else {})
+    if generated:
+        _read_generated(agent, tmp_path / "run")
     if wait_ready:
         try:
             wait_until_ready(agent)
@@ -245,6 +271,19 @@ def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
             agent.stop()
             raise
     return agent
+
+
+def _read_generated(agent: Agent, runtime_dir: Path, timeout: float = 120) -> None:
+    from agent.auth_files import read_default_token
+
+    deadline = time.monotonic() + timeout
+    while (token := read_default_token(runtime_dir)) is None:
+        if agent.proc.poll() is not None or time.monotonic() > deadline:
+            agent.stop()
+            raise AssertionError(f"no generated token in {runtime_dir}:\n{agent.log_text()}")
+        time.sleep(0.05)
+    agent.token = token
+    agent.headers = {"Authorization": f"Bearer {token}"}
 
 
 def wait_until_ready(agent: Agent, timeout: float = 60) -> None:

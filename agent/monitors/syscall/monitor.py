@@ -519,7 +519,7 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
 
     def metric_series(self) -> list[MetricSeries]:
         """Per syscall name (a bounded set: the architecture's table). The figures are
-        those of the current window: a `?reset=true` read shows as a counter reset."""
+        those of the current window: a POST ./stats/reset shows as a counter reset."""
         rows = self.stats()["syscalls"]
         series = [
             MetricSeries("calls", "system calls in the current window", "syscall",

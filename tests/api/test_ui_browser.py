@@ -1,0 +1,164 @@
+"""The /ui console in a real headless Chromium against a real `ebpf-agent serve`: log in,
+start the exec monitor, see the exec of a process this test launched, stop it; a read
+token sees the page but is refused to start; attacker-chosen argv is shown as text."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent.api.app import create_app
+from tests.support.api import (
+    Agent,
+    fake_registry,
+    fake_report,
+    settings,
+    start_agent,
+    thread_server,
+)
+from tests.support.browser import browser_problem, chromium
+from tests.support.kernel import IN_CI, prog_ids_held_by, require_kernel
+
+ADMIN, VIEWER = "ui-admin-token-7d1e4c", "ui-viewer-token-9a2b6f"
+XSS = "<img src=x onerror=alert(1)>"
+TOKENS = [{"name": "admin", "scope": "control", "token": ADMIN},
+          {"name": "viewer", "scope": "read", "token": VIEWER}]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    problem = browser_problem()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"browser tests cannot run: {problem} (CI=true: must not skip)")
+        pytest.skip(problem)
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    require_kernel()
+    a = start_agent(tmp_path_factory.mktemp("ui"),
+                    {"monitors": {"exec": {"enabled": False}}, "tokens": TOKENS},
+                    token=None, headers={"Authorization": f"Bearer {ADMIN}"})
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+def expect(locator: Any) -> Any:
+    # Playwright's assertions poll without eval(): the page's CSP forbids it.
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def open_page(browser: Any, url: str) -> tuple[Any, Any, list[str]]:
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(f"{url}/ui")
+    return context, page, dialogs
+
+
+def login(page: Any, token: str) -> None:
+    page.get_by_test_id("token-input").fill(token)
+    page.get_by_test_id("login").click()
+    page.get_by_test_id("monitor-exec-state").wait_for()
+
+
+def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> None:
+    context, page, dialogs = open_page(browser, agent.url)
+    try:
+        login(page, ADMIN)
+        assert page.get_by_test_id("who").text_content() == "admin (control scope)"
+        state = page.get_by_test_id("monitor-exec-state")
+        assert state.text_content() == "stopped"
+        # The options box is prefilled from the monitor's defaults.
+        options = json.loads(page.get_by_test_id("monitor-exec-options").input_value())
+        assert options == agent.get("/monitors/exec").json()["options"]
+        page.get_by_test_id("monitor-exec-start").click()
+        expect(state).to_have_text("running", timeout=60_000)  # BCC compiles meanwhile
+        assert prog_ids_held_by(agent.proc.pid)  # programs really loaded
+
+        marker = f"ui-marker-{uuid.uuid4().hex[:12]}"
+        proc = subprocess.Popen(["/bin/echo", marker, XSS], stdout=subprocess.DEVNULL)
+        proc.wait()
+        row = page.locator(f"[data-testid=event-row][data-event*='{marker}']")
+        row.wait_for()
+        assert row.count() == 1
+        assert row.get_attribute("data-monitor") == "exec"
+        assert row.get_attribute("data-pid") == str(proc.pid)
+        event = json.loads(row.get_attribute("data-event"))
+        assert event["argv"] == ["/bin/echo", marker, XSS] and event["ret"] == 0
+        assert event["uid"] == os.getuid()
+        # The argv is text: shown literally, no element made of it, no script run.
+        assert XSS in row.text_content()
+        assert page.locator("[data-testid=events] img").count() == 0
+        assert dialogs == []
+        # A click shows the whole event as JSON.
+        row.click()
+        expanded = page.get_by_test_id("event-json")
+        assert json.loads(expanded.text_content()) == event
+
+        page.get_by_test_id("monitor-exec-stop").click()
+        expect(state).to_have_text("stopped")
+        assert agent.get("/monitors/exec").json()["state"] == "stopped"
+        assert prog_ids_held_by(agent.proc.pid) == set()
+        audit = [(e["token"], e["path"], e["status"])
+                 for e in agent.get("/audit").json()["entries"]]
+        assert ("admin", "/monitors/exec/start", 200) in audit
+        assert ("admin", "/monitors/exec/stop", 200) in audit
+    finally:
+        context.close()
+
+
+def test_read_scope_sees_the_page_but_cannot_start(browser: Any, agent: Agent) -> None:
+    context, page, _ = open_page(browser, agent.url)
+    try:
+        login(page, VIEWER)
+        assert page.get_by_test_id("who").text_content() == "viewer (read scope)"
+        page.get_by_test_id("monitor-exec-start").click()
+        expect(page.get_by_test_id("monitor-exec-message")).to_have_text(
+            "token 'viewer' has scope read: POST /monitors/exec/start needs scope control")
+        assert agent.get("/monitors/exec").json()["state"] == "stopped"
+        assert page.get_by_test_id("audit").is_hidden()  # the audit log is control-only
+    finally:
+        context.close()
+
+
+def test_wrong_token_keeps_the_login(browser: Any, agent: Agent) -> None:
+    context, page, _ = open_page(browser, agent.url)
+    try:
+        page.get_by_test_id("token-input").fill("not-the-token")
+        page.get_by_test_id("login").click()
+        expect(page.get_by_test_id("message")).to_have_text("wrong token")
+        assert page.get_by_test_id("token-input").is_visible()
+        assert context.cookies() == []
+    finally:
+        context.close()
+
+
+def test_open_agent_needs_no_login(browser: Any) -> None:
+    """api.auth: none (loopback only): the page goes straight to the console."""
+    s = settings()
+    app = create_app(s, fake_registry(), report=fake_report())
+    with thread_server(app, s) as srv:
+        context, page, _ = open_page(browser, srv.url)
+        try:
+            page.get_by_test_id("monitor-fake-state").wait_for()
+            assert page.get_by_test_id("who").text_content() == \
+                "open: no authentication (api.auth: none)"
+            assert page.get_by_test_id("token-input").is_hidden()
+        finally:
+            context.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -61,8 +63,11 @@ def test_non_root_gets_one_clear_line() -> None:
 
 
 def test_run_writes_jsonl_and_stops_on_duration(kernel, tmp_path: Path) -> None:
+    # --pid of this test (children followed): the files hold this test's execs only, not
+    # whatever else the machine runs (another process's argv need not even be UTF-8).
     agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--format", "csv",
-                              "--output-dir", str(tmp_path), "--duration", "4"],
+                              "--output-dir", str(tmp_path), "--duration", "4",
+                              "--pid", str(os.getpid())],
                              stderr=subprocess.PIPE, text=True)
     assert agent.stderr is not None
     assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
@@ -70,9 +75,11 @@ def test_run_writes_jsonl_and_stops_on_duration(kernel, tmp_path: Path) -> None:
     marker.wait()
     assert agent.wait(timeout=20) == 0
     events = [json.loads(x) for x in (tmp_path / "exec.jsonl").read_text().splitlines()]
-    mine = [e for e in events if e["argv"] == ["/bin/echo", "cli-duration-marker"]]
-    assert [(e["pid"], e["ppid"], e["ret"]) for e in mine] == [(marker.pid, os.getpid(), 0)]
-    assert "cli-duration-marker" in (tmp_path / "exec.csv").read_text()
+    assert [(e["argv"], e["pid"], e["ppid"], e["ret"]) for e in events] == [
+        (["/bin/echo", "cli-duration-marker"], marker.pid, os.getpid(), 0)]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "exec.csv").read_text())))
+    assert [(json.loads(r["argv"]), int(r["pid"])) for r in rows] == [
+        (["/bin/echo", "cli-duration-marker"], marker.pid)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -58,13 +58,19 @@ MODES = [pytest.param(True, id="latency"), pytest.param(False, id="counts-only")
 # file, then a nanosleep of SLEEP_MS ms when > 0) and answers "done"; EOF or "q" exits.
 # syscall(SYS_...) and not the libc wrappers: glibc's nanosleep() is clock_nanosleep(2).
 # With DENY_GETPPID = 1 a seccomp filter, installed before "ready", makes every getppid
-# fail with EPERM before it reaches sys_enter (SECCOMP_RET_ERRNO).
+# fail with EPERM before it reaches sys_enter (SECCOMP_RET_ERRNO). With SIGNALS = k > 0 a
+# round also raises k SIGUSR1 whose handler returns (k rt_sigreturn calls) and calls the
+# noinline sc_probe_point() k times (a test puts a uretprobe on it).
+# Linked statically: libc is then code of this binary alone, so a uprobe another process
+# put on the shared libc (other tests, other tools on the machine) cannot run in it and
+# add calls (a uretprobe makes a syscall of its own at every return).
 WORKLOAD_C = r"""
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,10 +92,26 @@ static void deny_getppid(void)
         exit(3);
 }
 
+static void on_signal(int sig)
+{
+    (void)sig;
+}
+
+__attribute__((noinline)) long sc_probe_point(long x)
+{
+    __asm__ volatile("" : "+r"(x));
+    return x + 1;
+}
+
 int main(int argc, char **argv)
 {
     long n = atol(argv[1]), m = atol(argv[2]), sleep_ms = atol(argv[3]);
+    long signals = argc > 5 ? atol(argv[5]) : 0, probed = 0;
     char line[64];
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;
+    if (sigaction(SIGUSR1, &sa, NULL))
+        exit(4);
     if (argc > 4 && atol(argv[4]))
         deny_getppid();
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -103,6 +125,10 @@ int main(int argc, char **argv)
             struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
             syscall(SYS_nanosleep, &ts, NULL);
         }
+        for (long i = 0; i < signals; i++) {
+            raise(SIGUSR1);
+            probed = sc_probe_point(probed);
+        }
         printf("done\n");
     }
     return 0;
@@ -115,16 +141,16 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def workload_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_c(tmp_path_factory.mktemp("syscall"), COMM, WORKLOAD_C)
+    return compile_c(tmp_path_factory.mktemp("syscall"), COMM, WORKLOAD_C, "-O0", "-static")
 
 
 class Workload:
     """The ground-truth program, started and waiting for its first command."""
 
     def __init__(self, binary: Path, n: int = N_GETPPID, m: int = M_OPEN, sleep_ms: int = 0,
-                 deny_getppid: int = 0):
+                 deny_getppid: int = 0, signals: int = 0):
         self.proc = subprocess.Popen(
-            [str(binary), str(n), str(m), str(sleep_ms), str(deny_getppid)],
+            [str(binary), str(n), str(m), str(sleep_ms), str(deny_getppid), str(signals)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -202,7 +228,8 @@ def test_header_and_python_mirrors_agree() -> None:
         "SC_COMM_LEN": SC_COMM_LEN, "SC_HIST_SLOTS": SC_HIST_SLOTS,
         "SC_GENERATIONS": SC_GENERATIONS, "SC_CFG_ARMED": SC_CFG_ARMED,
         "SC_CFG_SLOW": SC_CFG_SLOW,
-        **dict(zip(["SC_CNT_PROC_FULL", "SC_CNT_ERRNO_FULL", "SC_CNT_NR_RANGE"],
+        **dict(zip(["SC_CNT_PROC_FULL", "SC_CNT_ERRNO_FULL", "SC_CNT_NR_RANGE",
+                    "SC_CNT_NR_CLEARED"],
                    range(len(SC_COUNTERS)), strict=True)),
     })
     assert c_values(HEADER, {"n": "SC_NR_COUNTERS"})["n"] >= len(SC_COUNTERS)
@@ -300,6 +327,45 @@ def test_exact_counts_for_a_target_pid(kernel: None, sink: CollectingSink,
         assert "exit_group" not in rows
     assert "exit" not in rows
     assert counters["nr_out_of_range"] == 0 and counters["pending_full"] == 0
+    assert counters["nr_cleared"] == 0  # no signal handler ran, no uretprobe (static binary)
+
+
+K_CLEARED = 5  # handled signals and probed returns per round
+
+
+@pytest.mark.parametrize("latency", MODES)
+def test_signal_returns_and_uretprobes_are_counted_exactly(
+        kernel: None, sink: CollectingSink, workload_bin: Path, latency: bool) -> None:
+    """rt_sigreturn(2) and the uretprobe trampoline's syscall leave -1 as the syscall
+    number at sys_exit (the kernel clears orig_ax): the counts-only build counts them in
+    nr_cleared, never as an out-of-range number, and the latency build under their names
+    (it reads the number at sys_enter). Every other count stays exact."""
+    from bcc import BPF  # the test's own uretprobe, on the workload's own function
+
+    probe = BPF(text="int on_return(void *ctx) { return 0; }")
+    try:
+        probe.attach_uretprobe(name=str(workload_bin), sym="sc_probe_point",
+                               fn_name="on_return")
+        with workload(workload_bin, signals=K_CLEARED) as w, monitor(
+            sink, pid_targets(w.pid), latency=latency
+        ) as m:
+            w.round()
+            w.round()
+            rows = by_name(m.stats())
+            counters = m.kernel_counters()
+            w.finish()
+    finally:
+        probe.cleanup()
+    assert rows["getppid"]["count"] == 2 * N_GETPPID
+    assert rows["openat"]["errnos"] == {"ENOENT": 2 * M_OPEN}
+    assert counters["nr_out_of_range"] == 0
+    if latency:
+        assert rows["rt_sigreturn"]["count"] == 2 * K_CLEARED
+        assert rows["uretprobe"]["count"] == 2 * K_CLEARED
+        assert counters["nr_cleared"] == 0
+    else:
+        assert "rt_sigreturn" not in rows and "uretprobe" not in rows
+        assert counters["nr_cleared"] == 2 * 2 * K_CLEARED
 
 
 @pytest.mark.parametrize("latency", MODES)

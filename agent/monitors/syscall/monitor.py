@@ -89,7 +89,9 @@ SC_HIST_SLOTS = 32
 SC_GENERATIONS = 2
 SC_CFG_ARMED = 1
 SC_CFG_SLOW = 2
-SC_COUNTERS = ("process_overflow", "errno_overflow", "nr_out_of_range")  # SC_CNT_* order
+SC_COUNTERS = (  # SC_CNT_* order
+    "process_overflow", "errno_overflow", "nr_out_of_range", "nr_cleared",
+)
 
 # How long a generation switch waits for programs still writing the old generation.
 GENERATION_SETTLE_S = 0.005

@@ -352,8 +352,27 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         return 0;
     s32 nr = -1;
     if (bpf_probe_read_kernel(&nr, sizeof(nr),
-                              (void *)(ctx->args[0] + OFF_PT_REGS_SYSCALL_NR)))
-        nr = -1;  /* counted as nr_out_of_range */
+                              (void *)(ctx->args[0] + OFF_PT_REGS_SYSCALL_NR))) {
+        sc_count(SC_CNT_NR_RANGE);
+        return 0;
+    }
+    /* A call whose number the kernel itself set to -1 before returning: sys_exit reads
+     * pt_regs after the call ran, and a few calls clear the number on purpose.
+     * - rt_sigreturn(2), the return from every signal handler: restore_sigcontext()
+     *   (arch/x86/kernel/signal_64.c) sets regs->orig_ax = -1 "to disable syscall
+     *   checks", so the interrupted call is not restarted a second time (arm64:
+     *   forget_syscall() in restore_sigframe(), syscallno = NO_SYSCALL).
+     * - the uretprobe trampoline's syscall (Linux 6.11+, x86_64): sys_uretprobe()
+     *   (arch/x86/kernel/uprobes.c) sets regs->orig_ax = -1. Any uretprobe on a
+     *   function the target runs (anyone's: a probe on libc fires in every process
+     *   mapping it) makes one such call per probed return.
+     * - a call a ptrace tracer skipped by writing -1 as the number.
+     * The latency build sees their real numbers at sys_enter (rt_sigreturn, uretprobe).
+     * Here they are counted, exactly, in nr_cleared, apart from nr_out_of_range. */
+    if (nr == -1) {
+        sc_count(SC_CNT_NR_CLEARED);
+        return 0;
+    }
     account((u32)nr, cfg->gen & 1, 0, (long)ctx->args[1], 1);
     return 0;
 }

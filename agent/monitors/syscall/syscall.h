@@ -25,7 +25,9 @@
 /* sc_counters[] indices (monitor-specific; common.h's counters[] is shared). */
 #define SC_CNT_PROC_FULL    0  /* per-process table full: call counted per syscall only */
 #define SC_CNT_ERRNO_FULL   1  /* errno table full: error counted, its errno not */
-#define SC_CNT_NR_RANGE     2  /* syscall number outside the table (e.g. -1, x32 bit) */
+#define SC_CNT_NR_RANGE     2  /* syscall number outside the table (e.g. the x32 bit) */
+#define SC_CNT_NR_CLEARED   3  /* counts-only build: number -1 at sys_exit (rt_sigreturn,
+                                * uretprobe trampoline, tracer skip: syscall.c) */
 #define SC_NR_COUNTERS      4
 
 /* sc_config.flags */

@@ -80,10 +80,18 @@ class AppContext:
             self.report = await run_in_threadpool(build_report, self.registry)
         self.manager = build_manager(self.settings, self.registry, self.report,
                                      publish=self._publisher(self.hub))
+        self.manager.lease_expired_hook = self._audit_lease_expiry
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+
+    def _audit_lease_expiry(self, name: str, lease_s: float, expired_at: str) -> None:
+        """An expired lease stops a monitor with no request behind it: the audit entry
+        names the agent itself as the actor (control thread)."""
+        self.audit.record(token=None, client="agent", method="LEASE-EXPIRED",
+                          path=f"/monitors/{name}/lease",
+                          body=f"lease_s={lease_s:g} expired_at={expired_at}", status=200)
 
     async def _trim_when_idle(self) -> None:
         """After a burst, once no event was published for TRIM_IDLE_S, give the heaps'

@@ -105,6 +105,9 @@ class LeaseStateMixin:
         def monitor_class(self, name: str) -> type[BaseMonitor]: ...
         def parse_options(self, name: str, options: dict[str, Any] | None) -> MonitorOptions: ...
 
+    # Told of each expiry (monitor name, lease_s, expiry time ISO 8601), on the control
+    # thread; the API sets it to record the expiry in its audit log.
+    lease_expired_hook: Callable[[str, float, str], None] | None = None
     # Created on first use (the manager's __init__ stays as it is).
     _leases_: dict[str, Lease] | None = None
     _lease_expired_: Counter[str] | None = None
@@ -221,6 +224,11 @@ class LeaseStateMixin:
             except Exception:
                 log.exception("stopping %s after its lease expired failed", name)
             self._lease_notes[name] = f"lease expired at {_iso(lease.expires_at)}"
+            if self.lease_expired_hook is not None:
+                try:
+                    self.lease_expired_hook(name, lease.lease_s, _iso(lease.expires_at))
+                except Exception:
+                    log.exception("recording the expired lease of %s failed", name)
 
     def _ensure_lease_timer(self) -> None:
         if self._lease_timer_ is not None:

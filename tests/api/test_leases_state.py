@@ -59,6 +59,11 @@ def test_lease_shows_and_expiry_stops_the_monitor(client: TestClient,
     metrics = client.get("/metrics").text
     assert 'ebpf_agent_lease_expired_total{monitor="fake"} 1.0' in metrics
     assert 'ebpf_agent_lease_expired_total{monitor="plain"} 0.0' in metrics
+    expired = [e for e in client.get("/audit").json()["entries"]
+               if e["method"] == "LEASE-EXPIRED"]
+    assert [(e["path"], e["client"], e["token"], e["body"]) for e in expired] == [
+        ("/monitors/fake/lease", "agent", None,
+         f"lease_s=1 expired_at={lease['expires_at']}")]
 
     # A new start clears the note and, without lease_s, runs without a lease.
     info = client.post("/monitors/fake/start").json()

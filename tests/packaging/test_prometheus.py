@@ -154,15 +154,17 @@ class Prometheus:
 @pytest.fixture
 def two_agents(kernel: None, tmp_path: Path) -> Iterator[dict[str, Agent]]:
     """Two real agents with their own tokens, counting only execs of a program named
-    PROBE (a comm target), so the counts are exact whatever else runs on the host.
-    TODO(scoped tokens): scrape with a `read`-scope token once they exist."""
+    PROBE (a comm target), so the counts are exact whatever else runs on the host. Each
+    also has a `read`-scope token named "prometheus": what the scrape uses."""
     agents: dict[str, Agent] = {}
     try:
         for name in ("a", "b"):
             d = tmp_path / f"agent-{name}"
             d.mkdir()
-            agents[name] = start_agent(d, {"targets": {"comms": [PROBE]}},
-                                       token=f"token-{name}-0123456789abcdef",
+            config = {"targets": {"comms": [PROBE]},
+                      "tokens": [{"name": "prometheus", "scope": "read",
+                                  "token": read_token(name)}]}
+            agents[name] = start_agent(d, config, token=f"token-{name}-0123456789abcdef",
                                        wait_ready=False)
         for agent in agents.values():
             wait_until_ready(agent)
@@ -170,6 +172,10 @@ def two_agents(kernel: None, tmp_path: Path) -> Iterator[dict[str, Agent]]:
     finally:
         for agent in agents.values():
             agent.stop()
+
+
+def read_token(agent_name: str) -> str:
+    return f"read-{agent_name}-0123456789abcdef"
 
 
 PROBE = "i11promprobe"
@@ -184,7 +190,11 @@ def test_prometheus_scrapes_two_agents_with_bearer_tokens(
     jobs = []
     for name, agent in two_agents.items():
         token_file = tmp_path / f"token-{name}"
-        token_file.write_text(agent.token or "")
+        token_file.write_text(read_token(name))
+        # The read token scrapes but cannot change anything.
+        refused = httpx.post(f"{agent.url}/monitors/exec/stop",
+                             headers={"Authorization": f"Bearer {read_token(name)}"})
+        assert refused.status_code == 403, refused.text
         job = {**template, "job_name": f"ebpf-agent-{name}",
                "authorization": {**template["authorization"],
                                  "credentials_file": str(token_file)},

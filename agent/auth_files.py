@@ -36,13 +36,18 @@ def header_path(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> Path:
     return runtime_dir / HEADER_NAME
 
 
-def read_default_token(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> str | None:
-    """The generated token, or None when there is none (or it is not ours to read)."""
+def read_token_if_readable(path: Path) -> str | None:
+    """The token in ``path``, or None when there is none (or it is not ours to read)."""
     try:
-        value = token_path(runtime_dir).read_text().strip()
+        value = path.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return value or None
+
+
+def read_default_token(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> str | None:
+    """The generated token, or None when there is none (or it is not ours to read)."""
+    return read_token_if_readable(token_path(runtime_dir))
 
 
 def default_token_header(runtime_dir: Path | None = None) -> dict[str, str]:

@@ -22,10 +22,13 @@ from typing import Any
 
 import yaml
 
+from agent.auth_files import DEFAULT_RUNTIME_DIR, read_token_if_readable, token_path
+
 # Where the agent writes the token it generates when none is configured; read when the
 # inventory gives a host no token (the controller runs on that host, or as an admin who
 # copied it).
-DEFAULT_TOKEN_FILE = Path("/run/ebpf-agent/token")
+# The token `ebpf-agent serve` generates when none is configured (agent/auth_files.py).
+DEFAULT_TOKEN_FILE = token_path(DEFAULT_RUNTIME_DIR)
 INVENTORY_ENV = "EBPF_AGENTCTL_INVENTORY"
 HOST_KEYS = {"name", "url", "token", "token_file", "labels"}
 
@@ -48,11 +51,7 @@ class Host:
 
 def default_token(path: Path = DEFAULT_TOKEN_FILE) -> str | None:
     """The agent's generated token when this user may read it, else None."""
-    try:
-        value = path.read_text().strip()
-    except OSError:
-        return None
-    return value or None
+    return read_token_if_readable(path)
 
 
 def _read_token_file(path: str | Path, where: str) -> str:

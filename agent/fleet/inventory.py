@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.auth_files import DEFAULT_RUNTIME_DIR, read_token_if_readable, token_path
+from agent.fleet.yamlfile import read_yaml_mapping
 
 # Where the agent writes the token it generates when none is configured; read when the
 # inventory gives a host no token (the controller runs on that host, or as an admin who
@@ -96,17 +95,8 @@ def _host(entry: Any, defaults: dict[str, Any], where: str,
 
 
 def load_inventory(path: Path, token_fallback: Path | None = DEFAULT_TOKEN_FILE) -> list[Host]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise InventoryError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise InventoryError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("hosts"), list):
-        raise InventoryError(f"{path}: expected a mapping with a 'hosts' list")
-    unknown = set(data) - {"hosts", "defaults"}
-    if unknown:
-        raise InventoryError(f"{path}: unknown keys: {', '.join(sorted(unknown))}")
+    data = read_yaml_mapping(path, InventoryError, required="hosts", required_type=list,
+                             hint="a 'hosts' list", allowed={"hosts", "defaults"})
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - (HOST_KEYS - {"name"}):
         raise InventoryError(f"{path}: defaults: a mapping of url/token/token_file/labels")

@@ -19,9 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.fleet.client import AgentClient, HostResult
+from agent.fleet.yamlfile import read_yaml_mapping
 
 TARGET_KINDS = ("pids", "uids", "comms")
 
@@ -187,17 +186,8 @@ def fleet_syscalls(results: list[HostResult[Any]], limit: int = 10,
 def load_state_file(path: Path) -> dict[str, Any]:
     """``monitors: {name: options}`` and optional ``targets: {pids, uids, comms,
     follow_children}`` (YAML or JSON)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("monitors"), dict):
-        raise UsageError(f"{path}: expected a mapping with 'monitors' (name: options)")
-    unknown = set(data) - {"monitors", "targets"}
-    if unknown:
-        raise UsageError(f"{path}: unknown keys: {', '.join(sorted(unknown))}")
+    data = read_yaml_mapping(path, UsageError, required="monitors", required_type=dict,
+                             hint="'monitors' (name: options)", allowed={"monitors", "targets"})
     monitors = {name: (opts or {}) for name, opts in data["monitors"].items()}
     doc: dict[str, Any] = {"monitors": monitors}
     if data.get("targets") is not None:

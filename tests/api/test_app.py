@@ -12,16 +12,10 @@ from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 
 from agent.api.app import context_of, create_app
-from tests.support.api import fake_registry, fake_report, settings
+from tests.support.api import BASE, client_for, fake_registry, fake_report, settings
 
 TOKEN = "s3cret-token"
-BASE = "http://127.0.0.1"
 WS_URL = "ws://127.0.0.1/events/ws"  # the TestClient defaults to host "testserver"
-
-
-def client_for(**overrides: Any) -> TestClient:
-    app = create_app(settings(**overrides), fake_registry(), report=fake_report())
-    return TestClient(app, base_url=BASE)
 
 
 @pytest.fixture

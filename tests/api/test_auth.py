@@ -20,6 +20,7 @@ from agent.api.app import context_of, create_app
 from agent.api.auth import LoginLimiter
 from agent.api.redact import RedactSecrets
 from tests.support.api import (
+    BASE,
     fake_registry,
     fake_report,
     read_sse,
@@ -27,8 +28,8 @@ from tests.support.api import (
     settings,
     thread_server,
 )
+from tests.support.api import client_for as support_client_for
 
-BASE = "http://127.0.0.1"
 ADMIN, VIEWER, HASHED = "admin-secret-0123", "viewer-secret-0123", "hashed-secret-0123"
 TOKENS = [
     {"name": "admin", "scope": "control", "token": ADMIN},
@@ -42,9 +43,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def client_for(**overrides: Any) -> TestClient:
-    overrides.setdefault("tokens", TOKENS)
-    app = create_app(settings(**overrides), fake_registry(), report=fake_report())
-    return TestClient(app, base_url=BASE)
+    return support_client_for(**{"tokens": TOKENS, **overrides})
 
 
 @pytest.fixture

@@ -19,8 +19,10 @@ from typing import Any
 
 import httpx
 import yaml
+from fastapi.testclient import TestClient
 from pydantic import Field
 
+from agent.api.app import create_app
 from agent.api.server import AgentServer, tcp_socket, uvicorn_config
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
@@ -422,3 +424,13 @@ def read_ws(url: str, headers: dict[str, str] | None = None) -> StreamReader:
             reader.connected.set()
 
     return _started(reader, run, "WebSocket")
+
+
+# The in-process tests' base URL: a loopback host, which the Host check admits.
+BASE = "http://127.0.0.1"
+
+
+def client_for(**overrides: Any) -> TestClient:
+    """An in-process client of an app with fake monitors and ``settings(**overrides)``."""
+    app = create_app(settings(**overrides), fake_registry(), report=fake_report())
+    return TestClient(app, base_url=BASE)

@@ -78,12 +78,16 @@ class RingReader:
         base, mask, u32, data, handle = (self._base, self._mask, self._u32, self._data_map,
                                          self._handle)
         n = 0
+        busy = False
         while True:
             while cons < prod:
                 off = base + (cons & mask)
                 hdr = u32[off >> 2]
-                if hdr & BUSY_BIT:  # reserved, not committed yet: stop here
-                    prod = cons
+                if hdr & BUSY_BIT:
+                    # Reserved, not committed yet: records after it must wait for it, so
+                    # this call ends here (as libbpf's does) instead of spinning on it; the
+                    # producer's commit wakes the reader again.
+                    busy = True
                     break
                 length = hdr & ~(BUSY_BIT | DISCARD_BIT)
                 stop = False
@@ -100,7 +104,7 @@ class RingReader:
                 if n >= limit:
                     break
             self._cons.value = cons
-            if n >= limit:
+            if n >= limit or busy:
                 break
             new_prod = self._prod[0]
             if new_prod == prod or cons >= new_prod:

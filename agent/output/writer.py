@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("console", "csv", "jsonl")
 DRAIN_INTERVAL_S = 0.05
+SNAPSHOT_BACKLOG = 4  # snapshots waiting for the writer at most (see offer_snapshot)
 FLUSH_BYTES = 1 << 20  # a file's buffer is written out at least at this size
 # Event files hold every process's argv: owner only, or owner and one group.
 FILE_MODE, GROUP_FILE_MODE = 0o600, 0o640
@@ -194,7 +195,7 @@ def _pick(fields: Sequence[str], row: dict[str, Any]) -> list[Any]:
 
 
 class SnapshotRows(list):  # type: ignore[type-arg]
-    """A batch of snapshot rows travelling through the queue next to events."""
+    """One periodic snapshot: the aggregate tables as rows (its own small queue)."""
 
 
 def make_directory(directory: Path, mode: int = DIR_MODE, gid: int | None = None) -> None:
@@ -239,6 +240,11 @@ class OutputWriter:
         # writing the event.
         self._pending: deque[Any] = deque()
         self._capacity = queue_size
+        # Snapshots have a queue of their own: under a flood the event queue is full, and
+        # the periodic totals are then what matters most. At most SNAPSHOT_BACKLOG wait
+        # (a writer that far behind is stuck); an older one pushed out is counted.
+        self._pending_snapshots: deque[SnapshotRows] = deque()
+        self._snapshots_lock = threading.Lock()  # control thread vs writer thread
         self._stopping = threading.Event()
         self._flush_interval = flush_interval_s
         self._formats: list[_Format] = []
@@ -297,10 +303,11 @@ class OutputWriter:
 
     def offer_snapshot(self, rows: list[dict[str, Any]]) -> None:
         """Control thread."""
-        if len(self._pending) >= self._capacity:
-            self.snapshot_rows_dropped += len(rows)
-        else:
-            self._pending.append(SnapshotRows(rows))
+        with self._snapshots_lock:
+            backlog = self._pending_snapshots
+            if len(backlog) >= SNAPSHOT_BACKLOG:
+                self.snapshot_rows_dropped += len(backlog.popleft())
+            backlog.append(SnapshotRows(rows))
 
     def _run(self) -> None:
         last_flush = time.monotonic()
@@ -319,6 +326,11 @@ class OutputWriter:
                 self._report(e)
 
     def _drain(self) -> None:
+        with self._snapshots_lock:
+            snapshots = list(self._pending_snapshots)
+            self._pending_snapshots.clear()
+        for rows in snapshots:
+            self._write_snapshot(rows)
         pending = self._pending
         while pending:
             item = pending.popleft()
@@ -326,8 +338,6 @@ class OutputWriter:
                 self._write({}, item)
             elif type(item) is tuple:
                 self._write(*item)
-            elif isinstance(item, SnapshotRows):
-                self._write_snapshot(item)
             else:
                 self._write(item)
 

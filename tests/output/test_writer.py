@@ -79,3 +79,28 @@ def test_jsonl_writes_the_bytes_it_is_given_in_order(tmp_path: Path) -> None:
     assert lines[0] == {"pid": 0, "from": "hub"}
     assert [x["pid"] for x in lines] == list(range(5000))
     assert w.dropped == 0
+
+
+class _SnapshotMonitor(RowMonitor):
+    SNAPSHOT_FIELDS = ("name", "count")
+
+
+def test_snapshots_survive_a_full_event_queue(tmp_path: Path) -> None:
+    """Under a flood the event queue is full; the periodic totals still get written (their
+    own small queue), and only snapshots beyond SNAPSHOT_BACKLOG are dropped, counted."""
+    from agent.output.writer import SNAPSHOT_BACKLOG
+
+    console = _Blocking()
+    w = OutputWriter("s", ["console", "csv"], tmp_path, _SnapshotMonitor(), queue_size=8,
+                     console=console)
+    for i in range(100):
+        w.offer({"pid": i, "argv": []})
+    assert w.queue_dropped > 0
+    for n in range(SNAPSHOT_BACKLOG + 2):  # the writer is stuck: two are pushed out
+        w.offer_snapshot([{"name": "getppid", "count": n}])
+    console.release.set()
+    w.close()
+    with open(tmp_path / "s-snapshot.csv", newline="") as f:
+        counts = [int(r["count"]) for r in csv.DictReader(f)]
+    assert counts == list(range(2, SNAPSHOT_BACKLOG + 2))
+    assert w.snapshot_rows_dropped == 2

@@ -108,31 +108,16 @@ class LeaseStateMixin:
     # Told of each expiry (monitor name, lease_s, expiry time ISO 8601), on the control
     # thread; the API sets it to record the expiry in its audit log.
     lease_expired_hook: Callable[[str, float, str], None] | None = None
-    # Created on first use (the manager's __init__ stays as it is).
-    _leases_: dict[str, Lease] | None = None
-    _lease_expired_: Counter[str] | None = None
-    _lease_notes_: dict[str, str] | None = None
+    # The timer thread starts with the first lease.
     _lease_wake_: threading.Event | None = None
     _lease_timer_: threading.Thread | None = None
 
-    @property
-    def _leases(self) -> dict[str, Lease]:
-        if self._leases_ is None:
-            self._leases_ = {}
-        return self._leases_
-
-    @property
-    def leases_expired(self) -> Counter[str]:
-        """Expired leases per monitor since start (a Prometheus counter)."""
-        if self._lease_expired_ is None:
-            self._lease_expired_ = Counter()
-        return self._lease_expired_
-
-    @property
-    def _lease_notes(self) -> dict[str, str]:
-        if self._lease_notes_ is None:
-            self._lease_notes_ = {}
-        return self._lease_notes_
+    def _init_leases(self) -> None:
+        """The lease state; called by the manager's __init__."""
+        self._leases: dict[str, Lease] = {}
+        # Expired leases per monitor since start (a Prometheus counter).
+        self.leases_expired: Counter[str] = Counter()
+        self._lease_notes: dict[str, str] = {}
 
     # -- leases (control thread unless said otherwise) ----------------------------------
     def start_leased(self, name: str, options: dict[str, Any] | None,

@@ -160,6 +160,7 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         self._thread = threading.Thread(target=self._control_loop, name="bpf-control", daemon=True)
         self._started = time.monotonic()
         self._closed = False
+        self._init_leases()
         self._thread.start()
 
     # -- the control thread --------------------------------------------------------

@@ -9,16 +9,20 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from agent.api.access.origin import deny
+from agent.api.access.principal import principal_of
+from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, SettingsDep
-from agent.api.gate import principal_of
 from agent.api.models import ERROR_RESPONSES
-from agent.api.security import deny
+from agent.model.filters import StreamFilters
 from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
 from agent.stream.wire import sse_chunk, ws_array, ws_messages
 
@@ -28,13 +32,27 @@ ws_router = APIRouter(tags=["events"])  # not in OpenAPI: see events_ws
 
 
 def filters(
+    conn: HTTPConnection,
     monitor: Annotated[list[str] | None, Query(description="monitor name (repeatable)")] = None,
     pid: Annotated[list[int] | None, Query(description="process id (repeatable)")] = None,
     uid: Annotated[list[int] | None, Query(description="user id (repeatable)")] = None,
     comm: Annotated[list[str] | None, Query(description="process name (repeatable)")] = None,
 ) -> Filters:
-    return Filters(frozenset(monitor or ()), frozenset(pid or ()), frozenset(uid or ()),
-                   frozenset(comm or ()))
+    """The stream filters of the query (limits: agent/model/filters.py), or those of the
+    ticket that opened the stream (the gate checked that the query asks for no other)."""
+    who = principal_of(conn.scope)
+    if who is not None and who.filters is not None:
+        return Filters.of(who.filters)
+    try:
+        asked = StreamFilters(monitor=monitor or [], pid=pid or [], uid=uid or [],
+                              comm=comm or [])
+    except ValidationError as e:
+        errors = [{**err, "loc": ("query", *err["loc"])}
+                  for err in e.errors(include_url=False, include_context=False)]
+        if conn.scope["type"] == "websocket":
+            raise WebSocketRequestValidationError(errors) from None
+        raise RequestValidationError(errors) from None
+    return Filters.of(asked)
 
 
 FiltersDep = Annotated[Filters, Depends(filters)]
@@ -164,6 +182,7 @@ class SubscriberStream(Response):
 
 @router.get(
     "/events",
+    dependencies=[Depends(needs("read"))],
     summary="live events as Server-Sent Events",
     response_class=EventSourceResponse,
     responses={200: {"description": "id: sequence number, event: monitor name, data: the "
@@ -185,7 +204,7 @@ async def events_sse(
 
 
 # -- WebSocket ---------------------------------------------------------------------------
-@ws_router.websocket("/events/ws")
+@ws_router.websocket("/events/ws", dependencies=[Depends(needs("read"))])
 async def events_ws(
     websocket: WebSocket,
     ctx: ContextDep,
@@ -195,10 +214,8 @@ async def events_ws(
                                  "per frame (same objects as one-per-frame mode)")] = False,
 ) -> None:
     # Before accept: a refusal is an HTTP response, not a WebSocket close code. The gate
-    # authenticated the handshake (bearer, session cookie or ticket).
-    if principal_of(websocket.scope) is None:
-        await deny(websocket.scope, websocket.send, 401, "missing or invalid bearer token")
-        return
+    # authenticated the handshake (bearer, session cookie or ticket), needs("read") is
+    # the route's rule as for every other route.
     if ctx.hub is None:
         await deny(websocket.scope, websocket.send, 503, "the agent is starting")
         return

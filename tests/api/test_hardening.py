@@ -199,6 +199,50 @@ def test_slow_headers_cannot_exhaust_connections(tmp_path: Path) -> None:
                 s.close()
 
 
+def test_slow_login_bodies_cannot_exhaust_connections(tmp_path: Path) -> None:
+    """1,100 sockets that send complete login headers (Content-Length 16000) and part of
+    the body, then stall, against an agent limited to 1,024 file descriptors: /health and
+    an authenticated GET /stats still answer 200 while they are open, the stuck logins
+    are answered 408 (shed or past api.body_timeout_s) and closed, and the shedding is
+    logged."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1400
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    config = {**NO_MONITORS, "api": {"body_timeout_s": 4}}
+    agent = start_agent(tmp_path, config, token=TOKEN,
+                        prefix=["prlimit", "--nofile=1024:1024", "--"])
+    head = (b"POST /auth/session HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 16000\r\n\r\n"
+            b'{"token": "')
+    sockets: list[socket.socket] = []
+    with running(agent) as a:
+        try:
+            for _ in range(1100):
+                s = socket.create_connection(address(a), timeout=30)
+                s.sendall(head)  # headers complete, the body never is
+                sockets.append(s)
+            for _ in range(5):
+                assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
+                assert a.get("/stats").status_code == 200
+            closed = 0
+            for s in sockets:
+                s.settimeout(30)
+                try:
+                    data = s.recv(4096)
+                    closed += data == b"" or data.startswith(b"HTTP/1.1 408")
+                except ConnectionResetError:
+                    closed += 1
+            assert closed == len(sockets)
+            assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
+            log = a.log_text()
+            assert "Too many open files" not in log, log[-2000:]
+            assert "shed" in log, log[-2000:]
+        finally:
+            for s in sockets:
+                s.close()
+
+
 def test_idle_keepalive_connections_are_closed(tmp_path: Path) -> None:
     config = {**NO_MONITORS, "api": {"keepalive_timeout_s": 1}}
     with running(start_agent(tmp_path, config, token=TOKEN)) as a, \

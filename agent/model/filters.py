@@ -92,7 +92,7 @@ class StreamFilters(BaseModel):
         """The non-empty filters, each sorted."""
         return {k: sorted(getattr(self, k)) for k in FILTER_KEYS if getattr(self, k)}
 
-    def query(self) -> list[tuple[str, str]]:
+    def params(self) -> list[tuple[str, str]]:
         """As query parameters of /events (repeated keys)."""
         return [(k, str(v)) for k in FILTER_KEYS for v in getattr(self, k)]
 

@@ -12,8 +12,7 @@ from agent.api.access.principal import Principal
 from agent.api.access.sessions import SessionStore, StoreFull, TicketStore
 from agent.api.app import create_app
 from agent.model.filters import StreamFilters
-from tests.support.api import BASE, client_for, fake_registry, fake_report, settings, \
-    thread_server
+from tests.support.api import BASE, client_for, fake_registry, fake_report, settings, thread_server
 
 ADMIN, VIEWER, OPS = "sess-admin-0123", "sess-viewer-0123", "sess-ops-0123"
 TOKENS = [{"name": "admin", "scope": "control", "token": ADMIN},

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from agent.api.access.origin import deny
-from agent.api.access.principal import principal_of
+from agent.api.access.principal import client_address, principal_of
 from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, SettingsDep
 from agent.api.models import ERROR_RESPONSES
@@ -61,12 +61,6 @@ LastIdQuery = Annotated[int | None, Query(
     ge=0, le=2**63 - 1, description="resume after this id (like the Last-Event-ID header)")]
 
 
-def client_of(conn: HTTPConnection) -> str:
-    if conn.client is None:
-        return "unix"
-    return f"{conn.client.host}:{conn.client.port}"
-
-
 def resume_from(header: str | None, query: int | None) -> int | None:
     if query is not None:
         return query
@@ -80,7 +74,7 @@ def resume_from(header: str | None, query: int | None) -> int | None:
 def subscribe(hub: EventHub, kind: str, conn: HTTPConnection, f: Filters,
               last_id: int | None) -> Subscriber:
     try:
-        return hub.subscribe(kind, f, client_of(conn), last_id)
+        return hub.subscribe(kind, f, client_address(conn.scope), last_id)
     except HubFull as e:
         raise HTTPException(503, str(e)) from None
 
@@ -221,7 +215,7 @@ async def events_ws(
         return
     last_id = resume_from(websocket.headers.get("last-event-id"), last_event_id)
     try:
-        sub = ctx.hub.subscribe("ws", f, client_of(websocket), last_id)
+        sub = ctx.hub.subscribe("ws", f, client_address(websocket.scope), last_id)
     except HubFull as e:
         await deny(websocket.scope, websocket.send, 503, str(e))
         return

@@ -24,7 +24,7 @@ from typing import Any
 
 import uvicorn
 
-from agent.api.access.connguard import GuardState, fd_budget, protocol_class
+from agent.api.access.connguard import GuardCollector, GuardState, fd_budget, protocol_class
 from agent.api.access.principal import TokenStore
 from agent.api.access.redact import RedactSecrets
 from agent.api.access.redact import install as install_redaction
@@ -229,6 +229,13 @@ def uvicorn_config(app: Any, settings: Settings, max_connections: int | None = N
     api, stream = settings.api, settings.stream
     guard = GuardState(max_connections or api.max_connections, api.header_timeout_s,
                        api.max_header_bytes)
+    state = getattr(app, "state", None)
+    if state is not None and hasattr(state, "ctx"):  # its /metrics: what the guard closed
+        collector = getattr(state, "connection_guard", None)
+        if collector is None:
+            state.connection_guard = collector = GuardCollector(guard)
+            state.ctx.metrics.register(collector)
+        collector.guard = guard  # the app served again (tests): the new server's counts
     return uvicorn.Config(
         app,
         http=protocol_class(guard),  # header deadline and size cap, connection cap

@@ -246,6 +246,11 @@ def test_slow_login_bodies_cannot_exhaust_connections(tmp_path: Path) -> None:
         log = a.log_text()
         assert "Too many open files" not in log, log[-2000:]
         assert "shed" in log and "unauthenticated connection" in log, log[-2000:]
+        closed = {ln.split("reason=")[1].split('"')[1]: float(ln.split()[-1])
+                  for ln in a.get("/metrics").text.splitlines()
+                  if ln.startswith("ebpf_agent_api_connections_closed_total")}
+        assert closed["shed"] + closed["body_timeout"] == FLOOD, closed
+        assert closed["full"] == 0
 
 
 def test_idle_keepalive_connections_are_closed(tmp_path: Path) -> None:

@@ -21,8 +21,10 @@ import logging
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, Metric
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,8 @@ SHED_LOG_EVERY_S = 10.0  # at most one "shed" warning per this many seconds
 
 
 class GuardState:
-    """Shared by the connections of one server: those still sending headers, oldest
-    first, and counters for /stats."""
+    """Shared by the connections of one server: those still sending headers and those
+    not yet authenticated, oldest first, and counters for /metrics (GuardCollector)."""
 
     def __init__(self, max_connections: int, header_timeout_s: float,
                  max_header_bytes: int, reserve: int | None = None) -> None:
@@ -62,6 +64,26 @@ class GuardState:
                         self.max_connections, self.reserve)
             self._shed_unlogged = 0
             self._shed_logged_at = now
+
+
+class GuardCollector:
+    """/metrics: connections the guard closed or refused, by reason."""
+
+    def __init__(self, guard: GuardState) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.guard
+        family = CounterMetricFamily(
+            "ebpf_agent_api_connections_closed", "connections closed or refused by the "
+            "connection guard: shed (the oldest unauthenticated one, to make room), "
+            "header_timeout, body_timeout (408), oversize_headers (431), full (503: every "
+            "other connection authenticated)", labels=["reason"])
+        for reason, n in (("shed", g.evicted), ("header_timeout", g.timed_out),
+                          ("body_timeout", g.body_timeouts), ("oversize_headers", g.oversize),
+                          ("full", g.refused)):
+            family.add_metric([reason], float(n))
+        yield family
 
 
 def _response(status: bytes) -> bytes:

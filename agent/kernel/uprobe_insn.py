@@ -11,8 +11,9 @@ either executes a copy of the instruction out of line or emulates it
   decoder stores the byte after the prefix there ("VEX has only 1 byte for opcode"), so
   e.g. ``vmovd %esi,%xmm0`` (c5 f9 **6e** c6, "outs") and ``vpxor`` (.. **ef**, "out")
   are refused. Both kinds are harmless but each refusal costs a failed link attempt per
-  split level (multi.py), each registering and unregistering the whole group in every
-  process mapping the binary: glibc's 21 such functions made ``c:*`` take 16 s to start.
+  split level (agent/monitors/func/cookie_links.py), each registering and unregistering
+  the whole group in every process mapping the binary: with glibc's such functions,
+  ``c:*`` started many times slower (bench/RESULTS.md, "Figures the code cites").
 * **accepted, then corrupting** (the dangerous one): VEX/EVEX instructions whose opcode
   byte is one branch_setup_xol_ops() emulates (0x70-0x7f Jcc, 0x90 nop, 0xe8 call,
   0xe9/0xeb jmp). It keys on the same ``OPCODE1`` without looking at the opcode map, so

@@ -33,12 +33,12 @@ from agent.kernel.probes import (
     UprobeMultiLinks,
     describe_error,
     kprobes_status,
-    remove_leaked_uprobe_event,
 )
 from agent.kernel.symbols import (
     KERNEL_TARGET,
     Probe,
     dedup_by_address,
+    file_offsets,
     glob_regex,
     kernel_functions,
     resolve_binary,
@@ -49,7 +49,8 @@ from agent.kernel.uprobe_insn import uprobe_hazards
 from agent.model.event_decl import Decode, EventDecl, EventField, Member
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
-from agent.monitors.func.multi import CookieLinks, file_offsets
+from agent.monitors.func.bcc_uprobes import remove_leaked_uprobe_event
+from agent.monitors.func.cookie_links import CookieLinks
 from agent.monitors.registry import register_monitor
 
 __all__ = ["FuncMonitor", "FuncOptions", "FuncPatternError", "Probe", "parse_pattern"]
@@ -207,7 +208,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         # the bench set it to cover and compare that path.
         self.prefer_uprobe_multi = True
         self.attach_seconds = 0.0
-        # One shared program pair, probe id from the attach cookie (multi.py); False: a
+        # One shared program pair, probe id from the attach cookie (cookie_links.py); False: a
         # program per function (no uprobe_multi links, kprobes, or prefer_uprobe_multi off).
         self.cookie_mode = False
         self.cookie_links: CookieLinks | None = None
@@ -368,7 +369,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
                             ", ".join(self.probes[ids[k]].name for k in sorted(hazards)))
 
     def _attach_with_cookies(self) -> None:
-        """Every function of a binary in one link per direction (multi.py)."""
+        """Every function of a binary in one link per direction (cookie_links.py)."""
         from bcc import BPF
 
         latency = self.options.latency

@@ -17,8 +17,8 @@ from agent.kernel.symbols import file_offset
 from agent.kernel.tracefs import find_tracefs
 
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
-ENOTSUPP = 524  # kernel-internal errno (include/linux/errno.h), which strerror() lacks
-BPF_LINK_CREATE = 28  # enum bpf_cmd, include/uapi/linux/bpf.h
+ENOTSUPP = 524  # a kernel-internal errno, which errno(3) and strerror() lack
+BPF_LINK_CREATE = 28  # enum bpf_cmd, bpf(2)
 BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type, Linux 6.6 (our 6.1 headers lack it)
 BPF_F_UPROBE_MULTI_RETURN = 1
 NR_BPF = {"x86_64": 321, "aarch64": 280}  # the bpf(2) syscall number
@@ -145,8 +145,9 @@ class UprobeMultiLinks:
     @classmethod
     def create(cls, bpf: Any, feature_probe: str) -> UprobeMultiLinks | None:
         """An instance when the kernel has uprobe_multi links, else None.
-        ``feature_probe``: a program of ``bpf`` never attached otherwise. The probe is
-        libbpf's: a link on "/" fails with EBADF only where the attach type exists."""
+        ``feature_probe``: a program of ``bpf`` never attached otherwise. A link on
+        "/" (a directory) fails with EBADF only where the attach type exists: an older
+        kernel refuses the attach type first (EINVAL)."""
         from bcc import BPF
 
         try:

@@ -84,10 +84,10 @@ def encode_event(event: Event) -> bytes:
     are written as \\udcXX escapes, which json.loads + encode('utf-8', 'surrogateescape')
     turn back into the original bytes; orjson refuses them, so those take the slow path."""
     try:
-        # orjson hands back a bytes object that still owns its 4 KiB working buffer
-        # (measured with tracemalloc: 4,097 B for a 237-byte event); whatever keeps the
-        # bytes (the output queue, an exporter's queue) would pay that per event. An
-        # exact-size copy costs ~0.1 us.
+        # orjson hands back a bytes object that still owns its working buffer (4 KiB);
+        # whatever keeps the bytes (the output queue, an exporter's queue) would pay
+        # that per event, so keep an exact-size copy (bench/RESULTS.md, "Figures the
+        # code cites").
         return bytes(memoryview(orjson.dumps(event)))
     except TypeError:
         return json.dumps(event, separators=(",", ":")).encode()

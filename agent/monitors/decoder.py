@@ -20,7 +20,7 @@ from agent.model.events import HEADER, Event, MonotonicClock, decode_c_string
 # (raw record, the struct's own fixed members by name) -> {field: value}
 Hook = Callable[[bytes, dict[str, Any]], dict[str, Any]]
 
-MAX_ERRNO = 4095  # include/linux/err.h: returns in [-MAX_ERRNO, -1] are errors
+MAX_ERRNO = 4095  # the kernel's MAX_ERRNO: returns in [-MAX_ERRNO, -1] are errors
 
 
 def errno_or_none(ret: int) -> str | None:

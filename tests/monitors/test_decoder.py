@@ -3,6 +3,7 @@ test builds, byte for byte, and the errors a declaration the monitor cannot serv
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Any
 
@@ -115,3 +116,16 @@ def test_console_lines() -> None:
         console="pid={pid} {ret:errno} {latency_ns:us}us{latency_ns:opt_ns} {words:words}"
                 "{missing:opt_ns}")
     assert console_line(templated, e) == f"{ts} toy pid=10 -2 ENOENT 0.1us 77 ns a b\\nc"
+
+
+def test_header_fields_of_self_decoding_monitors_match_the_decoder() -> None:
+    """header_fields (monitors with their own parse_event) and a declared decoder give
+    the same common fields for the same header."""
+    from agent.model.events import header_fields
+
+    clock = MonotonicClock()
+    raw = record(0, 0, 1, b"n")
+    e = EventDecoder(DECL, "toy", clock, tables={"label": {1: "L1"}}, hooks={"tail": hook},
+                     options={"mode": "m"}).decode(raw)
+    hdr = EventHeader.from_buffer_copy(raw[: ctypes.sizeof(EventHeader)])
+    assert header_fields("toy", hdr, clock) == {k: e[k] for k in COMMON_FIELDS}

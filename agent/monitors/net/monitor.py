@@ -78,7 +78,8 @@ class NetConfig(ctypes.Structure):
 
 
 class NetAddrKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16),
+                ("_pad", ctypes.c_uint8 * 4)]
 
 
 class NetOwner(ctypes.Structure):
@@ -197,7 +198,7 @@ def addr_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> NetAddrK
         raw, bits = mapped.packed, 96 + network.prefixlen
     else:
         raw, bits = network.network_address.packed, network.prefixlen
-    return NetAddrKey(bits, (ctypes.c_uint8 * 16)(*raw))
+    return NetAddrKey(bits, (ctypes.c_uint8 * 16)(*raw), (ctypes.c_uint8 * 4)())
 
 
 def closed_by(flags: int) -> str:

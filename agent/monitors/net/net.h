@@ -81,6 +81,8 @@ struct net_config {
 struct net_addr_key {
     u32 prefixlen;             /* BPF_MAP_TYPE_LPM_TRIE key: bits of addr that count */
     u8 addr[16];
+    u8 _pad[4];                /* to 8 bytes; part of the trie's data, beyond any
+                                * prefix used (at most 128 bits), so never compared */
 };
 
 /* Who owns a socket: recorded in process context (connect, accept), used for every later

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from agent.model.events import COMM_LEN, COMMON_FIELDS, EventHeader, EventModel
+from agent.model.events import COMM_LEN, COMMON_FIELDS, HEADER, EventHeader, EventModel
 from agent.monitors.bcc import (
     BPF_DIR,
     KERNEL_COUNTERS,
@@ -19,29 +19,37 @@ from agent.monitors.bcc import (
     TF_READY,
     TF_UIDS,
 )
-from tests.support.layout import assert_constants, assert_layout, c_values, indexed, struct_sizes
+from tests.support.layout import (
+    assert_constants,
+    assert_event_layout,
+    assert_layout,
+    c_values,
+    indexed,
+    struct_sizes,
+)
 
-HEADER = BPF_DIR / "types.h"
+TYPES_H = BPF_DIR / "types.h"
 
 
 def test_event_header_layout() -> None:
-    assert_layout(HEADER, "event_hdr", EventHeader)
+    assert_event_layout(HEADER, BPF_DIR)
+    assert_layout(TYPES_H, "event_hdr", EventHeader)
     assert tuple(EventModel.model_fields) == COMMON_FIELDS
 
 
 def test_map_key_sizes() -> None:
-    assert struct_sizes(HEADER, ["comm_key"]) == {"comm_key": COMM_LEN}
+    assert struct_sizes(TYPES_H, ["comm_key"]) == {"comm_key": COMM_LEN}
 
 
 def test_constants_match_python() -> None:
-    assert_constants(HEADER, {
+    assert_constants(TYPES_H, {
         "COMM_LEN": COMM_LEN,
         "TF_PIDS": TF_PIDS, "TF_UIDS": TF_UIDS, "TF_COMMS": TF_COMMS,
         "TF_FOLLOW": TF_FOLLOW, "TF_READY": TF_READY,
         "PID_TARGET": PID_TARGET, "PID_FOLLOWED": PID_FOLLOWED,
         **indexed(KERNEL_COUNTERS, "CNT_{}"),
     })
-    assert c_values(HEADER, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
+    assert c_values(TYPES_H, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
 
 
 SETTINGS_MACROS = {"MAX_TARGET_PIDS": 8, "MAX_TARGET_UIDS": 8, "MAX_TARGET_COMMS": 8,

@@ -25,7 +25,7 @@ from agent.model.events import Event
 from agent.model.targets import TargetSet
 from agent.monitors.net import monitor as net
 from agent.monitors.net.monitor import NetMonitor, NetOptions
-from tests.support.layout import assert_constants, assert_layout
+from tests.support.layout import assert_constants, assert_event_layout, assert_layout
 from tests.support.monitors import CollectingSink, loaded_monitor
 
 HEADER = NetMonitor.source_dir() / "net.h"
@@ -37,8 +37,12 @@ MB = 1 << 20
 
 
 # -- layouts and pure functions --------------------------------------------------------------
+def test_event_layout() -> None:
+    assert_event_layout(net.NET_EVENT, NetMonitor.source_dir(), DEFINES)
+
+
 @pytest.mark.parametrize("struct_name, cls", [
-    ("net_event", net.NetEvent), ("net_owner", net.NetOwner), ("net_ep_key", net.NetEpKey),
+    ("net_owner", net.NetOwner), ("net_ep_key", net.NetEpKey),
     ("net_ep_value", net.NetEpValue), ("net_config", net.NetConfig),
     ("net_addr_key", net.NetAddrKey),
 ])
@@ -285,6 +289,7 @@ def test_loopback_connections_exactly(monitor, host: str) -> None:
             assert srv.received() == [sent] and cli.received == reply
             clients.append((srv, cli, sent, reply))
     for srv, cli, sent, reply in clients:
+        assert cli.sport is not None
         events = wait_for(m, sink, of_port(cli.sport), 4)
         check_connection(events, srv.proc.pid, cli, host, srv.port, sent, reply)
 
@@ -331,7 +336,8 @@ def test_reset_connection(monitor) -> None:
     with server("127.0.0.1", 1, 0, reset=True) as srv:
         cli = start_client("127.0.0.1", srv.port, 0)
         assert srv.received() == [0]
-    events = wait_for(m, sink, of_port(cli.sport or 0), 4)
+    assert cli.sport is not None
+    events = wait_for(m, sink, of_port(cli.sport), 4)
     by = {(e["event"], e["direction"]): e for e in events}
     assert sorted(by) == [("accept", "in"), ("close", "in"), ("close", "out"),
                           ("connect", "out")]

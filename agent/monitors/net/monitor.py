@@ -20,7 +20,8 @@ from pydantic import Field, field_validator
 from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.maps import lookup_batch
 from agent.kernel.syscalls import errno_name
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
+from agent.model.events import EventHeader
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import (
     MetricSeries,
@@ -28,6 +29,7 @@ from agent.monitors.contract import (
     MonitorOptions,
     MonitorStatsQuery,
 )
+from agent.monitors.decoder import Hook
 from agent.monitors.registry import register_monitor
 
 # -- mirrors of net.h (tests/monitors/test_net.py checks them with gcc) ----------------
@@ -53,6 +55,7 @@ KINDS = {NET_CONNECT: "connect", NET_ACCEPT: "accept", NET_CLOSE: "close"}
 FAMILIES = {NET_AF_INET: "ipv4", NET_AF_INET6: "ipv6"}
 DIRECTIONS = {NET_DIR_OUT: "out", NET_DIR_IN: "in"}
 EventKind = Literal["connect", "accept", "close"]
+ALL_EVENTS: tuple[EventKind, ...] = ("connect", "accept", "close")
 MAX_FILTER_ENTRIES = 64  # per include/exclude list; also the kernel maps' sizes
 
 # Members of kernel structs the program reads (BTF offsets, -D OFF_<STRUCT>_<MEMBER>).
@@ -116,66 +119,76 @@ class NetEpValue(ctypes.Structure):
     ]
 
 
-class NetEvent(ctypes.Structure):
-    """Mirror of ``struct net_event`` in net.h."""
-
-    _fields_ = [
-        ("hdr", EventHeader),
-        ("duration_ns", ctypes.c_uint64),
-        ("bytes_sent", ctypes.c_uint64),
-        ("bytes_received", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("retransmits", ctypes.c_uint32),
-        ("error", ctypes.c_int32),
-        ("sport", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("family", ctypes.c_uint16),
-        ("kind", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8),
-        ("flags", ctypes.c_uint32),
-        ("_pad2", ctypes.c_uint32),
-    ]
-
-
-# -- the event's own fields, in one place: model, CSV columns and decoder follow it ------
-class NetEventModel(EventModel):
-    """A TCP connection event. The common fields name the socket's owner: the task that
-    connected (connect(2)) or accepted (accept(2)/accept4(2)) it, also for events the
-    kernel raised in softirq; ts_ns is the moment of the event."""
-
-    event: EventKind = Field(
-        description="connect: an active open ended (established or failed); accept: "
-        "accept(2) returned a passive connection; close: an established connection closed")
-    direction: Literal["out", "in"] = Field(description="out: connected; in: accepted")
-    family: Literal["ipv4", "ipv6"] = Field(
-        description="the socket's family (an IPv6 socket may carry IPv4-mapped addresses)")
-    saddr: str = Field(description="local address")
-    sport: int = Field(description="local port")
-    daddr: str = Field(description="remote address")
-    dport: int = Field(description="remote port")
-    error: str | None = Field(
-        description="connect: None when established, else the errno name (ECONNREFUSED, "
-        "ETIMEDOUT, ECONNRESET...) or 'closed' (the socket was closed before the "
-        "handshake ended); close: the socket's pending error (ECONNRESET after a reset, "
-        "ETIMEDOUT when retransmissions gave up) or None; accept: None")
-    duration_ns: int = Field(
-        description="connect: from SYN sent to the result; accept: time in the accept "
-        "queue; close: from ESTABLISHED to CLOSE")
-    bytes_sent: int | None = Field(
-        description="close: bytes acknowledged by the peer (tcp_sock.bytes_acked); else None")
-    bytes_received: int | None = Field(
-        description="close: bytes received (tcp_sock.bytes_received); else None")
-    retransmits: int | None = Field(
-        description="close: segments retransmitted (tcp_sock.total_retrans); else None")
-    closed_by: Literal["local", "peer"] | None = Field(
-        description="close: the side that ended the connection first (FIN or reset); "
-        "local also when the local kernel gave up (timeout); else None")
-    reset: Literal["sent", "received"] | None = Field(
-        description="close: a reset ended the connection, sent or received; else None")
-
-
-NET_FIELDS = tuple(f for f in NetEventModel.model_fields if f not in EventModel.model_fields)
+# -- the event, declared once (agent/model/event_decl.py): ctypes mirror, decoder, model
+# (OpenAPI NetEvent), CSV columns and console line derive from it ---------------------------
+CLOSE_ONLY = "; None for connect and accept"
+NET_EVENT = EventDecl(
+    struct="net_event", header="net.h",
+    doc="A TCP connection event. The common fields name the socket's owner: the task "
+        "that connected (connect(2)) or accepted (accept(2)/accept4(2)) it, also for "
+        "events the kernel raised in softirq; ts_ns is the moment of the event.",
+    members=(
+        Member("duration_ns", "u64"),
+        Member("bytes_sent", "u64"),
+        Member("bytes_received", "u64"),
+        Member("saddr", "u8", 16),       # IPv4 as ::ffff:a.b.c.d
+        Member("daddr", "u8", 16),
+        Member("retransmits", "u32"),
+        Member("error", "s32"),          # sock.sk_err: errno or 0
+        Member("sport", "u16"),
+        Member("dport", "u16"),
+        Member("family", "u16"),
+        Member("kind", "u8"),
+        Member("_pad", "u8"),
+        Member("flags", "u32"),          # NET_F_*
+        Member("_pad2", "u32"),
+    ),
+    fields=(
+        EventField("event", "string",
+                   "connect: an active open ended (established or failed); accept: "
+                   "accept(2) returned a passive connection; close: an established "
+                   "connection closed", Decode.ENUM, source="kind",
+                   arg=KINDS),
+        EventField("direction", "string", "out: connected; in: accepted",
+                   Decode.HOOK, arg="net"),
+        EventField("family", "string", "ipv4 or ipv6: the socket's family (an IPv6 socket "
+                   "may carry IPv4-mapped addresses)", Decode.ENUM,
+                   arg=FAMILIES),
+        EventField("saddr", "string", "local address", Decode.HOOK, arg="net"),
+        EventField("sport", "integer", "local port"),
+        EventField("daddr", "string", "remote address", Decode.HOOK, arg="net"),
+        EventField("dport", "integer", "remote port"),
+        EventField("error", "string",
+                   "connect: None when established, else the errno name (ECONNREFUSED, "
+                   "ETIMEDOUT...) or 'closed' (the socket was closed before the handshake "
+                   "ended); close: the socket's pending error (ECONNRESET after a reset, "
+                   "ETIMEDOUT when retransmissions gave up) or None; accept: None",
+                   Decode.HOOK, arg="net", nullable=True),
+        EventField("duration_ns", "integer",
+                   "connect: from SYN sent to the result; accept: time in the accept "
+                   "queue; close: from ESTABLISHED to CLOSE"),
+        EventField("bytes_sent", "integer", "close: payload bytes acknowledged by the "
+                   "peer (tcp_sock.bytes_acked less SYN and FIN)" + CLOSE_ONLY,
+                   Decode.HOOK, arg="net", nullable=True),
+        EventField("bytes_received", "integer", "close: payload bytes received "
+                   "(tcp_sock.bytes_received less FIN)" + CLOSE_ONLY,
+                   Decode.HOOK, arg="net", nullable=True),
+        EventField("retransmits", "integer", "close: segments retransmitted "
+                   "(tcp_sock.total_retrans)" + CLOSE_ONLY, Decode.HOOK, arg="net",
+                   nullable=True),
+        EventField("closed_by", "string", "close: local or peer, the side that ended the "
+                   "connection first (FIN or reset); local also when the local kernel "
+                   "gave up (timeout)" + CLOSE_ONLY, Decode.HOOK, arg="net", nullable=True),
+        EventField("reset", "string", "close: sent or received when a reset ended the "
+                   "connection (one sent by an abortive close(2), SO_LINGER 0, follows "
+                   "the close and is not seen)" + CLOSE_ONLY, Decode.HOOK, arg="net",
+                   nullable=True),
+    ),
+    console="{event} pid={pid} comm={comm} {saddr}:{sport} -> {daddr}:{dport} "
+            "error={error} sent={bytes_sent} received={bytes_received} "
+            "closed_by={closed_by}",
+)
+NetEvent = NET_EVENT.ctypes_struct(name="NetEvent")
 
 
 def format_addr(raw: bytes, family: int) -> str:
@@ -217,18 +230,35 @@ def reset_of(flags: int) -> str | None:
     return None
 
 
-def event_error(e: NetEvent) -> str | None:
+def event_error(kind: int, flags: int, error: int) -> str | None:
     """connect: None when established, else why not; close: the socket's pending
     error, if any; accept: None."""
-    if e.kind == NET_ACCEPT or (e.kind == NET_CONNECT and e.flags & NET_F_ESTABLISHED):
+    if kind == NET_ACCEPT or (kind == NET_CONNECT and flags & NET_F_ESTABLISHED):
         return None
-    if e.error:
-        return errno_name(e.error)
-    if e.kind == NET_CONNECT:
+    if error:
+        return errno_name(error)
+    if kind == NET_CONNECT:
         # The kernel sets sk_err before a failed handshake's CLOSE (tcp_reset,
         # tcp_write_err); none means the application closed the socket first.
-        return "ECONNREFUSED" if e.flags & NET_F_RESET_RECEIVED else "closed"
+        return "ECONNREFUSED" if flags & NET_F_RESET_RECEIVED else "closed"
     return None
+
+
+def decode_net(raw: bytes, m: dict[str, Any]) -> dict[str, Any]:
+    """The fields of NET_EVENT that depend on several members (its HOOK "net")."""
+    kind, flags, fam = m["kind"], m["flags"], m["family"]
+    close = kind == NET_CLOSE
+    return {
+        "direction": "in" if flags & NET_F_PASSIVE else "out",
+        "saddr": format_addr(m["saddr"], fam),
+        "daddr": format_addr(m["daddr"], fam),
+        "error": event_error(kind, flags, m["error"]),
+        "bytes_sent": m["bytes_sent"] if close else None,
+        "bytes_received": m["bytes_received"] if close else None,
+        "retransmits": m["retransmits"] if close else None,
+        "closed_by": closed_by(flags) if close else None,
+        "reset": reset_of(flags) if close else None,
+    }
 
 
 # -- options -------------------------------------------------------------------------------
@@ -237,7 +267,7 @@ Port = Field(ge=1, le=65535)
 
 class NetOptions(MonitorOptions):
     events: list[EventKind] = Field(
-        default_factory=lambda: ["connect", "accept", "close"], min_length=1,
+        default_factory=lambda: list(ALL_EVENTS), min_length=1,
         description="which events to send (['close'] for closes only); the stats "
         "aggregate every connection regardless")
     ports_include: list[int] = Field(
@@ -299,9 +329,8 @@ class NetOptions(MonitorOptions):
 
 
 # Options held in maps: changing only these needs no reload.
-LIVE_OPTIONS = frozenset(
-    {"events", "ports_include", "ports_exclude", "addrs_include", "addrs_exclude",
-     "loopback", "metrics_top"})
+LIVE_OPTIONS = {"events", "ports_include", "ports_exclude", "addrs_include", "addrs_exclude",
+                "loopback", "metrics_top"}
 
 
 class NetStatsQuery(MonitorStatsQuery):
@@ -344,7 +373,7 @@ class NetMonitor(BccMonitor[NetOptions]):
 
     Options = NetOptions
     StatsQuery = NetStatsQuery
-    EventModel = NetEventModel
+    EVENT = NET_EVENT
     BPF_SOURCE = "net.c"
     REQUIRED_TRACEPOINTS = (
         "sock:inet_sock_set_state",
@@ -355,7 +384,6 @@ class NetMonitor(BccMonitor[NetOptions]):
         "sched:sched_process_fork",  # common.h follows children of target pids
         "sched:sched_process_exit",
     )
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (*COMMON_CSV_FIELDS, *NET_FIELDS)
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = (
         "timestamp", "direction", "address", "port", "connections", "failures",
         "bytes_sent", "bytes_received",
@@ -432,37 +460,8 @@ class NetMonitor(BccMonitor[NetOptions]):
         return True
 
     # -- events ------------------------------------------------------------------------
-    def parse_event(self, raw: bytes) -> Event:
-        e = NetEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(NetEvent), b"\0"))
-        close = e.kind == NET_CLOSE
-        return {
-            **self.common_fields(e.hdr),
-            "event": KINDS.get(e.kind, str(e.kind)),
-            "direction": "in" if e.flags & NET_F_PASSIVE else "out",
-            "family": FAMILIES.get(e.family, str(e.family)),
-            "saddr": format_addr(bytes(e.saddr), e.family),
-            "sport": e.sport,
-            "daddr": format_addr(bytes(e.daddr), e.family),
-            "dport": e.dport,
-            "error": event_error(e),
-            "duration_ns": e.duration_ns,
-            "bytes_sent": e.bytes_sent if close else None,
-            "bytes_received": e.bytes_received if close else None,
-            "retransmits": e.retransmits if close else None,
-            "closed_by": closed_by(e.flags) if close else None,
-            "reset": reset_of(e.flags) if close else None,
-        }
-
-    def console_line(self, event: Event) -> str:
-        line = (f"{event['timestamp']} net {event['event']} pid={event['pid']} "
-                f"comm={event['comm']} {event['saddr']}:{event['sport']} -> "
-                f"{event['daddr']}:{event['dport']}")
-        if event["error"]:
-            line += f" error={event['error']}"
-        if event["event"] == "close":
-            line += (f" sent={event['bytes_sent']} received={event['bytes_received']} "
-                     f"closed_by={event['closed_by']}")
-        return line
+    def decode_hooks(self) -> dict[str, Hook]:
+        return {"net": decode_net}
 
     # -- aggregation -------------------------------------------------------------------
     def endpoint_rows(self) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from agent.model.events import Event
 from agent.model.targets import TargetSet
 from agent.monitors.net import monitor as net
 from agent.monitors.net.monitor import NetMonitor, NetOptions
+from tests.support.filters import filter_tests
 from tests.support.layout import assert_constants, assert_event_layout, assert_layout
 from tests.support.monitors import CollectingSink, loaded_monitor
 
@@ -440,3 +441,9 @@ def test_stats_per_endpoint(monitor) -> None:
                                         "received_bytes"}
     assert all(len(s.values) <= 2 * m.options.metrics_top for s in series)
     assert m.kernel_counters()["owners_full"] == 0
+
+
+# -- the common header and stream filters (tests/support/filters.py): the workload's
+# loopback connect, owned by the workload (run as nobody) ----------------------------------
+filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
+    "net", lambda e, binary: e["event"] == "connect")

@@ -72,8 +72,8 @@ def test_constants() -> None:
 
 
 @pytest.mark.parametrize("options, error", [
-    ({"ports_include": [0]}, "1..65535"),
-    ({"ports_exclude": [70000]}, "1..65535"),
+    ({"ports_include": [0]}, "greater than or equal to 1"),
+    ({"ports_exclude": [70000]}, "less than or equal to 65535"),
     ({"addrs_include": ["10.0.0.0/33"]}, "not an address or network"),
     ({"addrs_exclude": ["example.com"]}, "not an address or network"),
     ({"events": []}, "at least 1"),

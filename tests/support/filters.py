@@ -2,9 +2,10 @@
 
 One workload, run as user nobody under a comm of its own, gives every monitor an event
 of a process the test started: exec sees its execve, syscall a slow nanosleep, func a
-call of flt_target(), net a TCP connect over loopback. Its events go through a real EventHub; each filter (monitor, pid,
-uid, comm) must return exactly the hub's events with that value, the workload's among
-them, and a value nobody has must return nothing of them.
+call of flt_target(), net a TCP connect over loopback. Its events go through a real
+EventHub; each filter (monitor, pid, uid, comm) must return exactly the hub's events
+with that value, the workload's among them, and a value nobody has must return nothing
+of them.
 """
 
 from __future__ import annotations

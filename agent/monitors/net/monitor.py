@@ -13,8 +13,9 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import annotated_types
 from pydantic import Field, field_validator
 
 from agent.kernel.btf import BTFError, vmlinux_btf
@@ -262,7 +263,7 @@ def decode_net(raw: bytes, m: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- options -------------------------------------------------------------------------------
-Port = Field(ge=1, le=65535)
+Port = Annotated[int, annotated_types.Ge(1), annotated_types.Le(65535)]
 
 
 class NetOptions(MonitorOptions):
@@ -270,11 +271,11 @@ class NetOptions(MonitorOptions):
         default_factory=lambda: list(ALL_EVENTS), min_length=1,
         description="which events to send (['close'] for closes only); the stats "
         "aggregate every connection regardless")
-    ports_include: list[int] = Field(
+    ports_include: list[Port] = Field(
         default_factory=list, max_length=MAX_FILTER_ENTRIES,
         description="only connections whose local or remote port is one of these "
         "(empty: any)")
-    ports_exclude: list[int] = Field(
+    ports_exclude: list[Port] = Field(
         default_factory=list, max_length=MAX_FILTER_ENTRIES,
         description="no connection whose local or remote port is one of these")
     addrs_include: list[str] = Field(
@@ -302,9 +303,6 @@ class NetOptions(MonitorOptions):
     @field_validator("ports_include", "ports_exclude")
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
-        bad = [p for p in v if not 1 <= p <= 65535]
-        if bad:
-            raise ValueError(f"ports must be 1..65535: {bad}")
         return sorted(set(v))
 
     @field_validator("addrs_include", "addrs_exclude")

@@ -11,11 +11,9 @@ import ipaddress
 import os
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,12 +26,11 @@ from agent.monitors.net.monitor import NetMonitor, NetOptions
 from tests.support.filters import filter_tests
 from tests.support.layout import assert_constants, assert_event_layout, assert_layout
 from tests.support.monitors import CollectingSink, loaded_monitor
+from tests.support.tcp import CLIENT_COMM, SERVER_COMM, Client, server, start_client
 
 HEADER = NetMonitor.source_dir() / "net.h"
 DEFINES = {"MAX_SOCKETS": 1024, "MAX_ENDPOINTS": 64, "MAX_PORT_FILTERS": 4,
            "MAX_ADDR_FILTERS": 4}
-PEER = Path(__file__).resolve().parents[1] / "support" / "tcp_peer.py"
-SERVER_COMM, CLIENT_COMM = "net_srv", "net_cli"
 MB = 1 << 20
 
 
@@ -120,57 +117,6 @@ def test_top_lists_and_labels() -> None:
     assert [r["port"] for r in tops["by_bytes"]] == [22, 80]
     assert [net.endpoint_label(r) for r in rows] == [
         "out:10.0.0.1:80", "in:[::1]:22", "out:10.0.0.2:443"]
-
-
-# -- peers ----------------------------------------------------------------------------------
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-
-    def received(self) -> list[int]:
-        out, _ = self.proc.communicate(timeout=120)
-        assert self.proc.returncode == 0, out
-        return [int(x) for x in out.split()]
-
-
-@contextlib.contextmanager
-def server(host: str, connections: int, reply: int, netns: str | None = None,
-           reset: bool = False) -> Iterator[Server]:
-    cmd = [*ns_prefix(netns), sys.executable, str(PEER), "server", SERVER_COMM, host,
-           str(connections), str(reply), *(["reset"] if reset else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        yield Server(proc, int(proc.stdout.readline()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-@dataclass
-class Client:
-    pid: int
-    sport: int | None  # None: refused
-    received: int | str
-
-
-def start_client(host: str, port: int, send: int, netns: str | None = None) -> Client:
-    """Run a client to its end; its pid, local port and what it received."""
-    proc = subprocess.Popen(
-        [*ns_prefix(netns), sys.executable, str(PEER), "client", CLIENT_COMM, host,
-         str(port), str(send)], stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    lines = out.split()
-    if lines == ["refused"]:
-        return Client(proc.pid, None, "refused")
-    return Client(proc.pid, int(lines[0]), lines[1] if lines[1] == "reset" else int(lines[1]))
-
-
-def ns_prefix(netns: str | None) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
 
 
 @dataclass

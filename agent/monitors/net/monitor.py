@@ -353,6 +353,15 @@ def endpoint_label(row: dict[str, Any]) -> str:
     return f"{row['direction']}:{host}:{row['port']}"
 
 
+# What the stats' top lists are, for clients that merge them (ebpf-agentctl stats net):
+# the fields naming a row, and per list the fields whose sum orders it.
+TOP_LISTS = {
+    "key": ["direction", "address", "port"],
+    "lists": {"by_connections": ["connections", "failures"],
+              "by_bytes": ["bytes_sent", "bytes_received"]},
+}
+
+
 def top_lists(rows: list[dict[str, Any]], limit: int) -> dict[str, list[dict[str, Any]]]:
     """The endpoints with most connections (attempts: established plus failed) and with
     most bytes (both ways); ties in a stable order."""
@@ -482,6 +491,7 @@ class NetMonitor(BccMonitor[NetOptions]):
             "max_endpoints": self.options.max_endpoints,
             "evictions": max(0, new - len(rows)),
             **top_lists(rows, limit),
+            "top_lists": TOP_LISTS,
         }
 
     def metric_series(self) -> list[MetricSeries]:

@@ -30,6 +30,9 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids
+# The tracepoints of common.h's own programs (following children of target pids): every
+# BccMonitor needs them, so each subclass's REQUIRED_TRACEPOINTS gets them added.
+COMMON_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
 
 # Records one ring buffer consume call hands to the callback before it returns: libbpf's
 # ring_buffer__poll/__consume loop until the ring is empty, which never happens while a
@@ -66,6 +69,11 @@ class BccMonitor(BaseMonitor[OptionsT]):
     BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
         "root", "bcc", "tracefs", "btf", "kernel_headers")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.REQUIRED_TRACEPOINTS = tuple(dict.fromkeys(
+            (*cls.REQUIRED_TRACEPOINTS, *COMMON_TRACEPOINTS)))
 
     def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)

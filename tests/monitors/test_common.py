@@ -84,3 +84,18 @@ def test_cflags_pass_every_settings_constant() -> None:
     flags = ExecMonitor(ExecOptions(), ctx).cflags()
     assert {"-DWAKEUP_EVERY=7", "-DRINGBUF_PAGES=128"} <= set(flags)
     assert {f"-D{k}" for k in SETTINGS_MACROS} <= {f.split("=")[0] for f in flags}
+
+
+def test_common_tracepoints_are_those_of_common_h() -> None:
+    """Every BccMonitor requires the tracepoints common.h's programs attach to (a kernel
+    without them gets 409 with the reason), without listing them itself."""
+    import re
+
+    from agent.monitors.bcc import COMMON_TRACEPOINTS
+    from agent.monitors.registry import discover_monitors
+
+    text = (BPF_DIR / "common.h").read_text()
+    found = re.findall(r"^TRACEPOINT_PROBE\((\w+), (\w+)\)", text, re.MULTILINE)
+    assert set(COMMON_TRACEPOINTS) == {f"{c}:{e}" for c, e in found}
+    for cls in discover_monitors():
+        assert set(COMMON_TRACEPOINTS) <= set(cls.REQUIRED_TRACEPOINTS), cls.name

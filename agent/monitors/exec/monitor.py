@@ -72,8 +72,6 @@ class ExecMonitor(BccMonitor[ExecOptions]):
         "syscalls:sys_enter_execveat",
         "syscalls:sys_exit_execveat",
         "sched:sched_process_exec",
-        "sched:sched_process_fork",
-        "sched:sched_process_exit",
     )
 
     def extra_cflags(self) -> dict[str, int | str]:

@@ -132,7 +132,7 @@ NET_EVENT = EventDecl(
         Member("duration_ns", "u64"),
         Member("bytes_sent", "u64"),
         Member("bytes_received", "u64"),
-        Member("saddr", "u8", 16),       # IPv4 as ::ffff:a.b.c.d
+        Member("saddr", "u8", 16),       # AF_INET: the first 4 bytes
         Member("daddr", "u8", 16),
         Member("retransmits", "u32"),
         Member("error", "s32"),          # sock.sk_err: errno or 0
@@ -155,9 +155,9 @@ NET_EVENT = EventDecl(
         EventField("family", "string", "ipv4 or ipv6: the socket's family (an IPv6 socket "
                    "may carry IPv4-mapped addresses)", Decode.ENUM,
                    arg=FAMILIES),
-        EventField("saddr", "string", "local address", Decode.HOOK, arg="net"),
+        EventField("saddr", "string", "local address", Decode.INET, arg="family"),
         EventField("sport", "integer", "local port"),
-        EventField("daddr", "string", "remote address", Decode.HOOK, arg="net"),
+        EventField("daddr", "string", "remote address", Decode.INET, arg="family"),
         EventField("dport", "integer", "remote port"),
         EventField("error", "string",
                    "connect: None when established, else the errno name (ECONNREFUSED, "
@@ -190,13 +190,6 @@ NET_EVENT = EventDecl(
             "closed_by={closed_by}",
 )
 NetEvent = NET_EVENT.ctypes_struct(name="NetEvent")
-
-
-def format_addr(raw: bytes, family: int) -> str:
-    """16 bytes as the kernel side sends them (IPv4 as ::ffff:a.b.c.d) -> text."""
-    if family == NET_AF_INET:
-        return str(ipaddress.IPv4Address(raw[12:]))
-    return str(ipaddress.IPv6Address(raw))
 
 
 def endpoint_addr(raw: bytes) -> str:
@@ -247,12 +240,10 @@ def event_error(kind: int, flags: int, error: int) -> str | None:
 
 def decode_net(raw: bytes, m: dict[str, Any]) -> dict[str, Any]:
     """The fields of NET_EVENT that depend on several members (its HOOK "net")."""
-    kind, flags, fam = m["kind"], m["flags"], m["family"]
+    kind, flags = m["kind"], m["flags"]
     close = kind == NET_CLOSE
     return {
         "direction": "in" if flags & NET_F_PASSIVE else "out",
-        "saddr": format_addr(m["saddr"], fam),
-        "daddr": format_addr(m["daddr"], fam),
         "error": event_error(kind, flags, m["error"]),
         "bytes_sent": m["bytes_sent"] if close else None,
         "bytes_received": m["bytes_received"] if close else None,

@@ -173,8 +173,13 @@ static __always_inline void emit(void *ctx, struct net_owner *o, u8 kind, u64 no
     struct net_event e = {};
     __builtin_memcpy(&e.hdr, &o->hdr, sizeof(e.hdr));
     e.hdr.ts_ns = now;
-    __builtin_memcpy(e.saddr, o->saddr, 16);
-    __builtin_memcpy(e.daddr, o->daddr, 16);
+    if (o->family == NET_AF_INET) {  /* the event: IPv4 in the first 4 bytes */
+        __builtin_memcpy(e.saddr, o->saddr + 12, 4);
+        __builtin_memcpy(e.daddr, o->daddr + 12, 4);
+    } else {
+        __builtin_memcpy(e.saddr, o->saddr, 16);
+        __builtin_memcpy(e.daddr, o->daddr, 16);
+    }
     e.sport = o->sport;
     e.dport = o->dport;
     e.family = o->family;

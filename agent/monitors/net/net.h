@@ -105,7 +105,7 @@ struct net_event {
     u64 duration_ns;           /* connect: SYN_SENT to result; close: ESTABLISHED to CLOSE */
     u64 bytes_sent;            /* close: tcp_sock.bytes_acked (acknowledged by the peer) */
     u64 bytes_received;        /* close: tcp_sock.bytes_received */
-    u8 saddr[16];              /* IPv4-mapped for IPv4 (see struct net_addr_key) */
+    u8 saddr[16];              /* AF_INET: the first 4 bytes; AF_INET6: all 16 */
     u8 daddr[16];
     u32 retransmits;           /* close: tcp_sock.total_retrans */
     s32 error;                 /* sock.sk_err at a failed connect or a close: errno or 0 */

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.fleet.cli import show_stats
 from agent.fleet.client import HostResult
 from agent.fleet.inventory import Host, InventoryError, default_token, resolve_hosts
-from agent.fleet.cli import show_stats
 from agent.fleet.ops import (
     UsageError,
     fleet_syscalls,

@@ -387,6 +387,9 @@ def test_stats_per_endpoint(monitor) -> None:
                                         "received_bytes"}
     assert all(len(s.values) <= 2 * m.options.metrics_top for s in series)
     assert m.kernel_counters()["owners_full"] == 0
+    snap = [r for r in m.snapshot_rows() if r["port"] == srv.port and r["direction"] == "out"]
+    assert len(snap) == 1 and tuple(snap[0]) == NetMonitor.SNAPSHOT_FIELDS
+    assert (snap[0]["connections"], snap[0]["bytes_sent"]) == (3, 900)
 
 
 # -- the common header and stream filters (tests/support/filters.py): the workload's

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.api import Agent, start_agent
+from tests.support.api import Agent, kernel_agent
 from tests.support.tcp import server, start_client
 
 CONNECTIONS, SENT, REPLY = 3, 4321, 8765
@@ -16,14 +16,8 @@ CONNECTIONS, SENT, REPLY = 3, 4321, 8765
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    from tests.support.kernel import require_kernel
-
-    require_kernel()
-    a = start_agent(tmp_path_factory.mktemp("agent"), {"monitors": {}})
-    try:
+    with kernel_agent(tmp_path_factory.mktemp("agent")) as a:
         yield a
-    finally:
-        a.stop()
 
 
 def test_stats_and_metrics_over_http(agent: Agent) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -518,6 +519,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", type=Path, help="keep the work dir (agent log, snapshots) here")
     args = p.parse_args()
+    # A client's failed keepalive ping is counted by its thread, not printed by websockets.
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
     duration = args.minutes * 60
     sample_s = args.sample_s or min(60.0, max(10.0, duration / 30))
 

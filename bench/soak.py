@@ -2,7 +2,7 @@
 
 Runs `ebpf-agent serve` (token auth, a free loopback port, JSONL output into a temp dir)
 with every monitor started and TARGETED at the soak's own workload: a small C program,
-`soakwork`, that calls its own function `soak_fn_work`, sleeps in nanosleep() (a slow
+`soakwork` (--comm), that calls its own function `soak_fn_work`, sleeps in nanosleep() (a slow
 system call for the syscall monitor) and fork+execs itself (exec events). Targets are
 `comms: [soakwork]` at all times (the edits below only add and remove other values), so
 the kernel filters out the rest of the host; the func monitor's uprobes sit on the
@@ -74,7 +74,6 @@ from tests.support.fleet import NatsServer  # noqa: E402
 from tests.support.kernel import compile_c  # noqa: E402
 
 TOKEN = "soak-token-0123456789abcdef"
-COMM = "soakwork"
 
 # argv: rate (loops/s), exec every N loops, soak_fn_work calls per loop. A child (argv[1]
 # == "child") calls the function a few times and exits. Exec arguments live on the stack:
@@ -136,8 +135,33 @@ def _malloc():
     return {"malloc_used_mb": (m.uordblks + m.hblkhd) / mb, "malloc_free_mb": m.fordblks / mb}
 
 
+def _obmalloc():
+    """pymalloc's arenas (1 MiB mmaps, outside malloc) from sys._debugmallocstats, which
+    prints to fd 2 only: fd 2 points at a file for that call."""
+    import sys, tempfile
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode()
+    keys = {"# arenas allocated current": "py_arenas",
+            "# bytes in allocated blocks": "py_blocks_mb"}
+    out = {}
+    for line in text.splitlines():
+        for prefix, key in keys.items():
+            if line.startswith(prefix):
+                n = int(line.split("=")[1].replace(",", ""))
+                out[key] = n / (1 << 20) if key.endswith("_mb") else n
+    return out
+
+
 def _dump(signum, frame):
-    info = _malloc()
+    info = {**_malloc(), **_obmalloc()}
     if tracemalloc.is_tracing():
         info["tracemalloc_own_mb"] = tracemalloc.get_tracemalloc_memory() / (1 << 20)
         tmp = os.path.join(_dir, "heap.tmp")
@@ -341,13 +365,13 @@ class Load:
             ("POST", "/targets/comms", ["soakx-1", "soakx-2"]),
             ("DELETE", "/targets/comms/soakx-1", None),
             ("POST", "/targets/pids", [pid]),
-            ("PUT", "/targets/comms", [COMM, "soakaux"]),
+            ("PUT", "/targets/comms", [self.args.comm, "soakaux"]),
             ("DELETE", f"/targets/pids/{pid}", None),
             ("POST", "/targets/uids", [0]),
             ("PUT", "/targets/follow_children", False),
             ("PUT", "/targets/follow_children", True),
             ("DELETE", "/targets/uids/0", None),
-            ("PUT", "/targets/comms", [COMM]),
+            ("PUT", "/targets/comms", [self.args.comm]),
             ("DELETE", "/targets/comms/nothere", None),  # idempotent
         ]
         with self.agent.client() as c:
@@ -472,6 +496,7 @@ def top_growth(old: tracemalloc.Snapshot | None, new: tracemalloc.Snapshot | Non
 COLUMNS = [("t", "t_s", "{:.0f}"), ("rss_mb", "rss_MB", "{:.1f}"),
            ("anon_mb", "anon_MB", "{:.1f}"), ("brk_mb", "brk_MB", "{:.1f}"),
            ("malloc_used_mb", "m_used", "{:.1f}"), ("malloc_free_mb", "m_free", "{:.1f}"),
+           ("py_arenas", "py_ar", "{}"), ("py_blocks_mb", "py_blk", "{:.1f}"),
            ("heap_mb", "heap_MB", "{:.2f}"), ("tracemalloc_own_mb", "tm_own", "{:.1f}"),
            ("fds", "fds", "{}"), ("threads", "thr", "{}"),
            ("progs", "progs", "{}"), ("maps", "maps", "{}"), ("links", "links", "{}"),
@@ -516,9 +541,13 @@ def main() -> int:
     p.add_argument("--poll-s", type=float, default=5)
     p.add_argument("--no-heap", action="store_true", help="without tracemalloc")
     p.add_argument("--no-jsonl", action="store_true", help="no JSONL output files")
+    p.add_argument("--comm", default="soakwork",
+                   help="the workload's name (its comm, the target): another for a second soak")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", type=Path, help="keep the work dir (agent log, snapshots) here")
     args = p.parse_args()
+    if not 1 <= len(args.comm.encode()) <= 15 or "/" in args.comm:
+        p.error("--comm: 1-15 bytes, no /")
     # A client's failed keepalive ping is counted by its thread, not printed by websockets.
     logging.getLogger("websockets").setLevel(logging.CRITICAL)
     duration = args.minutes * 60
@@ -535,7 +564,7 @@ def main() -> int:
     if not args.no_heap:
         os.environ["SOAK_TRACEMALLOC"] = "1"
 
-    binary = compile_c(work, COMM, WORKLOAD)
+    binary = compile_c(work, args.comm, WORKLOAD)
     workload = subprocess.Popen([str(binary), str(args.rate), str(args.exec_every),
                                  str(args.calls)])
     nats = NatsServer(work / "jetstream").start()
@@ -545,7 +574,7 @@ def main() -> int:
         "stream": {"heartbeat_s": 5},
         "output": {"directory": str(work / "out"),
                    "formats": [] if args.no_jsonl else ["jsonl"]},
-        "targets": {"comms": [COMM], "follow_children": True},
+        "targets": {"comms": [args.comm], "follow_children": True},
         "monitors": {
             "exec": {"enabled": True},
             # nanosleep(1/rate s) is slow: one event per workload loop.

@@ -27,7 +27,10 @@ Python heap: the agent runs with a `sitecustomize` the soak puts first on PYTHON
 snapshot the soak compares (top growth by line). Chosen over running the agent
 in-process because the RSS measured must be the agent's alone, and over a debug hook in
 the agent because nothing in the product then needs a switch that only this uses.
-tracemalloc costs CPU and memory (its traces); --no-heap runs without it.
+tracemalloc costs CPU and memory (its traces); --no-heap runs without it. The hook also
+reports glibc malloc's bytes in use and free-but-held (mallinfo2, every arena) and, without
+tracemalloc only (its allocator hooks hide pymalloc from sys._debugmallocstats), pymalloc's
+arenas: RSS growth that none of these shows is outside malloc and pymalloc.
 
 Fails (exit 1, the reasons printed) when
 - RSS in the last third grows faster than --max-rss-mb-per-hour (least squares), or
@@ -137,7 +140,8 @@ def _malloc():
 
 def _obmalloc():
     """pymalloc's arenas (1 MiB mmaps, outside malloc) from sys._debugmallocstats, which
-    prints to fd 2 only: fd 2 points at a file for that call."""
+    prints to fd 2 only: fd 2 points at a file for that call. Prints nothing while
+    tracemalloc's hooks wrap the allocator."""
     import sys, tempfile
     with tempfile.TemporaryFile() as f:
         saved = os.dup(2)

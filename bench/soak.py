@@ -23,7 +23,8 @@ fds by kind (/proc/PID/fd links: BPF programs, maps, links, perf events, sockets
 Python heap and the NATS exporter's buffer.
 
 Python heap: the agent runs with a `sitecustomize` the soak puts first on PYTHONPATH
-(agent code untouched): it starts tracemalloc (1 frame) and, on SIGUSR2, dumps a
+(agent code untouched): it starts tracemalloc (1 frame) and, on SIGUSR2, reports the traced
+size and, at the first sample, the start of the last third and the end, dumps a
 snapshot the soak compares (top growth by line). Chosen over running the agent
 in-process because the RSS measured must be the agent's alone, and over a debug hook in
 the agent because nothing in the product then needs a switch that only this uses.
@@ -72,7 +73,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.support: the helpers tests use too
 
-from tests.support.api import Agent, start_agent  # noqa: E402
+from tests.support.api import Agent, start_agent, wait_until_ready  # noqa: E402
 from tests.support.fleet import NatsServer  # noqa: E402
 from tests.support.kernel import compile_c  # noqa: E402
 
@@ -167,10 +168,14 @@ def _obmalloc():
 def _dump(signum, frame):
     info = {**_malloc(), **_obmalloc()}
     if tracemalloc.is_tracing():
+        info["heap_mb"] = tracemalloc.get_traced_memory()[0] / (1 << 20)
         info["tracemalloc_own_mb"] = tracemalloc.get_tracemalloc_memory() / (1 << 20)
-        tmp = os.path.join(_dir, "heap.tmp")
-        tracemalloc.take_snapshot().dump(tmp)
-        os.replace(tmp, os.path.join(_dir, "heap.snap"))
+        want = os.path.join(_dir, "want-snapshot")
+        if os.path.exists(want):  # a snapshot costs seconds of CPU: only when asked
+            tmp = os.path.join(_dir, "heap.tmp")
+            tracemalloc.take_snapshot().dump(tmp)
+            os.replace(tmp, os.path.join(_dir, "heap.snap"))
+            os.unlink(want)
     with open(os.path.join(_dir, "info.tmp"), "w") as f:
         json.dump(info, f)
     os.replace(os.path.join(_dir, "info.tmp"), os.path.join(_dir, "info.json"))
@@ -226,13 +231,17 @@ def proc_sample(pid: int) -> dict[str, float]:
             **{k: kinds.get(k, 0) for k in ("progs", "maps", "links", "perf", "sockets")}}
 
 
-def heap_snapshot(pid: int, heap_dir: Path, tracing: bool,
-                  timeout: float = 60) -> tuple[dict[str, float], tracemalloc.Snapshot | None]:
-    """Asks the agent's hook (SIGUSR2) for malloc figures and, when tracing, a snapshot."""
+def heap_sample(pid: int, heap_dir: Path, snapshot: bool,
+                timeout: float = 120) -> tuple[dict[str, float], Path | None]:
+    """Asks the agent's hook (SIGUSR2) for its malloc and heap figures and, when
+    ``snapshot``, a tracemalloc snapshot (a file, loaded only for the summary: loading
+    and filtering one costs seconds of CPU)."""
     info = heap_dir / "info.json"
     snap = heap_dir / "heap.snap"
     info.unlink(missing_ok=True)
     snap.unlink(missing_ok=True)
+    if snapshot:
+        (heap_dir / "want-snapshot").touch()
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     while not info.exists():
@@ -240,9 +249,17 @@ def heap_snapshot(pid: int, heap_dir: Path, tracing: bool,
             return {}, None
         time.sleep(0.1)
     figures = json.loads(info.read_text())
-    if not tracing:
+    if not snapshot or not snap.exists():
         return figures, None
-    return figures, tracemalloc.Snapshot.load(str(snap)).filter_traces(HEAP_FILTERS)
+    kept = heap_dir / f"heap-{int(time.time())}.snap"
+    snap.rename(kept)
+    return figures, kept
+
+
+def load_snapshot(path: Path | None) -> tracemalloc.Snapshot | None:
+    if path is None:
+        return None
+    return tracemalloc.Snapshot.load(str(path)).filter_traces(HEAP_FILTERS)
 
 
 # -- load --------------------------------------------------------------------------------
@@ -591,14 +608,14 @@ def main() -> int:
     }
     agent: Agent | None = None
     samples: list[dict[str, Any]] = []
-    # Snapshots are large: the first, the first of the last third, the latest.
-    base: tracemalloc.Snapshot | None = None
-    third: tracemalloc.Snapshot | None = None
-    end: tracemalloc.Snapshot | None = None
+    base: Path | None = None  # heap snapshot files
+    third: Path | None = None
+    end: Path | None = None
     load: Load | None = None
     code = 1
     try:
-        agent = start_agent(work, config, token=TOKEN)
+        agent = start_agent(work, config, token=TOKEN, wait_ready=False)
+        wait_until_ready(agent, timeout=600)  # three BPF compiles: slow on a busy host
         pid = agent.proc.pid
         started = agent.get("/monitors").json()
         running = sorted(m["name"] for m in started if m.get("state") == "running")
@@ -619,15 +636,20 @@ def main() -> int:
                 return 1
             if now >= next_sample:
                 s: dict[str, Any] = {"t": now - t0, **proc_sample(pid)}
-                figures, snap = heap_snapshot(pid, heap_dir, not args.no_heap)
+                # Snapshots: the first sample, the first of the last third, the last.
+                elapsed = now - t0
+                want = not args.no_heap and (
+                    base is None or (third is None and elapsed >= 2 * duration / 3)
+                    or elapsed >= duration)
+                figures, snap = heap_sample(pid, heap_dir, want)
                 s.update(figures)
                 if snap is not None:
-                    s["heap_mb"] = sum(st.size for st in snap.statistics("filename")) / 2**20
-                if snap is not None:
-                    base = base or snap
-                    if third is None and s["t"] >= 2 * duration / 3:
+                    if base is None:
+                        base = snap
+                    elif third is None and elapsed >= 2 * duration / 3:
                         third = snap
-                    end = snap
+                    else:
+                        end = snap
                 stats = load.stats
                 export = (stats.get("export") or {}).get("nats")
                 streams = stats.get("streams") or {}
@@ -676,10 +698,11 @@ def main() -> int:
         print("nats export: " + ", ".join(f"{k} {export.get(k)}" for k in keys))
         hub = final_stats.get("streams") or {}
         print(f"hub: published {hub.get('published')}, closed {hub.get('closed')}")
+        base_snap, third_snap, end_snap = map(load_snapshot, (base, third, end))
         print("heap top growth, first sample -> end:")
-        print("\n".join(top_growth(base, end)))
+        print("\n".join(top_growth(base_snap, end_snap)))
         print("heap top growth, start of the last third -> end:")
-        print("\n".join(top_growth(third, end)))
+        print("\n".join(top_growth(third_snap, end_snap)))
         if reasons:
             print("\nFAIL:\n  " + "\n  ".join(reasons))
             code = 1

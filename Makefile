@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/agent.yaml
 
-.PHONY: install run test lint openapi bench clean image image-test
+.PHONY: install run test lint openapi bench soak clean image image-test
 
 install:
 	@bash scripts/install.sh
@@ -37,6 +37,12 @@ bench: install
 	$(PY) bench/startup.py
 	$(PY) bench/api_limits.py
 	$(PY) bench/decode.py
+
+# One agent under churn (clients, target edits, func restarts, NATS restarts) for
+# SOAK_MINUTES; fails if RSS or anything else grows (bench/soak.py). Not part of `make test`.
+SOAK_MINUTES ?= 30
+soak: install
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # The container image without a Docker daemon: debootstrap base + buildah bud
 # (scripts/build-image.sh; storage in build/image). install.sh installs buildah/debootstrap.

@@ -4,6 +4,7 @@ with agent/bpf/common.h inlined), attach, drain its ring/perf buffer, keep the t
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import re
@@ -243,6 +244,12 @@ class BccMonitor(BaseMonitor[OptionsT]):
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
             bpf.cleanup()
+            # bcc.BPF registers its cleanup with atexit when created (and donothing when
+            # a program fails to load) and never unregisters it: that reference kept
+            # every closed BPF object (tables, ctypes types, source text) alive for the
+            # life of the process, one more per monitor start.
+            atexit.unregister(bpf.cleanup)
+            atexit.unregister(bpf.donothing)
 
     # -- targets -------------------------------------------------------------------
     def set_targets(self, targets: TargetSet) -> None:

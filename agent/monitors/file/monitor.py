@@ -1,0 +1,492 @@
+"""FileMonitor: calls that open, create, remove or rename a path, one event each.
+
+The kernel side (file.c) hooks the ``syscalls:sys_enter_*``/``sys_exit_*`` tracepoints of
+open, openat, openat2, creat, unlink, unlinkat, rmdir, rename, renameat, renameat2,
+mkdir and mkdirat (those this kernel has: arm64 has only the *at ones and openat2).
+
+What an event says (FileEventModel):
+- ``op`` is the syscall; ``path`` (and ``path2``, a rename's new name) is absolute when
+  it could be known: relative paths are resolved in the kernel at sys_enter from the
+  working directory or dirfd's directory (``path_from``: ``absolute``, ``cwd``, ``dirfd``;
+  ``unknown`` when not: dirfd not open, a directory deeper than the walk allows;
+  ``unreadable`` when the path could not be read at all). Paths are not normalised:
+  ``a/../b`` stays as given, after the directory.
+- ``flags`` and ``mode`` are decoded with this machine's O_* values (``os`` module);
+  ``ret`` is the fd or 0, or ``-errno`` with ``error`` its name.
+
+Filters in the kernel (options, changeable without a reload): include/exclude path
+prefixes (a rename passes when either name does), ``writes_only``, ``errors_only``.
+Decided at sys_enter where possible: writes_only from the flags before any memory is
+read; the prefixes right after reading (and, for a relative path, resolving) the path,
+so a call elsewhere stores nothing.
+
+Top list (stats, metrics): per path, the calls that passed the kernel filters
+(errors_only aside), opens and failures, in an LRU map of ``top_entries`` paths;
+``evicted`` counts the paths that had to make room.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from agent.kernel.btf import BTFError, vmlinux_btf
+from agent.kernel.syscalls import errno_name
+from agent.kernel.tracefs import find_tracefs, is_dir
+from agent.model.events import (
+    COMMON_CSV_FIELDS,
+    Event,
+    EventHeader,
+    EventModel,
+    decode_c_string,
+)
+from agent.monitors.bcc import BccMonitor
+from agent.monitors.contract import (
+    MetricSeries,
+    MonitorContext,
+    MonitorError,
+    MonitorOptions,
+    MonitorStatsQuery,
+)
+from agent.monitors.registry import register_monitor
+
+# Mirrors of agent/monitors/file/file.h (tests/monitors/test_file.py checks them with gcc).
+FILE_PATH_SIZE = 256
+FILE_MAX_PREFIXES = 8
+FILE_PREFIX_SIZE = 64
+FILE_OPS = (  # FILE_OP_* order
+    "open", "openat", "openat2", "creat", "unlink", "unlinkat", "rmdir",
+    "rename", "renameat", "renameat2", "mkdir", "mkdirat",
+)
+OPEN_OPS = frozenset(FILE_OPS[:4])
+RENAME_OPS = frozenset(("rename", "renameat", "renameat2"))
+AT_OPS = frozenset(("openat", "openat2", "unlinkat", "renameat", "renameat2", "mkdirat"))
+FILE_RES = ("absolute", "cwd", "dirfd", "unknown", "unreadable")  # FILE_RES_* order
+FILE_EF_PATH_CUT, FILE_EF_PATH2_CUT = 1, 2
+FILE_CFG_ARMED, FILE_CFG_WRITES_ONLY, FILE_CFG_ERRORS_ONLY = 1, 2, 4
+FILE_COUNTERS = ("top_inserted", "prefix_filtered", "unresolved")  # FILE_CNT_* order
+AT_FDCWD = -100  # include/uapi/linux/fcntl.h
+
+# Each op needs its enter and exit tracepoints. The *at ones exist on every
+# architecture; the legacy ones (open, creat, unlink, rmdir, rename, mkdir, renameat)
+# not on arm64 and the other architectures of include/uapi/asm-generic/unistd.h, and
+# openat2 only since Linux 5.6: those are compiled in when present.
+REQUIRED_OPS = ("openat", "unlinkat", "renameat2", "mkdirat")
+OPTIONAL_OPS = tuple(op for op in FILE_OPS if op not in REQUIRED_OPS)
+
+# BTF members the kernel's path walk reads (file.c dir_path()).
+WALK_FIELDS = (
+    ("task_struct", "fs"), ("task_struct", "files"),
+    ("fs_struct", "pwd"), ("fs_struct", "root"),
+    ("path", "mnt"), ("path", "dentry"),
+    ("files_struct", "fdt"), ("fdtable", "fd"), ("fdtable", "max_fds"),
+    ("file", "f_path"),
+    ("dentry", "d_parent"), ("dentry", "d_name"), ("qstr", "name"),
+    ("vfsmount", "mnt_root"),
+    ("mount", "mnt"), ("mount", "mnt_parent"), ("mount", "mnt_mountpoint"),
+)
+
+
+def walk_offsets() -> dict[str, int]:
+    """``{"OFF_DENTRY_D_PARENT": 24, ...}`` from this kernel's BTF; BTFError if one is missing."""
+    btf = vmlinux_btf()
+    return {f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in WALK_FIELDS}
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+# open(2) flags with this machine's values (the os module's); O_ACCMODE apart.
+_OPEN_FLAG_NAMES = (
+    "O_CREAT", "O_EXCL", "O_NOCTTY", "O_TRUNC", "O_APPEND", "O_NONBLOCK", "O_DSYNC",
+    "O_ASYNC", "O_DIRECT", "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_NOATIME",
+    "O_CLOEXEC", "O_PATH",
+)
+O_TMPFILE_BIT = getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY  # __O_TMPFILE
+_SYNC_ONLY = os.O_SYNC & ~os.O_DSYNC  # __O_SYNC: O_SYNC is __O_SYNC | O_DSYNC
+_ACCMODE = ("O_RDONLY", "O_WRONLY", "O_RDWR")
+AT_REMOVEDIR = 0x200  # include/uapi/linux/fcntl.h
+RENAME_FLAG_NAMES = ((1, "RENAME_NOREPLACE"), (2, "RENAME_EXCHANGE"), (4, "RENAME_WHITEOUT"))
+
+
+def open_flags(flags: int) -> str:
+    """``O_WRONLY|O_CREAT|O_TRUNC`` for an open's flags, names as in fcntl.h; bits
+    without a name as a hex remainder."""
+    acc = flags & os.O_ACCMODE
+    names = [_ACCMODE[acc] if acc < 3 else f"{acc:#x}"]
+    rest = flags & ~os.O_ACCMODE
+    if O_TMPFILE_BIT and rest & O_TMPFILE_BIT:
+        names.append("O_TMPFILE")
+        rest &= ~(O_TMPFILE_BIT | os.O_DIRECTORY)
+    if _SYNC_ONLY and rest & _SYNC_ONLY:
+        names.append("O_SYNC")
+        rest &= ~os.O_SYNC
+    for name in _OPEN_FLAG_NAMES:
+        bit = getattr(os, name, 0)
+        if bit and rest & bit:
+            names.append(name)
+            rest &= ~bit
+    if rest:
+        names.append(f"{rest:#x}")
+    return "|".join(names)
+
+
+def named_bits(flags: int, table: tuple[tuple[int, str], ...]) -> str:
+    names = []
+    for bit, name in table:
+        if flags & bit:
+            names.append(name)
+            flags &= ~bit
+    if flags:
+        names.append(f"{flags:#x}")
+    return "|".join(names)
+
+
+def decode_flags(op: str, flags: int) -> str:
+    if op in OPEN_OPS:
+        return open_flags(flags)
+    if op == "unlinkat":
+        return named_bits(flags, ((AT_REMOVEDIR, "AT_REMOVEDIR"),))
+    if op == "renameat2":
+        return named_bits(flags, RENAME_FLAG_NAMES)
+    return ""
+
+
+def has_mode(op: str, flags: int) -> bool:
+    """Whether the call takes a mode: mkdir and creat always, an open with O_CREAT or
+    O_TMPFILE (open(2))."""
+    if op in ("mkdir", "mkdirat", "creat"):
+        return True
+    return op in OPEN_OPS and bool(flags & (os.O_CREAT | O_TMPFILE_BIT))
+
+
+def is_write(op: str, flags: int) -> bool:
+    """What writes_only lets through (file.c open_writes()), for userspace checks."""
+    if op not in OPEN_OPS:
+        return True
+    return bool(flags & os.O_ACCMODE) or bool(flags & (os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT))
+
+
+# -- structs --------------------------------------------------------------------------------
+
+
+class FileConfig(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("n_include", ctypes.c_uint32),
+        ("n_exclude", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class FilePrefix(ctypes.Structure):
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("s", ctypes.c_char * FILE_PREFIX_SIZE),
+    ]
+
+
+class FileEvent(ctypes.Structure):
+    """Mirror of ``struct file_event`` in file.h."""
+
+    _fields_ = [
+        ("hdr", EventHeader),
+        ("ret", ctypes.c_int64),
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint32),
+        ("dirfd", ctypes.c_int32),
+        ("dirfd2", ctypes.c_int32),
+        ("evflags", ctypes.c_uint32),
+        ("op", ctypes.c_uint16),
+        ("res", ctypes.c_uint8),
+        ("res2", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint32),
+        ("path", ctypes.c_char * FILE_PATH_SIZE),
+        ("path2", ctypes.c_char * FILE_PATH_SIZE),
+    ]
+
+
+class FileTopKey(ctypes.Structure):
+    _fields_ = [("path", ctypes.c_char * FILE_PATH_SIZE)]
+
+
+class FileTopVal(ctypes.Structure):
+    _fields_ = [
+        ("calls", ctypes.c_uint64),
+        ("opens", ctypes.c_uint64),
+        ("failures", ctypes.c_uint64),
+        ("last_errno", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+# -- options, query, event --------------------------------------------------------------------
+
+
+class FileOptions(MonitorOptions):
+    include_prefixes: list[str] = Field(
+        default_factory=list, max_length=FILE_MAX_PREFIXES,
+        description="report only paths starting with one of these (absolute, at most "
+        f"{FILE_PREFIX_SIZE - 1} bytes each); empty: every path. Byte prefixes: "
+        "'/etc/' matches /etc/passwd, '/etc' also /etcetera",
+    )
+    exclude_prefixes: list[str] = Field(
+        default_factory=list, max_length=FILE_MAX_PREFIXES,
+        description="never report paths starting with one of these",
+    )
+    writes_only: bool = Field(
+        False, description="only opens that write, create or truncate, and every remove, "
+        "rename and mkdir")
+    errors_only: bool = Field(False, description="only calls that failed")
+    top_entries: int = Field(
+        4096, ge=64, le=1 << 18,
+        description="paths the in-kernel top list holds (LRU: the least recent makes room)")
+    metric_top: int = Field(
+        20, ge=0, le=1000,
+        description="paths per Prometheus family (the most opened, the most failing)")
+    max_pending: int = Field(
+        16384, ge=64, le=1 << 20,
+        description="calls in flight between sys_enter and sys_exit (one per thread)")
+
+    @field_validator("include_prefixes", "exclude_prefixes")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            raw = p.encode("utf-8", "surrogateescape")
+            if not p.startswith("/"):
+                raise ValueError(f"prefix {p!r} is not absolute (must start with '/')")
+            if len(raw) > FILE_PREFIX_SIZE - 1:
+                raise ValueError(f"prefix {p!r} is longer than {FILE_PREFIX_SIZE - 1} bytes")
+            if "\0" in p:
+                raise ValueError(f"prefix {p!r} contains a NUL byte")
+        return v
+
+
+class FileStatsQuery(MonitorStatsQuery):
+    limit: int = Field(20, ge=0, le=100000, description="rows in each top list")
+    reset: bool = Field(False, description="clear the top list after reading it")
+
+
+class FileEventModel(EventModel):
+    """A call that opened, created, removed or renamed a path."""
+
+    op: str = Field(description="the syscall: " + ", ".join(FILE_OPS))
+    path: str = Field(description="the path, absolute unless path_from says it could not be")
+    path_from: Literal["absolute", "cwd", "dirfd", "unknown", "unreadable"] = Field(
+        description="absolute: given so; cwd/dirfd: a relative path resolved in the kernel "
+        "against the working directory / dirfd at the call; unknown: relative, directory "
+        "not known (path as given); unreadable: not readable from the caller's memory")
+    path2: str = Field(description="renames: the new name (as path); else empty")
+    path2_from: str = Field(description="as path_from, for path2; empty if there is none")
+    truncated: bool = Field(description=f"a path was longer than {FILE_PATH_SIZE - 1} bytes: cut")
+    dirfd: int | None = Field(description="the *at calls' directory fd (-100: AT_FDCWD), else None")
+    flags: str = Field(description="decoded flags: open flags (O_WRONLY|O_CREAT...), "
+                       "unlinkat's AT_REMOVEDIR, renameat2's RENAME_*; empty when none")
+    mode: str | None = Field(description="octal creation mode (mkdir, creat, opens with "
+                             "O_CREAT/O_TMPFILE), else None")
+    ret: int = Field(description="fd (opens) or 0, or -errno")
+    error: str = Field(description="errno name when ret < 0 (ENOENT...), else empty")
+
+
+@register_monitor("file", "paths opened, created, removed and renamed (open*, creat, unlink*, "
+                  "rmdir, rename*, mkdir*)")
+class FileMonitor(BccMonitor[FileOptions]):
+    """File opens, creations, removals and renames."""
+
+    Options = FileOptions
+    StatsQuery = FileStatsQuery
+    EventModel = FileEventModel
+    BPF_SOURCE = "file.c"
+    REQUIRED_TRACEPOINTS = (
+        *(f"syscalls:sys_{d}_{op}" for op in REQUIRED_OPS for d in ("enter", "exit")),
+        "sched:sched_process_fork",  # common.h follows children of target pids
+        "sched:sched_process_exit",
+    )
+    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
+        *COMMON_CSV_FIELDS, "op", "path", "path_from", "path2", "path2_from", "truncated",
+        "dirfd", "flags", "mode", "ret", "error",
+    )
+
+    def __init__(self, options: FileOptions, ctx: MonitorContext) -> None:
+        super().__init__(options, ctx)
+        self._top_base = 0  # top_inserted at the last reset
+        self.ops: tuple[str, ...] = REQUIRED_OPS
+
+    @classmethod
+    def option_errors(cls, options: MonitorOptions, report: Any) -> str | None:
+        try:
+            walk_offsets()
+        except BTFError as e:
+            return f"resolving relative paths needs BTF offsets: {e}"
+        return None
+
+    # -- kernel side -------------------------------------------------------------------
+    @staticmethod
+    def present_ops() -> tuple[str, ...]:
+        """The ops whose two tracepoints this kernel has (file.c compiles only those)."""
+        tracefs = find_tracefs()
+        if tracefs is None:
+            return REQUIRED_OPS
+        base = tracefs / "events" / "syscalls"
+        return tuple(
+            op for op in FILE_OPS
+            if op in REQUIRED_OPS
+            or (is_dir(base / f"sys_enter_{op}") and is_dir(base / f"sys_exit_{op}"))
+        )
+
+    def extra_cflags(self) -> dict[str, int | str]:
+        try:
+            offsets = walk_offsets()
+        except BTFError as e:
+            raise MonitorError(f"file: {e}") from e
+        self.ops = self.present_ops()
+        flags: dict[str, int | str] = {
+            **offsets,
+            "MAX_PENDING": self.options.max_pending,
+            "TOP_ENTRIES": self.options.top_entries,
+            "FILE_O_ACCMODE": os.O_ACCMODE,
+            "FILE_O_WRONLY": os.O_WRONLY,
+            "FILE_O_CREAT": os.O_CREAT,
+            "FILE_O_TRUNC": os.O_TRUNC,
+            "FILE_O_TMPFILE": O_TMPFILE_BIT,
+            "FILE_AT_FDCWD": AT_FDCWD,
+        }
+        for op in self.ops:
+            if op in OPTIONAL_OPS:
+                flags[f"HAVE_{op.upper()}"] = 1
+        return flags
+
+    def load(self) -> None:
+        super().load()
+        try:
+            self._write_config()
+        except Exception as e:
+            self.close()
+            raise MonitorError(f"{self.name}: writing the configuration failed: {e}") from e
+
+    def _write_config(self) -> None:
+        """Prefixes first, then the configuration that arms the programs with their counts."""
+        o = self.options
+        table = self.bpf[b"file_prefixes"]
+        for base, prefixes in ((0, o.include_prefixes), (FILE_MAX_PREFIXES, o.exclude_prefixes)):
+            for i in range(FILE_MAX_PREFIXES):
+                p = prefixes[i].encode("utf-8", "surrogateescape") if i < len(prefixes) else b""
+                table[ctypes.c_int(base + i)] = FilePrefix(len=len(p), s=p)
+        self.bpf[b"file_config"][ctypes.c_int(0)] = FileConfig(
+            flags=FILE_CFG_ARMED
+            | (FILE_CFG_WRITES_ONLY if o.writes_only else 0)
+            | (FILE_CFG_ERRORS_ONLY if o.errors_only else 0),
+            n_include=len(o.include_prefixes),
+            n_exclude=len(o.exclude_prefixes),
+        )
+
+    def apply_options(self, options: MonitorOptions) -> bool:
+        """The filters live in maps: they change without recompiling. (While the prefix
+        table is rewritten, a call may see a mix of the old and the new prefixes.)"""
+        if not isinstance(options, FileOptions) or self.bpf is None:
+            return False
+        live = {"include_prefixes", "exclude_prefixes", "writes_only", "errors_only",
+                "metric_top"}
+        if options.model_dump(exclude=live) != self.options.model_dump(exclude=live):
+            return False
+        self.options = options
+        self._write_config()
+        return True
+
+    # -- events ------------------------------------------------------------------------
+    def parse_event(self, raw: bytes) -> Event:
+        e = FileEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(FileEvent), b"\0"))
+        op = FILE_OPS[e.op] if e.op < len(FILE_OPS) else f"op{e.op}"
+        rename = op in RENAME_OPS
+        ret = e.ret
+        return {
+            **self.common_fields(e.hdr),
+            "op": op,
+            "path": decode_c_string(e.path),
+            "path_from": resolution(e.res),
+            "path2": decode_c_string(e.path2) if rename else "",
+            "path2_from": resolution(e.res2) if rename else "",
+            "truncated": bool(e.evflags & (FILE_EF_PATH_CUT | FILE_EF_PATH2_CUT)),
+            "dirfd": e.dirfd if op in AT_OPS else None,
+            "flags": decode_flags(op, e.flags),
+            "mode": f"{e.mode:04o}" if has_mode(op, e.flags) else None,
+            "ret": ret,
+            "error": errno_name(ret) if -4095 <= ret < 0 else "",
+        }
+
+    def console_line(self, event: Event) -> str:
+        target = event["path"] + (f" -> {event['path2']}" if event["path2"] else "")
+        extra = "".join(f" {x}" for x in (event["flags"], event["mode"]) if x)
+        result = f"{event['ret']} {event['error']}".rstrip()
+        return (
+            f"{event['timestamp']} file pid={event['pid']} comm={event['comm']} "
+            f"{event['op']} {target}{extra} = {result}"
+        )
+
+    # -- top list ----------------------------------------------------------------------
+    def _top_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "path": decode_c_string(key.path),
+                "calls": int(val.calls),
+                "opens": int(val.opens),
+                "failures": int(val.failures),
+                "last_error": errno_name(val.last_errno) if val.last_errno else "",
+            }
+            for key, val in self.bpf[b"file_top"].items()
+        ]
+
+    def stats(self, limit: int = 20, reset: bool = False) -> dict[str, Any]:
+        """The most opened paths and the most failing ones, from the kernel's top list;
+        ``reset`` clears it after reading."""
+        if self.bpf is None:
+            return {"most_opened": [], "most_failing": [], "paths": 0,
+                    "capacity": self.options.top_entries, "evicted": 0}
+        rows = self._top_rows()
+        inserted = self.kernel_counters().get("top_inserted", 0)
+        out = {
+            "most_opened": top(rows, "opens", limit),
+            "most_failing": top(rows, "failures", limit),
+            "paths": len(rows),
+            "capacity": self.options.top_entries,
+            "evicted": max(0, inserted - self._top_base - len(rows)),
+        }
+        if reset:
+            self.bpf[b"file_top"].clear()
+            self._top_base = inserted
+        return out
+
+    def metric_series(self) -> list[MetricSeries]:
+        """The top ``metric_top`` paths of each list: a bounded label set."""
+        if self.bpf is None or not self.options.metric_top:
+            return []
+        rows = self._top_rows()
+        n = self.options.metric_top
+        return [
+            MetricSeries("opens", f"opens per path (the {n} most opened, kernel top list)",
+                         "path", {r["path"]: r["opens"] for r in top(rows, "opens", n)}),
+            MetricSeries("failures", f"failed calls per path (the {n} most failing)",
+                         "path", {r["path"]: r["failures"] for r in top(rows, "failures", n)}),
+        ]
+
+    def kernel_counters(self) -> dict[str, int]:
+        out = super().kernel_counters()
+        if self.bpf is None:
+            return out
+        table = self.bpf[b"file_counters"]
+        for i, name in enumerate(FILE_COUNTERS):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out
+
+
+def resolution(res: int) -> str:
+    return FILE_RES[res] if res < len(FILE_RES) else "unknown"
+
+
+def top(rows: list[dict[str, Any]], field: str, limit: int) -> list[dict[str, Any]]:
+    """The rows with a non-zero ``field``, largest first (ties by path), at most ``limit``."""
+    chosen = sorted((r for r in rows if r[field]), key=lambda r: (-r[field], r["path"]))
+    return chosen[:limit]

@@ -15,7 +15,7 @@
 /* Prefix filters: at most FILE_MAX_PREFIXES to include and as many to exclude, each at
  * most FILE_PREFIX_SIZE - 1 bytes. */
 #define FILE_MAX_PREFIXES 8
-#define FILE_PREFIX_SIZE 64
+#define FILE_PREFIX_SIZE 128
 /* Directory levels the kernel walks up to make a relative path absolute; mount
  * crossings count as levels too. Deeper directories leave the path unresolved. */
 #define FILE_MAX_DEPTH 32

@@ -56,7 +56,7 @@ from agent.monitors.registry import register_monitor
 # Mirrors of agent/monitors/file/file.h (tests/monitors/test_file.py checks them with gcc).
 FILE_PATH_SIZE = 256
 FILE_MAX_PREFIXES = 8
-FILE_PREFIX_SIZE = 64
+FILE_PREFIX_SIZE = 128
 FILE_OPS = (  # FILE_OP_* order
     "open", "openat", "openat2", "creat", "unlink", "unlinkat", "rmdir",
     "rename", "renameat", "renameat2", "mkdir", "mkdirat",
@@ -164,7 +164,7 @@ def has_mode(op: str, flags: int) -> bool:
 
 def is_write(op: str, flags: int) -> bool:
     """What writes_only lets through (file.c open_writes()), for userspace checks."""
-    if op not in OPEN_OPS:
+    if op not in OPEN_OPS or op == "creat":
         return True
     return bool(flags & os.O_ACCMODE) or bool(flags & (os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT))
 

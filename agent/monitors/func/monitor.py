@@ -22,9 +22,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -46,7 +46,7 @@ from agent.kernel.symbols import (
 )
 from agent.kernel.symbols import PatternError as FuncPatternError
 from agent.kernel.uprobe_insn import uprobe_hazards
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
 from agent.monitors.func.multi import CookieLinks, file_offsets
@@ -145,25 +145,29 @@ def report_kprobes(report: Any) -> tuple[bool, str] | None:
     return available, str(getattr(feature, "detail", "") or "capability report")
 
 
-class FuncEventModel(EventModel):
-    """A call of a probed function (events=true), rate-limited in the kernel."""
-
-    function: str = Field(description="the symbol name")
-    target: str = Field(description="the binary's real path, or \"kernel\"")
-    latency_ns: int | None = Field(
-        None, description="from entry to return; present only with latency=true")
+# A call of a probed function: struct func_event of func.h.
+FUNC_EVENT = EventDecl(
+    struct="func_event", header="func.h",
+    doc="A call of a probed function (events=true), rate-limited in the kernel.",
+    members=(
+        Member("latency_ns", "u64"),  # valid when flags & FUNC_F_LATENCY
+        Member("probe_id", "u32"),  # index into the resolved probes
+        Member("flags", "u32"),  # FUNC_F_*
+    ),
+    fields=(
+        EventField("function", "string", "the symbol name", Decode.LOOKUP, source="probe_id"),
+        EventField("target", "string", "the binary's real path, or \"kernel\"",
+                   Decode.LOOKUP, source="probe_id"),
+        EventField("latency_ns", "integer",
+                   "from entry to return; present only with latency=true",
+                   when=("flags", FUNC_F_LATENCY)),
+    ),
+    console="pid={pid} tid={tid} comm={comm} {target}:{function}{latency_ns:opt_ns}",
+)
+FuncEvent = FUNC_EVENT.ctypes_struct(name="FuncEvent")
 
 
 # -- the monitor ------------------------------------------------------------------------
-class FuncEvent(ctypes.Structure):
-    """Mirror of ``struct func_event`` in agent/monitors/func/func.h."""
-
-    _fields_ = [
-        ("hdr", EventHeader),
-        ("latency_ns", ctypes.c_uint64),
-        ("probe_id", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-    ]
 
 
 class FuncStats(ctypes.Structure):
@@ -184,14 +188,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
     """Function calls (uprobes and kprobes) matched by glob patterns."""
 
     Options = FuncOptions
-    EventModel = FuncEventModel
+    EVENT = FUNC_EVENT
     BPF_SOURCE = "func.c"
-    REQUIRED_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
     # ignore: BccMonitor's unannotated tuple makes mypy infer a fixed 5-tuple type.
     REQUIRED_FEATURES = (*BccMonitor.REQUIRED_FEATURES, "uprobes")  # type: ignore[assignment]
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        *COMMON_CSV_FIELDS, "function", "target", "latency_ns",
-    )
 
 
     def __init__(self, options: FuncOptions, ctx: MonitorContext) -> None:
@@ -467,24 +467,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         super().close()
 
     # -- events ---------------------------------------------------------------------
-    def parse_event(self, raw: bytes) -> Event:
-        e = FuncEvent.from_buffer_copy(raw[: ctypes.sizeof(FuncEvent)])
-        probe = self.probes[e.probe_id]
-        event: Event = {
-            **self.common_fields(e.hdr),
-            "function": probe.name,
-            "target": probe.target,
-        }
-        if e.flags & FUNC_F_LATENCY:
-            event["latency_ns"] = e.latency_ns
-        return event
-
-    def console_line(self, event: Event) -> str:
-        latency = f" {event['latency_ns']} ns" if "latency_ns" in event else ""
-        return (
-            f"{event['timestamp']} func pid={event['pid']} tid={event['tid']} "
-            f"comm={event['comm']} {event['target']}:{event['function']}{latency}"
-        )
+    def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
+        """The resolved probes by probe id (set before load)."""
+        return {"function": {i: p.name for i, p in enumerate(self.probes)},
+                "target": {i: p.target for i, p in enumerate(self.probes)}}
 
     # -- aggregates -------------------------------------------------------------------
     def metric_series(self) -> list[MetricSeries]:

@@ -128,7 +128,8 @@ def test_top_lists_order_and_limit() -> None:
 
 # -- ground truth: strace -f -y ---------------------------------------------------------------
 
-_LINE = re.compile(r"^(?P<op>\w+)\((?P<args>.*)\)\s+= (?P<ret>-?\d+)(?:<[^>]*>)?(?: (?P<err>E\w+))?")
+_LINE = re.compile(
+    r"^(?P<op>\w+)\((?P<args>.*)\)\s+= (?P<ret>-?\d+)(?:<[^>]*>)?(?: (?P<err>E\w+))?")
 _ARG = re.compile(r'(?:AT_FDCWD|-?\d+)<(?P<dir>[^>]*)>|"(?P<str>(?:[^"\\]|\\.)*)"')
 
 

@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 from pydantic import Field, field_validator
 
 from agent.kernel.btf import BTFError, vmlinux_btf
 from agent.kernel.syscalls import errno_name
 from agent.kernel.tracefs import find_tracefs, is_dir
-from agent.model.events import (
-    COMMON_CSV_FIELDS,
-    Event,
-    EventHeader,
-    EventModel,
-    decode_c_string,
-)
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
+from agent.model.events import decode_c_string
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import (
     MetricSeries,
@@ -189,24 +184,53 @@ class FilePrefix(ctypes.Structure):
     ]
 
 
-class FileEvent(ctypes.Structure):
-    """Mirror of ``struct file_event`` in file.h."""
-
-    _fields_ = [
-        ("hdr", EventHeader),
-        ("ret", ctypes.c_int64),
-        ("flags", ctypes.c_uint64),
-        ("mode", ctypes.c_uint32),
-        ("dirfd", ctypes.c_int32),
-        ("dirfd2", ctypes.c_int32),
-        ("evflags", ctypes.c_uint32),
-        ("op", ctypes.c_uint16),
-        ("res", ctypes.c_uint8),
-        ("res2", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint32),
-        ("path", ctypes.c_char * FILE_PATH_SIZE),
-        ("path2", ctypes.c_char * FILE_PATH_SIZE),
-    ]
+FILE_EVENT = EventDecl(
+    struct="file_event", header="file.h",
+    doc="A call that opened, created, removed or renamed a path.",
+    members=(
+        Member("ret", "s64"),
+        Member("flags", "u64"),
+        Member("mode", "u32"),
+        Member("dirfd", "s32"),
+        Member("dirfd2", "s32"),
+        Member("evflags", "u32"),
+        Member("op", "u16"),
+        Member("res", "u8"),
+        Member("res2", "u8"),
+        Member("_pad", "u32"),
+        Member("path", "char", FILE_PATH_SIZE),
+        Member("path2", "char", FILE_PATH_SIZE),  # sent for renames only
+    ),
+    fields=(
+        EventField("op", "string", "the syscall: " + ", ".join(FILE_OPS), Decode.ENUM,
+                   arg=dict(enumerate(FILE_OPS))),
+        EventField("path", "string", "the path, absolute unless path_from says it could not be"),
+        EventField("path_from", "string",
+                   "absolute: given so; cwd/dirfd: a relative path resolved in the kernel "
+                   "against the working directory / dirfd at the call; unknown: relative, "
+                   "directory not known (path as given); unreadable: not readable from the "
+                   "caller's memory", Decode.ENUM, source="res", arg=dict(enumerate(FILE_RES))),
+        EventField("path2", "string", "renames: the new name (as path); else empty",
+                   Decode.HOOK, arg="call"),
+        EventField("path2_from", "string", "as path_from, for path2; empty if there is none",
+                   Decode.HOOK, arg="call"),
+        EventField("truncated", "boolean", f"a path was longer than {FILE_PATH_SIZE - 1} "
+                   "bytes: cut", Decode.FLAG, source="evflags",
+                   arg=FILE_EF_PATH_CUT | FILE_EF_PATH2_CUT),
+        EventField("dirfd", "integer", "the *at calls' directory fd (-100: AT_FDCWD), else null",
+                   Decode.HOOK, arg="call", nullable=True),
+        EventField("flags", "string", "decoded flags: open flags (O_WRONLY|O_CREAT...), "
+                   "unlinkat's AT_REMOVEDIR, renameat2's RENAME_*; empty when none",
+                   Decode.HOOK, arg="call"),
+        EventField("mode", "string", "octal creation mode (mkdir, creat, opens with "
+                   "O_CREAT/O_TMPFILE), else null", Decode.HOOK, arg="call", nullable=True),
+        EventField("ret", "integer", "fd (opens) or 0, or -errno"),
+        EventField("error", "string", "errno name when ret < 0 (ENOENT...), else null",
+                   Decode.ERRNO, source="ret", nullable=True),
+    ),
+    console="pid={pid} comm={comm} {op} {path} {path2} {flags} = {ret:errno}",
+)
+FileEvent = FILE_EVENT.ctypes_struct(None, "FileEvent")
 
 
 class FileTopKey(ctypes.Structure):
@@ -270,27 +294,6 @@ class FileStatsQuery(MonitorStatsQuery):
     reset: bool = Field(False, description="clear the top list after reading it")
 
 
-class FileEventModel(EventModel):
-    """A call that opened, created, removed or renamed a path."""
-
-    op: str = Field(description="the syscall: " + ", ".join(FILE_OPS))
-    path: str = Field(description="the path, absolute unless path_from says it could not be")
-    path_from: Literal["absolute", "cwd", "dirfd", "unknown", "unreadable"] = Field(
-        description="absolute: given so; cwd/dirfd: a relative path resolved in the kernel "
-        "against the working directory / dirfd at the call; unknown: relative, directory "
-        "not known (path as given); unreadable: not readable from the caller's memory")
-    path2: str = Field(description="renames: the new name (as path); else empty")
-    path2_from: str = Field(description="as path_from, for path2; empty if there is none")
-    truncated: bool = Field(description=f"a path was longer than {FILE_PATH_SIZE - 1} bytes: cut")
-    dirfd: int | None = Field(description="the *at calls' directory fd (-100: AT_FDCWD), else None")
-    flags: str = Field(description="decoded flags: open flags (O_WRONLY|O_CREAT...), "
-                       "unlinkat's AT_REMOVEDIR, renameat2's RENAME_*; empty when none")
-    mode: str | None = Field(description="octal creation mode (mkdir, creat, opens with "
-                             "O_CREAT/O_TMPFILE), else None")
-    ret: int = Field(description="fd (opens) or 0, or -errno")
-    error: str = Field(description="errno name when ret < 0 (ENOENT...), else empty")
-
-
 @register_monitor("file", "paths opened, created, removed and renamed (open*, creat, unlink*, "
                   "rmdir, rename*, mkdir*)")
 class FileMonitor(BccMonitor[FileOptions]):
@@ -298,16 +301,10 @@ class FileMonitor(BccMonitor[FileOptions]):
 
     Options = FileOptions
     StatsQuery = FileStatsQuery
-    EventModel = FileEventModel
+    EVENT = FILE_EVENT
     BPF_SOURCE = "file.c"
     REQUIRED_TRACEPOINTS = (
         *(f"syscalls:sys_{d}_{op}" for op in REQUIRED_OPS for d in ("enter", "exit")),
-        "sched:sched_process_fork",  # common.h follows children of target pids
-        "sched:sched_process_exit",
-    )
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        *COMMON_CSV_FIELDS, "op", "path", "path_from", "path2", "path2_from", "truncated",
-        "dirfd", "flags", "mode", "ret", "error",
     )
 
     def __init__(self, options: FileOptions, ctx: MonitorContext) -> None:
@@ -397,34 +394,8 @@ class FileMonitor(BccMonitor[FileOptions]):
         return True
 
     # -- events ------------------------------------------------------------------------
-    def parse_event(self, raw: bytes) -> Event:
-        e = FileEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(FileEvent), b"\0"))
-        op = FILE_OPS[e.op] if e.op < len(FILE_OPS) else f"op{e.op}"
-        rename = op in RENAME_OPS
-        ret = e.ret
-        return {
-            **self.common_fields(e.hdr),
-            "op": op,
-            "path": decode_c_string(e.path),
-            "path_from": resolution(e.res),
-            "path2": decode_c_string(e.path2) if rename else "",
-            "path2_from": resolution(e.res2) if rename else "",
-            "truncated": bool(e.evflags & (FILE_EF_PATH_CUT | FILE_EF_PATH2_CUT)),
-            "dirfd": e.dirfd if op in AT_OPS else None,
-            "flags": decode_flags(op, e.flags),
-            "mode": f"{e.mode:04o}" if has_mode(op, e.flags) else None,
-            "ret": ret,
-            "error": errno_name(ret) if -4095 <= ret < 0 else "",
-        }
-
-    def console_line(self, event: Event) -> str:
-        target = event["path"] + (f" -> {event['path2']}" if event["path2"] else "")
-        extra = "".join(f" {x}" for x in (event["flags"], event["mode"]) if x)
-        result = f"{event['ret']} {event['error']}".rstrip()
-        return (
-            f"{event['timestamp']} file pid={event['pid']} comm={event['comm']} "
-            f"{event['op']} {target}{extra} = {result}"
-        )
+    def decode_hooks(self) -> dict[str, Any]:
+        return {"call": decode_call}
 
     # -- top list ----------------------------------------------------------------------
     def _top_rows(self) -> list[dict[str, Any]]:
@@ -483,7 +454,26 @@ class FileMonitor(BccMonitor[FileOptions]):
 
 
 def resolution(res: int) -> str:
-    return FILE_RES[res] if res < len(FILE_RES) else "unknown"
+    return FILE_RES[res] if res < len(FILE_RES) else str(res)
+
+
+def decode_call(raw: bytes, members: dict[str, Any]) -> dict[str, Any]:
+    """The fields that depend on the op: path2 (renames), dirfd (*at calls), flags and
+    mode (decoded by op)."""
+    code, flags = members["op"], members["flags"]
+    op = FILE_OPS[code] if code < len(FILE_OPS) else str(code)
+    rename = op in RENAME_OPS
+    return {
+        "path2": decode_c_string(raw[_PATH2_OFFSET:_PATH2_OFFSET + FILE_PATH_SIZE])
+        if rename else "",
+        "path2_from": resolution(members["res2"]) if rename else "",
+        "dirfd": members["dirfd"] if op in AT_OPS else None,
+        "flags": decode_flags(op, flags),
+        "mode": f"{members['mode']:04o}" if has_mode(op, flags) else None,
+    }
+
+
+_PATH2_OFFSET = FILE_EVENT.offsets()["path2"]
 
 
 def top(rows: list[dict[str, Any]], field: str, limit: int) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/fleet.py
 	$(PY) bench/latency_histogram.py
 	$(PY) bench/syscall_cost.py
+	$(PY) bench/file_cost.py
 	$(PY) bench/startup.py
 	$(PY) bench/api_limits.py
 

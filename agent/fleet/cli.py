@@ -193,8 +193,12 @@ def show_simple(results: list[HostResult[Any]], output: str, what: str) -> None:
 def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                limit: int, sort: str) -> None:
     fleet_top = ops.fleet_syscalls(results, limit, sort) if monitor == "syscall" else None
+    # Top lists any monitor's stats describe (``top_lists``), merged over the hosts.
+    tops = ops.fleet_top_lists(results, monitor, limit) if monitor else {}
     if output == "json":
-        _json(results, **({"fleet": {"syscalls": fleet_top}} if fleet_top is not None else {}))
+        fleet = {**({"syscalls": fleet_top} if fleet_top is not None else {}),
+                 **({"top_lists": tops} if tops else {})}
+        _json(results, **({"fleet": fleet} if fleet else {}))
         return
     rows = []
     for r in results:
@@ -216,6 +220,10 @@ def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                 print(table(["SYSCALL", "COUNT", "ERRORS"],
                             [[s["name"], s["count"], s.get("errors", 0)]
                              for s in r.value["syscall"]["syscalls"][:limit]]))
+    for name, merged in tops.items():
+        print(f"\nfleet-wide {name} (summed over each host's top {limit}):")
+        cols = list(merged[0]) if merged else ["hosts"]
+        print(table([c.upper() for c in cols], [[t.get(c, "") for c in cols] for t in merged]))
 
 
 def show_changes(results: list[HostResult[Any]], output: str, verb: str) -> None:

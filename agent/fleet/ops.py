@@ -182,6 +182,39 @@ def fleet_syscalls(results: list[HostResult[Any]], limit: int = 10,
     return rows[:limit]
 
 
+def fleet_top_lists(results: list[HostResult[Any]], monitor: str,
+                    limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """The top lists a monitor's stats describe (``top_lists``: name -> {"key": [key
+    columns], "sort": column, "rows": [...]}), each summed over the hosts that answered:
+    rows with the same key add up their numeric columns, ``hosts`` counts the hosts that
+    listed the row. Each host sends its own top N, so a row outside a host's top N is
+    not counted for that host."""
+    merged: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    order: dict[str, str] = {}
+    for r in results:
+        if not r.ok or not r.value:
+            continue
+        lists = (r.value.get(monitor) or {}).get("top_lists") or {}
+        for name, spec in lists.items():
+            keys = tuple(spec.get("key") or ())
+            order[name] = spec.get("sort", "")
+            rows = merged.setdefault(name, {})
+            for row in spec.get("rows") or []:
+                k = tuple(row.get(c) for c in keys)
+                t = rows.setdefault(k, {**{c: row.get(c) for c in keys}, "hosts": 0})
+                for col, v in row.items():
+                    if col in keys or isinstance(v, bool) or not isinstance(v, int | float):
+                        continue
+                    t[col] = t.get(col, 0) + v
+                t["hosts"] += 1
+    out = {}
+    for name, rows in merged.items():
+        col = order[name]
+        ranked = sorted(rows.values(), key=lambda t: (-t.get(col, 0), str(list(t.values()))))
+        out[name] = ranked[:limit]
+    return out
+
+
 # -- desired state -----------------------------------------------------------------------
 def load_state_file(path: Path) -> dict[str, Any]:
     """``monitors: {name: options}`` and optional ``targets: {pids, uids, comms,

@@ -8,7 +8,13 @@ import pytest
 
 from agent.fleet.client import HostResult
 from agent.fleet.inventory import Host, InventoryError, default_token, resolve_hosts
-from agent.fleet.ops import UsageError, fleet_syscalls, parse_options, parse_target_values
+from agent.fleet.ops import (
+    UsageError,
+    fleet_syscalls,
+    fleet_top_lists,
+    parse_options,
+    parse_target_values,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "inv.yaml") -> Path:
@@ -110,3 +116,27 @@ def test_fleet_wide_syscall_top_sums_hosts() -> None:
         {"name": "write", "count": 130, "errors": 2, "total_ns": 1300, "hosts": 2},
         {"name": "read", "count": 100, "errors": 1, "total_ns": 1000, "hosts": 1},
     ]
+
+
+def test_fleet_wide_top_lists_sum_hosts_by_key() -> None:
+    """Any monitor's self-described top lists (the file monitor's, for one): rows with
+    the same key add up, ordered by the list's sort column; hosts that failed or do
+    not run the monitor add nothing."""
+    def result(name: str, rows: list[tuple[str, int, int]]) -> HostResult:
+        data = [{"path": p, "opens": o, "failures": f, "last_error": "ENOENT"}
+                for p, o, f in rows]
+        lists = {"most_opened": {"key": ["path"], "sort": "opens", "rows": data},
+                 "most_failing": {"key": ["path"], "sort": "failures", "rows": data}}
+        return HostResult(Host(name, "http://x:1"), {"file": {"top_lists": lists, "paths": 9}})
+
+    results = [result("a", [("/etc/passwd", 10, 0), ("/x", 3, 3)]),
+               result("b", [("/x", 9, 1), ("/etc/hosts", 1, 0)]),
+               HostResult(Host("c", "http://x:2"), {"file": {}}),
+               HostResult(Host("d", "http://x:3"), error="unreachable")]
+    tops = fleet_top_lists(results, "file", limit=2)
+    assert tops["most_opened"] == [
+        {"path": "/x", "opens": 12, "failures": 4, "hosts": 2},
+        {"path": "/etc/passwd", "opens": 10, "failures": 0, "hosts": 1},
+    ]
+    assert [r["path"] for r in tops["most_failing"]] == ["/x", "/etc/hosts"]
+    assert fleet_top_lists(results, "net", limit=2) == {}

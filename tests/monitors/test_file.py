@@ -340,9 +340,15 @@ def test_top_lists(file_monitor, tree: Path) -> None:
     run_workload(file_monitor, ["/bin/sh", "-c", WORKLOAD + "; cat /nonexistent-file-monitor-test"
                                 " 2>/dev/null; true"], tree, include_prefixes=["/nonexistent-"])
     s = m.stats(limit=5)
-    assert s["most_failing"] == [{"path": "/nonexistent-file-monitor-test", "calls": 2,
-                                  "opens": 2, "failures": 2, "last_error": "ENOENT"}]
-    assert s["most_opened"] == s["most_failing"] and s["paths"] == 1 and s["evicted"] == 0
+    row = {"path": "/nonexistent-file-monitor-test", "calls": 2, "opens": 2, "failures": 2,
+           "last_error": "ENOENT"}
+    assert s["top_lists"] == {
+        "most_opened": {"key": ["path"], "sort": "opens", "rows": [row]},
+        "most_failing": {"key": ["path"], "sort": "failures", "rows": [row]},
+    }
+    assert (s["paths"], s["evicted"], s["capacity"]) == (1, 0, 4096)
+    m.stats(reset=True)
+    assert m.stats()["paths"] == 0
     series = {f.name: f.values for f in m.metric_series()}
     assert series == {"opens": {"/nonexistent-file-monitor-test": 2},
                       "failures": {"/nonexistent-file-monitor-test": 2}}

@@ -413,19 +413,17 @@ class FileMonitor(BccMonitor[FileOptions]):
     def stats(self, limit: int = 20, reset: bool = False) -> dict[str, Any]:
         """The most opened paths and the most failing ones, from the kernel's top list;
         ``reset`` clears it after reading."""
-        if self.bpf is None:
-            return {"most_opened": [], "most_failing": [], "paths": 0,
-                    "capacity": self.options.top_entries, "evicted": 0}
-        rows = self._top_rows()
+        rows = self._top_rows() if self.bpf is not None else []
         inserted = self.kernel_counters().get("top_inserted", 0)
         out = {
-            "most_opened": top(rows, "opens", limit),
-            "most_failing": top(rows, "failures", limit),
+            "top_lists": {
+                name: top_list(rows, column, limit) for name, column in TOP_LISTS.items()
+            },
             "paths": len(rows),
             "capacity": self.options.top_entries,
             "evicted": max(0, inserted - self._top_base - len(rows)),
         }
-        if reset:
+        if reset and self.bpf is not None:
             self.bpf[b"file_top"].clear()
             self._top_base = inserted
         return out
@@ -474,6 +472,16 @@ def decode_call(raw: bytes, members: dict[str, Any]) -> dict[str, Any]:
 
 
 _PATH2_OFFSET = FILE_EVENT.offsets()["path2"]
+
+
+# The stats' top lists: name -> the column each is ordered by. Each list describes
+# itself in the stats (key columns, sort column, rows) so that clients render and merge
+# top lists of any monitor the same way (ebpf-agentctl stats <monitor>).
+TOP_LISTS = {"most_opened": "opens", "most_failing": "failures"}
+
+
+def top_list(rows: list[dict[str, Any]], column: str, limit: int) -> dict[str, Any]:
+    return {"key": ["path"], "sort": column, "rows": top(rows, column, limit)}
 
 
 def top(rows: list[dict[str, Any]], field: str, limit: int) -> list[dict[str, Any]]:

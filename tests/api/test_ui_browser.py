@@ -162,3 +162,34 @@ def test_open_agent_needs_no_login(browser: Any) -> None:
             assert page.get_by_test_id("token-input").is_hidden()
         finally:
             context.close()
+
+
+def test_top_list_panel_of_a_monitor_that_has_one(browser: Any, agent: Agent,
+                                                  tmp_path_factory: pytest.TempPathFactory,
+                                                  ) -> None:
+    """The file monitor's stats describe top lists: the console shows them as tables,
+    with the path this test failed to open twice as the most failing one."""
+    d = tmp_path_factory.mktemp("ui-file")
+    context, page, _dialogs = open_page(browser, agent.url)
+    try:
+        login(page, ADMIN)
+        page.get_by_test_id("monitor-file-options").fill(
+            json.dumps({"include_prefixes": [f"{d}/"]}))
+        page.get_by_test_id("monitor-file-start").click()
+        expect(page.get_by_test_id("monitor-file-state")).to_have_text("running",
+                                                                       timeout=90_000)
+        missing = f"{d}/missing"
+        for _ in range(2):
+            subprocess.run(["cat", missing], stderr=subprocess.DEVNULL, check=False)
+        table = page.get_by_test_id("toplist-file-most_failing")
+        expect(table.locator("tbody tr")).to_have_count(1, timeout=20_000)
+        cells = table.locator("tbody tr td").all_text_contents()
+        head = table.locator("thead th").all_text_contents()
+        row = dict(zip(head, cells, strict=True))
+        assert (row["path"], row["failures"], row["opens"], row["last_error"]) == (
+            missing, "2", "2", "ENOENT")
+        page.get_by_test_id("monitor-file-stop").click()
+        expect(page.get_by_test_id("monitor-file-state")).to_have_text("stopped")
+        expect(page.get_by_test_id("top-lists")).to_be_hidden(timeout=10_000)
+    finally:
+        context.close()

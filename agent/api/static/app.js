@@ -119,6 +119,7 @@ function start(who) {
   every(3000, refreshMonitors);
   every(5000, refreshTargets);
   every(3000, refreshSyscalls);
+  every(3000, refreshTopLists);
   every(250, flushEvents);
   if (who.scope === "control") { refreshAudit(); every(5000, refreshAudit); }
 }
@@ -302,6 +303,35 @@ async function refreshSyscalls() {
   if (!state.selectedSyscall && all.length) state.selectedSyscall = all[0].name;
   const chosen = all.find((s) => s.name === state.selectedSyscall);
   drawHistogram(chosen);
+}
+
+// -- top lists: any running monitor whose stats describe "top_lists" ---------------------
+// Each list says its key columns and the column it is ordered by ({key, sort, rows}), so
+// one panel serves every monitor that has one (file: most opened / most failing paths).
+async function refreshTopLists() {
+  const running = state.monitors.filter((m) => m.state === "running" && m.name !== "syscall");
+  const panels = [];
+  for (const m of running) {
+    const r = await api("GET", `/monitors/${encodeURIComponent(m.name)}/stats?limit=10`);
+    if (!r.ok || !r.data || typeof r.data.top_lists !== "object" || !r.data.top_lists) continue;
+    for (const [name, list] of Object.entries(r.data.top_lists)) {
+      panels.push(topListTable(m.name, name, list));
+    }
+  }
+  $("toplists-section").hidden = panels.length === 0;
+  $("toplists").replaceChildren(...panels);
+}
+
+function topListTable(monitor, name, list) {
+  const rows = Array.isArray(list.rows) ? list.rows : [];
+  const cols = [...(list.key || []), list.sort,
+    ...Object.keys(rows[0] || {}).filter((c) => !(list.key || []).includes(c) && c !== list.sort)];
+  return el("div", {},
+    el("h3", { text: `${monitor}: ${name.replaceAll("_", " ")}` }),
+    el("table", { class: "grid", "data-testid": `toplist-${monitor}-${name}` },
+      el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", { text: c })))),
+      el("tbody", {}, ...rows.map((row) => el("tr", {},
+        ...cols.map((c) => el("td", { text: String(row[c] ?? "") })))))));
 }
 
 function fmtNs(ns) {

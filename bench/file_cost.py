@@ -40,9 +40,37 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 }
 """
 
+# The per-call view: one process opening (and closing) one file relative to an open
+# directory, as find and tar do; CPU ns per call over the minimal program.
+OPEN_LOOP_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    int dir = open(argv[1], O_RDONLY | O_DIRECTORY);
+    long n = atol(argv[3]);
+    for (long i = 0; i < n; i++) {
+        int fd = openat(dir, argv[2], O_RDONLY);
+        if (fd >= 0)
+            close(fd);
+    }
+    return dir < 0;
+}
+"""
+LOOP_DIR, LOOP_FILE = "/usr/share/doc/bash", "copyright"
+
 WORKLOAD = (
     "find /usr -xdev > /dev/null; mkdir x && tar xf {archive} -C x && rm -rf x"
 )
+
+
+def loop_cpu(binary: Path, calls: int) -> float:
+    proc = subprocess.Popen([str(binary), LOOP_DIR, LOOP_FILE, str(calls)])
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise RuntimeError(f"open loop failed: status {status}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def workload_cpu(work: Path, archive: Path) -> float:
@@ -76,6 +104,7 @@ def drained(monitor: Any) -> Iterator[None]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--calls", type=int, default=300_000, help="openat calls of the loop")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -83,19 +112,24 @@ def main() -> int:
     from bcc import BPF
 
     from agent.monitors.file.monitor import FileOptions
+    from tests.support.kernel import compile_c
     from tests.support.monitors import NullSink, loaded_monitor
 
     names = ("no program", "minimal sys_enter_openat program",
              "file monitor, every call reported", "file monitor, prefix matching nothing")
     samples: dict[str, list[float]] = {n: [] for n in names}
+    per_call: dict[str, list[float]] = {n: [] for n in names}
     counters: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         archive = work / "doc.tar"
         subprocess.run(["tar", "cf", str(archive), "-C", "/usr/share", "doc"], check=True)
 
+        loop = compile_c(work, "open_loop", OPEN_LOOP_C, "-O2")
+
         def run(name: str) -> None:
             samples[name].append(workload_cpu(work, archive))
+            per_call[name].append(loop_cpu(loop, args.calls))
 
         for rep in range(args.reps):
             steps: list[Callable[[], None]] = []
@@ -132,6 +166,14 @@ def main() -> int:
         v = samples[name]
         med = statistics.median(v)
         print(f"| {name} | {med:.3f} | {med / floor:.3f} | {min(v):.3f}-{max(v):.3f} |")
+    loop_floor = statistics.median(per_call[names[1]])
+    print(f"\nopenat(dirfd, \"{LOOP_FILE}\") + close in {LOOP_DIR}, x{args.calls}:\n")
+    print("| configuration | loop CPU s | x minimal program | ns per openat over it |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        med = statistics.median(per_call[name])
+        print(f"| {name} | {med:.3f} | {med / loop_floor:.3f} | "
+              f"{(med - loop_floor) / args.calls * 1e9:.0f} |")
     return 0
 
 

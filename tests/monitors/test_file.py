@@ -347,11 +347,11 @@ def test_top_lists(file_monitor, tree: Path) -> None:
         "most_failing": {"key": ["path"], "sort": "failures", "rows": [row]},
     }
     assert (s["paths"], s["evicted"], s["capacity"]) == (1, 0, 4096)
-    m.stats(reset=True)
-    assert m.stats()["paths"] == 0
     series = {f.name: f.values for f in m.metric_series()}
     assert series == {"opens": {"/nonexistent-file-monitor-test": 2},
                       "failures": {"/nonexistent-file-monitor-test": 2}}
+    m.stats(reset=True)
+    assert m.stats()["paths"] == 0
 
 
 def test_at_fdcwd_constant() -> None:

@@ -49,6 +49,7 @@ struct file_pending {
 struct file_walk {
     u64 dentry;
     u64 mnt;                   /* the struct vfsmount of dentry's mount */
+    u64 mnt_root;              /* its root dentry (read once per mount) */
     u64 root_dentry;           /* the task's root: the walk ends there */
     u64 root_mnt;
     u32 n;                     /* names[] filled */
@@ -114,7 +115,7 @@ static __always_inline int walk_step(struct file_scratch *s)
         return 1;
     }
     u64 mount = mnt - OFF_MOUNT_MNT;  /* vfsmount is embedded in struct mount */
-    if (dentry == rd(mnt + OFF_VFSMOUNT_MNT_ROOT)) {
+    if (dentry == *(volatile u64 *)&w->mnt_root) {
         /* the top of this mount: continue from where it is mounted */
         u64 parent_mount = rd(mount + OFF_MOUNT_MNT_PARENT);
         if (!parent_mount || parent_mount == mount) {
@@ -123,6 +124,7 @@ static __always_inline int walk_step(struct file_scratch *s)
         }
         w->dentry = rd(mount + OFF_MOUNT_MNT_MOUNTPOINT);
         w->mnt = parent_mount + OFF_MOUNT_MNT;
+        w->mnt_root = rd(w->mnt + OFF_VFSMOUNT_MNT_ROOT);
         return 0;
     }
     u64 parent = rd(dentry + OFF_DENTRY_D_PARENT);
@@ -172,6 +174,7 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     }
     if (!w->mnt || !w->dentry)
         return -1;
+    w->mnt_root = rd(w->mnt + OFF_VFSMOUNT_MNT_ROOT);
     w->n = 0;
     w->done = 0;
     for (int i = 0; i < FILE_MAX_WALK; i++) {

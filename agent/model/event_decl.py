@@ -77,6 +77,10 @@ class Decode(StrEnum):
     CSTR = "cstr"          # char[]: bytes up to the first NUL, UTF-8, undecodable bytes
                            # as \\udcXX (surrogateescape: encode() gives them back)
     BYTES_HEX = "hex"      # char[]/u8[]: the bytes as lower-case hex
+    INET = "inet"          # u8[4] or u8[16]: an IPv4 or IPv6 address as text; with arg,
+                           # the member holding the address family (AF_INET 2: the first
+                           # 4 bytes, AF_INET6 10: 16 bytes, anything else: null)
+    NET16 = "net16"        # u16 in network byte order (a port) as a number
     FLAG = "flag"          # bool(member & arg)
     ENUM = "enum"          # arg: {value: name}; a value not in it is written as its number
     ERRNO = "errno"        # a return value: its errno name (ENOENT) when in [-4095, -1],
@@ -180,6 +184,8 @@ class EventDecl:
                 raise ValueError(f"field {f.name}: no member {src!r} in {self.struct}")
             if f.when is not None and f.when[0] not in names:
                 raise ValueError(f"field {f.name}: no member {f.when[0]!r} for 'when'")
+            if kind is Decode.INET and f.arg is not None and f.arg not in names:
+                raise ValueError(f"field {f.name}: no member {f.arg!r} for the family")
             if kind in (Decode.ENUM, Decode.FLAG, Decode.HOOK) and f.arg is None:
                 raise ValueError(f"field {f.name}: {kind.value} needs an arg")
         object.__setattr__(self, "sizes", tuple(str(m.count) for m in tails))
@@ -195,6 +201,8 @@ class EventDecl:
         m = next((m for m in self.members if m.name == name), None)
         if m is None:
             raise ValueError(f"field {f.name}: no member {name!r}; give a decode kind")
+        if m.count and m.ctype != "char":
+            raise ValueError(f"field {f.name}: {m.c_decl} is bytes; give a decode kind")
         return Decode.CSTR if m.ctype == "char" else Decode.INT
 
     def source(self, f: EventField) -> str | None:

@@ -84,10 +84,10 @@ def encode_event(event: Event) -> bytes:
     are written as \\udcXX escapes, which json.loads + encode('utf-8', 'surrogateescape')
     turn back into the original bytes; orjson refuses them, so those take the slow path."""
     try:
-        # orjson hands back a bytes object that still owns its 4 KiB working buffer
-        # (measured with tracemalloc: 4,097 B for a 237-byte event); whatever keeps the
-        # bytes (the output queue, an exporter's queue) would pay that per event. An
-        # exact-size copy costs ~0.1 us.
+        # orjson hands back a bytes object that still owns its working buffer (4 KiB);
+        # whatever keeps the bytes (the output queue, an exporter's queue) would pay
+        # that per event, so keep an exact-size copy (bench/RESULTS.md, "Figures the
+        # code cites").
         return bytes(memoryview(orjson.dumps(event)))
     except TypeError:
         return json.dumps(event, separators=(",", ":")).encode()
@@ -117,15 +117,18 @@ class MonotonicClock:
 
 
 def header_fields(monitor: str, hdr: Any, clock: MonotonicClock) -> Event:
-    """The common fields of an event (COMMON_FIELDS, in that order) from its header."""
-    return {
-        "monitor": monitor,
-        "timestamp": clock.iso(hdr.ts_ns),
-        "ts_ns": hdr.ts_ns,
-        "pid": hdr.pid,
-        "tid": hdr.tid,
-        "ppid": hdr.ppid,
-        "uid": hdr.uid,
-        "gid": hdr.gid,
-        "comm": decode_c_string(hdr.comm),
-    }
+    """The common fields of an event (COMMON_FIELDS, in that order) from a ctypes
+    EventHeader, for a monitor that decodes its records itself; a monitor with an EVENT
+    declaration gets them from its generated decoder."""
+    event: Event = {}
+    for f in HEADER.fields:
+        kind = HEADER.kind(f)
+        if kind is Decode.MONITOR:
+            event[f.name] = monitor
+        elif kind is Decode.WALLTIME:
+            event[f.name] = clock.iso(getattr(hdr, HEADER.source(f) or ""))
+        elif kind is Decode.CSTR:
+            event[f.name] = decode_c_string(getattr(hdr, f.name))
+        else:
+            event[f.name] = getattr(hdr, f.name)
+    return event

@@ -9,6 +9,8 @@ time). A compiled decoder can be generated from the same table the same way.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import string
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,12 +22,23 @@ from agent.model.events import HEADER, Event, MonotonicClock, decode_c_string
 # (raw record, the struct's own fixed members by name) -> {field: value}
 Hook = Callable[[bytes, dict[str, Any]], dict[str, Any]]
 
-MAX_ERRNO = 4095  # include/linux/err.h: returns in [-MAX_ERRNO, -1] are errors
+MAX_ERRNO = 4095  # the kernel's MAX_ERRNO: returns in [-MAX_ERRNO, -1] are errors
 
 
 def errno_or_none(ret: int) -> str | None:
     """The errno name of a failed call's return value, None for a success."""
     return errno_name(ret) if -MAX_ERRNO <= ret < 0 else None
+
+
+def inet_text(raw: bytes, family: int | None = None) -> str | None:
+    """An IPv4 or IPv6 address as text: by ``family`` when given, else by length."""
+    if family is None:
+        family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == socket.AF_INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return None
 
 
 class EventDecoder:
@@ -39,6 +52,8 @@ class EventDecoder:
                  tables: Mapping[str, Mapping[Any, Any]] | None = None,
                  hooks: Mapping[str, Hook] | None = None,
                  options: Mapping[str, Any] | None = None) -> None:
+        if not decl.with_header:
+            raise ValueError(f"{decl.struct}: a decoder reads whole events, header first")
         self.decl = decl
         fixed, names = unpacker(decl)
         self.size = fixed.size
@@ -46,6 +61,7 @@ class EventDecoder:
         ns: dict[str, Any] = {
             "unpack": fixed.unpack_from, "SIZE": fixed.size, "iso": clock.iso,
             "cstr": decode_c_string, "errno": errno_or_none, "MONITOR": monitor,
+            "inet": inet_text, "ntohs": socket.ntohs,
         }
         own = [n for n in names if not n.startswith("hdr.")]
 
@@ -60,6 +76,11 @@ class EventDecoder:
                 return f"cstr({v})"
             if kind is Decode.BYTES_HEX:
                 return f"{v}.hex()"
+            if kind is Decode.INET:
+                family = f"v{index[prefix + f.arg]}" if f.arg is not None else "None"
+                return f"inet({v}, {family})"
+            if kind is Decode.NET16:
+                return f"ntohs({v})"
             if kind is Decode.FLAG:
                 return f"bool({v} & {int(f.arg)})"
             if kind is Decode.ENUM:

@@ -71,3 +71,12 @@ def test_model_columns_and_layout() -> None:
     assert ctypes.sizeof(d.ctypes_struct({"N": 3})) == 72  # padded to u64 alignment
     fmt, names = d.unpack_format()
     assert fmt == "=QIIIIII16sIiH5s" and names[-4:] == ("flags", "ret", "v", "name")
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    (EventField("raw", "string", "u8[] without a kind"), "u8 raw\\[4\\] is bytes"),
+    (EventField("raw", "string", "x", Decode.INET, arg="fam"), "no member 'fam' for the family"),
+])
+def test_byte_members_need_a_kind(field: EventField, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decl((Member("raw", "u8", 4),), (field,))

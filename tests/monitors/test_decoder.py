@@ -3,6 +3,7 @@ test builds, byte for byte, and the errors a declaration the monitor cannot serv
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Any
 
@@ -115,3 +116,43 @@ def test_console_lines() -> None:
         console="pid={pid} {ret:errno} {latency_ns:us}us{latency_ns:opt_ns} {words:words}"
                 "{missing:opt_ns}")
     assert console_line(templated, e) == f"{ts} toy pid=10 -2 ENOENT 0.1us 77 ns a b\\nc"
+
+
+def test_header_fields_of_self_decoding_monitors_match_the_decoder() -> None:
+    """header_fields (monitors with their own parse_event) and a declared decoder give
+    the same common fields for the same header."""
+    from agent.model.events import header_fields
+
+    clock = MonotonicClock()
+    raw = record(0, 0, 1, b"n")
+    e = EventDecoder(DECL, "toy", clock, tables={"label": {1: "L1"}}, hooks={"tail": hook},
+                     options={"mode": "m"}).decode(raw)
+    hdr = EventHeader.from_buffer_copy(raw[: ctypes.sizeof(EventHeader)])
+    assert header_fields("toy", hdr, clock) == {k: e[k] for k in COMMON_FIELDS}
+
+
+NET = EventDecl(
+    struct="net_event", header="net.h",
+    members=(Member("family", "u16"), Member("port", "u16"), Member("_pad", "u32"),
+             Member("addr", "u8", 16), Member("v4", "u8", 4), Member("_pad2", "u32")),
+    fields=(
+        EventField("addr", "string", "by family", Decode.INET, arg="family", nullable=True),
+        EventField("v4", "string", "by length", Decode.INET),
+        EventField("port", "integer", "network order", Decode.NET16),
+    ),
+)
+
+
+@pytest.mark.parametrize(("family", "addr", "want"), [
+    (2, bytes([10, 1, 2, 3]) + bytes(12), "10.1.2.3"),
+    (10, bytes(15) + b"\x01", "::1"),
+    (1, bytes(16), None),  # AF_UNIX: no address
+])
+def test_addresses_and_ports(family: int, addr: bytes, want: str | None) -> None:
+    cls = NET.ctypes_struct()
+    e = cls(hdr=EventHeader(ts_ns=1, comm=b"x"), family=family,
+            port=int.from_bytes((8080).to_bytes(2, "big"), "little"))
+    e.addr[:] = list(addr)
+    e.v4[:] = [192, 168, 0, 1]
+    got = EventDecoder(NET, "net", MonotonicClock()).decode(bytes(e))
+    assert (got["addr"], got["v4"], got["port"]) == (want, "192.168.0.1", 8080)

@@ -8,8 +8,9 @@ BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
 Two modes (option ``latency``):
 - ``latency=True`` (default): a program at sys_enter stamps each call of a target and one
   at sys_exit counts it with its latency (total/min/max, log2 histogram).
-- ``latency=False``: only a program at sys_exit, about a quarter of the cost per syscall:
-  counts, errors and errnos, filtered at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
+- ``latency=False``: only a program at sys_exit, a fraction of the cost per syscall
+  (bench/RESULTS.md, "overhead (syscall monitor)"): counts, errors and errnos, filtered
+  at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
   ``histogram`` are None, ``sort="time"`` and ``slow_threshold_us`` are refused.
   exit(2) and exit_group(2) are not counted (they never reach sys_exit; syscall.c says
   why no other hook is used). Counted differently from the latency mode: calls in

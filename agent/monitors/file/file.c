@@ -206,9 +206,11 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
 }
 
 /* Fill `out` (FILE_PATH_SIZE bytes) with the path the call names; returns FILE_RES_*
- * and sets *cut when it was longer than the buffer. */
+ * and sets *cut when it was longer than the buffer. `resolve` (a constant at each call
+ * site): make a relative path absolute; without it a relative path stays as given
+ * (FILE_RES_NONE). */
 static __always_inline u8 read_path(struct file_scratch *s, char *out, int dfd, u64 uptr,
-                                    u32 *cut)
+                                    u32 *cut, int resolve)
 {
     int len = bpf_probe_read_user_str(out, FILE_PATH_SIZE, (void *)uptr);
     if (len < 1) {
@@ -219,6 +221,8 @@ static __always_inline u8 read_path(struct file_scratch *s, char *out, int dfd, 
         *cut = 1;
     if (out[0] == '/')
         return FILE_RES_ABSOLUTE;
+    if (!resolve)
+        return FILE_RES_NONE;
     int off = dir_path(s, dfd);
     if (off < 0) {
         file_count(FILE_CNT_UNRESOLVED);
@@ -290,15 +294,16 @@ static __always_inline struct file_config *file_cfg(void)
     return file_config.lookup(&zero);
 }
 
-/* Read both paths into p->e; 0 when the prefix filter drops the call. */
+/* Read both paths into p->e; 0 when the prefix filter drops the call. `resolve`: as
+ * read_path's (a constant: sys_enter resolves, sys_exit does not). */
 static __always_inline int fill_paths(struct file_scratch *s, struct file_pending *p,
-                                      struct file_config *cfg, int two)
+                                      struct file_config *cfg, int two, int resolve)
 {
     struct file_event *e = &p->e;
     u32 cut = 0, cut2 = 0;
-    e->res = read_path(s, e->path, e->dirfd, p->uptr, &cut);
+    e->res = read_path(s, e->path, e->dirfd, p->uptr, &cut, resolve);
     if (two)
-        e->res2 = read_path(s, e->path2, e->dirfd2, p->uptr2, &cut2);
+        e->res2 = read_path(s, e->path2, e->dirfd2, p->uptr2, &cut2, resolve);
     e->evflags &= ~(FILE_EF_PATH_CUT | FILE_EF_PATH2_CUT);
     e->evflags |= (cut ? FILE_EF_PATH_CUT : 0) | (cut2 ? FILE_EF_PATH2_CUT : 0);
     if (e->res == FILE_RES_UNREAD || (two && e->res2 == FILE_RES_UNREAD))
@@ -343,7 +348,7 @@ static __always_inline int on_enter(u16 op, int dfd, const char *path, int dfd2,
     e->path2[0] = 0;
     p->uptr = (u64)path;
     p->uptr2 = (u64)path2;
-    if (!fill_paths(s, p, cfg, two)) {
+    if (!fill_paths(s, p, cfg, two, 1)) {
         file_count(FILE_CNT_FILTERED);
         return 0;
     }
@@ -401,9 +406,12 @@ static __always_inline int on_exit(void *ctx, long ret)
     struct file_event *e = &p->e;
     int two = e->op >= FILE_OP_RENAME && e->op <= FILE_OP_RENAMEAT2;
     if (e->evflags & FILE_EF_LATE) {
-        /* The kernel has copied the path in (getname()), so its page is present now;
-         * the directory is read after the call (a rename of it would show). */
-        if (!fill_paths(s, p, cfg, two)) {
+        /* The kernel has copied the path in (getname()), so its page is present now.
+         * A relative path is not resolved here: the directory may have changed with
+         * the call (a rename, rmdir), and the walk would double every exit program's
+         * size and the monitor's compile time for a rare case; it stays as given
+         * (FILE_RES_NONE: path_from "unknown", and it matches no prefix). */
+        if (!fill_paths(s, p, cfg, two, 0)) {
             file_count(FILE_CNT_FILTERED);
             file_pending.delete(&tid);
             return 0;

@@ -34,6 +34,7 @@ bench: install
 	$(PY) bench/latency_histogram.py
 	$(PY) bench/syscall_cost.py
 	$(PY) bench/net_cost.py
+	$(PY) bench/file_cost.py
 	$(PY) bench/startup.py
 	$(PY) bench/api_limits.py
 	$(PY) bench/decode.py

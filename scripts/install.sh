@@ -14,6 +14,8 @@ need_root() {
 }
 
 DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2
+  # strace: the ground truth the file monitor's kernel tests compare with.
+  strace
   # chromium: the headless browser the /ui tests drive through Playwright.
   # The consumers the packaging tests run (tests/packaging): Prometheus and promtool,
   # systemd-analyze, and the daemonless image build (buildah, debootstrap).

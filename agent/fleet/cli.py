@@ -193,13 +193,12 @@ def show_simple(results: list[HostResult[Any]], output: str, what: str) -> None:
 def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                limit: int, sort: str) -> None:
     fleet_top = ops.fleet_syscalls(results, limit, sort) if monitor == "syscall" else None
-    top_lists = ops.fleet_top_lists(results, monitor, limit) if monitor else None
+    # Top lists any monitor's stats describe (``top_lists``), merged over the hosts.
+    tops = ops.fleet_top_lists(results, monitor, limit) if monitor else {}
     if output == "json":
-        fleet = {"syscalls": fleet_top} if fleet_top is not None else top_lists
-        _json(results, **({"fleet": fleet} if fleet is not None else {}))
-        return
-    if top_lists is not None:
-        show_top_lists(top_lists)
+        fleet = {**({"syscalls": fleet_top} if fleet_top is not None else {}),
+                 **({"top_lists": tops} if tops else {})}
+        _json(results, **({"fleet": fleet} if fleet else {}))
         return
     rows = []
     for r in results:
@@ -221,15 +220,10 @@ def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                 print(table(["SYSCALL", "COUNT", "ERRORS"],
                             [[s["name"], s["count"], s.get("errors", 0)]
                              for s in r.value["syscall"]["syscalls"][:limit]]))
-
-
-def show_top_lists(top_lists: dict[str, list[dict[str, Any]]]) -> None:
-    """Each fleet-wide top list (ops.fleet_top_lists) as a table, its fields as columns."""
-    for name, rows in top_lists.items():
-        print(f"\nfleet-wide {name.replace('_', ' ')} (summed over hosts):")
-        columns = list(rows[0]) if rows else ["(none)"]
-        print(table([c.upper() for c in columns], [[r.get(c, "") for c in columns]
-                                                     for r in rows]))
+    for name, merged in tops.items():
+        print(f"\nfleet-wide {name} (summed over each host's top {limit}):")
+        cols = list(merged[0]) if merged else ["hosts"]
+        print(table([c.upper() for c in cols], [[t.get(c, "") for c in cols] for t in merged]))
 
 
 def show_changes(results: list[HostResult[Any]], output: str, verb: str) -> None:

@@ -183,39 +183,37 @@ def fleet_syscalls(results: list[HostResult[Any]], limit: int = 10,
 
 
 def fleet_top_lists(results: list[HostResult[Any]], monitor: str,
-                    limit: int = 10) -> dict[str, list[dict[str, Any]]] | None:
-    """The top lists a monitor's stats declare, summed over every host that answered.
-
-    A monitor's stats may carry ``top_lists``: ``{"key": [fields naming a row], "lists":
-    {list name: [numeric fields whose sum orders it]}}`` (the net monitor's endpoints);
-    rows with the same key are added up field by field, ``hosts`` counts the hosts
-    that had the row. Each host sends its own top N: a row outside a host's top N is
-    missing from that host's share. None when no host's stats declare top lists."""
-    spec: dict[str, Any] | None = None
-    merged: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+                    limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """The top lists a monitor's stats describe (``top_lists``: name -> {"key": [key
+    columns], "sort": a column or a list of columns whose sum orders the list, "rows":
+    [...]}), each summed over the hosts that answered: rows with the same key add up their
+    numeric columns, ``hosts`` counts the hosts that listed the row. Each host sends its own top N, so a row outside a host's top N is
+    not counted for that host."""
+    merged: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    order: dict[str, list[str]] = {}
     for r in results:
         if not r.ok or not r.value:
             continue
-        st = r.value.get(monitor) or {}
-        if not isinstance(st.get("top_lists"), dict):
-            continue
-        spec = st["top_lists"]
-        key = list(spec.get("key", []))
-        for name in spec.get("lists", {}):
-            for row in st.get(name) or []:
-                t = merged[name].setdefault(tuple(row.get(f) for f in key),
-                                            {f: row.get(f) for f in key})
-                for f, v in row.items():
-                    if f not in key and isinstance(v, int | float) and not isinstance(v, bool):
-                        t[f] = t.get(f, 0) + v
-                t["hosts"] = t.get("hosts", 0) + 1  # the last column
-    if spec is None:
-        return None
+        lists = (r.value.get(monitor) or {}).get("top_lists") or {}
+        for name, spec in lists.items():
+            keys = tuple(spec.get("key") or ())
+            sort = spec.get("sort") or []
+            order[name] = [sort] if isinstance(sort, str) else list(sort)
+            rows = merged.setdefault(name, {})
+            for row in spec.get("rows") or []:
+                k = tuple(row.get(c) for c in keys)
+                t = rows.setdefault(k, {**{c: row.get(c) for c in keys}, "hosts": 0})
+                for col, v in row.items():
+                    if col in keys or isinstance(v, bool) or not isinstance(v, int | float):
+                        continue
+                    t[col] = t.get(col, 0) + v
+                t["hosts"] += 1
     out = {}
-    for name, order in spec.get("lists", {}).items():
-        rows = list(merged[name].values())
-        rows.sort(key=lambda r: -sum(r.get(f, 0) for f in order))
-        out[name] = rows[:limit]
+    for name, rows in merged.items():
+        cols = order[name]
+        ranked = sorted(rows.values(),
+                        key=lambda t: (-sum(t.get(c, 0) for c in cols), str(list(t.values()))))
+        out[name] = ranked[:limit]
     return out
 
 

@@ -35,13 +35,14 @@ def test_stats_and_metrics_over_http(agent: Agent) -> None:
         for _ in range(50):  # the last close may still be in flight
             stats = agent.request("GET", "/monitors/net/stats",
                                   params={"limit": 10000}).json()
-            if want_out in stats["by_bytes"]:
+            tops = stats["top_lists"]
+            if want_out in tops["by_bytes"]["rows"]:
                 break
-        assert want_out in stats["by_bytes"] and want_out in stats["by_connections"]
+        assert want_out in tops["by_bytes"]["rows"] and want_out in tops["by_connections"]["rows"]
         assert {**want_out, "direction": "in", "bytes_sent": CONNECTIONS * REPLY,
-                "bytes_received": CONNECTIONS * SENT} in stats["by_bytes"]
-        assert len(agent.request("GET", "/monitors/net/stats",
-                                 params={"limit": 1}).json()["by_bytes"]) == 1
+                "bytes_received": CONNECTIONS * SENT} in tops["by_bytes"]["rows"]
+        one = agent.request("GET", "/monitors/net/stats", params={"limit": 1}).json()
+        assert len(one["top_lists"]["by_bytes"]["rows"]) == 1
         metrics = agent.request("GET", "/metrics").text
         label = f'{{endpoint="out:127.0.0.1:{srv.port}"}}'
         values = {ln.split("{")[0]: float(ln.split()[-1])

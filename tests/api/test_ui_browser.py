@@ -135,14 +135,15 @@ def test_top_list_panel_of_a_running_monitor(browser: Any, agent: Agent) -> None
             for _ in range(2):
                 start_client("127.0.0.1", srv.port, 700)
             srv.received()
-        row = page.locator(f"[data-testid=top-net-by_bytes] tr[data-row='out 127.0.0.1 "
+        row = page.locator(f"[data-testid=toplist-net-by_bytes] tr[data-row='out 127.0.0.1 "
                            f"{srv.port}']")
         expect(row).to_have_count(1, timeout=20_000)
-        # bytes_sent: the two clients' 700 each; bytes_received: 300 each.
+        # bytes_sent: the two clients' 700 each; bytes_received: 300 each; then the
+        # other columns: two connections, no failure.
         expect(row.locator("td")).to_have_text(["out", "127.0.0.1", str(srv.port), "1400",
-                                                "600"])
+                                                "600", "2", "0"])
         agent.request("POST", "/monitors/net/stop")
-        expect(page.get_by_test_id("top-net")).to_have_count(0, timeout=20_000)
+        expect(page.get_by_test_id("toplist-net-by_bytes")).to_have_count(0, timeout=20_000)
     finally:
         agent.request("POST", "/monitors/net/stop")
         context.close()
@@ -187,3 +188,34 @@ def test_open_agent_needs_no_login(browser: Any) -> None:
             assert page.get_by_test_id("token-input").is_hidden()
         finally:
             context.close()
+
+
+def test_top_list_panel_of_a_monitor_that_has_one(browser: Any, agent: Agent,
+                                                  tmp_path_factory: pytest.TempPathFactory,
+                                                  ) -> None:
+    """The file monitor's stats describe top lists: the console shows them as tables,
+    with the path this test failed to open twice as the most failing one."""
+    d = tmp_path_factory.mktemp("ui-file")
+    context, page, _dialogs = open_page(browser, agent.url)
+    try:
+        login(page, ADMIN)
+        page.get_by_test_id("monitor-file-options").fill(
+            json.dumps({"include_prefixes": [f"{d}/"]}))
+        page.get_by_test_id("monitor-file-start").click()
+        expect(page.get_by_test_id("monitor-file-state")).to_have_text("running",
+                                                                       timeout=90_000)
+        missing = f"{d}/missing"
+        for _ in range(2):
+            subprocess.run(["cat", missing], stderr=subprocess.DEVNULL, check=False)
+        table = page.get_by_test_id("toplist-file-most_failing")
+        expect(table.locator("tbody tr")).to_have_count(1, timeout=20_000)
+        cells = table.locator("tbody tr td").all_text_contents()
+        head = table.locator("thead th").all_text_contents()
+        row = dict(zip(head, cells, strict=True))
+        assert (row["path"], row["failures"], row["opens"], row["last_error"]) == (
+            missing, "2", "2", "ENOENT")
+        page.get_by_test_id("monitor-file-stop").click()
+        expect(page.get_by_test_id("monitor-file-state")).to_have_text("stopped")
+        expect(page.get_by_test_id("top-lists")).to_be_hidden(timeout=10_000)
+    finally:
+        context.close()

@@ -120,17 +120,19 @@ def test_fleet_wide_syscall_top_sums_hosts() -> None:
 
 
 def test_fleet_wide_top_lists_sum_hosts_by_declared_key(capsys: pytest.CaptureFixture) -> None:
-    """Generic: driven by the top_lists a monitor's stats declare (net's endpoints)."""
-    spec = {"key": ["direction", "address", "port"],
-            "lists": {"by_connections": ["connections"], "by_bytes": ["bytes"]}}
+    """Generic: driven by the top_lists a monitor's stats describe (net's endpoints,
+    ordered by the sum of several columns)."""
+    key = ["direction", "address", "port"]
 
     def row(addr: str, conns: int, nbytes: int) -> dict:
         return {"direction": "out", "address": addr, "port": 443, "connections": conns,
                 "bytes": nbytes}
 
     def result(name: str, rows: list[dict]) -> HostResult:
-        return HostResult(Host(name, "http://x:1"), {"net": {
-            "by_connections": rows, "by_bytes": rows, "top_lists": spec, "endpoints": 9}})
+        lists = {"by_connections": {"key": key, "sort": ["connections"], "rows": rows},
+                 "by_bytes": {"key": key, "sort": ["bytes"], "rows": rows}}
+        return HostResult(Host(name, "http://x:1"), {"net": {"top_lists": lists,
+                                                              "endpoints": 9}})
 
     results = [result("a", [row("10.0.0.1", 5, 100), row("10.0.0.2", 1, 900)]),
                result("b", [row("10.0.0.2", 2, 50)]),
@@ -140,9 +142,33 @@ def test_fleet_wide_top_lists_sum_hosts_by_declared_key(capsys: pytest.CaptureFi
         "by_connections": [{**row("10.0.0.1", 5, 100), "hosts": 1}],
         "by_bytes": [{**row("10.0.0.2", 3, 950), "hosts": 2}],
     }
-    assert fleet_top_lists(results, "syscall") is None  # nothing declared: no top lists
+    assert fleet_top_lists(results, "syscall") == {}  # nothing described: no top lists
     show_stats(results, "table", "net", 1, "count")
     out = capsys.readouterr().out
-    assert "fleet-wide by bytes" in out and "HOSTS" in out
+    assert "fleet-wide by_bytes" in out and "HOSTS" in out
     assert [ln.split() for ln in out.splitlines() if "10.0.0.2" in ln] == [
         ["out", "10.0.0.2", "443", "3", "950", "2"]]
+
+
+def test_fleet_wide_top_lists_sum_hosts_by_key() -> None:
+    """Any monitor's self-described top lists (the file monitor's, for one): rows with
+    the same key add up, ordered by the list's sort column; hosts that failed or do
+    not run the monitor add nothing."""
+    def result(name: str, rows: list[tuple[str, int, int]]) -> HostResult:
+        data = [{"path": p, "opens": o, "failures": f, "last_error": "ENOENT"}
+                for p, o, f in rows]
+        lists = {"most_opened": {"key": ["path"], "sort": "opens", "rows": data},
+                 "most_failing": {"key": ["path"], "sort": "failures", "rows": data}}
+        return HostResult(Host(name, "http://x:1"), {"file": {"top_lists": lists, "paths": 9}})
+
+    results = [result("a", [("/etc/passwd", 10, 0), ("/x", 3, 3)]),
+               result("b", [("/x", 9, 1), ("/etc/hosts", 1, 0)]),
+               HostResult(Host("c", "http://x:2"), {"file": {}}),
+               HostResult(Host("d", "http://x:3"), error="unreachable")]
+    tops = fleet_top_lists(results, "file", limit=2)
+    assert tops["most_opened"] == [
+        {"path": "/x", "opens": 12, "failures": 4, "hosts": 2},
+        {"path": "/etc/passwd", "opens": 10, "failures": 0, "hosts": 1},
+    ]
+    assert [r["path"] for r in tops["most_failing"]] == ["/x", "/etc/hosts"]
+    assert fleet_top_lists(results, "net", limit=2) == {}

@@ -113,8 +113,10 @@ def test_top_lists_and_labels() -> None:
          "failures": 9, "bytes_sent": 0, "bytes_received": 0},
     ]
     tops = net.top_lists(rows, 2)
-    assert [r["port"] for r in tops["by_connections"]] == [443, 80]
-    assert [r["port"] for r in tops["by_bytes"]] == [22, 80]
+    assert [r["port"] for r in tops["by_connections"]["rows"]] == [443, 80]
+    assert [r["port"] for r in tops["by_bytes"]["rows"]] == [22, 80]
+    assert tops["by_bytes"]["key"] == ["direction", "address", "port"]
+    assert tops["by_bytes"]["sort"] == ["bytes_sent", "bytes_received"]
     assert [net.endpoint_label(r) for r in rows] == [
         "out:10.0.0.1:80", "in:[::1]:22", "out:10.0.0.2:443"]
 
@@ -374,7 +376,7 @@ def test_stats_per_endpoint(monitor) -> None:
         srv.received()
     wait_for(m, sink, of_port(srv.port), 12)
     stats = m.stats(limit=10000)
-    rows = {(r["direction"], r["address"], r["port"]): r for r in stats["by_bytes"]}
+    rows = {(r["direction"], r["address"], r["port"]): r for r in stats["top_lists"]["by_bytes"]["rows"]}
     out = rows[("out", "127.0.0.1", srv.port)]
     inbound = rows[("in", "127.0.0.1", srv.port)]
     assert (out["connections"], out["failures"], out["bytes_sent"], out["bytes_received"]) \

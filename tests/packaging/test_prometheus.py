@@ -67,16 +67,22 @@ def test_alert_rules_pass_their_unit_tests() -> None:
 # -- /metrics of a live agent --------------------------------------------------------------
 @pytest.mark.kernel
 def test_metrics_with_every_monitor_pass_promtool(kernel: None, tmp_path: Path) -> None:
-    agent = start_agent(tmp_path, {"monitors": {
+    missing = f"{tmp_path}/missing"
+    enabled = {
         "exec": {"enabled": True},
         "syscall": {"enabled": True, "options": {"per_process": True}},
         "func": {"enabled": True, "options": {"patterns": ["c:getpid"]}},
-    }})
+        "file": {"enabled": True, "options": {"include_prefixes": [f"{tmp_path}/"]}},
+    }
+    # Four monitors compile one after the other, file's program the largest: more time
+    # than the default readiness wait on a loaded machine.
+    agent = start_agent(tmp_path, {"monitors": enabled}, wait_ready=False)
     try:
+        wait_until_ready(agent, timeout=240)
         states = {m["name"]: m["state"] for m in agent.get("/monitors").json()}
-        assert {k: states[k] for k in ("exec", "syscall", "func")} == {
-            "exec": "running", "syscall": "running", "func": "running"}
+        assert {name: states.get(name) for name in enabled} == dict.fromkeys(enabled, "running")
         subprocess.run(["/bin/true"], check=True)
+        subprocess.run(["cat", missing], stderr=subprocess.DEVNULL, check=False)
         subprocess.run(["python3", "-c", "import os; [os.getpid() for _ in range(100)]"],
                        check=True)
         metrics = b""
@@ -98,6 +104,7 @@ def test_metrics_with_every_monitor_pass_promtool(kernel: None, tmp_path: Path) 
         'ebpf_agent_api_request_duration_seconds_bucket{le="+Inf",method="GET",'
         'route="/monitors",status="200"}',
         'ebpf_agent_monitor_failed{monitor="func"} 0.0',
+        f'ebpf_agent_file_failures_total{{path="{missing}"}} 1.0',
     ):
         assert series in text, series
     done = promtool("check", "metrics", stdin=metrics)

@@ -305,29 +305,36 @@ async function refreshSyscalls() {
   drawHistogram(chosen);
 }
 
-// -- top lists: any running monitor whose stats declare `top_lists` (net's endpoints) ----
+// -- top lists: any running monitor whose stats describe "top_lists" ---------------------
+// Each list says its key columns and the column it is ordered by ({key, sort, rows}), so
+// one panel serves every monitor that has one (file: most opened / most failing paths).
 async function refreshTopLists() {
-  const box = $("top-lists");
-  for (const m of state.monitors) {
-    const id = `top-${m.name}`;
-    let section = box.querySelector(`[data-testid="${CSS.escape(id)}"]`);
-    const r = m.state === "running" ? await api("GET", `/monitors/${m.name}/stats?limit=10`) : null;
-    const spec = r && r.ok && r.data ? r.data.top_lists : null;
-    if (!spec) { if (section) section.remove(); continue; }
-    if (!section) { section = el("section", { "data-testid": id }); box.append(section); }
-    const tables = Object.entries(spec.lists).map(([name, order]) => {
-      const columns = [...spec.key, ...order.filter((c) => !spec.key.includes(c))];
-      const rows = (r.data[name] || []).map((row) => el("tr",
-        { "data-row": spec.key.map((k) => row[k]).join(" ") },
-        ...columns.map((c) => el("td", { text: String(row[c] ?? "") }))));
-      return el("div", {}, el("h3", { text: name.replaceAll("_", " ") }),
-        el("table", { class: "grid", "data-testid": `${id}-${name}` },
-          el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", { text: c })))),
-          el("tbody", {}, ...rows)));
-    });
-    section.replaceChildren(el("h2", { text: `${m.name}: top lists` }),
-      el("div", { class: "pair" }, ...tables));
+  const running = state.monitors.filter((m) => m.state === "running" && m.name !== "syscall");
+  const panels = [];
+  for (const m of running) {
+    const r = await api("GET", `/monitors/${encodeURIComponent(m.name)}/stats?limit=10`);
+    if (!r.ok || !r.data || typeof r.data.top_lists !== "object" || !r.data.top_lists) continue;
+    for (const [name, list] of Object.entries(r.data.top_lists)) {
+      panels.push(topListTable(m.name, name, list));
+    }
   }
+  $("toplists-section").hidden = panels.length === 0;
+  $("toplists").replaceChildren(...panels);
+}
+
+function topListTable(monitor, name, list) {
+  const rows = Array.isArray(list.rows) ? list.rows : [];
+  const key = list.key || [];
+  // "sort": the column, or the columns whose sum, orders the list.
+  const sorts = Array.isArray(list.sort) ? list.sort : [list.sort];
+  const cols = [...key, ...sorts,
+    ...Object.keys(rows[0] || {}).filter((c) => !key.includes(c) && !sorts.includes(c))];
+  return el("div", {},
+    el("h3", { text: `${monitor}: ${name.replaceAll("_", " ")}` }),
+    el("table", { class: "grid", "data-testid": `toplist-${monitor}-${name}` },
+      el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", { text: c })))),
+      el("tbody", {}, ...rows.map((row) => el("tr", { "data-row": key.map((k) => row[k]).join(" ") },
+        ...cols.map((c) => el("td", { text: String(row[c] ?? "") })))))));
 }
 
 function fmtNs(ns) {

@@ -344,24 +344,22 @@ def endpoint_label(row: dict[str, Any]) -> str:
     return f"{row['direction']}:{host}:{row['port']}"
 
 
-# What the stats' top lists are, for clients that merge them (ebpf-agentctl stats net):
-# the fields naming a row, and per list the fields whose sum orders it.
-TOP_LISTS = {
-    "key": ["direction", "address", "port"],
-    "lists": {"by_connections": ["connections", "failures"],
-              "by_bytes": ["bytes_sent", "bytes_received"]},
-}
+# The stats' top lists, each describing itself for clients that merge them (ebpf-agentctl
+# stats net, the console): the columns naming a row, and the columns whose sum orders it.
+TOP_KEY = ["direction", "address", "port"]
+TOP_LISTS = {"by_connections": ["connections", "failures"],
+             "by_bytes": ["bytes_sent", "bytes_received"]}
 
 
-def top_lists(rows: list[dict[str, Any]], limit: int) -> dict[str, list[dict[str, Any]]]:
+def top_lists(rows: list[dict[str, Any]], limit: int) -> dict[str, dict[str, Any]]:
     """The endpoints with most connections (attempts: established plus failed) and with
     most bytes (both ways); ties in a stable order."""
-    def order(r: dict[str, Any]) -> tuple:
-        return (r["direction"], r["address"], r["port"])
+    def ranked(cols: list[str]) -> list[dict[str, Any]]:
+        return sorted(rows, key=lambda r: (-sum(r[c] for c in cols),
+                                           r["direction"], r["address"], r["port"]))[:limit]
 
-    by_conns = sorted(rows, key=lambda r: (-(r["connections"] + r["failures"]), order(r)))
-    by_bytes = sorted(rows, key=lambda r: (-(r["bytes_sent"] + r["bytes_received"]), order(r)))
-    return {"by_connections": by_conns[:limit], "by_bytes": by_bytes[:limit]}
+    return {name: {"key": TOP_KEY, "sort": cols, "rows": ranked(cols)}
+            for name, cols in TOP_LISTS.items()}
 
 
 @register_monitor("net", "TCP connections: connect, accept, close with exact bytes; "
@@ -481,14 +479,13 @@ class NetMonitor(BccMonitor[NetOptions]):
             "endpoints": len(rows),
             "max_endpoints": self.options.max_endpoints,
             "evictions": max(0, new - len(rows)),
-            **top_lists(rows, limit),
-            "top_lists": TOP_LISTS,
+            "top_lists": top_lists(rows, limit),
         }
 
     def metric_series(self) -> list[MetricSeries]:
         """Bounded: the endpoints in the top ``metrics_top`` by connections or by bytes."""
         tops = top_lists(self.endpoint_rows(), self.options.metrics_top)
-        rows = {endpoint_label(r): r for r in tops["by_connections"] + tops["by_bytes"]}
+        rows = {endpoint_label(r): r for t in tops.values() for r in t["rows"]}
         return [
             MetricSeries(name, doc, "endpoint", {label: r[field] for label, r in rows.items()})
             for name, field, doc in (

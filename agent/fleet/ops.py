@@ -187,8 +187,8 @@ def fleet_top_lists(results: list[HostResult[Any]], monitor: str,
     """The top lists a monitor's stats describe (``top_lists``: name -> {"key": [key
     columns], "sort": a column or a list of columns whose sum orders the list, "rows":
     [...]}), each summed over the hosts that answered: rows with the same key add up their
-    numeric columns, ``hosts`` counts the hosts that listed the row. Each host sends its own top N, so a row outside a host's top N is
-    not counted for that host."""
+    numeric columns, ``hosts`` counts the hosts that listed the row. Each host sends its
+    own top N, so a row outside a host's top N is not counted for that host."""
     merged: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
     order: dict[str, list[str]] = {}
     for r in results:

@@ -376,7 +376,8 @@ def test_stats_per_endpoint(monitor) -> None:
         srv.received()
     wait_for(m, sink, of_port(srv.port), 12)
     stats = m.stats(limit=10000)
-    rows = {(r["direction"], r["address"], r["port"]): r for r in stats["top_lists"]["by_bytes"]["rows"]}
+    rows = {(r["direction"], r["address"], r["port"]): r
+            for r in stats["top_lists"]["by_bytes"]["rows"]}
     out = rows[("out", "127.0.0.1", srv.port)]
     inbound = rows[("in", "127.0.0.1", srv.port)]
     assert (out["connections"], out["failures"], out["bytes_sent"], out["bytes_received"]) \

@@ -130,9 +130,14 @@ def resolve_hosts(inventory: Path | None, host_args: list[str], selectors: list[
     """The selected hosts: --inventory (or $EBPF_AGENTCTL_INVENTORY) plus --host."""
     if inventory is None and not host_args and os.environ.get(INVENTORY_ENV):
         inventory = Path(os.environ[INVENTORY_ENV])
-    hosts = load_inventory(inventory, token_fallback) if inventory is not None else []
-    hosts += [parse_host_arg(h, token_fallback) for h in host_args]
-    if token is not None:  # --token / EBPF_AGENTCTL_TOKEN: for hosts that have none
+    hosts = load_inventory(inventory, None) if inventory is not None else []
+    hosts += [parse_host_arg(h, None) for h in host_args]
+    # For hosts that have none: --token / EBPF_AGENTCTL_TOKEN, else the local agent's
+    # generated token. In that order: a token file some agent on this machine happens
+    # to have written must not override the token given on the command line.
+    if token is None and token_fallback is not None:
+        token = default_token(token_fallback)
+    if token is not None:
         hosts = [h if h.token else Host(h.name, h.url, token, h.labels) for h in hosts]
     _unique(hosts, "hosts")
     if not hosts:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,18 @@ def wait_settled(agent: FakeAgent, produced: int, timeout: float = 60) -> dict[s
     raise AssertionError(f"not settled in {timeout}s: {export_stats(agent)}")
 
 
-def wait_produced(agent: FakeAgent, produced: int, timeout: float = 30) -> None:
+def wait_stats(agent: FakeAgent, ready: Callable[[dict[str, Any]], bool],
+               timeout: float = 30) -> dict[str, Any]:
+    """Until the exporter's stats satisfy ``ready``; those stats."""
     deadline = time.monotonic() + timeout
-    while export_stats(agent)["produced"] < produced:
-        assert time.monotonic() < deadline, export_stats(agent)
+    while not ready(s := export_stats(agent)):
+        assert time.monotonic() < deadline, s
         time.sleep(0.05)
+    return s
+
+
+def wait_produced(agent: FakeAgent, produced: int, timeout: float = 30) -> None:
+    wait_stats(agent, lambda s: s["produced"] >= produced, timeout)
 
 
 def emit(agent: FakeAgent, start: int, stop: int) -> None:
@@ -73,14 +81,15 @@ def test_every_event_once_across_a_server_restart(tmp_path: Path) -> None:
             fake_agents(["a"], TOKEN, **export_config(server, "host-a.example")) as (agent,):
         api(agent, "POST", "/monitors/fake/start")
         emit(agent, 0, 1500)
-        wait_produced(agent, 1500)
+        # `produced` counts events buffered, not sent: it can reach 1,500 before the first
+        # connection, and a kill then makes the restart that first connection. Wait for
+        # the connection and for acknowledged publishes: the kill lands mid-stream.
+        up = wait_stats(agent, lambda s: s["connected"] and s["published"] >= 1)
+        assert up["connects"] == 1 and up["dropped"] == 0
         server.kill()  # in the middle of the stream
         emit(agent, 1500, 3000)
         wait_produced(agent, 3000)
-        deadline = time.monotonic() + 30
-        while (down := export_stats(agent))["connected"]:
-            assert time.monotonic() < deadline, down
-            time.sleep(0.05)
+        down = wait_stats(agent, lambda s: not s["connected"])
         assert down["produced"] == down["published"] + down["dropped"] + down["buffered"]
         server.start()  # same port, same JetStream store
         emit(agent, 3000, 4500)
@@ -168,8 +177,10 @@ def test_token_authentication(tmp_path: Path) -> None:
                 api(a, "POST", "/monitors/fake/start")
                 emit(a, 0, 10)
             wait_settled(good, 10)
-            wait_produced(bad, 10)
-            stats = export_stats(bad)
+            # Not only the 10 events buffered: also a connection attempt refused (the
+            # events can be buffered before the exporter's first attempt ends).
+            stats = wait_stats(bad, lambda s: s["produced"] >= 10
+                               and s["last_error"] is not None)
             assert stats["connected"] is False and stats["published"] == 0
             assert "Authorization" in (stats["last_error"] or ""), stats["last_error"]
             assert stats["produced"] == stats["buffered"] == 10

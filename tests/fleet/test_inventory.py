@@ -58,6 +58,16 @@ def test_host_args_env_default_and_token_fallback(tmp_path: Path,
     hosts = resolve_hosts(None, ["a=http://127.0.0.1:1"], [], token="cli",
                           token_fallback=tmp_path / "absent")
     assert hosts[0].token == "cli"
+    # --token wins over a generated token file that exists (an agent on this machine).
+    hosts = resolve_hosts(None, ["a=http://127.0.0.1:1"], [], token="cli",
+                          token_fallback=generated)
+    assert hosts[0].token == "cli"
+    inv = write(tmp_path, "hosts:\n  - {name: own, url: 'http://127.0.0.1:3', token: mine}\n"
+                          "  - {name: bare, url: 'http://127.0.0.1:4'}\n")
+    assert [h.token for h in resolve_hosts(inv, [], [], token_fallback=generated)] == [
+        "mine", "generated-token"]
+    assert [h.token for h in resolve_hosts(inv, [], [], token="cli",
+                                           token_fallback=generated)] == ["mine", "cli"]
     assert default_token(tmp_path / "absent") is None
     inv = write(tmp_path, "hosts:\n  - {name: x, url: 'http://127.0.0.1:2'}\n")
     monkeypatch.setenv("EBPF_AGENTCTL_INVENTORY", str(inv))

@@ -183,9 +183,12 @@ def wait_ready(net: FleetNet, agents: list[NetAgent], timeout: float = 90) -> No
             assert a.proc is not None
             if a.proc.poll() is not None:
                 raise AssertionError(f"{a.host.name} exited:\n{a.log_text()}")
-            r = subprocess.run([*net.controller.prefix, sys.executable, "-c", script,
-                                a.host.url, a.token], capture_output=True, timeout=30)
-            if r.returncode == 0:
+            try:
+                r = subprocess.run([*net.controller.prefix, sys.executable, "-c", script,
+                                    a.host.url, a.token], capture_output=True, timeout=30)
+            except subprocess.TimeoutExpired:  # a slow probe on a loaded machine: retry
+                r = None
+            if r is not None and r.returncode == 0:
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"{a.host.name} not ready:\n{a.log_text()}")

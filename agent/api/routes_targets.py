@@ -44,7 +44,9 @@ async def add_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> di
     return await _update(manager, kind, "add", values)
 
 
-@router.delete("/{kind}/{value}", response_model=Targets, responses=errors(422),
+# {value:path}: a comm may hold "/" (percent-encoded as %2F, which the server decodes
+# before routing), and must still be removable on its own.
+@router.delete("/{kind}/{value:path}", response_model=Targets, responses=errors(422),
                summary="remove one value (idempotent)")
 async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:
     parsed: int | str = value

@@ -15,6 +15,7 @@ from agent.api.errors import call, validation_detail
 from agent.api.models import ERROR_RESPONSES, ErrorBody, StateDoc, StateIn, StateResult, errors
 from agent.core.leases import PreconditionFailed, StateRejected
 
+
 class DuplicateKey(ValueError):
     pass
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-
 from agent.model.targets import KINDS, TargetSet, check_capacity, validate_values
 
 if TYPE_CHECKING:

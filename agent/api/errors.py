@@ -85,7 +85,7 @@ def options_detail(e: OptionsInvalid) -> list[dict[str, Any]]:
         msg = str(err.get("msg", ""))
         out.append({
             "loc": [e.where, *e.loc, *err.get("loc", ())],
-            "msg": f"{e.monitor}: {msg}" if e.monitor else msg,
+            "msg": f"{msg} (monitor {e.monitor})" if e.monitor else msg,
             "type": str(err.get("type", "value_error")),
         })
     return out or validation_detail(str(e))

@@ -67,7 +67,7 @@ def test_option_types_are_strict_and_the_422_names_the_monitor(
     assert r.status_code == 422, r.text
     detail = r.json()["detail"][0]
     assert detail["loc"] == loc
-    assert detail["msg"].startswith(f"{loc[-2] if path == '/state' else 'fake'}: ")
+    assert detail["msg"].endswith(f"(monitor {loc[-2] if path == '/state' else 'fake'})")
     assert client.get("/state").json() == before
 
 

@@ -178,7 +178,7 @@ def targets(action: str, kind: str | None = None, values: list[Any] | None = Non
             result = await c.get_object("/targets")
             for v in values or []:
                 # One path segment whatever the value holds ("/", "?", "%", ...).
-                value = urllib.parse.quote(str(v), safe="")
+                value = urllib.parse.quote(str(v), safe="", errors="surrogateescape")
                 result = expect(await c.delete(f"/targets/{kind}/{value}"), dict, what)
             return dict(result)
         raise UsageError(f"targets: unknown action {action!r}")

@@ -87,6 +87,13 @@ def test_a_comm_holding_a_slash_is_added_then_removed_alone(client: TestClient,
     assert r.json()["comms"] == ["keep"]
 
 
+@pytest.mark.parametrize("value", ["%0A0", "1%0A", "a%2Fb"])
+def test_a_pid_path_value_that_is_not_a_number_is_422_not_404(client: TestClient,
+                                                              value: str) -> None:
+    r = client.delete(f"/targets/pids/{value}")
+    assert r.status_code == 422, r.text
+
+
 @pytest.mark.parametrize("body,msg", [
     (b'{"monitors": {"fake": {"label": "\xff"}}}', "not UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, "nests too deep"),

@@ -125,6 +125,8 @@ def cmd_check(args: argparse.Namespace, registry: MonitorRegistry) -> int:
         print("monitors:")
         for m in report.monitors:
             print(f"  {'ok ' if m.supported else 'no '} {m.name:15} {m.reason or ''}".rstrip())
+            if m.tracepoints:  # a monitor's other hooks (uprobes) depend on its options
+                print(f"       {'':15} tracepoints: {', '.join(m.tracepoints)}")
     return 0 if any(m.supported for m in report.monitors) else EXIT_UNSUPPORTED
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep, SettingsDep
 from agent.api.errors import call, validation_detail
 from agent.api.models import (
@@ -21,19 +22,22 @@ from agent.core.leases import MAX_LEASE_S, NotRunning
 router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
 
 
-@router.get("", response_model=list[MonitorInfo], response_model_exclude_unset=True,
+@router.get("", dependencies=[Depends(needs("read"))],
+            response_model=list[MonitorInfo], response_model_exclude_unset=True,
             summary="every registered monitor with its state")
 async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
     return await call(manager.monitors_with_leases)
 
 
-@router.get("/{name}", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.get("/{name}", dependencies=[Depends(needs("read"))],
+            response_model=MonitorInfo, response_model_exclude_unset=True,
             responses=errors(404))
 async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     return await call(manager.monitor_with_lease, name)
 
 
-@router.post("/{name}/start", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/start", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404, 409, 422),
              summary="start, or apply new options to a running monitor")
 async def start_monitor(
@@ -59,7 +63,8 @@ async def start_monitor(
     return await call(manager.start_leased, name, options, lease_s, value_error_is_422=True)
 
 
-@router.post("/{name}/lease", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/lease", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses={**errors(404, 422),
                         409: {"model": ErrorBody, "description": "the monitor is not running"}},
              summary="renew (or remove) the lease of a running monitor")
@@ -73,13 +78,15 @@ async def renew_lease(name: str, body: LeaseRequest, manager: ManagerDep) -> dic
         raise HTTPException(409, str(e)) from None
 
 
-@router.post("/{name}/stop", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/stop", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404), summary="stop (idempotent): detaches every probe")
 async def stop_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     return await call(manager.stop_monitor, name)
 
 
-@router.get("/{name}/stats", response_model=MonitorStats, responses=errors(404, 422),
+@router.get("/{name}/stats", dependencies=[Depends(needs("read"))],
+            response_model=MonitorStats, responses=errors(404, 422),
             summary="counters, and the tables of aggregating monitors")
 async def monitor_stats(
     name: str,
@@ -95,7 +102,8 @@ async def monitor_stats(
     return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
 
 
-@router.post("/{name}/stats/reset", response_model=MonitorStats, responses=errors(404, 422),
+@router.post("/{name}/stats/reset", dependencies=[Depends(needs("control"))],
+             response_model=MonitorStats, responses=errors(404, 422),
              summary="read the tables and start a new window (aggregating monitors)")
 async def reset_monitor_stats(
     name: str,
@@ -110,7 +118,8 @@ async def reset_monitor_stats(
     return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
 
 
-@router.get("/{name}/schema", response_model=dict[str, Any], responses=errors(404),
+@router.get("/{name}/schema", dependencies=[Depends(needs("read"))],
+            response_model=dict[str, Any], responses=errors(404),
             summary="the JSON Schema of the monitor's options")
 async def monitor_schema(name: str, manager: ManagerDep) -> dict[str, Any]:
     cls = await call(manager.monitor_class, name)

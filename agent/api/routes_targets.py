@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, Depends, HTTPException
 from starlette.convertors import Convertor, register_url_convertor
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
 from agent.api.errors import call, validation_detail
 from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
@@ -18,13 +19,15 @@ ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^
                                           "comms: 1-15 byte process names")]
 
 
-@router.get("", response_model=Targets, summary="the targets as the kernel maps hold them")
+@router.get("", dependencies=[Depends(needs("read"))],
+            response_model=Targets, summary="the targets as the kernel maps hold them")
 async def get_targets(manager: ManagerDep) -> dict[str, Any]:
     return await call(manager.targets)
 
 
 # Declared before /{kind}: "follow_children" is not a kind.
-@router.put("/follow_children", response_model=Targets, responses=errors(422))
+@router.put("/follow_children", dependencies=[Depends(needs("control"))],
+            response_model=Targets, responses=errors(422))
 async def put_follow_children(
     follow: Annotated[FollowChildren, Body(description="children of target pids are "
                                            "followed in the kernel")],
@@ -34,13 +37,15 @@ async def put_follow_children(
     return await call(manager.targets)
 
 
-@router.put("/{kind}", response_model=Targets, responses=errors(422),
+@router.put("/{kind}", dependencies=[Depends(needs("control"))],
+            response_model=Targets, responses=errors(422),
             summary="replace the values of one kind")
 async def replace_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
     return await _update(manager, kind, "replace", values)
 
 
-@router.post("/{kind}", response_model=Targets, responses=errors(422), summary="add values")
+@router.post("/{kind}", dependencies=[Depends(needs("control"))],
+             response_model=Targets, responses=errors(422), summary="add values")
 async def add_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
     return await _update(manager, kind, "add", values)
 
@@ -62,7 +67,8 @@ class TargetValueConvertor(Convertor[str]):
 register_url_convertor("target_value", TargetValueConvertor())
 
 
-@router.delete("/{kind}/{value:target_value}", response_model=Targets, responses=errors(422),
+@router.delete("/{kind}/{value:target_value}", dependencies=[Depends(needs("control"))],
+               response_model=Targets, responses=errors(422),
                summary="remove one value (idempotent)")
 async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:
     parsed: int | str = value

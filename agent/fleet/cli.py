@@ -18,7 +18,7 @@ import orjson
 
 from agent.fleet import kubernetes, ops
 from agent.fleet.client import DEFAULT_PARALLEL, DEFAULT_TIMEOUT_S, Fleet, HostResult, tls_verify
-from agent.fleet.events import EventFilters, MergedEvents, event_line, nats_events
+from agent.fleet.events import MergedEvents, event_line, filters_of, nats_events
 from agent.fleet.inventory import INVENTORY_ENV, InventoryError, resolve_hosts
 from agent.fleet.render import table
 
@@ -193,8 +193,13 @@ def show_simple(results: list[HostResult[Any]], output: str, what: str) -> None:
 def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                limit: int, sort: str) -> None:
     fleet_top = ops.fleet_syscalls(results, limit, sort) if monitor == "syscall" else None
+    top_lists = ops.fleet_top_lists(results, monitor, limit) if monitor else None
     if output == "json":
-        _json(results, **({"fleet": {"syscalls": fleet_top}} if fleet_top is not None else {}))
+        fleet = {"syscalls": fleet_top} if fleet_top is not None else top_lists
+        _json(results, **({"fleet": fleet} if fleet is not None else {}))
+        return
+    if top_lists is not None:
+        show_top_lists(top_lists)
         return
     rows = []
     for r in results:
@@ -216,6 +221,15 @@ def show_stats(results: list[HostResult[Any]], output: str, monitor: str | None,
                 print(table(["SYSCALL", "COUNT", "ERRORS"],
                             [[s["name"], s["count"], s.get("errors", 0)]
                              for s in r.value["syscall"]["syscalls"][:limit]]))
+
+
+def show_top_lists(top_lists: dict[str, list[dict[str, Any]]]) -> None:
+    """Each fleet-wide top list (ops.fleet_top_lists) as a table, its fields as columns."""
+    for name, rows in top_lists.items():
+        print(f"\nfleet-wide {name.replace('_', ' ')} (summed over hosts):")
+        columns = list(rows[0]) if rows else ["(none)"]
+        print(table([c.upper() for c in columns], [[r.get(c, "") for c in columns]
+                                                     for r in rows]))
 
 
 def show_changes(results: list[HostResult[Any]], output: str, verb: str) -> None:
@@ -308,7 +322,10 @@ def _notice(text: str) -> None:
 
 
 async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
-    filters = EventFilters(args.monitor, args.pid, args.uid, args.comm)
+    try:
+        filters = filters_of(args.monitor, args.pid, args.uid, args.comm)
+    except ValueError as e:
+        raise ops.UsageError(str(e)) from None
     emit = _emitter(args.output)
     if args.source:
         if not args.source.startswith(("nats://", "tls://")):

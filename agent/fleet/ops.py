@@ -232,6 +232,43 @@ def fleet_syscalls(results: list[HostResult[Any]], limit: int = 10,
     return rows[:limit]
 
 
+def fleet_top_lists(results: list[HostResult[Any]], monitor: str,
+                    limit: int = 10) -> dict[str, list[dict[str, Any]]] | None:
+    """The top lists a monitor's stats declare, summed over every host that answered.
+
+    A monitor's stats may carry ``top_lists``: ``{"key": [fields naming a row], "lists":
+    {list name: [numeric fields whose sum orders it]}}`` (the net monitor's endpoints);
+    rows with the same key are added up field by field, ``hosts`` counts the hosts
+    that had the row. Each host sends its own top N: a row outside a host's top N is
+    missing from that host's share. None when no host's stats declare top lists."""
+    spec: dict[str, Any] | None = None
+    merged: dict[str, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+    for r in results:
+        if not r.ok or not r.value:
+            continue
+        st = r.value.get(monitor) or {}
+        if not isinstance(st.get("top_lists"), dict):
+            continue
+        spec = st["top_lists"]
+        key = list(spec.get("key", []))
+        for name in spec.get("lists", {}):
+            for row in st.get(name) or []:
+                t = merged[name].setdefault(tuple(row.get(f) for f in key),
+                                            {f: row.get(f) for f in key})
+                for f, v in row.items():
+                    if f not in key and isinstance(v, int | float) and not isinstance(v, bool):
+                        t[f] = t.get(f, 0) + v
+                t["hosts"] = t.get("hosts", 0) + 1  # the last column
+    if spec is None:
+        return None
+    out = {}
+    for name, order in spec.get("lists", {}).items():
+        rows = list(merged[name].values())
+        rows.sort(key=lambda r: -sum(r.get(f, 0) for f in order))
+        out[name] = rows[:limit]
+    return out
+
+
 # -- desired state -----------------------------------------------------------------------
 def load_state_file(path: Path) -> dict[str, Any]:
     """``monitors: {name: options}`` and optional ``targets: {pids, uids, comms,

@@ -33,6 +33,7 @@ class MonitorSupport:
     name: str
     supported: bool
     reason: str | None = None
+    tracepoints: tuple[str, ...] = ()  # the ones it attaches to (REQUIRED_TRACEPOINTS)
 
 
 @dataclass
@@ -197,5 +198,6 @@ def build_report(registry: Any | None = None) -> CapabilityReport:
     if registry is not None:
         for cls in registry:
             reason = report.support_reason(cls)
-            report.monitors.append(MonitorSupport(cls.name, reason is None, reason))
+            report.monitors.append(MonitorSupport(cls.name, reason is None, reason,
+                                                  tuple(cls.REQUIRED_TRACEPOINTS)))
     return report

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.api import Agent, start_agent
+from tests.support.api import Agent, kernel_agent
 from tests.support.kernel import compile_c
 
 pytestmark = pytest.mark.kernel
@@ -40,14 +40,8 @@ int main(void) {
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    from tests.support.kernel import require_kernel
-
-    require_kernel()
-    a = start_agent(tmp_path_factory.mktemp("agent"), {"monitors": {}})
-    try:
+    with kernel_agent(tmp_path_factory.mktemp("agent")) as a:
         yield a
-    finally:
-        a.stop()
 
 
 @pytest.fixture

@@ -123,6 +123,31 @@ def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> No
         context.close()
 
 
+def test_top_list_panel_of_a_running_monitor(browser: Any, agent: Agent) -> None:
+    """Generic: a panel per running monitor whose stats declare top lists (net)."""
+    from tests.support.tcp import server, start_client
+
+    assert agent.request("POST", "/monitors/net/start", json={}).status_code == 200
+    context, page, _ = open_page(browser, agent.url)
+    try:
+        login(page, ADMIN)
+        with server("127.0.0.1", 2, 300) as srv:
+            for _ in range(2):
+                start_client("127.0.0.1", srv.port, 700)
+            srv.received()
+        row = page.locator(f"[data-testid=top-net-by_bytes] tr[data-row='out 127.0.0.1 "
+                           f"{srv.port}']")
+        expect(row).to_have_count(1, timeout=20_000)
+        # bytes_sent: the two clients' 700 each; bytes_received: 300 each.
+        expect(row.locator("td")).to_have_text(["out", "127.0.0.1", str(srv.port), "1400",
+                                                "600"])
+        agent.request("POST", "/monitors/net/stop")
+        expect(page.get_by_test_id("top-net")).to_have_count(0, timeout=20_000)
+    finally:
+        agent.request("POST", "/monitors/net/stop")
+        context.close()
+
+
 def test_read_scope_sees_the_page_but_cannot_start(browser: Any, agent: Agent) -> None:
     context, page, _ = open_page(browser, agent.url)
     try:

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from agent.fleet.cli import show_stats
 from agent.fleet.client import HostResult
 from agent.fleet.inventory import Host, InventoryError, default_token, resolve_hosts
-from agent.fleet.ops import UsageError, fleet_syscalls, parse_options, parse_target_values
+from agent.fleet.ops import (
+    UsageError,
+    fleet_syscalls,
+    fleet_top_lists,
+    parse_options,
+    parse_target_values,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "inv.yaml") -> Path:
@@ -110,3 +117,32 @@ def test_fleet_wide_syscall_top_sums_hosts() -> None:
         {"name": "write", "count": 130, "errors": 2, "total_ns": 1300, "hosts": 2},
         {"name": "read", "count": 100, "errors": 1, "total_ns": 1000, "hosts": 1},
     ]
+
+
+def test_fleet_wide_top_lists_sum_hosts_by_declared_key(capsys: pytest.CaptureFixture) -> None:
+    """Generic: driven by the top_lists a monitor's stats declare (net's endpoints)."""
+    spec = {"key": ["direction", "address", "port"],
+            "lists": {"by_connections": ["connections"], "by_bytes": ["bytes"]}}
+
+    def row(addr: str, conns: int, nbytes: int) -> dict:
+        return {"direction": "out", "address": addr, "port": 443, "connections": conns,
+                "bytes": nbytes}
+
+    def result(name: str, rows: list[dict]) -> HostResult:
+        return HostResult(Host(name, "http://x:1"), {"net": {
+            "by_connections": rows, "by_bytes": rows, "top_lists": spec, "endpoints": 9}})
+
+    results = [result("a", [row("10.0.0.1", 5, 100), row("10.0.0.2", 1, 900)]),
+               result("b", [row("10.0.0.2", 2, 50)]),
+               HostResult(Host("c", "http://x:2"), error="unreachable")]
+    top = fleet_top_lists(results, "net", limit=1)
+    assert top == {
+        "by_connections": [{**row("10.0.0.1", 5, 100), "hosts": 1}],
+        "by_bytes": [{**row("10.0.0.2", 3, 950), "hosts": 2}],
+    }
+    assert fleet_top_lists(results, "syscall") is None  # nothing declared: no top lists
+    show_stats(results, "table", "net", 1, "count")
+    out = capsys.readouterr().out
+    assert "fleet-wide by bytes" in out and "HOSTS" in out
+    assert [ln.split() for ln in out.splitlines() if "10.0.0.2" in ln] == [
+        ["out", "10.0.0.2", "443", "3", "950", "2"]]

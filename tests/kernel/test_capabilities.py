@@ -64,6 +64,9 @@ def test_check_cli_json_and_exit_code() -> None:
     assert proc.returncode == (0 if supported else 3)
     assert set(data["features"]) >= {"btf", "tracefs", "bcc", "kernel_headers", "ringbuf",
                                      "kprobes", "uprobes", "fentry", "lockdown", "root"}
+    hooks = {m["name"]: m["tracepoints"] for m in data["monitors"]}
+    assert "sock:inet_sock_set_state" in hooks["net"]
+    assert "syscalls:sys_enter_execve" in hooks["exec"]
 
 
 def test_check_as_non_root_reports_no_monitor_and_fails() -> None:

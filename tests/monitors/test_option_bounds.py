@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import annotated_types
 import pytest
 from pydantic import ValidationError
@@ -24,7 +26,10 @@ def int_fields() -> list[tuple[str, str, object]]:
 @pytest.mark.parametrize(("monitor", "field", "info"), int_fields(),
                          ids=lambda x: x if isinstance(x, str) else "")
 def test_every_integer_option_has_both_bounds(monitor: str, field: str, info: object) -> None:
-    metadata = info.metadata  # type: ignore[attr-defined]
+    metadata = list(info.metadata)  # type: ignore[attr-defined]
+    annotation = info.annotation  # type: ignore[attr-defined]
+    if typing.get_origin(annotation) is list:  # list[Annotated[int, Ge, Le]]: the items'
+        metadata += getattr(typing.get_args(annotation)[0], "__metadata__", ())
     assert any(isinstance(m, annotated_types.Ge | annotated_types.Gt) for m in metadata), field
     assert any(isinstance(m, annotated_types.Le | annotated_types.Lt) for m in metadata), field
 

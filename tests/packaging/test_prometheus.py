@@ -74,7 +74,8 @@ def test_metrics_with_every_monitor_pass_promtool(kernel: None, tmp_path: Path) 
     }})
     try:
         states = {m["name"]: m["state"] for m in agent.get("/monitors").json()}
-        assert states == {"exec": "running", "syscall": "running", "func": "running"}
+        assert {k: states[k] for k in ("exec", "syscall", "func")} == {
+            "exec": "running", "syscall": "running", "func": "running"}
         subprocess.run(["/bin/true"], check=True)
         subprocess.run(["python3", "-c", "import os; [os.getpid() for _ in range(100)]"],
                        check=True)

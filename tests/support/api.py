@@ -234,6 +234,20 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def kernel_agent(tmp_path: Path) -> Iterator[Agent]:
+    """A real agent with no monitor enabled, for tests that start monitors over its API
+    (skips without eBPF, fails under CI=true); stopped on exit."""
+    from tests.support.kernel import require_kernel
+
+    require_kernel()
+    a = start_agent(tmp_path, {"monitors": {}})
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
 def start_agent(tmp_path: Path, config: dict[str, Any] | None = None,
                 token: str | None = "test-token-0123456789", extra_args: list[str] | None = None,
                 wait_ready: bool = True, generated: bool = False,

@@ -2,9 +2,10 @@
 
 One workload, run as user nobody under a comm of its own, gives every monitor an event
 of a process the test started: exec sees its execve, syscall a slow nanosleep, func a
-call of flt_target(). Its events go through a real EventHub; each filter (monitor, pid,
-uid, comm) must return exactly the hub's events with that value, the workload's among
-them, and a value nobody has must return nothing of them.
+call of flt_target(), net a TCP connect over loopback. Its events go through a real
+EventHub; each filter (monitor, pid, uid, comm) must return exactly the hub's events
+with that value, the workload's among them, and a value nobody has must return nothing
+of them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ SLEEP_MS = 80
 ABSENT = {"monitor": "no-such-monitor", "pid": 0, "uid": 3_999_999, "comm": "no-such-comm"}
 
 WORKLOAD_C = r"""
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* noinline: a uprobe target with a symbol of its own. */
 __attribute__((noinline)) int flt_target(int x)
@@ -46,10 +51,28 @@ __attribute__((noinline)) int flt_target(int x)
     return x + 1;
 }
 
+/* One TCP connection over loopback to a listener of its own, never accepted. */
+static int tcp_self_connect(void)
+{
+    struct sockaddr_in a = {0};
+    socklen_t len = sizeof(a);
+    int l = socket(AF_INET, SOCK_STREAM, 0), c = socket(AF_INET, SOCK_STREAM, 0);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r = bind(l, (struct sockaddr *)&a, sizeof(a)) || listen(l, 1)
+        || getsockname(l, (struct sockaddr *)&a, &len)
+        || connect(c, (struct sockaddr *)&a, sizeof(a));
+    close(c);
+    close(l);
+    return r;
+}
+
 int main(void)
 {
     struct timespec ts = {0, SLEEP_MS * 1000 * 1000};
     int r = flt_target(1);
+    if (tcp_self_connect())
+        return 2;
     nanosleep(&ts, 0);   /* a slow syscall for the syscall monitor */
     return r == 2 ? 0 : 1;
 }

@@ -119,6 +119,7 @@ function start(who) {
   every(3000, refreshMonitors);
   every(5000, refreshTargets);
   every(3000, refreshSyscalls);
+  every(3000, refreshTopLists);
   every(250, flushEvents);
   if (who.scope === "control") { refreshAudit(); every(5000, refreshAudit); }
 }
@@ -302,6 +303,31 @@ async function refreshSyscalls() {
   if (!state.selectedSyscall && all.length) state.selectedSyscall = all[0].name;
   const chosen = all.find((s) => s.name === state.selectedSyscall);
   drawHistogram(chosen);
+}
+
+// -- top lists: any running monitor whose stats declare `top_lists` (net's endpoints) ----
+async function refreshTopLists() {
+  const box = $("top-lists");
+  for (const m of state.monitors) {
+    const id = `top-${m.name}`;
+    let section = box.querySelector(`[data-testid="${CSS.escape(id)}"]`);
+    const r = m.state === "running" ? await api("GET", `/monitors/${m.name}/stats?limit=10`) : null;
+    const spec = r && r.ok && r.data ? r.data.top_lists : null;
+    if (!spec) { if (section) section.remove(); continue; }
+    if (!section) { section = el("section", { "data-testid": id }); box.append(section); }
+    const tables = Object.entries(spec.lists).map(([name, order]) => {
+      const columns = [...spec.key, ...order.filter((c) => !spec.key.includes(c))];
+      const rows = (r.data[name] || []).map((row) => el("tr",
+        { "data-row": spec.key.map((k) => row[k]).join(" ") },
+        ...columns.map((c) => el("td", { text: String(row[c] ?? "") }))));
+      return el("div", {}, el("h3", { text: name.replaceAll("_", " ") }),
+        el("table", { class: "grid", "data-testid": `${id}-${name}` },
+          el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", { text: c })))),
+          el("tbody", {}, ...rows)));
+    });
+    section.replaceChildren(el("h2", { text: `${m.name}: top lists` }),
+      el("div", { class: "pair" }, ...tables));
+  }
 }
 
 function fmtNs(ns) {

@@ -12,7 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.config import DEFAULT_CONFIG, ConfigError, Settings, absolute_paths, load_settings
+from agent import logsetup
+from agent.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    Settings,
+    absolute_paths,
+    config_warnings,
+    load_settings,
+)
 from agent.model.targets import TargetError
 from agent.monitors.registry import MonitorRegistry, discover_monitors
 
@@ -103,6 +111,10 @@ def _run_options(args: argparse.Namespace, settings: Settings) -> dict[str, dict
 def cmd_check(args: argparse.Namespace, registry: MonitorRegistry) -> int:
     from agent.kernel.capabilities import build_report
 
+    # The configuration is checked too: an invalid one is a config error (exit 2), one
+    # that is valid but likely wrong gets a warning on stderr.
+    for warning in config_warnings(_settings(args, registry)):
+        print(f"ebpf-agent: config warning: {warning}", file=sys.stderr)
     report = build_report(registry)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -172,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args, registry)
         settings = _settings(args, registry)
         try:
-            logging.basicConfig(
-                level=settings.logging.level,
-                filename=str(settings.logging.file) if settings.logging.file else None,
-                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            )
+            # Never blocks a caller: a bounded queue written by one thread (agent/logsetup.py)
+            logsetup.configure(settings.logging.level, settings.logging.file)
         except OSError as e:
             raise ConfigError(f"logging.file {settings.logging.file}: {e.strerror}") from None
+        for warning in config_warnings(settings):
+            logging.getLogger("agent.config").warning("%s", warning)
         if args.command == "run":
             return cmd_run(args, registry, settings)
         return cmd_serve(args, registry, settings)

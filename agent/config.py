@@ -462,6 +462,17 @@ def load_settings(
     return settings
 
 
+def config_warnings(settings: Settings) -> list[str]:
+    """Settings that are valid but almost certainly not what was meant (``ebpf-agent
+    check`` prints them, ``serve`` and ``run`` log them at start)."""
+    out = []
+    nats = settings.export.nats
+    if "url" in nats.model_fields_set and "enabled" not in nats.model_fields_set:
+        out.append("export.nats.url is set but export.nats.enabled is not: nothing is "
+                   "exported to NATS (set enabled: true; enabled: false silences this)")
+    return out
+
+
 # Path settings, as (section or None, field).
 PATH_FIELDS = (("output", "directory"), ("logging", "file"), ("api", "unix_socket"),
                ("api", "tls_certfile"), ("api", "tls_keyfile"), (None, "pid_file"),

@@ -280,3 +280,32 @@ def test_run_refusals_are_one_line(kernel, tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "victim").exists()
+
+
+NATS_WARNING = ("export.nats.url is set but export.nats.enabled is not: nothing is exported "
+                "to NATS (set enabled: true; enabled: false silences this)")
+
+
+@pytest.mark.parametrize(("nats", "warned"), [
+    ("url: nats://10.0.0.1:4222", True),
+    ("url: nats://10.0.0.1:4222\n    enabled: false", False),
+    ("stream: OTHER", False),
+])
+def test_a_nats_url_without_enabled_warns_in_check_and_at_start(
+        tmp_path: Path, nats: str, warned: bool) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"export:\n  nats:\n    {nats}\n")
+    check = run_cli("--config", str(cfg), "check")
+    assert check.returncode in (0, 3), check.stderr  # 3: no monitor supported here
+    assert (f"ebpf-agent: config warning: {NATS_WARNING}\n" in check.stderr) is warned
+    # At start (logged, then `run` refuses the unknown monitor).
+    start = run_cli("--config", str(cfg), "run", "nosuch")
+    assert start.returncode == 2
+    assert (f"WARNING agent.config: {NATS_WARNING}" in start.stderr) is warned
+
+
+def test_check_refuses_an_invalid_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("api:\n  port: -1\n")
+    proc = run_cli("--config", str(cfg), "check")
+    assert proc.returncode == 2 and f"{cfg}: api.port" in proc.stderr

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.api import (
     routes_auth,
@@ -25,7 +26,7 @@ from agent.api.access.gate import AuthGate
 from agent.api.access.origin import RequestGuard
 from agent.api.access.principal import TokenStore
 from agent.api.deps import AppContext
-from agent.api.errors import SafeJSONResponse, request_validation_error
+from agent.api.errors import SafeJSONResponse, http_error, request_validation_error
 from agent.api.metrics import AgentCollector, RequestDuration
 from agent.api.schemas import add_monitor_components
 from agent.config import Settings
@@ -91,6 +92,7 @@ def create_app(
                   redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     app.add_exception_handler(RequestValidationError, request_validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
     _add_middleware(app, settings, ctx)

@@ -10,9 +10,11 @@ from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.core.manager import MonitorUnsupported, OptionsInvalid, UnknownMonitor
 from agent.model.targets import TargetError
@@ -51,6 +53,27 @@ async def request_validation_error(_request: Request, exc: Exception) -> JSONRes
     return SafeJSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, 422)
 
 
+# What FastAPI answers (400) when parsing a JSON body fails with something other than a
+# JSONDecodeError: bytes that are not UTF-8, or nesting deeper than the recursion limit.
+_BODY_PARSE_FAILED = "There was an error parsing the body"
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's handler, except that a body it could not parse is a 422 like every other
+    bad body (the OpenAPI document lists 422, not 400)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            msg = "invalid JSON: the body is not UTF-8"
+        elif isinstance(cause, RecursionError):
+            msg = "invalid JSON: the body nests too deep"
+        else:
+            msg = f"invalid JSON: {type(cause).__name__ if cause else 'unreadable'}"
+        return SafeJSONResponse({"detail": validation_detail(msg)}, 422)
+    return await http_exception_handler(request, exc)
+
+
 def validation_detail(msg: str, loc: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
     """422 details in FastAPI's own shape, so every 422 of the API reads the same."""
     return [{"loc": list(loc), "msg": msg, "type": "value_error"}]
@@ -59,9 +82,10 @@ def validation_detail(msg: str, loc: tuple[str | int, ...] = ("body",)) -> list[
 def options_detail(e: OptionsInvalid) -> list[dict[str, Any]]:
     out = []
     for err in e.errors:
+        msg = str(err.get("msg", ""))
         out.append({
-            "loc": [e.where, *err.get("loc", ())],
-            "msg": str(err.get("msg", "")),
+            "loc": [e.where, *e.loc, *err.get("loc", ())],
+            "msg": f"{msg} (monitor {e.monitor})" if e.monitor else msg,
             "type": str(err.get("type", "value_error")),
         })
     return out or validation_detail(str(e))

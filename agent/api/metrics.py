@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agent import logsetup
 from agent.core.latency import LatencyHistogram
 from agent.monitors.contract import MetricSeries
 
@@ -60,6 +61,10 @@ class AgentCollector(Collector):
         if self.ctx.exporter is not None:
             yield from _export(self.ctx.exporter.stats())
         yield from _auth(self.ctx)
+        yield CounterMetricFamily("ebpf_agent_log_lines_dropped",
+                                  "log lines dropped because the log output (stderr or "
+                                  "logging.file) did not take them in time",
+                                  value=logsetup.dropped_lines())
 
 
 def _auth(ctx: AppContext) -> Iterator[Metric]:

@@ -4,16 +4,43 @@ This is what `ebpf-agentctl apply/diff` and configuration management tools use."
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
-from agent.api.errors import call
+from agent.api.errors import call, validation_detail
 from agent.api.models import ERROR_RESPONSES, ErrorBody, StateDoc, StateIn, StateResult, errors
 from agent.core.leases import PreconditionFailed, StateRejected
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The first key that appears twice in one object of the JSON ``body`` (the parser
+    FastAPI uses keeps the last silently: two entries for one monitor would apply one)."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except DuplicateKey as e:
+        return str(e.args[0])
+    except ValueError:  # not JSON: FastAPI has answered already
+        return None
+    return None
+
 
 router = APIRouter(tags=["state"], responses=ERROR_RESPONSES)
 
@@ -50,12 +77,17 @@ async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
 )
 async def put_state(
     manager: ManagerDep,
+    request: Request,
     response: Response,
     body: Annotated[StateIn, Body()],
     if_match: Annotated[str | None, Header(description="the ETag the change is based on; "
                                            "absent or *: unconditional")] = None,
     dry_run: Annotated[bool, Query(description="only report what would change")] = False,
 ) -> Any:
+    dup = duplicate_key(await request.body())  # read and cached by FastAPI already
+    if dup is not None:
+        raise HTTPException(422, validation_detail(f"key {dup!r} appears twice in one "
+                                                   "object"))
     desired: dict[str, Any] = {"monitors": body.monitors}
     if body.targets is not None:
         desired["targets"] = body.targets.model_dump()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException
+from starlette.convertors import Convertor, register_url_convertor
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
@@ -49,7 +50,24 @@ async def add_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> di
     return await _update(manager, kind, "add", values)
 
 
-@router.delete("/{kind}/{value}", dependencies=[Depends(needs("control"))],
+class TargetValueConvertor(Convertor[str]):
+    """One target value in a path, whatever it holds: a comm may hold "/" (sent as %2F,
+    which the server decodes before routing) or a newline; Starlette's "path" convertor
+    stops at a newline (``.*``), its default at "/"."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("target_value", TargetValueConvertor())
+
+
+@router.delete("/{kind}/{value:target_value}", dependencies=[Depends(needs("control"))],
                response_model=Targets, responses=errors(422),
                summary="remove one value (idempotent)")
 async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:

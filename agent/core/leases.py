@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -22,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import orjson
 
 from agent.model.targets import KINDS, TargetSet, check_capacity, validate_values
 
@@ -74,7 +73,11 @@ class Lease:
 
 
 def etag_of(doc: dict[str, Any]) -> str:
-    digest = hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    """A hash of the document. ASCII JSON: a comm holding a byte that is not UTF-8 is a
+    lone surrogate (\\udcXX), which orjson and UTF-8 refuse; ``ensure_ascii`` writes it
+    as an escape, so hashing never fails after a change was applied."""
+    text = json.dumps(doc, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode("ascii")).hexdigest()
     return f'"{digest[:32]}"'
 
 
@@ -103,7 +106,8 @@ class LeaseStateMixin:
         def call(self, fn: Callable[[], T], timeout: float | None = 120) -> T: ...
         def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]: ...
         def monitor_class(self, name: str) -> type[BaseMonitor]: ...
-        def parse_options(self, name: str, options: dict[str, Any] | None) -> MonitorOptions: ...
+        def parse_options(self, name: str, options: dict[str, Any] | None,
+                          loc: tuple[str | int, ...] = ()) -> MonitorOptions: ...
 
     # Told of each expiry (monitor name, lease_s, expiry time ISO 8601), on the control
     # thread; the API sets it to record the expiry in its audit log.
@@ -295,7 +299,8 @@ class LeaseStateMixin:
         for name, options in raw.items():
             if options is not None and not isinstance(options, dict):
                 raise ValueError(f"monitors.{name}: options must be an object")
-            monitors[name] = self.parse_options(name, options)  # 404 / 422
+            monitors[name] = self.parse_options(name, options,  # 404 / 422
+                                                loc=("monitors", name))
         targets = None
         if desired.get("targets") is not None:
             t = desired["targets"]

@@ -75,13 +75,18 @@ class MonitorUnsupported(Exception):
 
 class OptionsInvalid(ValueError):
     """Options (or a stats query) that fail validation; 422. ``errors`` is pydantic's
-    list; ``where``: the request part they came from ("body" or "query")."""
+    list; ``where``: the request part they came from ("body" or "query"); ``monitor``:
+    whose options they are; ``loc``: where they sit in that part (e.g. ("monitors",
+    "exec") in a state document)."""
 
     def __init__(self, message: str, errors: list[Any] | None = None,
-                 where: str = "body") -> None:
+                 where: str = "body", monitor: str | None = None,
+                 loc: tuple[str | int, ...] = ()) -> None:
         super().__init__(message)
         self.errors = errors or []
         self.where = where
+        self.monitor = monitor
+        self.loc = loc
 
 
 class MonitorSink:
@@ -246,12 +251,15 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             raise UnknownMonitor(name)
         return self.registry.get(name)
 
-    def parse_options(self, name: str, options: dict[str, Any] | None) -> MonitorOptions:
+    def parse_options(self, name: str, options: dict[str, Any] | None,
+                      loc: tuple[str | int, ...] = ()) -> MonitorOptions:
+        """``loc``: where the options sit in the request body (for the 422)."""
         cls = self.monitor_class(name)
         try:
             return cls.Options(**(options or {}))
         except ValidationError as e:
-            raise OptionsInvalid(f"invalid options for {name}", e.errors()) from None
+            raise OptionsInvalid(f"invalid options for {name}", e.errors(),
+                                 monitor=name, loc=loc) from None
 
     def start_monitor(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
         parsed = self.parse_options(name, options)

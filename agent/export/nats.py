@@ -92,7 +92,8 @@ class NatsExporter:
         payload = b'{"host":' + self._host_json + (b"," if len(data) > 2 else b"") + data[1:]
         with self._lock:
             self.produced += 1
-            if len(self._buf) >= self.cfg.buffer:
+            # The batch in flight counts too: it is still held (and "buffered" in stats).
+            if len(self._buf) + len(self._inflight) >= self.cfg.buffer:
                 self.dropped_buffer_full += 1
                 return
             self._buf.append(Pending(self.produced, subject, payload))
@@ -192,6 +193,7 @@ class NatsExporter:
                 await self._ensure_stream(js)
                 self.connected, delay = True, self.cfg.reconnect_min_s
                 self._warned = False
+                self.last_error = None  # the error of the outage that just ended
                 self.connects += 1
                 log.info("NATS export: connected (%s)", ", ".join(self.cfg.servers()))
                 await self._pump(nc, js)

@@ -343,6 +343,11 @@ async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A comm holding a byte that is not UTF-8 is a lone surrogate: printed as \udcXX
+    # (as the agent's JSON writes it) instead of failing the output.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError):  # replaced by a non-file (tests)
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     if argv[:2] == ["inventory", "from-kubernetes"]:
         return kubernetes.main(argv[2:])
     args = _parser().parse_args(argv)

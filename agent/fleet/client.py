@@ -3,24 +3,34 @@ a deadline per host, so a few hundred hosts work and one slow host holds nobody 
 
 ``Fleet.each(op)`` runs ``op(AgentClient)`` on every host and returns one ``HostResult``
 per host, in inventory order: a value, or an error that says why (unreachable, timeout,
-401, 409 with the agent's reason, ...).
+401, 409 with the agent's reason, an answer that is not what the API promises, ...).
+
+Whatever a host sends is bounded: an answer body larger than ``MAX_BODY_BYTES`` is cut
+off with a per-host error (a hostile or broken host cannot make the controller hold
+gigabytes), and answers are checked for the shape the API promises (``BadAnswer``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import httpx
+import orjson
 
 from agent.fleet.inventory import Host
 
 T = TypeVar("T")
 DEFAULT_PARALLEL = 32
 DEFAULT_TIMEOUT_S = 10.0
+# The largest answer read from a host. Real answers are far smaller (a /stats with the
+# per-process syscall table is a few hundred kB); the cap only stops a host that sends
+# without end.
+MAX_BODY_BYTES = 16 << 20
 
 
 class AgentError(Exception):
@@ -30,6 +40,80 @@ class AgentError(Exception):
         super().__init__(message)
         self.status = status
         self.detail = detail
+
+
+class BadAnswer(AgentError):
+    """An answer that is not what the agent's API promises (not JSON, a missing field, a
+    list where an object belongs, too large): the message says what was wrong."""
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def expect(value: Any, kind: type, what: str) -> Any:
+    """``value`` when it is a ``kind`` (dict: a JSON object, list, str, ...), else a
+    BadAnswer naming ``what`` (e.g. "GET /monitors: [0]")."""
+    number = kind is float and isinstance(value, int)  # JSON does not tell 1 from 1.0
+    if not (isinstance(value, kind) or number) or (kind in (int, float)
+                                                  and isinstance(value, bool)):
+        raise BadAnswer(f"bad answer: {what} is {_json_type(value)}, expected "
+                        f"{_json_type(kind())}")
+    return value
+
+
+def member(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    """``obj[key]``, which must be present and a ``kind``."""
+    if key not in obj:
+        raise BadAnswer(f"bad answer: {what} has no {key!r}")
+    return expect(obj[key], kind, f"{what}.{key}")
+
+
+def loads(body: bytes | str) -> Any:
+    """JSON as the agent writes it: orjson, or the standard library for what orjson
+    refuses, the \\udcXX escapes of bytes that are not UTF-8 (comms, argv). Raises
+    ValueError."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    try:
+        return loads(body)
+    except (ValueError, RecursionError):
+        raise BadAnswer(f"bad answer: {what} is not JSON ({len(body)} bytes)") from None
+
+
+@dataclass
+class Answer:
+    """A host's answer, read whole (at most MAX_BODY_BYTES)."""
+
+    what: str  # "GET /state": for error messages
+    status_code: int
+    reason_phrase: str
+    headers: httpx.Headers
+    content: bytes
+
+    def json(self) -> Any:
+        return parse_json(self.content, f"the answer to {self.what}")
+
+
+async def read_body(r: httpx.Response, what: str, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body of ``r`` (a streamed response), refused beyond ``limit`` bytes (after
+    decompression) without holding more than that."""
+    declared = r.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadAnswer(f"bad answer: {what} announces {int(declared)} bytes, more than "
+                        f"the {limit} allowed")
+    buf = bytearray()
+    async for chunk in r.aiter_bytes():
+        buf += chunk
+        if len(buf) > limit:
+            raise BadAnswer(f"bad answer: {what} is larger than {limit} bytes")
+    return bytes(buf)
 
 
 def _detail_text(detail: Any) -> str:
@@ -47,13 +131,14 @@ def _detail_text(detail: Any) -> str:
     return str(detail)
 
 
-def error_of(response: httpx.Response) -> AgentError:
+def error_of(response: Answer) -> AgentError:
     try:
-        detail = response.json().get("detail")
-    except Exception:
-        detail = response.text[:200]
+        doc = loads(response.content)
+        detail = doc.get("detail") if isinstance(doc, dict) else None
+    except (ValueError, RecursionError):
+        detail = None
     reason = response.reason_phrase or ""
-    text = _detail_text(detail) if detail is not None else reason
+    text = _detail_text(detail)[:300] if detail is not None else reason
     if response.status_code == 401:
         text = "missing or wrong token"
     return AgentError(f"{response.status_code} {text}".rstrip(), response.status_code, detail)
@@ -67,9 +152,17 @@ def describe_exception(e: BaseException, timeout: float) -> str:
     if isinstance(e, httpx.ConnectError):
         cause = str(e) or type(e).__name__
         return f"unreachable ({cause})"
+    if isinstance(e, httpx.RemoteProtocolError) and "illegal" in str(e):
+        # h11's message quotes what it got (a bytearray of up to kilobytes)
+        return "bad answer: not valid HTTP"
     if isinstance(e, httpx.HTTPError):
-        return f"unreachable ({type(e).__name__}: {e})"
-    return f"{type(e).__name__}: {e}"
+        return f"unreachable ({type(e).__name__}: {str(e)[:200]})"
+    # Shapes a check in ops did not cover: never a traceback-like dump.
+    if isinstance(e, KeyError):
+        return f"bad answer: a field is missing ({str(e)[:80]})"
+    if isinstance(e, TypeError | AttributeError | ValueError):
+        return "bad answer: a value has the wrong type"
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 class AgentClient:
@@ -81,12 +174,31 @@ class AgentClient:
         self.headers = {"Authorization": f"Bearer {host.token}"} if host.token else {}
 
     async def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
-                      **kw: Any) -> httpx.Response:
+                      **kw: Any) -> Answer:
         headers = {**self.headers, **kw.pop("headers", {})}
-        r = await self.http.request(method, self.host.url + path, headers=headers, **kw)
-        if r.status_code not in expect:
-            raise error_of(r)
-        return r
+        if "json" in kw:
+            # ASCII JSON: a comm holding a byte that is not UTF-8 is a lone surrogate
+            # (\udcXX), which httpx's own encoder (UTF-8) refuses.
+            kw["content"] = json.dumps(kw.pop("json"), ensure_ascii=True).encode()
+            headers["Content-Type"] = "application/json"
+        what = f"{method} {path}"
+        async with self.http.stream(method, self.host.url + path, headers=headers,
+                                    **kw) as r:
+            body = await read_body(r, f"the answer to {what}")
+            answer = Answer(what, r.status_code, r.reason_phrase, r.headers, body)
+        if answer.status_code not in expect:
+            raise error_of(answer)
+        return answer
+
+    async def get_object(self, path: str, **kw: Any) -> dict[str, Any]:
+        """GET ``path``, whose answer must be a JSON object."""
+        value: dict[str, Any] = expect(await self.get(path, **kw), dict,
+                                       f"the answer to GET {path}")
+        return value
+
+    async def get_list(self, path: str, **kw: Any) -> list[Any]:
+        value: list[Any] = expect(await self.get(path, **kw), list, f"the answer to GET {path}")
+        return value
 
     async def get(self, path: str, **kw: Any) -> Any:
         return (await self.request("GET", path, **kw)).json()

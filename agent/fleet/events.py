@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,16 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from agent.fleet.client import AgentClient, Fleet, describe_exception, error_of
+from agent.fleet.client import (
+    AgentClient,
+    Answer,
+    BadAnswer,
+    Fleet,
+    describe_exception,
+    error_of,
+    loads,
+    read_body,
+)
 from agent.fleet.inventory import Host
 from agent.fleet.ops import renew_leases
 from agent.model.filters import StreamFilters
@@ -30,6 +39,41 @@ from agent.model.filters import StreamFilters
 Emit = Callable[[dict[str, Any]], None]
 Notice = Callable[[str], None]
 IDLE_TIMEOUT_S = 60.0  # agents send heartbeats (stream.heartbeat_s, 15 s by default)
+# What one host's stream may make the controller hold: one line, and the fields of one
+# event together. The largest real event (exec: 64 arguments of 1 KiB, JSON-escaped) is
+# well below; a host sending without a newline gets a per-host error instead of memory.
+MAX_LINE_BYTES = 1 << 20
+MAX_EVENT_BYTES = 1 << 20
+EVENTS = "GET /events"
+
+
+async def sse_lines(r: httpx.Response, max_line: int = MAX_LINE_BYTES
+                    ) -> AsyncIterator[str]:
+    """The lines of an SSE stream (LF or CRLF ends), none longer than ``max_line``
+    bytes: httpx's own line reader buffers a line without bound."""
+    buf = bytearray()
+    too_long = f"bad answer: {EVENTS} sent a line longer than {max_line} bytes"
+    async for chunk in r.aiter_bytes():
+        buf += chunk
+        if b"\n" in chunk:
+            *lines, rest = buf.split(b"\n")
+            buf = bytearray(rest)
+            for line in lines:
+                if len(line) > max_line:
+                    raise BadAnswer(too_long)
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if len(buf) > max_line:
+            raise BadAnswer(too_long)
+
+
+def _event_json(data: str, what: str) -> dict[str, Any]:
+    try:
+        ev = loads(data)
+    except (ValueError, RecursionError):
+        raise BadAnswer(f"bad answer: {EVENTS} sent {what} that is not JSON") from None
+    if not isinstance(ev, dict):
+        raise BadAnswer(f"bad answer: {EVENTS} sent {what} that is not a JSON object")
+    return ev
 
 
 def filters_of(monitor: list[str], pid: list[int], uid: list[int],
@@ -101,6 +145,7 @@ class MergedEvents:
         client = AgentClient(http, s.host)
         delay = 0.2
         while True:
+            delivered = s.events
             try:
                 await self._stream(client, s)
                 reason = "the agent closed the stream"
@@ -111,7 +156,9 @@ class MergedEvents:
             s.error = reason
             if s.up or not s.ever_up and s.reconnects == 0:
                 self.notice(f"{s.host.name}: down ({reason})")
-            if s.up:
+            # Only a stream that delivered events resets the back-off: a host that
+            # answers 200 and closes, or sends garbage, is retried ever more slowly.
+            if s.events > delivered:
                 delay = 0.2
             s.up = False
             s.reconnects += 1
@@ -125,8 +172,13 @@ class MergedEvents:
         async with c.http.stream("GET", s.host.url + "/events", params=tuple(self.filters.params()),
                                  headers=headers) as r:
             if r.status_code != 200:
-                await r.aread()
-                raise error_of(r)
+                body = await read_body(r, f"the answer to {EVENTS}")
+                raise error_of(Answer(EVENTS, r.status_code, r.reason_phrase, r.headers,
+                                      body))
+            ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "text/event-stream":
+                raise BadAnswer(f"bad answer: {EVENTS} is {ctype or 'untyped'}, not "
+                                "text/event-stream")
             if s.ever_up:
                 after = f" after id {s.last_id}" if s.last_id is not None else ""
                 self.notice(f"{s.host.name}: back, resuming{after}")
@@ -135,24 +187,36 @@ class MergedEvents:
             s.up = s.ever_up = True
             s.error = None
             fields: dict[str, str] = {}
-            async for line in r.aiter_lines():
+            size = 0
+            async for line in sse_lines(r):
                 if line:
                     if not line.startswith(":"):
                         key, _, value = line.partition(":")
                         fields[key] = value[1:] if value.startswith(" ") else value
+                        size += len(line)
+                        if size > MAX_EVENT_BYTES:
+                            raise BadAnswer(f"bad answer: {EVENTS} sent an event larger "
+                                            f"than {MAX_EVENT_BYTES} bytes")
                     continue
-                current, fields = fields, {}
+                current, fields, size = fields, {}, 0
                 if "data" not in current:
                     continue
                 if current.get("event") == "dropped":
-                    missed = int(orjson.loads(current["data"]).get("missed", 0))
+                    missed = _event_json(current["data"], "a dropped notice").get("missed", 0)
+                    if isinstance(missed, bool) or not isinstance(missed, int):
+                        raise BadAnswer(f"bad answer: {EVENTS} sent a dropped notice "
+                                        "without a count")
                     s.missed += missed
                     self.notice(f"{s.host.name}: {missed} events missed (fell out of the "
                                 "agent's replay buffer)")
                     continue
-                if "id" in current:
-                    s.last_id = int(current["id"])
-                ev = orjson.loads(current["data"])
+                event_id = current.get("id")
+                if event_id is not None and not (event_id.isascii() and event_id.isdigit()):
+                    raise BadAnswer(f"bad answer: {EVENTS} sent an id that is not a "
+                                    f"number ({event_id[:20]!r})")
+                ev = _event_json(current["data"], "an event")
+                if event_id is not None:
+                    s.last_id = int(event_id)
                 self._deliver(s, {"host": s.host.name, **ev})
 
     async def _renewer(self, http: httpx.AsyncClient, host: Host) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from agent.fleet.client import AgentClient, HostResult
+from agent.fleet.client import AgentClient, BadAnswer, HostResult, expect, member
 from agent.fleet.yamlfile import read_yaml_mapping
 
 TARGET_KINDS = ("pids", "uids", "comms")
@@ -30,11 +31,38 @@ class UsageError(Exception):
 
 
 # -- status ------------------------------------------------------------------------------
+def monitor_entries(monitors: list[Any], what: str) -> list[dict[str, Any]]:
+    """The monitor objects of a /monitors answer, each with a name and a state."""
+    out = []
+    for i, m in enumerate(monitors):
+        m = expect(m, dict, f"{what}[{i}]")
+        member(m, "name", str, f"{what}[{i}]")
+        member(m, "state", str, f"{what}[{i}]")
+        if m.get("lease") is not None:
+            lease = member(m, "lease", dict, f"{what}[{i}]")
+            for key in ("lease_s", "remaining_s"):
+                member(lease, key, float, f"{what}[{i}].lease")
+        out.append(m)
+    return out
+
+
+def stats_entries(stats: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
+    """{monitor: stats object} of a /stats answer."""
+    per = expect(stats.get("monitors", {}), dict, f"{what}.monitors")
+    return {str(k): expect(v, dict, f"{what}.monitors.{k}") for k, v in per.items()}
+
+
 async def status(c: AgentClient) -> dict[str, Any]:
     health, monitors, targets, stats = await asyncio.gather(
-        c.get("/health"), c.get("/monitors"), c.get("/targets"), c.get("/stats"))
-    rate = sum(float(m.get("events_per_second", 0) or 0)
-               for m in stats.get("monitors", {}).values())
+        c.get_object("/health"), c.get_list("/monitors"), c.get_object("/targets"),
+        c.get_object("/stats"))
+    monitors = monitor_entries(monitors, "the answer to GET /monitors")
+    per = stats_entries(stats, "the answer to GET /stats")
+    try:
+        rate = sum(float(m.get("events_per_second", 0) or 0) for m in per.values())
+    except (TypeError, ValueError):
+        raise BadAnswer("bad answer: GET /stats: an events_per_second is not a number") \
+            from None
     out = {
         "reachable": True,
         "version": health.get("version"),
@@ -49,8 +77,17 @@ async def status(c: AgentClient) -> dict[str, Any]:
 
 
 async def capabilities(c: AgentClient) -> dict[str, Any]:
-    result: dict[str, Any] = await c.get("/capabilities")
+    result = await c.get_object("/capabilities")
+    what = "the answer to GET /capabilities"
+    for i, m in enumerate(expect(result.get("monitors", []), list, f"{what}.monitors")):
+        member(expect(m, dict, f"{what}.monitors[{i}]"), "name", str, f"{what}.monitors[{i}]")
     return result
+
+
+def monitor_answer(value: Any, what: str) -> dict[str, Any]:
+    """A monitor object (start, stop): a name and a state."""
+    return monitor_entries([value], what)[0] if isinstance(value, dict) else \
+        expect(value, dict, what)
 
 
 # -- monitors ----------------------------------------------------------------------------
@@ -82,16 +119,16 @@ def start(monitor: str, options: dict[str, Any] | None, lease_s: float | None) -
         kw: dict[str, Any] = {"params": params}
         if options is not None:
             kw["json"] = options
-        result: dict[str, Any] = await c.post(f"/monitors/{monitor}/start", **kw)
-        return result
+        return monitor_answer(await c.post(f"/monitors/{monitor}/start", **kw),
+                              f"the answer to POST /monitors/{monitor}/start")
 
     return op
 
 
 def stop(monitor: str) -> Any:
     async def op(c: AgentClient) -> dict[str, Any]:
-        result: dict[str, Any] = await c.post(f"/monitors/{monitor}/stop")
-        return result
+        return monitor_answer(await c.post(f"/monitors/{monitor}/stop"),
+                              f"the answer to POST /monitors/{monitor}/stop")
 
     return op
 
@@ -101,11 +138,11 @@ async def renew_leases(c: AgentClient, lease_s: float | None = None,
     """Renews every lease the agent holds (or those of ``monitors``) for its own length
     (or ``lease_s``); returns {monitor: lease_s} renewed."""
     renewed: dict[str, float] = {}
-    for m in await c.get("/monitors"):
-        lease = m.get("lease")
+    for m in monitor_entries(await c.get_list("/monitors"), "the answer to GET /monitors"):
+        lease: dict[str, Any] = m.get("lease") or {}
         if monitors and m["name"] not in monitors:
             continue
-        if lease is None and not (monitors and lease_s and m.get("state") == "running"):
+        if not lease and not (monitors and lease_s and m.get("state") == "running"):
             continue
         length = float(lease_s or lease["lease_s"])
         await c.post(f"/monitors/{m['name']}/lease", json={"lease_s": length})
@@ -130,17 +167,19 @@ def parse_target_values(kind: str, values: list[str]) -> list[Any]:
 
 def targets(action: str, kind: str | None = None, values: list[Any] | None = None) -> Any:
     async def op(c: AgentClient) -> dict[str, Any]:
+        what = f"the answer to {action} targets"
         if action == "get":
-            result: dict[str, Any] = await c.get("/targets")
-            return result
+            return await c.get_object("/targets")
         if action == "set":
-            return dict(await c.put(f"/targets/{kind}", json=values))
+            return dict(expect(await c.put(f"/targets/{kind}", json=values), dict, what))
         if action == "add":
-            return dict(await c.post(f"/targets/{kind}", json=values))
+            return dict(expect(await c.post(f"/targets/{kind}", json=values), dict, what))
         if action == "remove":
-            result = await c.get("/targets")
+            result = await c.get_object("/targets")
             for v in values or []:
-                result = await c.delete(f"/targets/{kind}/{v}")
+                # One path segment whatever the value holds ("/", "?", "%", ...).
+                value = urllib.parse.quote(str(v), safe="", errors="surrogateescape")
+                result = expect(await c.delete(f"/targets/{kind}/{value}"), dict, what)
             return dict(result)
         raise UsageError(f"targets: unknown action {action!r}")
 
@@ -151,12 +190,23 @@ def targets(action: str, kind: str | None = None, values: list[Any] | None = Non
 def stats(monitor: str | None, limit: int | None = None, sort: str | None = None) -> Any:
     async def op(c: AgentClient) -> dict[str, Any]:
         if monitor is None:
-            return dict((await c.get("/stats")).get("monitors", {}))
+            return stats_entries(await c.get_object("/stats"), "the answer to GET /stats")
         # The whole syscall table (a few hundred rows at most): the fleet-wide top list
         # is summed over every host's full table, not over each host's top N.
         limit_ = None if monitor == "syscall" else limit
         params = {k: v for k, v in (("limit", limit_), ("sort", sort)) if v is not None}
-        return {monitor: await c.get(f"/monitors/{monitor}/stats", params=params)}
+        path = f"/monitors/{monitor}/stats"
+        result = await c.get_object(path, params=params)
+        if monitor == "syscall":
+            what = f"the answer to GET {path}"
+            rows = expect(result.get("syscalls") or [], list, f"{what}.syscalls")
+            for i, row in enumerate(rows):
+                row = expect(row, dict, f"{what}.syscalls[{i}]")
+                member(row, "name", str, f"{what}.syscalls[{i}]")
+                for key in ("count", "errors", "total_ns"):
+                    if row.get(key) is not None:
+                        member(row, key, int, f"{what}.syscalls[{i}]")
+        return {monitor: result}
 
     return op
 
@@ -233,7 +283,7 @@ def load_state_file(path: Path) -> dict[str, Any]:
 def diff(desired: dict[str, Any]) -> Any:
     async def op(c: AgentClient) -> list[dict[str, Any]]:
         r = await c.put("/state", json=desired, params={"dry_run": "true"})
-        return list(r["changes"])
+        return changes_of(r, "the answer to PUT /state?dry_run=true")
 
     return op
 
@@ -244,13 +294,31 @@ def apply(desired: dict[str, Any]) -> Any:
 
     async def op(c: AgentClient) -> list[dict[str, Any]]:
         current = await c.request("GET", "/state")
-        r = await c.put("/state", json=desired, headers={"If-Match": current.headers["etag"]})
-        return list(r["changes"])
+        etag = current.headers.get("etag")
+        if not etag:
+            raise BadAnswer("bad answer: GET /state has no ETag header")
+        r = await c.put("/state", json=desired, headers={"If-Match": etag})
+        return changes_of(r, "the answer to PUT /state")
 
     return op
 
 
+def changes_of(answer: Any, what: str) -> list[dict[str, Any]]:
+    changes = member(expect(answer, dict, what), "changes", list, what)
+    for i, ch in enumerate(changes):
+        member(expect(ch, dict, f"{what}.changes[{i}]"), "action", str,
+               f"{what}.changes[{i}]")
+    return list(changes)
+
+
 def describe_change(ch: dict[str, Any]) -> str:
+    try:
+        return _describe_change(ch)
+    except (KeyError, TypeError, AttributeError):  # an odd change: shown as it came
+        return json.dumps(ch, default=str)
+
+
+def _describe_change(ch: dict[str, Any]) -> str:
     action = ch.get("action")
     if action == "start":
         opts = ", ".join(f"{k}={json.dumps(v)}" for k, v in ch.get("options", {}).items())

@@ -14,9 +14,13 @@ def read_yaml_mapping(path: Path, error: type[Exception], *, required: str,
     """The mapping in ``path`` (YAML or JSON), which must hold ``required`` as a
     ``required_type`` and no key beyond ``allowed``; raises ``error`` otherwise."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deep") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get(required), required_type):

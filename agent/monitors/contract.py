@@ -35,9 +35,11 @@ class MonitorError(Exception):
 
 
 class MonitorOptions(BaseModel):
-    """Base of every monitor's options: unknown keys are errors."""
+    """Base of every monitor's options: unknown keys are errors, and values must have the
+    declared JSON type (strict: ``true`` is not 1, ``"5"`` is not 5, ``"yes"`` is not
+    true), as the targets are checked."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MonitorStatsQuery(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -226,3 +227,48 @@ def test_a_real_exec_reaches_nats(tmp_path: Path, kernel: None) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_buffered_never_exceeds_capacity_and_last_error_clears(tmp_path: Path) -> None:
+    """A batch in flight is part of the buffer: with the server frozen (acknowledgements
+    never come) the exporter holds exactly its capacity, not capacity + a batch; the
+    error of the outage is gone once it reconnected."""
+    from agent.config import NatsExportSettings
+    from agent.export.nats import NatsExporter
+
+    with nats_server(tmp_path) as server:
+        cfg = NatsExportSettings(enabled=True, url=server.url, buffer=50, batch=20,
+                                 publish_timeout_s=1, reconnect_min_s=0.1,
+                                 reconnect_max_s=0.3)
+        exporter = NatsExporter(cfg, "h")
+        exporter.start()
+        assert server.proc is not None
+        try:
+            wait_for(lambda: exporter.connected)
+            server.proc.send_signal(signal.SIGSTOP)
+            for n in range(20):
+                exporter.offer("fake", b'{"monitor":"fake","n":%d}' % n)
+            # The first batch went out and timed out: it is held in flight.
+            wait_for(lambda: exporter.last_error is not None)
+            for n in range(20, 500):
+                exporter.offer("fake", b'{"monitor":"fake","n":%d}' % n)
+            frozen = exporter.stats()
+            assert frozen["buffered"] == frozen["capacity"] == 50, frozen
+            assert frozen["dropped_buffer_full"] == 450
+            assert frozen["produced"] == 500 == (frozen["published"] + frozen["dropped"]
+                                                 + frozen["buffered"])
+            assert frozen["last_error"]
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: exporter.stats()["published"] == 50, timeout=60)
+        settled = exporter.stats()
+        assert (settled["buffered"], settled["connected"], settled["last_error"]) == (
+            0, True, None), settled
+        exporter.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -271,3 +271,99 @@ class TcpProxy:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+# -- hostile agents ----------------------------------------------------------------------
+Responder = Any  # (method, path, socket) -> None: writes whatever it likes, then returns
+
+
+class HostileAgent:
+    """A fake agent that answers every request with what ``respond(method, path, conn)``
+    writes on the socket (a huge body, a line with no newline, garbage, ...); it counts
+    the requests per path. Each connection is served by its own thread; one request per
+    connection (the socket is closed after ``respond`` returns)."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.requests: dict[str, int] = {}
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            method, target = head.split(b" ", 2)[:2]
+            path = target.decode().split("?")[0]
+            with self._lock:
+                self.requests[path] = self.requests.get(path, 0) + 1
+            self.respond(method.decode(), path, conn)
+
+
+def send_forever(conn: socket.socket, head: bytes, chunk: bytes, seconds: float = 60) -> None:
+    """``head``, then ``chunk`` again and again until the peer hangs up (or ``seconds``)."""
+    conn.sendall(head)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn.sendall(chunk)
+
+
+def http_answer(status: str, body: bytes, ctype: str = "application/json",
+                headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n{extra}\r\n").encode() + body
+
+
+@contextlib.contextmanager
+def hostile_agent(respond: Responder) -> Iterator[HostileAgent]:
+    agent = HostileAgent(respond)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def agentctl_max_rss(*args: str, timeout: float = 120
+                     ) -> tuple[subprocess.CompletedProcess[str], int]:
+    """ebpf-agentctl run under a small wrapper that reports its peak RSS (kB, from
+    getrusage of the waited-for child): the run's result and that figure."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:])\n"
+               "sys.stderr.write(f'\\nMAXRSS {resource.getrusage(resource.RUSAGE_CHILDREN)"
+               ".ru_maxrss}\\n')\n"
+               "sys.exit(r.returncode)\n")
+    r = subprocess.run([sys.executable, "-c", wrapper, str(AGENTCTL), *args],
+                       capture_output=True, text=True, timeout=timeout)
+    lines = r.stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith("MAXRSS "), r.stderr
+    rss = int(lines[-1].split()[1])
+    r.stderr = "\n".join(lines[:-1]).rstrip("\n") + "\n"
+    return r, rss

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, HTTPException
 
 from agent.api.deps import ManagerDep
-from agent.api.errors import call, validation_detail
+from agent.api.errors import http_errors, validation_detail
 from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
-from agent.core.manager import MonitorManager
+from agent.core.commands import ReadTargets, SetFollowChildren, TargetOp
+from agent.core.manager import MonitorManager, target_command
 
 router = APIRouter(prefix="/targets", tags=["targets"], responses=ERROR_RESPONSES)
 Kind = Literal["pids", "uids", "comms"]
@@ -19,7 +20,9 @@ ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^
 
 @router.get("", response_model=Targets, summary="the targets as the kernel maps hold them")
 async def get_targets(manager: ManagerDep) -> dict[str, Any]:
-    return await call(manager.targets)
+    with http_errors():
+        result: dict[str, Any] = await manager.execute_async(ReadTargets())
+    return result
 
 
 # Declared before /{kind}: "follow_children" is not a kind.
@@ -29,8 +32,10 @@ async def put_follow_children(
                                            "followed in the kernel")],
     manager: ManagerDep,
 ) -> dict[str, Any]:
-    await call(manager.set_follow_children, follow)
-    return await call(manager.targets)
+    with http_errors():
+        await manager.execute_async(SetFollowChildren(follow))
+        result: dict[str, Any] = await manager.execute_async(ReadTargets())
+    return result
 
 
 @router.put("/{kind}", response_model=Targets, responses=errors(422),
@@ -56,7 +61,8 @@ async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str
     return await _update(manager, kind, "remove", [parsed])
 
 
-async def _update(manager: MonitorManager, kind: Kind, op: str, values: list[Any]) -> Any:
-    await call(manager.update_targets, kind, op, values)
-    # Answer with what the kernel maps now hold, not with what was asked for.
-    return await call(manager.targets)
+async def _update(manager: MonitorManager, kind: Kind, op: TargetOp, values: list[Any]) -> Any:
+    with http_errors():
+        await manager.execute_async(target_command(kind, op, values))
+        # Answer with what the kernel maps now hold, not with what was asked for.
+        return await manager.execute_async(ReadTargets())

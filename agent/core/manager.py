@@ -89,7 +89,7 @@ POLL_TIMEOUT_MS = 100
 TICK_S = 0.25  # the control thread's timer: rates, periodic(), snapshots, leases, pollers
 RATE_WINDOW_S = 1.0
 STOP_JOIN_S = 2.0  # a poller returns within one bounded consume call once asked to stop
-COMMAND_TIMEOUT_S = 120.0  # a caller gives up waiting (503); the command still runs
+COMMAND_TIMEOUT_S = 120.0  # a caller gives up (503); a command not begun by then is skipped
 # Above this many events/s the delivery latency histogram samples one event in
 # LATENCY_SAMPLE_FAST (cost per observed event: bench/latency_histogram.py).
 LATENCY_SAMPLE_ABOVE_RATE = 2000

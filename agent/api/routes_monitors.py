@@ -27,16 +27,14 @@ router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPON
             summary="every registered monitor with its state")
 async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
     with http_errors():
-        result: list[dict[str, Any]] = await manager.execute_async(ListMonitors())
-    return result
+        return await manager.execute_async(ListMonitors())
 
 
 @router.get("/{name}", response_model=MonitorInfo, response_model_exclude_unset=True,
             responses=errors(404))
 async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
-        result: dict[str, Any] = await manager.execute_async(DescribeMonitor(name))
-    return result
+        return await manager.execute_async(DescribeMonitor(name))
 
 
 @router.post("/{name}/start", response_model=MonitorInfo, response_model_exclude_unset=True,
@@ -64,8 +62,7 @@ async def start_monitor(
                 configured = settings.monitors.get(name)
                 options = dict(configured.options) if configured else {}
         command = Start(name, manager.parse_options(name, options), lease_s)
-        result: dict[str, Any] = await manager.execute_async(command)
-    return result
+        return await manager.execute_async(command)
 
 
 @router.post("/{name}/lease", response_model=MonitorInfo, response_model_exclude_unset=True,
@@ -77,16 +74,14 @@ async def renew_lease(name: str, body: LeaseRequest, manager: ManagerDep) -> dic
         raise HTTPException(422, validation_detail(
             f"lease_s: {body.lease_s} is outside 1..{int(MAX_LEASE_S)}", ("body", "lease_s")))
     with http_errors():
-        result: dict[str, Any] = await manager.execute_async(RenewLease(name, body.lease_s))
-    return result
+        return await manager.execute_async(RenewLease(name, body.lease_s))
 
 
 @router.post("/{name}/stop", response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404), summary="stop (idempotent): detaches every probe")
 async def stop_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
-        result: dict[str, Any] = await manager.execute_async(Stop(name))
-    return result
+        return await manager.execute_async(Stop(name))
 
 
 @router.get("/{name}/stats", response_model=MonitorStats, responses=errors(404, 422),
@@ -132,5 +127,4 @@ async def _read_stats(manager: MonitorManager, name: str, query: dict[str, Any]
                       ) -> dict[str, Any]:
     with http_errors(checks_input=True):
         command = ReadStats(name, manager.parse_stats_query(name, query))
-        result: dict[str, Any] = await manager.execute_async(command)
-    return result
+        return await manager.execute_async(command)

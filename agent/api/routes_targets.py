@@ -21,8 +21,7 @@ ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^
 @router.get("", response_model=Targets, summary="the targets as the kernel maps hold them")
 async def get_targets(manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
-        result: dict[str, Any] = await manager.execute_async(ReadTargets())
-    return result
+        return await manager.execute_async(ReadTargets())
 
 
 # Declared before /{kind}: "follow_children" is not a kind.
@@ -34,8 +33,7 @@ async def put_follow_children(
 ) -> dict[str, Any]:
     with http_errors():
         await manager.execute_async(SetFollowChildren(follow))
-        result: dict[str, Any] = await manager.execute_async(ReadTargets())
-    return result
+        return await manager.execute_async(ReadTargets())
 
 
 @router.put("/{kind}", response_model=Targets, responses=errors(422),

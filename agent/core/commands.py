@@ -12,37 +12,39 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from agent.model.targets import TargetKind, TargetSet
-from agent.monitors.contract import MonitorOptions
+from agent.monitors.contract import MetricSeries, MonitorOptions
 
 TargetOp = Literal["replace", "add", "remove"]
+R = TypeVar("R", covariant=True)  # what the command answers
+Info = dict[str, Any]  # a monitor's state, options and lease (MonitorInfo in the API)
 
 
 @dataclass(frozen=True)
-class Command:
+class Command(Generic[R]):
     # A ValueError it raises is bad input (422, exit 2), not a bug (failures.failure_of).
     checks_input: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class ListMonitors(Command):
+class ListMonitors(Command[list[Info]]):
     """Every registered monitor: state, options, lease."""
 
 
 @dataclass(frozen=True)
-class DescribeMonitor(Command):
+class DescribeMonitor(Command[Info]):
     name: str
 
 
 @dataclass(frozen=True)
-class ListRunning(Command):
+class ListRunning(Command[list[str]]):
     """The names of the running monitors."""
 
 
 @dataclass(frozen=True)
-class Start(Command):
+class Start(Command[Info]):
     """Start, or apply new options to a running monitor. With ``lease_s`` it stops by
     itself after that many seconds unless renewed; without, an existing lease is kept."""
 
@@ -53,17 +55,17 @@ class Start(Command):
 
 
 @dataclass(frozen=True)
-class Stop(Command):
+class Stop(Command[Info]):
     name: str
 
 
 @dataclass(frozen=True)
-class StopAll(Command):
+class StopAll(Command[None]):
     """Shutdown: every monitor stopped, late pollers waited for."""
 
 
 @dataclass(frozen=True)
-class RenewLease(Command):
+class RenewLease(Command[Info]):
     """``lease_s`` more seconds; None removes the lease (runs until stopped)."""
 
     name: str
@@ -71,24 +73,24 @@ class RenewLease(Command):
 
 
 @dataclass(frozen=True)
-class ReadTargets(Command):
+class ReadTargets(Command[dict[str, Any]]):
     """The targets as the kernel maps hold them (the stored set when no monitor runs)."""
 
 
 @dataclass(frozen=True)
-class SetTargets(Command):
+class SetTargets(Command[dict[str, Any]]):
     kind: TargetKind
     op: TargetOp
     values: frozenset[int | str]
 
 
 @dataclass(frozen=True)
-class SetFollowChildren(Command):
+class SetFollowChildren(Command[dict[str, Any]]):
     follow: bool
 
 
 @dataclass(frozen=True)
-class ReadStats(Command):
+class ReadStats(Command[dict[str, Any]]):
     """One monitor's counters and stats(query)."""
 
     checks_input: ClassVar[bool] = True  # stats() refuses unknown sort keys
@@ -97,22 +99,22 @@ class ReadStats(Command):
 
 
 @dataclass(frozen=True)
-class ReadCounters(Command):
+class ReadCounters(Command[dict[str, dict[str, Any]]]):
     """Every monitor's counters."""
 
 
 @dataclass(frozen=True)
-class ReadMetricSeries(Command):
+class ReadMetricSeries(Command[dict[str, list[MetricSeries]]]):
     """The Prometheus series of every running monitor."""
 
 
 @dataclass(frozen=True)
-class ReadState(Command):
+class ReadState(Command[tuple[dict[str, Any], str]]):
     """The state document (running monitors' options, targets) and its ETag."""
 
 
 @dataclass(frozen=True)
-class ApplyState(Command):
+class ApplyState(Command[tuple[dict[str, Any], str, list[dict[str, Any]]]]):
     """Make the running monitors and the targets match, all or nothing."""
 
     checks_input: ClassVar[bool] = True

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -85,6 +85,7 @@ from agent.monitors.contract import (
 from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 POLL_TIMEOUT_MS = 100
 TICK_S = 0.25  # the control thread's timer: rates, periodic(), snapshots, leases, pollers
 RATE_WINDOW_S = 1.0
@@ -183,7 +184,7 @@ class MonitorManager:
         # Told of each expiry (monitor name, lease_s, expiry time ISO 8601), on the control
         # thread; the API records it in its audit log.
         self.lease_expired_hook: Callable[[str, float, str], None] | None = None
-        self._commands: queue.Queue[tuple[Command, Reply] | None] = queue.Queue()
+        self._commands: queue.Queue[tuple[Command[Any], Reply] | None] = queue.Queue()
         # Stopped monitors whose poller did not end in time: freed once it has.
         self._stuck: list[Running] = []
         self._thread = threading.Thread(target=self._control_loop, name="bpf-control", daemon=True)
@@ -192,29 +193,29 @@ class MonitorManager:
         self._thread.start()
 
     # -- sending commands (any thread) ---------------------------------------------------
-    def _send(self, command: Command, reply: Reply) -> None:
+    def _send(self, command: Command[Any], reply: Reply) -> None:
         if self._closed:
             reply.set_exception(ManagerClosed())
         else:
             self._commands.put((command, reply))
 
-    def execute(self, command: Command, timeout: float | None = COMMAND_TIMEOUT_S) -> Any:
+    def execute(self, command: Command[R], timeout: float | None = COMMAND_TIMEOUT_S) -> R:
         """Runs ``command`` on the control thread and waits (not on the event loop)."""
         reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._send(command, reply)
         try:
-            return reply.result(timeout)
+            return cast(R, reply.result(timeout))
         except concurrent.futures.TimeoutError:
             reply.cancel()
             raise CommandTimeout() from None
 
-    async def execute_async(self, command: Command,
-                            timeout: float | None = COMMAND_TIMEOUT_S) -> Any:
+    async def execute_async(self, command: Command[R],
+                            timeout: float | None = COMMAND_TIMEOUT_S) -> R:
         """The same, awaited on the event loop: no pool thread waits for the answer."""
         reply = AsyncReply(asyncio.get_running_loop())
         self._send(command, reply)
         try:
-            return await asyncio.wait_for(reply.future, timeout)
+            return cast(R, await asyncio.wait_for(reply.future, timeout))
         except TimeoutError:
             raise CommandTimeout() from None
 
@@ -244,7 +245,7 @@ class MonitorManager:
             else:
                 reply.set_result(result)
 
-    def _dispatch(self, command: Command) -> Any:
+    def _dispatch(self, command: Command[Any]) -> Any:
         """Every command, in one place (control thread)."""
         match command:
             case ListMonitors():
@@ -359,45 +360,35 @@ class MonitorManager:
 
     # -- blocking shorthands (CLI, tests, the metrics scrape) ------------------------
     def start_monitor(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.execute(Start(name, self.parse_options(name, options)))
-        return result
+        return self.execute(Start(name, self.parse_options(name, options)))
 
     def stop_monitor(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.execute(Stop(name))
-        return result
+        return self.execute(Stop(name))
 
     def monitors(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.execute(ListMonitors())
-        return result
+        return self.execute(ListMonitors())
 
     def monitor_info(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.execute(DescribeMonitor(name))
-        return result
+        return self.execute(DescribeMonitor(name))
 
     def running(self) -> list[str]:
-        result: list[str] = self.execute(ListRunning())
-        return result
+        return self.execute(ListRunning())
 
     def targets(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.execute(ReadTargets())
-        return result
+        return self.execute(ReadTargets())
 
     def update_targets(self, kind: TargetKind, op: TargetOp, values: Any) -> dict[str, Any]:
         """Validation errors raise TargetError (422) and change nothing."""
-        result: dict[str, Any] = self.execute(target_command(kind, op, values))
-        return result
+        return self.execute(target_command(kind, op, values))
 
     def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self.execute(
-            ReadStats(name, self.parse_stats_query(name, query)))
-        return result
+        return self.execute(ReadStats(name, self.parse_stats_query(name, query)))
 
     def stats(self) -> dict[str, Any]:
         return {"agent": process_figures(self._started), "monitors": self.execute(ReadCounters())}
 
     def monitor_metrics(self) -> dict[str, list[MetricSeries]]:
-        result: dict[str, list[MetricSeries]] = self.execute(ReadMetricSeries())
-        return result
+        return self.execute(ReadMetricSeries())
 
     @property
     def leases_expired(self) -> Mapping[str, int]:

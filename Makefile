@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/syscall_cost.py
 	$(PY) bench/startup.py
 	$(PY) bench/api_limits.py
+	$(PY) bench/decode.py
 
 # The container image without a Docker daemon: debootstrap base + buildah bud
 # (scripts/build-image.sh; storage in build/image). install.sh installs buildah/debootstrap.

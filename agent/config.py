@@ -59,26 +59,39 @@ class ApiSettings(Section):
     trusted_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]
     cors_origins: list[str] = Field(default_factory=list)
     shutdown_timeout_s: float = Field(5.0, gt=0, le=60)
-    # -- authentication (agent/api/auth.py) --
+    # -- authentication (agent/api/access/) --
     # "token": every endpoint but /health and /ui needs a token (with none configured,
     # one is generated into runtime_dir at start-up); "none": open, loopback only.
     auth: Literal["token", "none"] = "token"
     runtime_dir: Path = Path("/run/ebpf-agent")  # generated token + curl header file
     session_ttl_s: float = Field(8 * 3600.0, gt=0, le=30 * 86400)
+    # Full stores refuse new entries (503), a token over its quota gets 429: nobody's
+    # session or ticket is evicted to make room.
     max_sessions: int = Field(1024, ge=1, le=1_000_000)
+    max_sessions_per_token: int = Field(64, ge=1, le=1_000_000)
     ticket_ttl_s: float = Field(30.0, gt=0, le=3600)
     max_tickets: int = Field(4096, ge=1, le=1_000_000)
+    max_tickets_per_token: int = Field(256, ge=1, le=1_000_000)
     audit_entries: int = Field(1000, ge=1, le=1_000_000)  # the in-memory ring of GET /audit
+    # Refused requests (401, 403) have their own ring: they never evict accepted ones.
+    audit_refused_entries: int = Field(1000, ge=1, le=1_000_000)
     # Failed logins per address per minute answered at full speed; later ones are delayed.
     login_failures_per_minute: int = Field(5, ge=1, le=10_000)
+    # Logins of one address handled at once; more get 429.
+    logins_in_flight_per_client: int = Field(4, ge=1, le=1000)
     docs: bool = True  # /docs, /redoc, /openapi.json (behind the token like the rest)
     # -- limits on what a client may make the agent hold (before authentication too) --
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024**3)
     max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024**2)  # request line + headers
-    header_timeout_s: float = Field(10.0, gt=0, le=600)  # to finish a request's headers
+    # To finish a request's headers; for a request without credentials (the login),
+    # to finish its headers and body.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(10.0, gt=0, le=600)  # to receive a body after the headers
     keepalive_timeout_s: float = Field(5.0, gt=0, le=600)  # idle between requests
-    # Open connections at most (capped below RLIMIT_NOFILE at start-up); over it, the
-    # oldest connection still sending its headers is closed first.
+    # Open connections at most (capped below RLIMIT_NOFILE at start-up). Connections not
+    # yet authenticated may take all but a tenth (kept for authenticated callers); over
+    # either limit the oldest unauthenticated connection is closed (408), whatever it is
+    # doing, and a warning is logged (at most every 10 s).
     max_connections: int = Field(1000, ge=8, le=1_000_000)
 
 
@@ -236,6 +249,8 @@ class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
     audit_file: Path | None = None  # JSON lines, one per state-changing API request
+    # Rotated past this size (the previous file kept as <audit_file>.1).
+    audit_file_max_bytes: int = Field(64 * 1024**2, ge=64 * 1024, le=1024**4)
 
 
 class TokenConfig(Section):

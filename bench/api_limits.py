@@ -134,7 +134,7 @@ def verify_cost(n: int = 100_000) -> float:
     """Microseconds per bearer check (SHA-256, then a constant-time compare with every
     configured token), in-process: the gate's own cost, free of HTTP and machine noise."""
     sys.path.insert(0, str(REPO))
-    from agent.api.auth import TokenStore
+    from agent.api.access.principal import TokenStore
     from agent.config import Settings
 
     store = TokenStore.from_settings(Settings(tokens=[

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -20,13 +20,14 @@ from agent.api import (
     routes_targets,
     routes_ui,
 )
-from agent.api.auth import TokenStore
+from agent.api.access.audit import AuditTrail
+from agent.api.access.gate import AuthGate
+from agent.api.access.origin import RequestGuard
+from agent.api.access.principal import TokenStore
 from agent.api.deps import AppContext
 from agent.api.errors import SafeJSONResponse, request_validation_error
-from agent.api.gate import AuthGate
 from agent.api.metrics import AgentCollector, RequestDuration
 from agent.api.schemas import add_monitor_components
-from agent.api.security import RequestGuard, require_token
 from agent.config import Settings
 from agent.kernel.capabilities import CapabilityReport
 from agent.monitors.registry import MonitorRegistry, discover_monitors
@@ -37,7 +38,8 @@ Every endpoint but `/health` and the `/ui` page needs `Authorization: Bearer <to
 (a token from the config, or the one generated into `api.runtime_dir`), or the session
 cookie of `POST /auth/session`, or (streams only) a ticket of `POST /events/tickets`.
 A `read` token may read, stream, log in and make tickets; everything that changes state
-needs a `control` token (403 otherwise). With `api.auth: none` (loopback only) nothing is
+needs a `control` token (403 otherwise): each operation's security requirement names the
+scope it needs. With `api.auth: none` (loopback only) nothing is
 required. The gate authenticates before it reads a body; bodies are capped at
 `api.max_body_bytes` (413). Errors are `{"detail": ...}`; a 422's detail is a list of
 `{loc, msg, type}`.
@@ -92,16 +94,16 @@ def create_app(
     app.state.ctx = ctx
     ctx.metrics.register(AgentCollector(ctx))
     _add_middleware(app, settings, ctx)
-    auth = [Depends(require_token)]
+    # Each route declares the scope it needs (agent/api/access/scopes.py).
     app.include_router(routes_system.public)
     app.include_router(routes_ui.router)
     app.include_router(routes_auth.public)
-    app.include_router(routes_auth.router, dependencies=auth)
-    app.include_router(routes_system.router, dependencies=auth)
-    app.include_router(routes_monitors.router, dependencies=auth)
-    app.include_router(routes_targets.router, dependencies=auth)
-    app.include_router(routes_state.router, dependencies=auth)
-    app.include_router(routes_events.router, dependencies=auth)
+    app.include_router(routes_auth.router)
+    app.include_router(routes_system.router)
+    app.include_router(routes_monitors.router)
+    app.include_router(routes_targets.router)
+    app.include_router(routes_state.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_events.ws_router)
     add_monitor_components(app, ctx.registry)
     return app
@@ -109,8 +111,8 @@ def create_app(
 
 def _add_middleware(app: FastAPI, settings: Settings, ctx: AppContext) -> None:
     api = settings.api
-    # Added last = outermost: host and origin checks, then authentication (before any
-    # body is read), then CORS and the routes.
+    # Added last = outermost: host and origin checks, the audit trail, authentication
+    # (before any body is read), then CORS and the routes.
     if api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -119,6 +121,7 @@ def _add_middleware(app: FastAPI, settings: Settings, ctx: AppContext) -> None:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
     app.add_middleware(AuthGate, ctx=ctx)
+    app.add_middleware(AuditTrail, audit=ctx.audit)
     trusted = [*api.trusted_hosts, api.host]
     app.add_middleware(RequestGuard, trusted_hosts=trusted, origins=api.cors_origins)
     # Outermost: refusals by the guard (403, 400) are timed too.

@@ -15,8 +15,10 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
-from agent.api.audit import AuditLog
-from agent.api.auth import LoginLimiter, SessionStore, TicketStore, TokenStore
+from agent.api.access.audit import AuditLog
+from agent.api.access.logins import LoginLimiter
+from agent.api.access.principal import TokenStore
+from agent.api.access.sessions import SessionStore, TicketStore
 from agent.config import Settings
 from agent.core import memory
 from agent.core.agent import Agent
@@ -54,10 +56,16 @@ class AppContext:
 
     def __post_init__(self) -> None:
         api = self.settings.api
-        self.sessions = SessionStore(api.session_ttl_s, api.max_sessions, time.monotonic)
-        self.tickets = TicketStore(api.ticket_ttl_s, api.max_tickets, time.monotonic)
-        self.audit = AuditLog(api.audit_entries, self.settings.logging.audit_file)
-        self.logins = LoginLimiter(api.login_failures_per_minute)
+        self.sessions = SessionStore(api.session_ttl_s, api.max_sessions, time.monotonic,
+                                     api.max_sessions_per_token)
+        self.tickets = TicketStore(api.ticket_ttl_s, api.max_tickets, time.monotonic,
+                                   api.max_tickets_per_token)
+        logging_ = self.settings.logging
+        self.audit = AuditLog(api.audit_entries, logging_.audit_file,
+                              refused_capacity=api.audit_refused_entries,
+                              max_file_bytes=logging_.audit_file_max_bytes)
+        self.logins = LoginLimiter(api.login_failures_per_minute,
+                                   max_in_flight=api.logins_in_flight_per_client)
 
     @property
     def open(self) -> bool:

@@ -18,6 +18,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.core.latency import LatencyHistogram
@@ -73,6 +74,23 @@ def _auth(ctx: AppContext) -> Iterator[Metric]:
     yield CounterMetricFamily("ebpf_agent_audit_write_errors",
                               "audit entries that could not be written to the audit file",
                               value=ctx.audit.write_errors)
+    not_written = CounterMetricFamily(
+        "ebpf_agent_audit_not_written", "audit entries not written to the audit file: "
+        "write_error, or rate_limited (refused requests over the per-minute allowance)",
+        labels=["reason"])
+    for reason, n in sorted(ctx.audit.not_written.items()):
+        not_written.add_metric([reason], float(n))
+    yield not_written
+    yield CounterMetricFamily("ebpf_agent_audit_rotations", "times the audit file was "
+                              "rotated (logging.audit_file_max_bytes)",
+                              value=ctx.audit.rotations)
+    refused = CounterMetricFamily(
+        "ebpf_agent_access_refused", "sessions and tickets refused (a token over its quota "
+        "or a full store), logins refused for too many in progress", labels=["kind"])
+    refused.add_metric(["session"], float(ctx.sessions.refused))
+    refused.add_metric(["ticket"], float(ctx.tickets.refused))
+    refused.add_metric(["login_in_flight"], float(ctx.logins.too_many))
+    yield refused
 
 
 def _leases(expired: dict[str, int], names: list[str]) -> Iterator[Metric]:
@@ -210,5 +228,26 @@ class RequestDuration:
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route: Any = scope.get("route")
+        if route is None:  # refused before the router (gate, guard): label it all the same
+            app = scope.get("app")
+            route = _find_route(getattr(getattr(app, "router", None), "routes", ()), scope)
         template = getattr(route, "path", None) or "other"
         self.histogram.labels(scope["method"], template, str(status)).observe(seconds)
+
+
+def _find_route(routes: Any, scope: Scope) -> Any:
+    """The route a request would have gone to (its template labels the histogram)."""
+    for route in routes:
+        # FastAPI wraps an included router (all ours are included without a prefix).
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None:
+            if (found := _find_route(inner, scope)) is not None:
+                return found
+            continue
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route type that cannot match this scope
+            continue
+        if match is Match.FULL:
+            return route
+    return None

@@ -1,5 +1,5 @@
 """Prints the OpenAPI document of the app: ``make openapi`` writes openapi/openapi.json,
-and tests/test_api_openapi.py fails when the committed file differs from the app."""
+and tests/api/test_openapi.py fails when the committed file differs from the app."""
 
 from __future__ import annotations
 

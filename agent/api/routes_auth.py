@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from agent.api.access.audit import AUDIT_KEY
+from agent.api.access.gate import COOKIE
+from agent.api.access.principal import Principal, client_host
+from agent.api.access.scopes import needs
+from agent.api.access.sessions import StoreFull
 from agent.api.deps import ContextDep, SettingsDep
-from agent.api.gate import AUDIT_KEY, COOKIE, client_host, principal_of
 from agent.api.models import ERROR_RESPONSES, ErrorBody, errors
+from agent.model.filters import StreamFilters
 
 public = APIRouter(tags=["auth"])
 router = APIRouter(tags=["auth"], responses=ERROR_RESPONSES)
@@ -30,18 +35,10 @@ class Session(BaseModel):
     expires_s: float | None = Field(None, description="seconds until the session expires")
 
 
-class TicketRequest(BaseModel):
-    """The stream filters the ticket is fixed to (absent: every event)."""
-
-    model_config = ConfigDict(extra="forbid")
-    monitor: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list,
-                                                                max_length=64)
-    pid: list[Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]] = Field(
-        default_factory=list, max_length=1024)
-    uid: list[Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]] = Field(
-        default_factory=list, max_length=1024)
-    comm: list[Annotated[str, Field(min_length=1, max_length=15)]] = Field(
-        default_factory=list, max_length=256)
+ReadPrincipal = Annotated[Principal, Depends(needs("read"))]
+FULL: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorBody, "description": "this token holds its quota already"},
+    503: {"model": ErrorBody, "description": "the store is full"}}
 
 
 class Ticket(BaseModel):
@@ -66,7 +63,11 @@ class AuditLogBody(BaseModel):
 
 @public.post("/auth/session", response_model=Session,
              responses={401: {"model": ErrorBody, "description": "wrong token"},
-                        422: {"model": ErrorBody, "description": "malformed or oversize"}},
+                        422: {"model": ErrorBody, "description": "malformed or oversize"},
+                        429: {"model": ErrorBody, "description": "this address has "
+                              "api.logins_in_flight_per_client logins in progress, or the "
+                              "token holds api.max_sessions_per_token sessions"},
+                        503: {"model": ErrorBody, "description": "the session store is full"}},
              summary="log in: sets an HttpOnly session cookie (not the token)")
 async def login(body: Login, request: Request, response: Response, ctx: ContextDep) \
         -> dict[str, Any]:
@@ -74,16 +75,26 @@ async def login(body: Login, request: Request, response: Response, ctx: ContextD
     if ctx.open:
         return {"name": "anonymous", "scope": "control", "via": "open", "auth": "none"}
     address = client_host(request.scope)
-    delay = ctx.logins.delay(address)
-    if delay:
-        await asyncio.sleep(delay)  # a burst of failures is slowed down, never sped up
-    who = ctx.tokens.verify(body.token)
+    attempt = ctx.logins.begin(address)  # counted as a failure before any wait
+    if attempt is None:
+        raise HTTPException(429, "too many logins in progress from this address "
+                                 "(api.logins_in_flight_per_client)")
+    delay, mark = attempt
+    try:
+        if delay:
+            await asyncio.sleep(delay)  # a burst of failures is slowed down, never sped up
+        who = ctx.tokens.verify(body.token)
+    finally:
+        ctx.logins.end(address)
     if who is None:
-        ctx.logins.failed(address)
         ctx.auth_failed("login")
         raise HTTPException(401, "wrong token", headers={"WWW-Authenticate": "Bearer"})
+    ctx.logins.succeeded(address, mark)
     request.scope[AUDIT_KEY]["token"] = who.name
-    session_id = ctx.sessions.create(who)
+    try:
+        session_id = ctx.sessions.create(who)
+    except StoreFull as e:
+        raise HTTPException(e.status, e.detail) from None
     response.set_cookie(
         COOKIE, session_id, max_age=int(api.session_ttl_s), path="/", httponly=True,
         samesite="strict", secure=api.tls_certfile is not None,
@@ -94,18 +105,15 @@ async def login(body: Login, request: Request, response: Response, ctx: ContextD
 
 @router.get("/auth/session", response_model=Session, response_model_exclude_none=True,
             summary="who am I: the caller's token name and scope")
-async def whoami(request: Request, ctx: ContextDep) -> dict[str, Any]:
-    who = principal_of(request.scope)
-    assert who is not None  # the gate let it in
+async def whoami(who: ReadPrincipal, ctx: ContextDep) -> dict[str, Any]:
     return {"name": who.name, "scope": who.scope, "via": who.via,
             "auth": "none" if ctx.open else "token"}
 
 
 @router.delete("/auth/session", status_code=204, response_class=Response,
                summary="log out: ends the session of the cookie")
-async def logout(request: Request, ctx: ContextDep, settings: SettingsDep) -> Response:
-    who = principal_of(request.scope)
-    if who is not None and who.session_id is not None:
+async def logout(who: ReadPrincipal, ctx: ContextDep, settings: SettingsDep) -> Response:
+    if who.session_id is not None:
         ctx.sessions.end(who.session_id)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
@@ -114,23 +122,22 @@ async def logout(request: Request, ctx: ContextDep, settings: SettingsDep) -> Re
 
 
 @router.post("/events/tickets", response_model=Ticket, tags=["events"],
-             responses=errors(422),
+             responses={**errors(422), **FULL},
              summary="a single-use ticket for one /events or /events/ws connection")
-async def create_ticket(request: Request, ctx: ContextDep,
-                        body: TicketRequest | None = None) -> dict[str, Any]:
-    who = principal_of(request.scope)
-    assert who is not None
-    req = body or TicketRequest()
-    filters = {k: [str(v) for v in getattr(req, k)] for k in ("monitor", "pid", "uid", "comm")
-               if getattr(req, k)}
-    ticket = ctx.tickets.create(who, filters)
+async def create_ticket(who: ReadPrincipal, ctx: ContextDep,
+                        body: StreamFilters | None = None) -> dict[str, Any]:
+    """The body: the stream filters the ticket is fixed to (absent: every event)."""
+    try:
+        ticket = ctx.tickets.create(who, body or StreamFilters())
+    except StoreFull as e:
+        raise HTTPException(e.status, e.detail) from None
     return {"ticket": ticket, "expires_s": ctx.settings.api.ticket_ttl_s}
 
 
 @router.get("/audit", response_model=AuditLogBody, responses={
     403: {"model": ErrorBody, "description": "needs a control token"}},
+    dependencies=[Depends(needs("control"))],
     summary="the latest state-changing requests (control scope)")
 async def audit(ctx: ContextDep, limit: Annotated[int | None, Query(
         ge=1, le=1_000_000, description="the newest N entries")] = None) -> dict[str, Any]:
-    # The control scope is enforced by the gate (CONTROL_READS).
     return {"entries": ctx.audit.entries(limit)}

@@ -9,16 +9,20 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from agent.api.access.origin import deny
+from agent.api.access.principal import client_address, principal_of
+from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, SettingsDep
-from agent.api.gate import principal_of
 from agent.api.models import ERROR_RESPONSES
-from agent.api.security import deny
+from agent.model.filters import StreamFilters
 from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
 from agent.stream.wire import sse_chunk, ws_array, ws_messages
 
@@ -28,25 +32,33 @@ ws_router = APIRouter(tags=["events"])  # not in OpenAPI: see events_ws
 
 
 def filters(
+    conn: HTTPConnection,
     monitor: Annotated[list[str] | None, Query(description="monitor name (repeatable)")] = None,
     pid: Annotated[list[int] | None, Query(description="process id (repeatable)")] = None,
     uid: Annotated[list[int] | None, Query(description="user id (repeatable)")] = None,
     comm: Annotated[list[str] | None, Query(description="process name (repeatable)")] = None,
 ) -> Filters:
-    return Filters(frozenset(monitor or ()), frozenset(pid or ()), frozenset(uid or ()),
-                   frozenset(comm or ()))
+    """The stream filters of the query (limits: agent/model/filters.py), or those of the
+    ticket that opened the stream (the gate checked that the query asks for no other)."""
+    who = principal_of(conn.scope)
+    if who is not None and who.filters is not None:
+        return Filters.of(who.filters)
+    try:
+        asked = StreamFilters(monitor=monitor or [], pid=pid or [], uid=uid or [],
+                              comm=comm or [])
+    except ValidationError as e:
+        errors = [{**err, "loc": ("query", *err["loc"])}
+                  for err in e.errors(include_url=False, include_context=False)]
+        if conn.scope["type"] == "websocket":
+            raise WebSocketRequestValidationError(errors) from None
+        raise RequestValidationError(errors) from None
+    return Filters.of(asked)
 
 
 FiltersDep = Annotated[Filters, Depends(filters)]
 LAST_ID = re.compile(r"[0-9]{1,18}")
 LastIdQuery = Annotated[int | None, Query(
     ge=0, le=2**63 - 1, description="resume after this id (like the Last-Event-ID header)")]
-
-
-def client_of(conn: HTTPConnection) -> str:
-    if conn.client is None:
-        return "unix"
-    return f"{conn.client.host}:{conn.client.port}"
 
 
 def resume_from(header: str | None, query: int | None) -> int | None:
@@ -62,7 +74,7 @@ def resume_from(header: str | None, query: int | None) -> int | None:
 def subscribe(hub: EventHub, kind: str, conn: HTTPConnection, f: Filters,
               last_id: int | None) -> Subscriber:
     try:
-        return hub.subscribe(kind, f, client_of(conn), last_id)
+        return hub.subscribe(kind, f, client_address(conn.scope), last_id)
     except HubFull as e:
         raise HTTPException(503, str(e)) from None
 
@@ -165,6 +177,7 @@ class SubscriberStream(Response):
 
 @router.get(
     "/events",
+    dependencies=[Depends(needs("read"))],
     summary="live events as Server-Sent Events",
     response_class=EventSourceResponse,
     responses={200: {"description": "id: sequence number, event: monitor name, data: the "
@@ -186,7 +199,7 @@ async def events_sse(
 
 
 # -- WebSocket ---------------------------------------------------------------------------
-@ws_router.websocket("/events/ws")
+@ws_router.websocket("/events/ws", dependencies=[Depends(needs("read"))])
 async def events_ws(
     websocket: WebSocket,
     ctx: ContextDep,
@@ -196,16 +209,14 @@ async def events_ws(
                                  "per frame (same objects as one-per-frame mode)")] = False,
 ) -> None:
     # Before accept: a refusal is an HTTP response, not a WebSocket close code. The gate
-    # authenticated the handshake (bearer, session cookie or ticket).
-    if principal_of(websocket.scope) is None:
-        await deny(websocket.scope, websocket.send, 401, "missing or invalid bearer token")
-        return
+    # authenticated the handshake (bearer, session cookie or ticket), needs("read") is
+    # the route's rule as for every other route.
     if ctx.hub is None:
         await deny(websocket.scope, websocket.send, 503, "the agent is starting")
         return
     last_id = resume_from(websocket.headers.get("last-event-id"), last_event_id)
     try:
-        sub = ctx.hub.subscribe("ws", f, client_of(websocket), last_id)
+        sub = ctx.hub.subscribe("ws", f, client_address(websocket.scope), last_id)
     except HubFull as e:
         await deny(websocket.scope, websocket.send, 503, str(e))
         return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep, SettingsDep
 from agent.api.errors import http_errors, validation_detail
 from agent.api.models import (
@@ -23,21 +24,24 @@ from agent.core.manager import MonitorManager
 router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
 
 
-@router.get("", response_model=list[MonitorInfo], response_model_exclude_unset=True,
+@router.get("", dependencies=[Depends(needs("read"))],
+            response_model=list[MonitorInfo], response_model_exclude_unset=True,
             summary="every registered monitor with its state")
 async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
     with http_errors():
         return await manager.execute_async(ListMonitors())
 
 
-@router.get("/{name}", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.get("/{name}", dependencies=[Depends(needs("read"))],
+            response_model=MonitorInfo, response_model_exclude_unset=True,
             responses=errors(404))
 async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
         return await manager.execute_async(DescribeMonitor(name))
 
 
-@router.post("/{name}/start", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/start", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404, 409, 422),
              summary="start, or apply new options to a running monitor")
 async def start_monitor(
@@ -65,7 +69,8 @@ async def start_monitor(
         return await manager.execute_async(command)
 
 
-@router.post("/{name}/lease", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/lease", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses={**errors(404, 422),
                         409: {"model": ErrorBody, "description": "the monitor is not running"}},
              summary="renew (or remove) the lease of a running monitor")
@@ -77,14 +82,16 @@ async def renew_lease(name: str, body: LeaseRequest, manager: ManagerDep) -> dic
         return await manager.execute_async(RenewLease(name, body.lease_s))
 
 
-@router.post("/{name}/stop", response_model=MonitorInfo, response_model_exclude_unset=True,
+@router.post("/{name}/stop", dependencies=[Depends(needs("control"))],
+             response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404), summary="stop (idempotent): detaches every probe")
 async def stop_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
         return await manager.execute_async(Stop(name))
 
 
-@router.get("/{name}/stats", response_model=MonitorStats, responses=errors(404, 422),
+@router.get("/{name}/stats", dependencies=[Depends(needs("read"))],
+            response_model=MonitorStats, responses=errors(404, 422),
             summary="counters, and the tables of aggregating monitors")
 async def monitor_stats(
     name: str,
@@ -100,7 +107,8 @@ async def monitor_stats(
     return await _read_stats(manager, name, query)
 
 
-@router.post("/{name}/stats/reset", response_model=MonitorStats, responses=errors(404, 422),
+@router.post("/{name}/stats/reset", dependencies=[Depends(needs("control"))],
+             response_model=MonitorStats, responses=errors(404, 422),
              summary="read the tables and start a new window (aggregating monitors)")
 async def reset_monitor_stats(
     name: str,
@@ -115,7 +123,8 @@ async def reset_monitor_stats(
     return await _read_stats(manager, name, query)
 
 
-@router.get("/{name}/schema", response_model=dict[str, Any], responses=errors(404),
+@router.get("/{name}/schema", dependencies=[Depends(needs("read"))],
+            response_model=dict[str, Any], responses=errors(404),
             summary="the JSON Schema of the monitor's options")
 async def monitor_schema(name: str, manager: ManagerDep) -> dict[str, Any]:
     with http_errors():

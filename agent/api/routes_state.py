@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
 from agent.api.errors import http_errors
 from agent.api.models import ERROR_RESPONSES, ErrorBody, StateDoc, StateIn, StateResult, errors
@@ -19,7 +20,8 @@ ETAG_HEADER = {"ETag": {"description": "the state's version; send it back in If-
                         "schema": {"type": "string"}}}
 
 
-@router.get("/state", response_model=StateDoc,
+@router.get("/state", dependencies=[Depends(needs("read"))],
+            response_model=StateDoc,
             responses={200: {"headers": ETAG_HEADER}},
             summary="running monitors with their options, and the targets, with an ETag")
 async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
@@ -31,6 +33,7 @@ async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
 
 @router.put(
     "/state",
+    dependencies=[Depends(needs("control"))],
     response_model=StateResult,
     responses={
         **errors(404, 422),

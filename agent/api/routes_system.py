@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, ManagerDep
 from agent.api.errors import http_errors
 from agent.api.models import ERROR_RESPONSES, AgentStats, Capabilities, Health, Ready
@@ -25,7 +26,8 @@ async def health() -> dict[str, str]:
     return {"status": "ok", "version": _version()}
 
 
-@router.get("/ready", response_model=Ready, summary="200 once monitors are up, 503 before")
+@router.get("/ready", dependencies=[Depends(needs("read"))],
+            response_model=Ready, summary="200 once monitors are up, 503 before")
 async def ready(ctx: ContextDep, response: Response) -> dict[str, Any]:
     if not ctx.ready:
         response.status_code = 503
@@ -33,14 +35,16 @@ async def ready(ctx: ContextDep, response: Response) -> dict[str, Any]:
     return {"status": "ready", "autostart_errors": ctx.autostart_errors}
 
 
-@router.get("/capabilities", response_model=Capabilities,
+@router.get("/capabilities", dependencies=[Depends(needs("read"))],
+            response_model=Capabilities,
             summary="what this kernel supports (the report of `ebpf-agent check`)")
 async def capabilities(ctx: ContextDep, _: ManagerDep) -> dict[str, Any]:
     assert ctx.report is not None  # set before the manager
     return ctx.report.as_dict()
 
 
-@router.get("/stats", response_model=AgentStats,
+@router.get("/stats", dependencies=[Depends(needs("read"))],
+            response_model=AgentStats,
             summary="agent uptime, CPU and RSS; per monitor and per stream subscriber")
 async def stats(ctx: ContextDep, manager: ManagerDep, hub: HubDep) -> dict[str, Any]:
     with http_errors():
@@ -52,7 +56,8 @@ async def stats(ctx: ContextDep, manager: ManagerDep, hub: HubDep) -> dict[str, 
     return out
 
 
-@router.get("/metrics", summary="Prometheus text format",
+@router.get("/metrics", dependencies=[Depends(needs("read"))],
+            summary="Prometheus text format",
             response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(ctx: ContextDep, _: ManagerDep) -> Response:

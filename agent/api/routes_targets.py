@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, Depends, HTTPException
 
+from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
 from agent.api.errors import http_errors, validation_detail
 from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
@@ -18,14 +19,16 @@ ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^
                                           "comms: 1-15 byte process names")]
 
 
-@router.get("", response_model=Targets, summary="the targets as the kernel maps hold them")
+@router.get("", dependencies=[Depends(needs("read"))],
+            response_model=Targets, summary="the targets as the kernel maps hold them")
 async def get_targets(manager: ManagerDep) -> dict[str, Any]:
     with http_errors():
         return await manager.execute_async(ReadTargets())
 
 
 # Declared before /{kind}: "follow_children" is not a kind.
-@router.put("/follow_children", response_model=Targets, responses=errors(422))
+@router.put("/follow_children", dependencies=[Depends(needs("control"))],
+            response_model=Targets, responses=errors(422))
 async def put_follow_children(
     follow: Annotated[FollowChildren, Body(description="children of target pids are "
                                            "followed in the kernel")],
@@ -36,18 +39,21 @@ async def put_follow_children(
         return await manager.execute_async(ReadTargets())
 
 
-@router.put("/{kind}", response_model=Targets, responses=errors(422),
+@router.put("/{kind}", dependencies=[Depends(needs("control"))],
+            response_model=Targets, responses=errors(422),
             summary="replace the values of one kind")
 async def replace_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
     return await _update(manager, kind, "replace", values)
 
 
-@router.post("/{kind}", response_model=Targets, responses=errors(422), summary="add values")
+@router.post("/{kind}", dependencies=[Depends(needs("control"))],
+             response_model=Targets, responses=errors(422), summary="add values")
 async def add_targets(kind: Kind, values: ValuesBody, manager: ManagerDep) -> dict[str, Any]:
     return await _update(manager, kind, "add", values)
 
 
-@router.delete("/{kind}/{value}", response_model=Targets, responses=errors(422),
+@router.delete("/{kind}/{value}", dependencies=[Depends(needs("control"))],
+               response_model=Targets, responses=errors(422),
                summary="remove one value (idempotent)")
 async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:
     parsed: int | str = value

@@ -130,7 +130,7 @@ static __always_inline void fill_event_hdr(struct event_hdr *h, u64 ts_ns)
 
 /* Follow children of targets: sched_process_fork runs in the parent (current) with
  * the child's pid (its tid: for a new thread that is not a tgid, which is harmless:
- * it is removed at that thread's exit). include/trace/events/sched.h. */
+ * it is removed at that thread's exit). Tracepoint sched:sched_process_fork. */
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 flags = active_filters();

@@ -7,7 +7,7 @@
 #define EBPF_AGENT_TYPES_H
 
 #define COMM_LEN 16
-#define ERR_EEXIST 17  /* include/uapi/asm-generic/errno-base.h */
+#define ERR_EEXIST 17  /* EEXIST, errno(3) */
 
 /* target_flags[0]: which filters are active (userspace sets a bit when a set is non-empty). */
 #define TF_PIDS   1

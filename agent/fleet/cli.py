@@ -18,7 +18,7 @@ import orjson
 
 from agent.fleet import kubernetes, ops
 from agent.fleet.client import DEFAULT_PARALLEL, DEFAULT_TIMEOUT_S, Fleet, HostResult, tls_verify
-from agent.fleet.events import EventFilters, MergedEvents, event_line, nats_events
+from agent.fleet.events import MergedEvents, event_line, filters_of, nats_events
 from agent.fleet.inventory import INVENTORY_ENV, InventoryError, resolve_hosts
 from agent.fleet.render import table
 
@@ -308,7 +308,10 @@ def _notice(text: str) -> None:
 
 
 async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
-    filters = EventFilters(args.monitor, args.pid, args.uid, args.comm)
+    try:
+        filters = filters_of(args.monitor, args.pid, args.uid, args.comm)
+    except ValueError as e:
+        raise ops.UsageError(str(e)) from None
     emit = _emitter(args.output)
     if args.source:
         if not args.source.startswith(("nats://", "tls://")):

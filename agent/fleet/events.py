@@ -15,41 +15,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
+from pydantic import ValidationError
 
 from agent.fleet.client import AgentClient, Fleet, describe_exception, error_of
 from agent.fleet.inventory import Host
 from agent.fleet.ops import renew_leases
+from agent.model.filters import StreamFilters
 
 Emit = Callable[[dict[str, Any]], None]
 Notice = Callable[[str], None]
 IDLE_TIMEOUT_S = 60.0  # agents send heartbeats (stream.heartbeat_s, 15 s by default)
 
 
-@dataclass
-class EventFilters:
-    monitors: list[str] = field(default_factory=list)
-    pids: list[int] = field(default_factory=list)
-    uids: list[int] = field(default_factory=list)
-    comms: list[str] = field(default_factory=list)
-
-    def params(self) -> list[tuple[str, str | int | float | bool | None]]:
-        out: list[tuple[str, str | int | float | bool | None]] = []
-        out += [("monitor", m) for m in self.monitors]
-        out += [("pid", p) for p in self.pids]
-        out += [("uid", u) for u in self.uids]
-        out += [("comm", c) for c in self.comms]
-        return out
-
-    def matches(self, ev: dict[str, Any]) -> bool:
-        return ((not self.monitors or ev.get("monitor") in self.monitors)
-                and (not self.pids or ev.get("pid") in self.pids)
-                and (not self.uids or ev.get("uid") in self.uids)
-                and (not self.comms or ev.get("comm") in self.comms))
+def filters_of(monitor: list[str], pid: list[int], uid: list[int],
+               comm: list[str]) -> StreamFilters:
+    """The --monitor/--pid/--uid/--comm options, checked against the agent's limits
+    (agent/model/filters.py) before any host is asked: ValueError with one line."""
+    try:
+        return StreamFilters(monitor=monitor, pid=pid, uid=uid, comm=comm)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = "--" + str(err["loc"][0]) if err["loc"] else "filters"
+        raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 @dataclass
@@ -65,7 +57,7 @@ class HostStream:
 
 
 class MergedEvents:
-    def __init__(self, fleet: Fleet, filters: EventFilters, emit: Emit, notice: Notice,
+    def __init__(self, fleet: Fleet, filters: StreamFilters, emit: Emit, notice: Notice,
                  renew: bool = True, idle_timeout: float = IDLE_TIMEOUT_S,
                  max_events: int | None = None) -> None:
         self.fleet = fleet
@@ -130,7 +122,7 @@ class MergedEvents:
         headers = dict(c.headers)
         if s.last_id is not None:
             headers["Last-Event-ID"] = str(s.last_id)
-        async with c.http.stream("GET", s.host.url + "/events", params=self.filters.params(),
+        async with c.http.stream("GET", s.host.url + "/events", params=tuple(self.filters.params()),
                                  headers=headers) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -176,7 +168,7 @@ class MergedEvents:
             await asyncio.sleep(wait)
 
 
-async def nats_events(url: str, subject: str, filters: EventFilters, emit: Emit,
+async def nats_events(url: str, subject: str, filters: StreamFilters, emit: Emit,
                       notice: Notice, duration: float | None = None,
                       max_events: int | None = None, hosts: set[str] | None = None,
                       token: str | None = None, creds: str | None = None) -> int:

@@ -140,8 +140,8 @@ def kernel_offsets(btf: BTF | None = None) -> dict[str, int]:
     }
 
 
-# The syscall number in struct pt_regs, per machine (what syscall_get_nr() reads:
-# arch/x86/include/asm/syscall.h, arch/arm64/include/asm/syscall.h).
+# The syscall number in struct pt_regs, per machine (the member the kernel's
+# syscall_get_nr() reads on x86-64 and arm64).
 PT_REGS_SYSCALL_NR = {"x86_64": "orig_ax", "aarch64": "syscallno"}
 
 

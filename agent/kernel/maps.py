@@ -13,7 +13,7 @@ from typing import Any
 # BCC 0.26's TableBase.items_lookup_batch() passes one c_uint32 as both the batch token
 # and the count, so a table that needs more than one bpf(2) call is read wrongly; these
 # keep them apart. The batch token is a u32 for every map used here: the key of an
-# array (generic_map_lookup_batch) and the bucket index of a hash (kernel/bpf/hashtab.c).
+# array (the kernel's generic_map_lookup_batch) and the bucket index of a hash map.
 
 
 def _lib() -> Any:

@@ -1,11 +1,11 @@
 """kprobes and uprobes: whether the kernel offers kprobes, uprobe_multi BPF links through
-bpf(2) itself (BCC 0.26 predates them), and readable errors for refused probes."""
+bpf(2) itself (BCC 0.26 predates them), and readable errors for refused probes. Only
+BCC's public API is used here; what needs its internals lives with the monitor."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -14,13 +14,11 @@ from typing import Any
 
 from agent.kernel.kconfig import kernel_config
 from agent.kernel.symbols import file_offset
-from agent.kernel.tracefs import find_tracefs, has_uprobe_event, remove_uprobe_event
-
-log = logging.getLogger(__name__)
+from agent.kernel.tracefs import find_tracefs
 
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
-ENOTSUPP = 524  # kernel-internal errno (include/linux/errno.h), which strerror() lacks
-BPF_LINK_CREATE = 28  # enum bpf_cmd, include/uapi/linux/bpf.h
+ENOTSUPP = 524  # a kernel-internal errno, which errno(3) and strerror() lack
+BPF_LINK_CREATE = 28  # enum bpf_cmd, bpf(2)
 BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type, Linux 6.6 (our 6.1 headers lack it)
 BPF_F_UPROBE_MULTI_RETURN = 1
 NR_BPF = {"x86_64": 321, "aarch64": 280}  # the bpf(2) syscall number
@@ -93,38 +91,52 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def uprobe_multi_link(prog_fd: int, path: str, offset: int, retprobe: bool) -> int:
-    """A BPF link attaching ``prog_fd`` at a file offset of ``path`` in every process
-    (pid 0); raises OSError. BCC 0.26 predates these links, so this is bpf(2) itself."""
+def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int],
+                      cookies: list[int] | None, retprobe: bool) -> int:
+    """A BPF link attaching ``prog_fd`` at file offsets of ``path`` in every process
+    (pid 0), with one attach cookie per offset (bpf_get_attach_cookie()) when given;
+    raises OSError. A link is all or nothing: one offset the kernel cannot probe fails
+    it whole. BCC 0.26 predates these links, so this is bpf(2) BPF_LINK_CREATE itself."""
     nr = NR_BPF.get(os.uname().machine)
     if nr is None:
         raise OSError(errno.ENOSYS, "bpf(2) syscall number unknown for this architecture")
-    libc = _libc()
+    n = len(offsets)
     path_buf = ctypes.create_string_buffer(os.fsencode(path))
-    offsets = (ctypes.c_uint64 * 1)(offset)
+    offs = (ctypes.c_uint64 * n)(*offsets)
+    cks = (ctypes.c_uint64 * n)(*cookies) if cookies is not None else None
     attr = _UprobeMultiAttr(
         prog_fd=prog_fd,
         attach_type=BPF_TRACE_UPROBE_MULTI,
         path=ctypes.addressof(path_buf),
-        offsets=ctypes.addressof(offsets),
-        cnt=1,
+        offsets=ctypes.addressof(offs),
+        cookies=ctypes.addressof(cks) if cks is not None else 0,
+        cnt=n,
         um_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0,
     )
-    fd = libc.syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    fd = _libc().syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, describe_errno(err))
     return int(fd)
 
 
+# Closing a link unregisters its uprobes and waits for RCU grace periods, but outside any
+# global lock: closes from several threads share the grace periods (bench/RESULTS.md,
+# "Figures the code cites"). The threads live only while close_links runs.
+CLOSE_THREADS = 32
+
+
+def close_links(fds: list[int]) -> None:
+    """Close BPF link fds, from up to CLOSE_THREADS threads at once."""
+    if not fds:
+        return
+    with ThreadPoolExecutor(min(CLOSE_THREADS, len(fds))) as pool:
+        list(pool.map(os.close, fds))
+
+
 class UprobeMultiLinks:
-    """Programs of one BCC object attached through uprobe_multi links, one link each.
-
-    Closing a link unregisters its uprobe and waits for RCU grace periods, but outside
-    any global lock: closes from many threads share the grace periods (measurements in
-    bench/RESULTS.md, "func_overhead")."""
-
-    CLOSE_THREADS = 32
+    """Programs of one BCC object attached through uprobe_multi links, one link each
+    (closed together by close_links)."""
 
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
@@ -133,8 +145,9 @@ class UprobeMultiLinks:
     @classmethod
     def create(cls, bpf: Any, feature_probe: str) -> UprobeMultiLinks | None:
         """An instance when the kernel has uprobe_multi links, else None.
-        ``feature_probe``: a program of ``bpf`` never attached otherwise. The probe is
-        libbpf's: a link on "/" fails with EBADF only where the attach type exists."""
+        ``feature_probe``: a program of ``bpf`` never attached otherwise. A link on
+        "/" (a directory) fails with EBADF only where the attach type exists: an older
+        kernel refuses the attach type first (EINVAL)."""
         from bcc import BPF
 
         try:
@@ -143,7 +156,7 @@ class UprobeMultiLinks:
         except Exception:  # the program load was refused: an older kernel
             return None
         try:
-            os.close(uprobe_multi_link(fn.fd, "/", 0, retprobe=False))  # never succeeds
+            os.close(uprobe_multi_link(fn.fd, "/", [0], None, retprobe=False))  # fails
         except OSError as e:
             return cls(bpf) if e.errno == errno.EBADF else None
         return None
@@ -152,7 +165,8 @@ class UprobeMultiLinks:
         from bcc import BPF
 
         fn = self.bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-        self.fds[fn_name] = uprobe_multi_link(fn.fd, path, file_offset(path, vaddr), retprobe)
+        self.fds[fn_name] = uprobe_multi_link(fn.fd, path, [file_offset(path, vaddr)], None,
+                                              retprobe)
 
     def detach(self, fn_name: str) -> None:
         fd = self.fds.pop(fn_name, None)
@@ -161,26 +175,4 @@ class UprobeMultiLinks:
 
     def close(self) -> None:
         fds, self.fds = list(self.fds.values()), {}
-        if not fds:
-            return
-        with ThreadPoolExecutor(min(self.CLOSE_THREADS, len(fds))) as pool:
-            list(pool.map(os.close, fds))
-
-
-def remove_leaked_uprobe_event(bpf: Any, path: str, vaddr: int, retprobe: bool) -> None:
-    """libbcc falls back to tracefs uprobe_events when the perf uprobe PMU refuses a
-    probe, and when perf_event_open then fails too it leaves the event it created behind
-    ("<event>_bcc_<pid>"). Remove exactly that one: other monitors of this process may be
-    creating their own events at the same moment."""
-    tracefs = find_tracefs()
-    if tracefs is None:
-        return
-    try:
-        offset = file_offset(path, vaddr)
-        prefix = b"r" if retprobe else b"p"
-        name = bpf._get_uprobe_evname(prefix, path.encode(), offset, -1).decode()
-        leaked = f"uprobes/{name}_bcc_{os.getpid()}"
-        if has_uprobe_event(tracefs, leaked):
-            remove_uprobe_event(tracefs, leaked)
-    except Exception:
-        log.exception("cannot remove the uprobe event left by a failed attach")
+        close_links(fds)

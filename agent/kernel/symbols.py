@@ -1,12 +1,15 @@
 """Functions a probe can be placed on: ELF symbols of user-space binaries (read through
-BCC's symbol resolver) and the kernel's traceable functions (tracefs)."""
+BCC's symbol resolver) and their file offsets (program headers), and the kernel's
+traceable functions (tracefs)."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import shutil
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from agent.kernel.tracefs import find_tracefs
 
@@ -62,13 +65,47 @@ def user_symbols(path: str, glob: str) -> list[tuple[str, int]]:
     return [(n.decode("utf-8", "surrogateescape"), a) for n, a in found if a]
 
 
-def file_offset(path: str, vaddr: int) -> int:
-    """The file offset of an ELF virtual address (what a uprobe is placed at), found from
-    the program headers by BCC's bcc_resolve_symname, as its attach_uprobe(addr=) does."""
-    from bcc import BPF
+@lru_cache(maxsize=64)
+def _load_segments(path: str, mtime_ns: int) -> tuple[tuple[int, int, int], ...]:
+    """(p_vaddr, p_memsz, p_offset) of the PT_LOAD segments of a 64-bit ELF file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            raise OSError(8, f"{path}: not a 64-bit ELF file")
+        end = "<" if head[5] == 1 else ">"
+        phoff, = struct.unpack_from(end + "Q", head, 32)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    out = []
+    for i in range(phnum):
+        p_type, _flags, p_offset, p_vaddr, _paddr, _filesz, p_memsz, _align = (
+            struct.unpack_from(end + "IIQQQQQQ", table, i * phentsize))
+        if p_type == 1:  # PT_LOAD
+            out.append((p_vaddr, p_memsz, p_offset))
+    return tuple(out)
 
-    _path, offset = BPF._check_path_symbol(path, b"", vaddr, -1)
-    return int(offset)
+
+def file_offsets(path: str, vaddrs: list[int]) -> list[int]:
+    """File offsets of ELF virtual addresses, where uprobes go (perf_event_open(2) and
+    BPF_LINK_CREATE take a path and a file offset), from the PT_LOAD program headers
+    read once per binary: offset = vaddr - p_vaddr + p_offset, as BCC's
+    bcc_resolve_symname computes it."""
+    segments = _load_segments(path, os.stat(path).st_mtime_ns)
+    out = []
+    for v in vaddrs:
+        for vaddr, memsz, offset in segments:
+            if vaddr <= v < vaddr + memsz:
+                out.append(v - vaddr + offset)
+                break
+        else:
+            raise OSError(22, f"{path}: address {v:#x} is in no loadable segment")
+    return out
+
+
+def file_offset(path: str, vaddr: int) -> int:
+    """The file offset of one ELF virtual address (file_offsets)."""
+    return file_offsets(path, [vaddr])[0]
 
 
 def name_rank(name: str) -> tuple[int, int, str]:

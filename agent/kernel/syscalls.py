@@ -2,7 +2,7 @@
 
 Numbers come from the generated ``agent/kernel/syscall_table.py`` (the kernel's own syscall
 tables, see ``tools/gen_syscall_table.py``); errno names from Python's ``errno.errorcode``,
-which tests/test_syscall_table.py checks against the kernel's uapi errno headers.
+which tests/kernel/test_syscall_table.py checks against the kernel's uapi errno headers.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ _PREFERRED = {
 
 # Used only when errno.errorcode lacks the value:
 _FALLBACK = {
-    # asm-generic/errno.h values missing from some Pythons' errno module (3.11 on Debian 12)
+    # errno(3) values missing from some Pythons' errno module (3.11 on Debian 12)
     133: "EHWPOISON",
-    # Kernel-internal codes (include/linux/errno.h) that never reach user space but can be
-    # seen by a tracer at syscall exit, before the kernel restarts an interrupted call.
+    # Kernel-internal codes (errno(3) lists none of them) that never reach user space but
+    # can be seen by a tracer at syscall exit, before the kernel restarts an interrupted
+    # call.
     512: "ERESTARTSYS",
     513: "ERESTARTNOINTR",
     514: "ERESTARTNOHAND",

@@ -2,7 +2,7 @@
 
 A uprobe replaces a function's first instruction with int3; when it fires the kernel
 either executes a copy of the instruction out of line or emulates it
-(arch/x86/kernel/uprobes.c). Three classes are screened out before attaching:
+(the kernel's x86 uprobe code). Three classes are screened out before attaching:
 
 * **refused by the kernel, legacy prefixes**: is_prefix_bad() refuses a lock or an
   ES/CS/SS/DS segment prefix (-ENOTSUPP).
@@ -11,8 +11,9 @@ either executes a copy of the instruction out of line or emulates it
   decoder stores the byte after the prefix there ("VEX has only 1 byte for opcode"), so
   e.g. ``vmovd %esi,%xmm0`` (c5 f9 **6e** c6, "outs") and ``vpxor`` (.. **ef**, "out")
   are refused. Both kinds are harmless but each refusal costs a failed link attempt per
-  split level (multi.py), each registering and unregistering the whole group in every
-  process mapping the binary: glibc's 21 such functions made ``c:*`` take 16 s to start.
+  split level (agent/monitors/func/cookie_links.py), each registering and unregistering
+  the whole group in every process mapping the binary: with glibc's such functions,
+  ``c:*`` started many times slower (bench/RESULTS.md, "Figures the code cites").
 * **accepted, then corrupting** (the dangerous one): VEX/EVEX instructions whose opcode
   byte is one branch_setup_xol_ops() emulates (0x70-0x7f Jcc, 0x90 nop, 0xe8 call,
   0xe9/0xeb jmp). It keys on the same ``OPCODE1`` without looking at the opcode map, so
@@ -43,7 +44,7 @@ _PREFIXES = frozenset([0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x6
 LOCK_PREFIX = 0xF0
 # is_prefix_bad(): the kernel refuses lock and the ES, CS, SS, DS segment overrides.
 REFUSED_PREFIXES = frozenset([LOCK_PREFIX, 0x26, 0x2E, 0x36, 0x3E])
-# The zeros of good_insns_64 (arch/x86/kernel/uprobes.c): one-byte opcodes invalid in
+# The zeros of the kernel's good_insns_64 table (x86 uprobes): one-byte opcodes invalid in
 # 64-bit mode, in/out, int/iret, hlt, cli/sti... Only applied to VEX/EVEX opcode bytes
 # here, which the kernel looks up in this same table.
 REFUSED_OPCODES_64 = frozenset([

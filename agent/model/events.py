@@ -1,8 +1,9 @@
 """The event contract and its encoding (JSONL output, SSE and WebSocket streams).
 
 Every event of every monitor starts with the same fields, COMMON_FIELDS, decoded from
-``struct event_hdr`` (agent/bpf/types.h) by header_fields(); the monitor's own fields
-follow. Stream filters (monitor, pid, uid, comm) therefore work on every monitor.
+``struct event_hdr`` (agent/bpf/types.h), declared once below as HEADER
+(agent/model/event_decl.py); the monitor's own fields follow. Stream filters (monitor,
+pid, uid, comm) therefore work on every monitor.
 """
 
 from __future__ import annotations
@@ -10,35 +11,66 @@ from __future__ import annotations
 import ctypes
 import json
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
 
 Event = dict[str, Any]
 
 COMM_LEN = 16  # agent/bpf/types.h
-# The fields every event carries first, with one meaning for every monitor.
-COMMON_FIELDS = ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm")
+
+# ``struct event_hdr`` (agent/bpf/types.h), the first member of every monitor's event,
+# and the fields every event carries first, with one meaning for every monitor; checked
+# against gcc by tests/monitors/test_common.py.
+HEADER = EventDecl(
+    struct="event_hdr", header="types.h", with_header=False,
+    doc="The fields every event starts with, the same for every monitor (COMMON_FIELDS).\n"
+        "Each monitor's model extends it (OpenAPI components <Name>Event).",
+    members=(
+        Member("ts_ns", "u64"),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC
+        Member("pid", "u32"),  # tgid
+        Member("tid", "u32"),
+        Member("ppid", "u32"),  # real parent's tgid
+        Member("uid", "u32"),
+        Member("gid", "u32"),
+        Member("_pad", "u32"),
+        Member("comm", "char", COMM_LEN),
+    ),
+    fields=(
+        EventField("monitor", "string", "the monitor's name", Decode.MONITOR),
+        EventField("timestamp", "string", "ts_ns as UTC wall-clock time, ISO 8601, ns precision",
+                   Decode.WALLTIME, source="ts_ns"),
+        EventField("ts_ns", "integer", "CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the event"),
+        EventField("pid", "integer", "process id (the kernel's tgid)"),
+        EventField("tid", "integer", "thread id"),
+        EventField("ppid", "integer", "the real parent's process id"),
+        EventField("uid", "integer", "real user id"),
+        EventField("gid", "integer", "real group id"),
+        EventField("comm", "string", "the task's name (at most 15 bytes)"),
+    ),
+)
+COMMON_FIELDS = HEADER.keys
 # The first CSV columns of every monitor (one file per monitor: no monitor column).
 COMMON_CSV_FIELDS = COMMON_FIELDS[1:]
 
 
-class EventHeader(ctypes.Structure):
-    """Mirror of ``struct event_hdr`` in agent/bpf/types.h (checked against gcc by
-    tests/monitors/test_common.py): the first member of every
-    monitor's event struct."""
 
-    _fields_ = [
-        ("ts_ns", ctypes.c_uint64),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC
-        ("pid", ctypes.c_uint32),  # tgid
-        ("tid", ctypes.c_uint32),
-        ("ppid", ctypes.c_uint32),  # real parent's tgid
-        ("uid", ctypes.c_uint32),
-        ("gid", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-        ("comm", ctypes.c_char * COMM_LEN),
-    ]
+class EventHeader(ctypes.Structure):
+    """The ctypes mirror of ``struct event_hdr``: the first member of every monitor's
+    event struct."""
+
+    _fields_ = HEADER.ctypes_fields()
+
+if TYPE_CHECKING:  # at run time the class is derived from HEADER
+
+    class EventModel(BaseModel):
+        """The common fields; each monitor's model extends it."""
+
+else:
+    EventModel = HEADER.model("EventModel")
 
 
 class EventSink(Protocol):
@@ -52,10 +84,10 @@ def encode_event(event: Event) -> bytes:
     are written as \\udcXX escapes, which json.loads + encode('utf-8', 'surrogateescape')
     turn back into the original bytes; orjson refuses them, so those take the slow path."""
     try:
-        # orjson hands back a bytes object that still owns its 4 KiB working buffer
-        # (measured with tracemalloc: 4,097 B for a 237-byte event); whatever keeps the
-        # bytes (the output queue, an exporter's queue) would pay that per event. An
-        # exact-size copy costs ~0.1 us.
+        # orjson hands back a bytes object that still owns its working buffer (4 KiB);
+        # whatever keeps the bytes (the output queue, an exporter's queue) would pay
+        # that per event, so keep an exact-size copy (bench/RESULTS.md, "Figures the
+        # code cites").
         return bytes(memoryview(orjson.dumps(event)))
     except TypeError:
         return json.dumps(event, separators=(",", ":")).encode()
@@ -84,33 +116,19 @@ class MonotonicClock:
         return f"{self._prefix}{nanos:09d}Z"
 
 
-def header_fields(monitor: str, hdr: EventHeader, clock: MonotonicClock) -> Event:
-    """The common fields of an event (COMMON_FIELDS, in that order) from its header."""
-    return {
-        "monitor": monitor,
-        "timestamp": clock.iso(hdr.ts_ns),
-        "ts_ns": hdr.ts_ns,
-        "pid": hdr.pid,
-        "tid": hdr.tid,
-        "ppid": hdr.ppid,
-        "uid": hdr.uid,
-        "gid": hdr.gid,
-        "comm": decode_c_string(hdr.comm),
-    }
-
-
-class EventModel(BaseModel):
-    """The fields every event starts with, the same for every monitor (COMMON_FIELDS).
-    Each monitor's model extends it (OpenAPI components <Name>Event)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    monitor: str = Field(description="the monitor's name")
-    timestamp: str = Field(description="ts_ns as UTC wall-clock time, ISO 8601, ns precision")
-    ts_ns: int = Field(description="CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the event")
-    pid: int = Field(description="process id (the kernel's tgid)")
-    tid: int = Field(description="thread id")
-    ppid: int = Field(description="the real parent's process id")
-    uid: int = Field(description="real user id")
-    gid: int = Field(description="real group id")
-    comm: str = Field(description="the task's name (at most 15 bytes)")
+def header_fields(monitor: str, hdr: Any, clock: MonotonicClock) -> Event:
+    """The common fields of an event (COMMON_FIELDS, in that order) from a ctypes
+    EventHeader, for a monitor that decodes its records itself; a monitor with an EVENT
+    declaration gets them from its generated decoder."""
+    event: Event = {}
+    for f in HEADER.fields:
+        kind = HEADER.kind(f)
+        if kind is Decode.MONITOR:
+            event[f.name] = monitor
+        elif kind is Decode.WALLTIME:
+            event[f.name] = clock.iso(getattr(hdr, HEADER.source(f) or ""))
+        elif kind is Decode.CSTR:
+            event[f.name] = decode_c_string(getattr(hdr, f.name))
+        else:
+            event[f.name] = getattr(hdr, f.name)
+    return event

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 U32_MAX = 2**32 - 1
-COMM_MAX_BYTES = 15  # TASK_COMM_LEN (16) minus the NUL (include/linux/sched.h)
+COMM_MAX_BYTES = 15  # TASK_COMM_LEN (16) minus the NUL (the kernel's TASK_COMM_LEN)
 
 TargetKind = Literal["pids", "uids", "comms"]
 KINDS: tuple[TargetKind, ...] = ("pids", "uids", "comms")

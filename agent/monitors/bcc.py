@@ -8,6 +8,7 @@ import ctypes
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ from agent.kernel import procfs
 from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
+from agent.monitors.decoder import EventDecoder, Hook
 from agent.monitors.ringbuf import RingReader, ringbuf_supported
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids
+# The tracepoints of common.h's own programs (following children of target pids): every
+# BccMonitor needs them, so each subclass's REQUIRED_TRACEPOINTS gets them added.
+COMMON_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
 
 # Records one ring buffer consume call hands to the callback before it returns: libbpf's
 # ring_buffer__poll/__consume loop until the ring is empty, which never happens while a
@@ -64,6 +69,11 @@ class BccMonitor(BaseMonitor[OptionsT]):
     BPF_SOURCE: ClassVar[str] = ""  # file name in the monitor's own folder
     REQUIRED_FEATURES: ClassVar[tuple[str, ...]] = (
         "root", "bcc", "tracefs", "btf", "kernel_headers")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.REQUIRED_TRACEPOINTS = tuple(dict.fromkeys(
+            (*cls.REQUIRED_TRACEPOINTS, *COMMON_TRACEPOINTS)))
 
     def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
@@ -111,6 +121,7 @@ class BccMonitor(BaseMonitor[OptionsT]):
     def load(self) -> None:
         from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
 
+        self.__dict__.pop("decoder", None)  # built anew for what this load resolves
         try:
             self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
             self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
@@ -158,9 +169,27 @@ class BccMonitor(BaseMonitor[OptionsT]):
         return STOP_CONSUMING if self._budget <= 0 or self._stopping else 0
 
     def parse_event(self, raw: bytes) -> Event | None:
-        """The event from one raw record; its struct starts with ``struct event_hdr``,
-        whose fields common_fields() decodes."""
-        raise NotImplementedError
+        """The event from one raw record; its struct starts with ``struct event_hdr``.
+        Decoded by the declaration (EVENT) unless a monitor overrides this."""
+        if self.EVENT is None:
+            raise NotImplementedError(f"{self.name}: no EVENT declaration and no parse_event")
+        return self.decoder.decode(raw)
+
+    @cached_property
+    def decoder(self) -> EventDecoder:
+        """The decoder of EVENT for these options, built at the first record (after
+        load: LOOKUP tables may come from what load resolved)."""
+        assert self.EVENT is not None
+        return EventDecoder(self.EVENT, self.name, self._clock, tables=self.decode_tables(),
+                            hooks=self.decode_hooks(), options=self.options.model_dump())
+
+    def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
+        """LOOKUP tables of EVENT's fields, by name (e.g. probe id -> function)."""
+        return {}
+
+    def decode_hooks(self) -> dict[str, Hook]:
+        """HOOK functions of EVENT's fields, by name."""
+        return {}
 
     @cached_property
     def _clock(self) -> MonotonicClock:

@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import TargetSettings, TransportSettings
-from agent.model.events import Event, EventModel, EventSink
+from agent.model.event_decl import EventDecl
+from agent.model.events import COMMON_CSV_FIELDS, Event, EventModel, EventSink
 from agent.model.targets import TargetLimits, TargetSet
 
 
@@ -76,6 +77,9 @@ class BaseMonitor(ABC, Generic[OptionsT]):
     Options: ClassVar[type[MonitorOptions]] = MonitorOptions
     # The keyword arguments stats() takes, as a model (OpenAPI: <Name>StatsQuery).
     StatsQuery: ClassVar[type[MonitorStatsQuery]] = MonitorStatsQuery
+    # The monitor's event, declared once (agent/model/event_decl.py): EventModel,
+    # CSV_FIELDS, csv_row(), console_line() and BccMonitor.parse_event() derive from it.
+    EVENT: ClassVar[EventDecl | None] = None
     # The fields of this monitor's events (OpenAPI: <Name>Event); the common ones first.
     EventModel: ClassVar[type[EventModel]] = EventModel
     # "category:event" tracepoints and capability names (agent.kernel.capabilities).
@@ -84,6 +88,17 @@ class BaseMonitor(ABC, Generic[OptionsT]):
     CSV_FIELDS: ClassVar[tuple[str, ...]] = ()
     # Aggregating monitors: columns of the periodic snapshot rows (<name>-snapshot.csv).
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        event = cls.__dict__.get("EVENT")
+        if event is None:
+            return
+        if "EventModel" not in cls.__dict__:
+            cls.EventModel = event.model(cls.__name__.removesuffix("Monitor") + "Event",
+                                         base=EventModel)
+        if "CSV_FIELDS" not in cls.__dict__:
+            cls.CSV_FIELDS = (*COMMON_CSV_FIELDS, *event.csv_columns)
 
     def __init__(self, options: OptionsT, ctx: MonitorContext) -> None:
         self.options: OptionsT = options
@@ -151,7 +166,13 @@ class BaseMonitor(ABC, Generic[OptionsT]):
         return []
 
     def csv_row(self, event: Event) -> list[Any]:
+        if self.EVENT is not None:
+            return self.EVENT.csv_row(event, COMMON_CSV_FIELDS)
         return [event.get(f) for f in self.CSV_FIELDS]
 
     def console_line(self, event: Event) -> str:
+        if self.EVENT is not None:
+            from agent.monitors.decoder import console_line
+
+            return console_line(self.EVENT, event)
         return " ".join(f"{k}={event[k]}" for k in self.CSV_FIELDS if k in event)

@@ -7,7 +7,7 @@ fan-out starved the intake (issue 12). Here the poller keeps the GIL for a batch
 records (Python's switch interval still lets the loop in), and a record costs a slice of
 the mapping instead of a foreign call.
 
-The layout is the kernel's (kernel/bpf/ringbuf.c, include/uapi/linux/bpf.h): page 0 holds
+The layout is the kernel's (BPF_MAP_TYPE_RINGBUF, bpf(2) and the bpf UAPI): page 0 holds
 consumer_pos (written by us), page 1 producer_pos, then the data pages mapped twice in a
 row so a record that wraps around is contiguous. Each record starts with an 8-byte header
 (u32 length with BUSY and DISCARD flag bits, u32 page offset) and is padded to 8 bytes.

@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from agent.model.events import Event, encode_event
+from agent.model.filters import StreamFilters
 
 # How many sequence numbers one read scans at most: bounds the time a subscriber holds the
 # event loop and the size of one SSE chunk / burst of WebSocket frames.
@@ -80,6 +81,12 @@ class Filters:
     pids: frozenset[int] = frozenset()
     uids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, f: StreamFilters) -> Filters:
+        """The matcher of validated stream filters (agent/model/filters.py)."""
+        return cls(frozenset(f.monitor), frozenset(f.pid), frozenset(f.uid),
+                   frozenset(f.comm))
 
     @property
     def empty(self) -> bool:

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from agent.api.access.logins import LoginLimiter
+from agent.api.access.redact import RedactSecrets
 from agent.api.app import context_of, create_app
-from agent.api.auth import LoginLimiter
-from agent.api.redact import RedactSecrets
 from tests.support.api import (
     BASE,
     fake_registry,

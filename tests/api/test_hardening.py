@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -159,44 +160,97 @@ def test_oversize_headers_and_url_are_431(tmp_path: Path) -> None:
         assert a.get("/health").status_code == 200
 
 
+FLOOD = 1100  # sockets, against an agent limited to 1,024 file descriptors
+
+
+@contextlib.contextmanager
+def fd_limited_agent(tmp_path: Path, api: dict[str, Any]) -> Iterator[Agent]:
+    """An agent under ``prlimit --nofile=1024:1024`` (systemd's default), with room in
+    this process for FLOOD sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = FLOOD + 300
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    agent = start_agent(tmp_path, {**NO_MONITORS, "api": api}, token=TOKEN,
+                        prefix=["prlimit", "--nofile=1024:1024", "--"])
+    with running(agent) as a:
+        yield a
+
+
+@contextlib.contextmanager
+def stuck_sockets(a: Agent, first_bytes: bytes) -> Iterator[list[socket.socket]]:
+    """FLOOD connections that each send ``first_bytes`` and then nothing more."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD):
+            s = socket.create_connection(address(a), timeout=30)
+            s.sendall(first_bytes)
+            sockets.append(s)
+        yield sockets
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def closed_with_408(sockets: list[socket.socket]) -> int:
+    """How many of the sockets the agent answered 408 (or just closed)."""
+    closed = 0
+    for s in sockets:
+        s.settimeout(30)
+        try:
+            data = s.recv(4096)
+            closed += data == b"" or data.startswith(b"HTTP/1.1 408")
+        except ConnectionResetError:
+            closed += 1
+    return closed
+
+
 def test_slow_headers_cannot_exhaust_connections(tmp_path: Path) -> None:
     """1,100 sockets that never finish their headers, against an agent limited to 1,024
     file descriptors (systemd's default): /health still answers, and the stuck sockets
     are closed after api.header_timeout_s."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 1400
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    config = {**NO_MONITORS, "api": {"header_timeout_s": 4}}
-    agent = start_agent(tmp_path, config, token=TOKEN,
-                        prefix=["prlimit", "--nofile=1024:1024", "--"])
-    sockets: list[socket.socket] = []
-    with running(agent) as a:
-        try:
-            for _ in range(1100):
-                s = socket.create_connection(address(a), timeout=30)
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
-                sockets.append(s)
-            # Health checks while all 1,100 are open (each new connection pushes out
-            # the oldest half-sent one when the agent is at its connection cap).
-            for _ in range(5):
-                assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
-            # Every stuck socket is answered 408 (evicted or timed out) and closed.
-            closed = 0
-            for s in sockets:
-                s.settimeout(30)
-                try:
-                    data = s.recv(4096)
-                    closed += data == b"" or data.startswith(b"HTTP/1.1 408")
-                except ConnectionResetError:
-                    closed += 1
-            assert closed == len(sockets)
+    with fd_limited_agent(tmp_path, {"header_timeout_s": 4}) as a, \
+            stuck_sockets(a, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n") as sockets:
+        # Health checks while all 1,100 are open (each new connection pushes out
+        # the oldest half-sent one when the agent is at its connection cap).
+        for _ in range(5):
             assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
-            log = a.log_text()
-            assert "Too many open files" not in log, log[-2000:]
+        # Every stuck socket is answered 408 (evicted or timed out) and closed.
+        assert closed_with_408(sockets) == len(sockets)
+        assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
+        log = a.log_text()
+        assert "Too many open files" not in log, log[-2000:]
+
+
+def test_slow_login_bodies_cannot_exhaust_connections(tmp_path: Path) -> None:
+    """1,100 sockets that send complete login headers (Content-Length 16000) and part of
+    the body, then stall, against an agent limited to 1,024 file descriptors: /health and
+    an authenticated GET /stats still answer 200 while they are open, an authenticated
+    stream opened before stays open, the stuck logins are answered 408 (shed or past
+    api.header_timeout_s) and closed, and the shedding is logged."""
+    login = (b"POST /auth/session HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Content-Type: application/json\r\nContent-Length: 16000\r\n\r\n"
+             b'{"token": "')  # headers complete, the body never is
+    with fd_limited_agent(tmp_path, {"header_timeout_s": 4}) as a:
+        sse = read_sse(f"{a.url}/events", headers=a.headers)
+        try:
+            with stuck_sockets(a, login) as sockets:
+                for _ in range(5):
+                    assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
+                    assert a.get("/stats").status_code == 200
+                assert closed_with_408(sockets) == len(sockets)
+            assert sse.thread is not None and sse.thread.is_alive() and sse.error is None
         finally:
-            for s in sockets:
-                s.close()
+            sse.stop()
+        assert httpx.get(f"{a.url}/health", timeout=30).status_code == 200
+        log = a.log_text()
+        assert "Too many open files" not in log, log[-2000:]
+        assert "shed" in log and "unauthenticated connection" in log, log[-2000:]
+        closed = {ln.split("reason=")[1].split('"')[1]: float(ln.split()[-1])
+                  for ln in a.get("/metrics").text.splitlines()
+                  if ln.startswith("ebpf_agent_api_connections_closed_total")}
+        assert closed["shed"] + closed["body_timeout"] == FLOOD, closed
+        assert closed["full"] == 0
 
 
 def test_idle_keepalive_connections_are_closed(tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from agent.fleet.events import EventFilters, event_line
+from agent.fleet.events import event_line
 from agent.fleet.ops import describe_change
 from agent.fleet.render import table
+from agent.model.filters import StreamFilters
 
 
 def test_table_columns_fit_the_widest_cell() -> None:
@@ -17,7 +18,7 @@ def test_event_line_and_filters() -> None:
           "pid": 10, "uid": 0, "comm": "echo", "argv": ["/bin/echo", "hi"], "ret": 0}
     assert event_line(ev) == ("21:00:01.123 web1         exec     pid=10 uid=0 echo ret=0 "
                               "/bin/echo hi")
-    f = EventFilters(monitors=["exec"], comms=["echo"])
+    f = StreamFilters(monitor=["exec"], comm=["echo"])
     assert f.matches(ev) and not f.matches({**ev, "comm": "sh"})
     assert f.params() == [("monitor", "exec"), ("comm", "echo")]
 

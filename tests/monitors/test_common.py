@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from agent.model.events import COMM_LEN, COMMON_FIELDS, EventHeader, EventModel
+from agent.model.events import COMM_LEN, COMMON_FIELDS, HEADER, EventHeader, EventModel
 from agent.monitors.bcc import (
     BPF_DIR,
     KERNEL_COUNTERS,
@@ -19,29 +19,37 @@ from agent.monitors.bcc import (
     TF_READY,
     TF_UIDS,
 )
-from tests.support.layout import assert_constants, assert_layout, c_values, indexed, struct_sizes
+from tests.support.layout import (
+    assert_constants,
+    assert_event_layout,
+    assert_layout,
+    c_values,
+    indexed,
+    struct_sizes,
+)
 
-HEADER = BPF_DIR / "types.h"
+TYPES_H = BPF_DIR / "types.h"
 
 
 def test_event_header_layout() -> None:
-    assert_layout(HEADER, "event_hdr", EventHeader)
+    assert_event_layout(HEADER, BPF_DIR)
+    assert_layout(TYPES_H, "event_hdr", EventHeader)
     assert tuple(EventModel.model_fields) == COMMON_FIELDS
 
 
 def test_map_key_sizes() -> None:
-    assert struct_sizes(HEADER, ["comm_key"]) == {"comm_key": COMM_LEN}
+    assert struct_sizes(TYPES_H, ["comm_key"]) == {"comm_key": COMM_LEN}
 
 
 def test_constants_match_python() -> None:
-    assert_constants(HEADER, {
+    assert_constants(TYPES_H, {
         "COMM_LEN": COMM_LEN,
         "TF_PIDS": TF_PIDS, "TF_UIDS": TF_UIDS, "TF_COMMS": TF_COMMS,
         "TF_FOLLOW": TF_FOLLOW, "TF_READY": TF_READY,
         "PID_TARGET": PID_TARGET, "PID_FOLLOWED": PID_FOLLOWED,
         **indexed(KERNEL_COUNTERS, "CNT_{}"),
     })
-    assert c_values(HEADER, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
+    assert c_values(TYPES_H, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
 
 
 SETTINGS_MACROS = {"MAX_TARGET_PIDS": 8, "MAX_TARGET_UIDS": 8, "MAX_TARGET_COMMS": 8,
@@ -76,3 +84,18 @@ def test_cflags_pass_every_settings_constant() -> None:
     flags = ExecMonitor(ExecOptions(), ctx).cflags()
     assert {"-DWAKEUP_EVERY=7", "-DRINGBUF_PAGES=128"} <= set(flags)
     assert {f"-D{k}" for k in SETTINGS_MACROS} <= {f.split("=")[0] for f in flags}
+
+
+def test_common_tracepoints_are_those_of_common_h() -> None:
+    """Every BccMonitor requires the tracepoints common.h's programs attach to (a kernel
+    without them gets 409 with the reason), without listing them itself."""
+    import re
+
+    from agent.monitors.bcc import COMMON_TRACEPOINTS
+    from agent.monitors.registry import discover_monitors
+
+    text = (BPF_DIR / "common.h").read_text()
+    found = re.findall(r"^TRACEPOINT_PROBE\((\w+), (\w+)\)", text, re.MULTILINE)
+    assert set(COMMON_TRACEPOINTS) == {f"{c}:{e}" for c, e in found}
+    for cls in discover_monitors():
+        assert set(COMMON_TRACEPOINTS) <= set(cls.REQUIRED_TRACEPOINTS), cls.name

@@ -3,7 +3,6 @@ counts, latency and rate-limited events on the real kernel for a program the tes
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import time
@@ -18,9 +17,9 @@ import pytest
 
 from agent.kernel.probes import kprobes_available
 from agent.kernel.symbols import Probe, dedup_by_address, glob_regex
-from agent.model.events import COMMON_FIELDS
+from agent.model.events import COMMON_FIELDS, EventHeader
 from agent.model.targets import TargetSet
-from agent.monitors.contract import MonitorError
+from agent.monitors.contract import MonitorContext, MonitorError
 from agent.monitors.func.monitor import (
     FUNC_COUNTERS,
     FUNC_F_LATENCY,
@@ -28,6 +27,7 @@ from agent.monitors.func.monitor import (
     NR_FUNC_COUNTERS,
     FuncEvent,
     FuncMonitor,
+    FuncOptions,
     FuncPatternError,
     FuncStats,
     parse_pattern,
@@ -40,7 +40,13 @@ from tests.support.kernel import (
     loaded_prog_ids,
     prog_ids_held_by,
 )
-from tests.support.layout import assert_constants, assert_layout, indexed, struct_sizes
+from tests.support.layout import (
+    assert_constants,
+    assert_event_layout,
+    assert_layout,
+    indexed,
+    struct_sizes,
+)
 from tests.support.monitors import drain, loaded_monitor
 
 MONITOR_DIR = FuncMonitor.source_dir()
@@ -146,11 +152,31 @@ def function_stats(monitor: FuncMonitor, name: str) -> dict:
 HEADER = MONITOR_DIR / "func.h"
 
 
-@pytest.mark.parametrize(
-    ("struct", "mirror"), [("func_event", FuncEvent), ("func_stats", FuncStats)]
-)
-def test_ctypes_mirror_matches_c(struct: str, mirror: type[ctypes.Structure]) -> None:
-    assert_layout(HEADER, struct, mirror)
+def test_ctypes_mirror_matches_c() -> None:
+    assert_event_layout(FuncMonitor.EVENT, MONITOR_DIR)
+    assert_layout(HEADER, "func_event", FuncEvent)
+    assert_layout(HEADER, "func_stats", FuncStats)
+
+
+@pytest.mark.parametrize(("flags", "latency", "console_tail"), [
+    (FUNC_F_LATENCY, {"latency_ns": 1234}, " 1234 ns"),
+    (0, {}, ""),  # latency_ns unset without the flag: no key at all
+])
+def test_parse_event_csv_and_console(flags: int, latency: dict, console_tail: str) -> None:
+    m = FuncMonitor(FuncOptions(patterns=["c:getpid"]), MonitorContext(
+        targets=TargetSet(), sink=CollectingSink()))
+    m.probes = [Probe("uprobe", "/lib/a.so", "f0", 16, "c:f0"),
+                Probe("uprobe", "/lib/b.so", "f1", 32, "c:f1")]
+    hdr = EventHeader(ts_ns=time.monotonic_ns(), pid=10, tid=11, ppid=9, uid=1000, gid=100,
+                      comm=b"cat")
+    event = m.parse_event(bytes(FuncEvent(hdr=hdr, latency_ns=1234, probe_id=1, flags=flags)))
+    assert {k: v for k, v in event.items() if k not in COMMON_FIELDS} == {
+        "function": "f1", "target": "/lib/b.so", **latency}
+    assert (event["monitor"], event["pid"], event["comm"]) == ("func", 10, "cat")
+    assert m.console_line(event) == (
+        f"{event['timestamp']} func pid=10 tid=11 comm=cat /lib/b.so:f1{console_tail}")
+    assert m.csv_row(event)[-3:] == ["f1", "/lib/b.so", latency.get("latency_ns")]
+    m.EventModel.model_validate(event)
 
 
 def test_header_constants_match_python() -> None:

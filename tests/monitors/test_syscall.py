@@ -41,7 +41,13 @@ from agent.monitors.syscall.monitor import (
 )
 from tests.support.filters import filter_tests
 from tests.support.kernel import CollectingSink, compile_c
-from tests.support.layout import assert_constants, assert_layout, c_values, struct_sizes
+from tests.support.layout import (
+    assert_constants,
+    assert_event_layout,
+    assert_layout,
+    c_values,
+    struct_sizes,
+)
 from tests.support.monitors import drain, loaded_monitor
 
 MONITOR_DIR = SyscallMonitor.source_dir()
@@ -219,7 +225,7 @@ HEADER = MONITOR_DIR / "syscall.h"
 
 
 def test_header_and_python_mirrors_agree() -> None:
-    assert_layout(HEADER, "syscall_event", SyscallEvent)
+    assert_event_layout(SyscallMonitor.EVENT, MONITOR_DIR)
     assert_layout(HEADER, "sc_config", ScConfig)
     # Built by BCC from the header: per-CPU values must be multiples of 8 bytes.
     sizes = struct_sizes(HEADER, ["sc_stat", "sc_proc_stat", "sc_errno_key", "sc_proc_key"])
@@ -270,7 +276,8 @@ def test_parse_event_and_console_line() -> None:
     assert (event["pid"], event["tid"], event["ret"], event["comm"]) == (10, 11, -2, "cat")
     assert (event["ppid"], event["uid"], event["gid"]) == (9, 1000, 100)
     line = m.console_line(event)
-    assert "openat = -2 ENOENT" in line and "52000.0us" in line
+    assert line == (
+        f"{event['timestamp']} syscall pid=10 tid=11 comm=cat openat = -2 ENOENT 52000.0us")
     assert [event.get(f) for f in m.CSV_FIELDS] == m.csv_row(event)
 
 

@@ -2,6 +2,7 @@
 prints what it makes of it, and the ctypes mirror or Python constant must say the same.
 
     assert_layout("agent/monitors/func/func.h", "func_event", FuncEvent)
+    assert_event_layout(ExecMonitor.EVENT, ExecMonitor.source_dir(), defines, sizes)
     assert_constants(BPF_DIR / "types.h", {"TF_PIDS": TF_PIDS, ...})
 
 Headers are compiled as BCC sees them: agent/bpf/ and the header's own folder on the
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.model.event_decl import EventDecl
+from agent.model.events import HEADER
 from agent.monitors.bcc import BPF_DIR
 
 REPO = BPF_DIR.parents[1]
@@ -106,3 +109,39 @@ def indexed(names: tuple[str, ...] | list[str], macro: str = "{}") -> dict[str, 
     """{macro name: index} for a Python list that mirrors C index constants, e.g.
     indexed(KERNEL_COUNTERS, "CNT_{}") == {"CNT_SEEN": 0, ...}."""
     return {macro.format(name.upper()): i for i, name in enumerate(names)}
+
+
+def assert_event_layout(decl: EventDecl, directory: str | Path,
+                        defines: Mapping[str, int | str] | None = None,
+                        sizes: Mapping[str, int] | None = None) -> None:
+    """An event declaration (agent/model/event_decl.py) against its C header in
+    ``directory`` (a monitor's folder: ``Monitor.source_dir()``): the ctypes mirror
+    derived from it matches gcc's struct, and the unpack format the decoder uses puts
+    every member at the same offset."""
+    cls = decl.ctypes_struct(sizes)
+    assert_layout(Path(directory) / decl.header, decl.struct, cls, defines)
+    fmt, names = decl.unpack_format()
+    offsets = {**{f"hdr.{k}": v for k, v in HEADER.offsets().items()}, **decl.offsets(sizes)}
+    if not decl.with_header:
+        offsets = decl.offsets()
+    pos = 0
+    for name, code in zip(names, _format_items(fmt), strict=True):
+        pos += code[0]
+        assert pos == offsets[name], f"{decl.struct}.{name}: unpacked at {pos}, C {offsets[name]}"
+        pos += code[1]
+
+
+def _format_items(fmt: str) -> list[tuple[int, int]]:
+    """(padding before, size) of each value of a struct format of ours ("=", "x", "Ns",
+    single integer codes)."""
+    import re
+    import struct
+
+    out, pad = [], 0
+    for count, code in re.findall(r"(\d*)([xsBbHhIiQqc])", fmt.lstrip("=")):
+        if code == "x":
+            pad += 1
+            continue
+        out.append((pad, int(count) if code == "s" else struct.calcsize("=" + code)))
+        pad = 0
+    return out

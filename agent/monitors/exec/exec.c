@@ -10,7 +10,7 @@
 #endif
 
 /* Keyed by tgid: an exec from a non-leader thread comes back at sys_exit as the leader
- * (de_thread() in fs/exec.c gives it the tgid as pid), so a tid key would be lost. */
+ * (the kernel's de_thread() gives it the tgid as pid), so a tid key would be lost. */
 BPF_HASH(pending, u32, struct exec_event, MAX_PENDING);
 BPF_PERCPU_ARRAY(scratch, struct exec_event, 1);
 
@@ -109,9 +109,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
     return on_enter(args->filename, args->argv);
 }
 
-/* sched_process_exec fires in exec_binprm() once the new image is in place, only for
- * an exec that succeeds (include/trace/events/sched.h). The kernel has just copied argv
- * onto the new stack (mm->arg_start..arg_end, fs/exec.c), so those pages are present.
+/* Tracepoint sched:sched_process_exec fires in exec_binprm() once the new image is in
+ * place, only for an exec that succeeds. The kernel has just copied argv onto the new
+ * stack (mm->arg_start..arg_end), so those pages are present.
  * The caller's argv read at sys_enter may not be: a BPF program cannot fault pages in,
  * and a child fresh from fork() often has not touched the (file-backed) page holding
  * its argument strings yet; that read then comes back empty. */

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import ctypes
 from functools import cached_property
-from typing import ClassVar
+from typing import Any
 
-import orjson
 from pydantic import Field
 
-from agent.model.events import (
-    COMMON_CSV_FIELDS,
-    Event,
-    EventHeader,
-    EventModel,
-    decode_c_string,
-)
+from agent.model.event_decl import Csv, Decode, EventDecl, EventField, Member
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorOptions
+from agent.monitors.decoder import Hook
 from agent.monitors.registry import register_monitor
 
 # Mirrors of agent/monitors/exec/exec.h (tests/monitors/test_exec_struct.py checks them
@@ -27,36 +21,42 @@ EXEC_F_ARGS_TRUNCATED = 1
 EXEC_F_ARGS_RAW = 4
 EXEC_F_ARGS_CUT = 8
 
+EXEC_EVENT = EventDecl(
+    struct="exec_event", header="exec.h",
+    doc="An exec: the common fields (comm: the new program's when the exec succeeded).",
+    members=(
+        Member("ret", "s32"),
+        Member("args_count", "u32"),
+        Member("args_size", "u32"),  # bytes used in args
+        Member("flags", "u32"),  # EXEC_F_*
+        Member("filename", "char", FILENAME_SIZE),
+        Member("args", "char", "ARGS_AREA"),  # sent only up to args_size
+    ),
+    fields=(
+        EventField("filename", "string", "the path passed to execve/execveat"),
+        EventField("argv", "string[]", "arguments; bytes that are not UTF-8 as \\udcXX",
+                   Decode.HOOK, arg="args", csv=Csv.JSON),
+        EventField("truncated", "boolean", "max_args or arg_size cut something",
+                   Decode.HOOK, arg="args"),
+        EventField("ret", "integer", "0, or -errno when the exec failed"),
+    ),
+    console="pid={pid} ppid={ppid} uid={uid} comm={comm} ret={ret} {argv:words}",
+)
+
 
 class ExecOptions(MonitorOptions):
     max_args: int = Field(20, ge=1, le=64, description="arguments kept per exec")
     arg_size: int = Field(128, ge=8, le=1024, description="bytes kept per argument")
 
 
-class ExecEventModel(EventModel):
-    """An exec: the common fields (comm: the new program's when the exec succeeded)."""
-
-    filename: str = Field(description="the path passed to execve/execveat")
-    argv: list[str] = Field(description="arguments; bytes that are not UTF-8 as \\udcXX")
-    truncated: bool = Field(description="max_args or arg_size cut something")
-    ret: int = Field(description="0, or -errno when the exec failed")
+def args_area(max_args: int, arg_size: int) -> int:
+    """exec.h ARGS_AREA: each argument's slot holds ARG_SIZE + 1 bytes and a NUL."""
+    return max_args * (arg_size + 2)
 
 
 def exec_event_struct(max_args: int, arg_size: int) -> type[ctypes.Structure]:
     """The ctypes mirror of ``struct exec_event`` in agent/monitors/exec/exec.h for these sizes."""
-
-    class ExecEvent(ctypes.Structure):
-        _fields_ = [
-            ("hdr", EventHeader),
-            ("ret", ctypes.c_int32),
-            ("args_count", ctypes.c_uint32),
-            ("args_size", ctypes.c_uint32),
-            ("flags", ctypes.c_uint32),
-            ("filename", ctypes.c_char * FILENAME_SIZE),
-            ("args", ctypes.c_char * (max_args * (arg_size + 2))),
-        ]
-
-    return ExecEvent
+    return EXEC_EVENT.ctypes_struct({"ARGS_AREA": args_area(max_args, arg_size)}, "ExecEvent")
 
 
 @register_monitor("exec", "process executions (execve, execveat) with argv and result")
@@ -64,7 +64,7 @@ class ExecMonitor(BccMonitor[ExecOptions]):
     """Process executions."""
 
     Options = ExecOptions
-    EventModel = ExecEventModel
+    EVENT = EXEC_EVENT
     BPF_SOURCE = "exec.c"
     REQUIRED_TRACEPOINTS = (
         "syscalls:sys_enter_execve",
@@ -72,56 +72,29 @@ class ExecMonitor(BccMonitor[ExecOptions]):
         "syscalls:sys_enter_execveat",
         "syscalls:sys_exit_execveat",
         "sched:sched_process_exec",
-        "sched:sched_process_fork",
-        "sched:sched_process_exit",
     )
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        *COMMON_CSV_FIELDS, "filename", "argv", "truncated", "ret",
-    )
-
 
     def extra_cflags(self) -> dict[str, int | str]:
         return {"ARGS_MAX": self.options.max_args, "ARG_SIZE": self.options.arg_size}
 
     @cached_property
-    def _struct(self) -> type[ctypes.Structure]:
-        return exec_event_struct(self.options.max_args, self.options.arg_size)
-
-    @cached_property
     def _args_offset(self) -> int:
-        return self._struct.args.offset  # type: ignore[attr-defined]
+        return EXEC_EVENT.offsets()["args"]
 
-    def parse_event(self, raw: bytes) -> Event:
-        # The kernel sends only the used part of args[]; pad to the struct's size.
-        full = raw.ljust(ctypes.sizeof(self._struct), b"\0")
-        e = self._struct.from_buffer_copy(full)
-        area = raw[self._args_offset : self._args_offset + e.args_size]
-        if e.flags & EXEC_F_ARGS_RAW:
+    def decode_hooks(self) -> dict[str, Hook]:
+        return {"args": self.decode_args}
+
+    def decode_args(self, raw: bytes, members: dict[str, Any]) -> dict[str, Any]:
+        """argv and truncated from the argument area (the kernel sends only its used
+        part: args_size bytes)."""
+        flags = members["flags"]
+        area = raw[self._args_offset : self._args_offset + members["args_size"]]
+        if flags & EXEC_F_ARGS_RAW:
             argv, cut = split_arg_area(area, self.options.max_args, self.options.arg_size,
-                                       bool(e.flags & EXEC_F_ARGS_CUT))
+                                       bool(flags & EXEC_F_ARGS_CUT))
         else:
-            argv, cut = split_args(area, e.args_count, self.options.arg_size)
-        return {
-            **self.common_fields(e.hdr),
-            "filename": decode_c_string(e.filename),
-            "argv": argv,
-            "truncated": cut or bool(e.flags & EXEC_F_ARGS_TRUNCATED),
-            "ret": e.ret,
-        }
-
-    def csv_row(self, event: Event) -> list:
-        row = super().csv_row(event)
-        # argv as one JSON array cell: survives commas, quotes and newlines (RFC 4180
-        # quoting does the rest) and keeps argument boundaries.
-        row[self.CSV_FIELDS.index("argv")] = orjson_dumps_str(event["argv"])
-        return row
-
-    def console_line(self, event: Event) -> str:
-        args = " ".join(event["argv"]).replace("\n", "\\n")
-        return (
-            f"{event['timestamp']} exec pid={event['pid']} ppid={event['ppid']} "
-            f"uid={event['uid']} comm={event['comm']} ret={event['ret']} {args}"
-        )
+            argv, cut = split_args(area, members["args_count"], self.options.arg_size)
+        return {"argv": argv, "truncated": cut or bool(flags & EXEC_F_ARGS_TRUNCATED)}
 
 
 def _decode_args(parts: list[bytes], arg_size: int) -> tuple[list[str], bool]:
@@ -152,12 +125,3 @@ def split_arg_area(
         complete.append(tail)
     argv, cut = _decode_args(complete[:max_args], arg_size)
     return argv, cut or area_cut or len(complete) > max_args
-
-
-def orjson_dumps_str(value: list[str]) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # surrogate-escaped bytes: the stdlib writes \udcXX escapes
-        import json
-
-        return json.dumps(value, ensure_ascii=False)

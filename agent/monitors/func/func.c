@@ -3,14 +3,14 @@
  *
  * With uprobe_multi links (Linux 6.6+) one pair of programs serves every function, the
  * probe id coming from the attach cookie (FUNC_COOKIE_PROGRAMS). Otherwise this file is
- * a template: agent/monitors/func.py replaces the FUNC_PROBES marker below with one
+ * a template: agent/monitors/func/monitor.py replaces the FUNC_PROBES marker below with one
  * tiny program per resolved function, e.g.
  *     int func_entry_3(struct pt_regs *ctx) { return on_entry(ctx, 3); }
  * (as BCC's funccount does). A uprobe cannot tell its program which attachment fired
  * it (BCC 0.26 has no attach cookies), so the probe id must be a compile-time constant
  * of a program of its own. Every program shares the inlined bodies below.
  *
- * -D constants from func.py: NR_PROBES, FUNC_LATENCY, FUNC_EVENTS, EVENTS_PER_SECOND,
+ * -D constants from monitor.py: NR_PROBES, FUNC_LATENCY, FUNC_EVENTS, EVENTS_PER_SECOND,
  * MAX_INFLIGHT.
  */
 #include "common.h"
@@ -128,7 +128,7 @@ static __always_inline int on_return(struct pt_regs *ctx, u32 id)
 }
 
 /* Never attached to a function: loaded only to ask the kernel whether it has
- * uprobe_multi links (agent/monitors/func.py UprobeMultiLinks.create). */
+ * uprobe_multi links (agent/kernel/probes.py UprobeMultiLinks.create). */
 int func_feature_probe(struct pt_regs *ctx)
 {
     return 0;
@@ -136,7 +136,7 @@ int func_feature_probe(struct pt_regs *ctx)
 
 #ifdef FUNC_COOKIE_PROGRAMS
 /* One entry (and one return) program for every function: each uprobe_multi attach point
- * carries the function's probe id as its cookie (agent/monitors/func/multi.py). */
+ * carries the function's probe id as its cookie (agent/monitors/func/cookie_links.py). */
 int func_entry_any(struct pt_regs *ctx)
 {
     return on_entry(ctx, (u32)bpf_get_attach_cookie(ctx));

@@ -13,7 +13,7 @@
 
 #define FUNC_F_LATENCY 1         /* latency_ns is set: the event was sent at return */
 
-/* func_counters[] indices (per CPU); func.py FUNC_COUNTERS mirrors this list. */
+/* func_counters[] indices (per CPU); monitor.py FUNC_COUNTERS mirrors this list. */
 #define FCNT_SUPPRESSED    0     /* events refused by the in-kernel rate limit */
 #define FCNT_NO_ENTRY      1     /* a return without its entry (table full, attached mid-call) */
 #define NR_FUNC_COUNTERS   4

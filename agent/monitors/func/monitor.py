@@ -10,7 +10,7 @@ Patterns (as BCC's funccount spells them):
   available_filter_functions. Refused with a reason (409) on kernels without kprobes.
 
 BPF code is generated for the resolved set: one tiny program per function (entry, and
-return when ``latency``) whose probe id is a constant; see agent/monitors/func/func.c. Uprobes are
+return when ``latency``) whose probe id is a constant; see func.c. Uprobes are
 attached through uprobe_multi links where the kernel has them (6.6+), else through BCC's
 perf events, whose detach is slow (FuncMonitor.attach says why).
 """
@@ -22,9 +22,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -33,12 +33,12 @@ from agent.kernel.probes import (
     UprobeMultiLinks,
     describe_error,
     kprobes_status,
-    remove_leaked_uprobe_event,
 )
 from agent.kernel.symbols import (
     KERNEL_TARGET,
     Probe,
     dedup_by_address,
+    file_offsets,
     glob_regex,
     kernel_functions,
     resolve_binary,
@@ -46,10 +46,11 @@ from agent.kernel.symbols import (
 )
 from agent.kernel.symbols import PatternError as FuncPatternError
 from agent.kernel.uprobe_insn import uprobe_hazards
-from agent.model.events import COMMON_CSV_FIELDS, Event, EventHeader, EventModel
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
 from agent.monitors.bcc import BccMonitor, inline_includes
 from agent.monitors.contract import MetricSeries, MonitorContext, MonitorError, MonitorOptions
-from agent.monitors.func.multi import CookieLinks, file_offsets
+from agent.monitors.func.bcc_uprobes import remove_leaked_uprobe_event
+from agent.monitors.func.cookie_links import CookieLinks
 from agent.monitors.registry import register_monitor
 
 __all__ = ["FuncMonitor", "FuncOptions", "FuncPatternError", "Probe", "parse_pattern"]
@@ -65,7 +66,7 @@ NR_FUNC_COUNTERS = 4
 PROBES_MARKER = "/* FUNC_PROBES */"
 FEATURE_PROBE = "func_feature_probe"  # func.c: loaded only to detect uprobe_multi links
 # BCC counts every perf-event uprobe, uretprobe, kprobe and kretprobe of the process
-# against one quota (bcc/__init__.py _default_probe_limit = 1000, env BCC_PROBE_LIMIT);
+# against one quota (BCC's _default_probe_limit = 1000, env BCC_PROBE_LIMIT);
 # with latency a function takes two, so 500 functions is the most one monitor can attach
 # that way. With uprobe_multi links one program pair serves every function (attach
 # cookies), so max_probes counts attach points (a function with latency is two); the
@@ -145,25 +146,29 @@ def report_kprobes(report: Any) -> tuple[bool, str] | None:
     return available, str(getattr(feature, "detail", "") or "capability report")
 
 
-class FuncEventModel(EventModel):
-    """A call of a probed function (events=true), rate-limited in the kernel."""
-
-    function: str = Field(description="the symbol name")
-    target: str = Field(description="the binary's real path, or \"kernel\"")
-    latency_ns: int | None = Field(
-        None, description="from entry to return; present only with latency=true")
+# A call of a probed function: struct func_event of func.h.
+FUNC_EVENT = EventDecl(
+    struct="func_event", header="func.h",
+    doc="A call of a probed function (events=true), rate-limited in the kernel.",
+    members=(
+        Member("latency_ns", "u64"),  # valid when flags & FUNC_F_LATENCY
+        Member("probe_id", "u32"),  # index into the resolved probes
+        Member("flags", "u32"),  # FUNC_F_*
+    ),
+    fields=(
+        EventField("function", "string", "the symbol name", Decode.LOOKUP, source="probe_id"),
+        EventField("target", "string", "the binary's real path, or \"kernel\"",
+                   Decode.LOOKUP, source="probe_id"),
+        EventField("latency_ns", "integer",
+                   "from entry to return; present only with latency=true",
+                   when=("flags", FUNC_F_LATENCY)),
+    ),
+    console="pid={pid} tid={tid} comm={comm} {target}:{function}{latency_ns:opt_ns}",
+)
+FuncEvent = FUNC_EVENT.ctypes_struct(name="FuncEvent")
 
 
 # -- the monitor ------------------------------------------------------------------------
-class FuncEvent(ctypes.Structure):
-    """Mirror of ``struct func_event`` in agent/monitors/func/func.h."""
-
-    _fields_ = [
-        ("hdr", EventHeader),
-        ("latency_ns", ctypes.c_uint64),
-        ("probe_id", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-    ]
 
 
 class FuncStats(ctypes.Structure):
@@ -184,14 +189,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
     """Function calls (uprobes and kprobes) matched by glob patterns."""
 
     Options = FuncOptions
-    EventModel = FuncEventModel
+    EVENT = FUNC_EVENT
     BPF_SOURCE = "func.c"
-    REQUIRED_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
     # ignore: BccMonitor's unannotated tuple makes mypy infer a fixed 5-tuple type.
     REQUIRED_FEATURES = (*BccMonitor.REQUIRED_FEATURES, "uprobes")  # type: ignore[assignment]
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        *COMMON_CSV_FIELDS, "function", "target", "latency_ns",
-    )
 
 
     def __init__(self, options: FuncOptions, ctx: MonitorContext) -> None:
@@ -207,7 +208,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         # the bench set it to cover and compare that path.
         self.prefer_uprobe_multi = True
         self.attach_seconds = 0.0
-        # One shared program pair, probe id from the attach cookie (multi.py); False: a
+        # One shared program pair, probe id from the attach cookie (cookie_links.py); False: a
         # program per function (no uprobe_multi links, kprobes, or prefer_uprobe_multi off).
         self.cookie_mode = False
         self.cookie_links: CookieLinks | None = None
@@ -303,9 +304,9 @@ class FuncMonitor(BccMonitor[FuncOptions]):
 
         Uprobes go through uprobe_multi BPF links when the kernel has them (Linux 6.6+):
         closing BCC's perf-event uprobes is serialised on the kernel's event_mutex
-        (perf_trace_event_unreg waits for RCU grace periods inside it), so stopping a few
-        hundred probes takes about a minute; links close in parallel instead
-        (bench/RESULTS.md, "func_overhead").
+        (perf_trace_event_unreg waits for RCU grace periods inside it), so stopping
+        probes costs grace periods one after another; links close in parallel instead
+        (figures: bench/RESULTS.md, "func_overhead").
 
         A function the kernel refuses (x86 uprobes cannot single-step some instructions,
         e.g. the lock prefix that starts glibc's pthread_spin_lock: ENOTSUPP) is skipped
@@ -368,7 +369,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
                             ", ".join(self.probes[ids[k]].name for k in sorted(hazards)))
 
     def _attach_with_cookies(self) -> None:
-        """Every function of a binary in one link per direction (multi.py)."""
+        """Every function of a binary in one link per direction (cookie_links.py)."""
         from bcc import BPF
 
         latency = self.options.latency
@@ -467,24 +468,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         super().close()
 
     # -- events ---------------------------------------------------------------------
-    def parse_event(self, raw: bytes) -> Event:
-        e = FuncEvent.from_buffer_copy(raw[: ctypes.sizeof(FuncEvent)])
-        probe = self.probes[e.probe_id]
-        event: Event = {
-            **self.common_fields(e.hdr),
-            "function": probe.name,
-            "target": probe.target,
-        }
-        if e.flags & FUNC_F_LATENCY:
-            event["latency_ns"] = e.latency_ns
-        return event
-
-    def console_line(self, event: Event) -> str:
-        latency = f" {event['latency_ns']} ns" if "latency_ns" in event else ""
-        return (
-            f"{event['timestamp']} func pid={event['pid']} tid={event['tid']} "
-            f"comm={event['comm']} {event['target']}:{event['function']}{latency}"
-        )
+    def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
+        """The resolved probes by probe id (set before load)."""
+        return {"function": {i: p.name for i, p in enumerate(self.probes)},
+                "target": {i: p.target for i, p in enumerate(self.probes)}}
 
     # -- aggregates -------------------------------------------------------------------
     def metric_series(self) -> list[MetricSeries]:

@@ -8,8 +8,9 @@ BPF_MAP_LOOKUP_BATCH (a few bpf(2) calls per table).
 Two modes (option ``latency``):
 - ``latency=True`` (default): a program at sys_enter stamps each call of a target and one
   at sys_exit counts it with its latency (total/min/max, log2 histogram).
-- ``latency=False``: only a program at sys_exit, about a quarter of the cost per syscall:
-  counts, errors and errnos, filtered at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
+- ``latency=False``: only a program at sys_exit, a fraction of the cost per syscall
+  (bench/RESULTS.md, "overhead (syscall monitor)"): counts, errors and errnos, filtered
+  at exit; ``total_ns``, ``min_ns``, ``max_ns`` and
   ``histogram`` are None, ``sort="time"`` and ``slow_threshold_us`` are refused.
   exit(2) and exit_group(2) are not counted (they never reach sys_exit; syscall.c says
   why no other hook is used). Counted differently from the latency mode: calls in
@@ -49,7 +50,7 @@ import os
 import time
 from array import array
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
@@ -64,13 +65,8 @@ from agent.kernel.maps import (
     zero_array_range,
 )
 from agent.kernel.syscalls import category, errno_name, syscall_name, syscall_names
-from agent.model.events import (
-    COMMON_CSV_FIELDS,
-    Event,
-    EventHeader,
-    EventModel,
-    decode_c_string,
-)
+from agent.model.event_decl import Decode, EventDecl, EventField, Member
+from agent.model.events import decode_c_string
 from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import (
     MetricSeries,
@@ -113,14 +109,41 @@ class ScConfig(ctypes.Structure):
     ]
 
 
-class SyscallEvent(ctypes.Structure):
-    _fields_ = [
-        ("hdr", EventHeader),
-        ("latency_ns", ctypes.c_uint64),
-        ("ret", ctypes.c_int64),
-        ("nr", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
+# A call slower than slow_threshold_us: struct syscall_event of syscall.h.
+SYSCALL_EVENT = EventDecl(
+    struct="syscall_event", header="syscall.h",
+    doc="A call slower than slow_threshold_us (comm: at sys_exit).",
+    members=(
+        Member("latency_ns", "u64"),
+        Member("ret", "s64"),
+        Member("nr", "u32"),
+        Member("_pad", "u32"),
+    ),
+    fields=(
+        EventField("syscall", "string", "the native name of nr on this machine",
+                   Decode.LOOKUP, source="nr"),
+        EventField("nr", "integer", "the syscall number"),
+        EventField("category", "string", "file, network, process, memory... (agent/kernel)",
+                   Decode.LOOKUP, source="nr"),
+        EventField("latency_ns", "integer", "from sys_enter to sys_exit"),
+        EventField("ret", "integer", "the raw return value: -errno on failure"),
+    ),
+    console="pid={pid} tid={tid} comm={comm} {syscall} = {ret:errno} {latency_ns:us}us",
+)
+SyscallEvent = SYSCALL_EVENT.ctypes_struct(name="SyscallEvent")
+
+
+class ByNumber(dict[int, str]):
+    """A LOOKUP table filled on first use: a name per syscall number (any number,
+    those outside the table too)."""
+
+    def __init__(self, name_of: Callable[[int], str]) -> None:
+        super().__init__()
+        self._name_of = name_of
+
+    def __missing__(self, nr: int) -> str:
+        value = self[nr] = self._name_of(nr)
+        return value
 
 
 class SyscallOptions(MonitorOptions):
@@ -166,16 +189,6 @@ class SyscallStatsQuery(MonitorStatsQuery):
         "count", description="order rows by call count or by total latency (latency only)")
     limit: int | None = Field(None, ge=0, description="the first N rows of each list")
     reset: bool = Field(False, description="end the window: return it and start a new one")
-
-
-class SyscallEventModel(EventModel):
-    """A call slower than slow_threshold_us (comm: at sys_exit)."""
-
-    syscall: str = Field(description="the native name of nr on this machine")
-    nr: int = Field(description="the syscall number")
-    category: str = Field(description="file, network, process, memory... (agent/kernel)")
-    latency_ns: int = Field(description="from sys_enter to sys_exit")
-    ret: int = Field(description="the raw return value: -errno on failure")
 
 
 # -- aggregation ---------------------------------------------------------------------
@@ -231,16 +244,11 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
 
     Options = SyscallOptions
     StatsQuery = SyscallStatsQuery
-    EventModel = SyscallEventModel
+    EVENT = SYSCALL_EVENT
     BPF_SOURCE = "syscall.c"
     REQUIRED_TRACEPOINTS = (
         "raw_syscalls:sys_enter",
         "raw_syscalls:sys_exit",
-        "sched:sched_process_fork",
-        "sched:sched_process_exit",
-    )
-    CSV_FIELDS: ClassVar[tuple[str, ...]] = (
-        *COMMON_CSV_FIELDS, "syscall", "nr", "category", "latency_ns", "ret",
     )
     # Columns of snapshot_rows(), for the output layer's periodic CSV.
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -261,7 +269,6 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
 
     def __init__(self, options: SyscallOptions, ctx: MonitorContext) -> None:
         super().__init__(options, ctx)
-        self._nr_names: dict[int, tuple[str, str]] = {}  # nr -> (name, category)
         self._gen = 0
         self._window_start = time.monotonic()
 
@@ -362,30 +369,10 @@ class SyscallMonitor(BccMonitor[SyscallOptions]):
             self._write_config()
 
     # -- events ------------------------------------------------------------------------
-    def parse_event(self, raw: bytes) -> Event:
-        e = SyscallEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(SyscallEvent), b"\0"))
-        nr = e.nr
-        named = self._nr_names.get(nr)
-        if named is None:  # once per syscall number: this runs for every event
-            name = syscall_name(nr)
-            named = self._nr_names[nr] = (name, category(name))
-        return {
-            **self.common_fields(e.hdr),
-            "syscall": named[0],
-            "nr": nr,
-            "category": named[1],
-            "latency_ns": e.latency_ns,
-            "ret": e.ret,
-        }
-
-    def console_line(self, event: Event) -> str:
-        ret = event["ret"]
-        result = f"{ret} {errno_name(ret)}" if -4095 <= ret < 0 else str(ret)
-        return (
-            f"{event['timestamp']} syscall pid={event['pid']} tid={event['tid']} "
-            f"comm={event['comm']} {event['syscall']} = {result} "
-            f"{event['latency_ns'] / 1000:.1f}us"
-        )
+    def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
+        """Names by number, looked up once per number: this runs for every event."""
+        return {"syscall": ByNumber(syscall_name),
+                "category": ByNumber(lambda nr: category(syscall_name(nr)))}
 
     # -- tables --------------------------------------------------------------------------
     def _read_syscalls(self, gen: int, histogram: bool) -> dict[int, dict[str, Any]]:

@@ -1,14 +1,14 @@
 /* SyscallMonitor: every system call of the target tasks, aggregated in the kernel.
  *
- * Programs are raw tracepoints on sys_enter and sys_exit (include/trace/events/syscalls.h,
- * fired from the generic syscall entry/exit work, kernel/entry/common.c): the kernel
- * passes the tracepoint's arguments as they are, ctx->args[0] = struct pt_regs *,
- * ctx->args[1] = the syscall number at sys_enter and the return value at sys_exit. A
+ * Programs are raw tracepoints on raw_syscalls:sys_enter and sys_exit (fired from the
+ * generic syscall entry/exit work): the kernel passes the tracepoint's arguments as
+ * they are, ctx->args[0] = struct pt_regs *, ctx->args[1] = the syscall number at
+ * sys_enter and the return value at sys_exit. A
  * perf-attached tracepoint (TRACEPOINT_PROBE) would first build a perf record (buffer
  * allocation, the argument copy, perf_trace_run_bpf_submit), a measurable cost per
  * syscall for a pair of empty programs (bench/RESULTS.md, "overhead (syscall monitor)").
  *
- * Two builds, chosen by the latency option (agent/monitors/syscall.py):
+ * Two builds, chosen by the latency option (agent/monitors/syscall/monitor.py):
  * - WITH_LATENCY: sys_enter stamps the calling thread's start time and syscall number
  *   (sc_start); sys_exit counts the call: count, errors and errno, latency sum/min/max
  *   and a log2 histogram per syscall, and per (process, syscall) when PER_PROCESS is
@@ -32,17 +32,18 @@
  * CPU in between. The programs run in task context at syscall entry and exit, never
  * from an interrupt, so the one thing that could interleave two updates on a CPU is a
  * preemption followed by another task's syscall. Since Linux 6.14 syscall tracepoints
- * are "faultable" (Mathieu Desnoyers' series: their probes run with preemption
- * enabled), and each tracer disables it around its programs itself: raw
- * tracepoint programs through __BPF_DECLARE_TRACE_SYSCALL in include/trace/bpf_probe.h
- * (preempt_disable_notrace() around bpf_trace_runN()), perf-attached ones in
- * perf_syscall_enter()/perf_trace_<class>() (guard(preempt_notrace)). Before 6.14 every
- * tracepoint probe ran under rcu_read_lock_sched(), preemption off. So on the kernels
- * this runs on (docs/kernel.md) the increments need no atomic instruction; userspace sums the copies and merges min/max. A future
+ * are "faultable" (their probes run with preemption enabled), and each tracer disables
+ * it around its programs itself: raw tracepoint programs through the kernel's
+ * __BPF_DECLARE_TRACE_SYSCALL (preempt_disable_notrace() around bpf_trace_runN()),
+ * perf-attached ones in perf_syscall_enter()/perf_trace_<class>()
+ * (guard(preempt_notrace)). Before 6.14 every tracepoint probe ran under
+ * rcu_read_lock_sched(), preemption off. So on the kernels this runs on
+ * (docs/kernel.md) the increments need no atomic instruction; userspace sums the copies
+ * and merges min/max. A future
  * kernel may run syscall tracepoint programs preemptibly (migration disabled only): a
  * program preempted between its load and store could then lose another task's update
  * on that CPU (a count off by one, rarely), and the generation switch's settle time
- * (syscall.py) would no longer bound the programs still writing the old generation.
+ * (monitor.py) would no longer bound the programs still writing the old generation.
  */
 #include "common.h"
 #include "syscall.h"
@@ -60,7 +61,7 @@
 #ifndef MAX_ERRNO_KEYS
 #define MAX_ERRNO_KEYS 4096     /* (syscall, errno, generation) triples */
 #endif
-/* exit(2) and exit_group(2) never return (kernel/exit.c: do_exit() is __noreturn), so
+/* exit(2) and exit_group(2) never return (the kernel's do_exit() is __noreturn), so
  * sys_exit never fires for them: the latency build counts them at sys_enter, without
  * latency. Userspace passes this machine's numbers (x86_64: 60 and 231). */
 #ifndef NR_EXIT
@@ -79,7 +80,7 @@
 #endif
 #endif
 
-/* include/linux/err.h: a return value in [-MAX_ERRNO, -1] is an error (the same test as
+/* The kernel's MAX_ERRNO: a return value in [-MAX_ERRNO, -1] is an error (the same test as
  * glibc's INTERNAL_SYSCALL_ERROR_P); other negative values (e.g. a high address from
  * mmap on some machines, fcntl(F_GETOWN) of a process group) are results. */
 #define SC_MAX_ERRNO 4095
@@ -98,7 +99,7 @@ struct sc_start {
  * (bucket lock, element allocation) on every call. A zero start_ns means "no call in
  * flight that we stamped": a call that began before the monitor loaded, in a task that
  * was not a target then, or one that skipped sys_enter: a seccomp or ptrace denial
- * returns before trace_sys_enter() (syscall_trace_enter(), kernel/entry/common.c) but
+ * returns before trace_sys_enter() (in the kernel's syscall_trace_enter()) but
  * still passes through sys_exit. Such calls are not counted in this build.
  * Storing the number at sys_enter also spares sys_exit a read of pt_regs. */
 #ifdef SC_TASK_STORAGE
@@ -296,7 +297,7 @@ static __always_inline void submit_slow(void *ctx, u32 nr, u64 start, u64 lat, l
 
 /* Only stamped calls are counted, so the target filter decided at sys_enter holds here:
  * a filtered task costs this one lookup. A successful execve(2) returns here in the new
- * image with the same tid (unless a non-leader thread exec'd: de_thread() in fs/exec.c
+ * image with the same tid (unless a non-leader thread exec'd: the kernel's de_thread()
  * gives it the leader's pid: that call is then lost, and the entry of its old tid stays
  * until the tid is reused). */
 RAW_TRACEPOINT_PROBE(sys_exit)
@@ -325,9 +326,9 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     return 0;
 }
 
-/* Attached by agent/monitors/syscall.py to sched:sched_process_exit (common.h already
+/* Attached by agent/monitors/syscall/monitor.py to sched:sched_process_exit (common.h already
  * has the TRACEPOINT_PROBE of that name). It fires in do_exit() for every exiting
- * thread, current being that thread (include/trace/events/sched.h). */
+ * thread, current being that thread (tracepoint sched:sched_process_exit). */
 #ifndef SC_TASK_STORAGE
 int sc_task_exit(void *ctx)
 {
@@ -359,11 +360,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     /* A call whose number the kernel itself set to -1 before returning: sys_exit reads
      * pt_regs after the call ran, and a few calls clear the number on purpose.
      * - rt_sigreturn(2), the return from every signal handler: restore_sigcontext()
-     *   (arch/x86/kernel/signal_64.c) sets regs->orig_ax = -1 "to disable syscall
+     *   (x86-64) sets regs->orig_ax = -1 "to disable syscall
      *   checks", so the interrupted call is not restarted a second time (arm64:
      *   forget_syscall() in restore_sigframe(), syscallno = NO_SYSCALL).
      * - the uretprobe trampoline's syscall (Linux 6.11+, x86_64): sys_uretprobe()
-     *   (arch/x86/kernel/uprobes.c) sets regs->orig_ax = -1. Any uretprobe on a
+     *   sets regs->orig_ax = -1. Any uretprobe on a
      *   function the target runs (anyone's: a probe on libc fires in every process
      *   mapping it) makes one such call per probed return.
      * - a call a ptrace tracer skipped by writing -1 as the number.

@@ -47,7 +47,7 @@ struct sc_config {
  * fields stay 0 in the build without latency (syscall.c, WITH_LATENCY unset). */
 struct sc_stat {
     u64 count;                 /* calls that returned, plus exit/exit_group at entry */
-    u64 errors;                /* returns in [-4095, -1] (include/linux/err.h MAX_ERRNO) */
+    u64 errors;                /* returns in [-4095, -1] (the kernel's MAX_ERRNO) */
     u64 total_ns;              /* sum of latencies of the calls that returned */
     u64 min_ns;                /* 0: no returning call on this CPU yet */
     u64 max_ns;

@@ -1,49 +1,21 @@
-"""Who may drive the agent: a bearer token, a Host allow-list and an Origin check.
+"""Where a request may come from: a Host allow-list and an Origin check.
 
 The agent loads kernel programs as root, so a web page in the operator's browser must
 not be able to reach it: browsers send Origin on cross-site requests and on every
 WebSocket handshake, and a DNS-rebinding page sends a foreign Host header. Both are
 refused here before any route runs. Authentication itself happens in
-agent/api/gate.py (before any body is read); tokens never reach a log (redact.py).
+gate.py (before any body is read), the scope each route needs in scopes.py; tokens never
+reach a log (redact.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, HTTPException
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-bearer_scheme = HTTPBearer(
-    auto_error=False,
-    description="A token from the config (`token`, `token_file`, `tokens:`) or the one "
-    "generated into api.runtime_dir. A `read` token may read and stream; changing state "
-    "needs `control`. With `api.auth: none` (loopback only) nothing is required.",
-)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def bearer_from_header(value: str | None) -> str | None:
-    if not value:
-        return None
-    scheme, _, credentials = value.partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else None
-
-
-def require_token(
-    conn: HTTPConnection,
-    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> None:
-    """Router dependency of every endpoint but /health: the AuthGate middleware has
-    already authenticated the caller (before the body was read: bearer token, or the
-    session cookie `ebpf_agent_session` of POST /auth/session); this documents the bearer
-    scheme in OpenAPI and refuses a request that somehow bypassed the gate."""
-    if conn.scope.get("ebpf_agent.principal") is None:
-        raise HTTPException(401, "missing or invalid bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
@@ -107,6 +79,8 @@ async def deny(scope: Scope, send: Send, status: int, detail: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if status == 408:  # the rest of the body may still come: end the connection
+        headers.append((b"connection", b"close"))
     prefix = ""
     if scope["type"] == "websocket":
         if "websocket.http.response" not in scope.get("extensions", {}):

@@ -1,10 +1,17 @@
 """Connection limits uvicorn does not have: a deadline and a size cap for request headers,
-and a cap on open connections that evicts the oldest half-sent request first.
+and a cap on open connections that sheds the oldest unauthenticated connection first.
 
-Without them 1,100 sockets that never finish their headers hold 1,100 file descriptors
-forever, the process hits RLIMIT_NOFILE, and even /health cannot be accepted. uvicorn's
-keep-alive timer only runs *between* requests, and its ``limit_concurrency`` answers 503
-to new requests while the idle sockets keep their fds.
+Without them 1,100 sockets that never finish their headers (or that send complete login
+headers and then stall in the body) hold 1,100 file descriptors forever, the process hits
+RLIMIT_NOFILE, and even /health cannot be accepted. uvicorn's keep-alive timer only runs
+*between* requests, and its ``limit_concurrency`` answers 503 to new requests while the
+idle sockets keep their fds.
+
+A connection is *untrusted* from its first byte until the gate authenticates its request
+(``trust()``), and again from the first byte of its next request. Untrusted connections
+may hold at most ``max_connections - reserve``: the rest is kept for authenticated callers
+(streams, dashboards). A new connection over either limit sheds the oldest untrusted one,
+whatever it is doing (sending headers, a body, waiting for its login's slow-down).
 """
 
 from __future__ import annotations
@@ -12,29 +19,71 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, Metric
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 FD_RESERVE = 128  # BPF maps and programs, perf buffers, log and output files
+CONN_KEY = "ebpf_agent.connection"  # the GuardedHttp of a request, in its ASGI scope
+SHED_LOG_EVERY_S = 10.0  # at most one "shed" warning per this many seconds
 
 
 class GuardState:
-    """Shared by the connections of one server: those still sending headers, oldest
-    first, and counters for /stats."""
+    """Shared by the connections of one server: those still sending headers and those
+    not yet authenticated, oldest first, and counters for /metrics (GuardCollector)."""
 
     def __init__(self, max_connections: int, header_timeout_s: float,
-                 max_header_bytes: int) -> None:
+                 max_header_bytes: int, reserve: int | None = None) -> None:
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
+        # Kept for authenticated connections: a tenth of the cap, at least one.
+        self.reserve = reserve if reserve is not None else max(1, max_connections // 10)
         self.pending: OrderedDict[int, GuardedHttp] = OrderedDict()
-        self.evicted = 0
+        self.untrusted: OrderedDict[int, GuardedHttp] = OrderedDict()
+        self.evicted = 0  # shed to make room (oldest untrusted first)
         self.timed_out = 0
+        self.body_timeouts = 0  # bodies that did not arrive in time (gate.py)
         self.oversize = 0
         self.refused = 0
+        self._shed_unlogged = 0
+        self._shed_logged_at = -SHED_LOG_EVERY_S
+
+    def shed_logged(self, now: float) -> None:
+        """A warning per SHED_LOG_EVERY_S at most, with the count since the last one."""
+        self._shed_unlogged += 1
+        if now - self._shed_logged_at >= SHED_LOG_EVERY_S:
+            log.warning("connection limit reached: shed %d unauthenticated connection(s) "
+                        "(oldest first; api.max_connections %d, %d kept for "
+                        "authenticated callers)", self._shed_unlogged,
+                        self.max_connections, self.reserve)
+            self._shed_unlogged = 0
+            self._shed_logged_at = now
+
+
+class GuardCollector:
+    """/metrics: connections the guard closed or refused, by reason."""
+
+    def __init__(self, guard: GuardState) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.guard
+        family = CounterMetricFamily(
+            "ebpf_agent_api_connections_closed", "connections closed or refused by the "
+            "connection guard: shed (the oldest unauthenticated one, to make room), "
+            "header_timeout, body_timeout (408), oversize_headers (431), full (503: every "
+            "other connection authenticated)", labels=["reason"])
+        for reason, n in (("shed", g.evicted), ("header_timeout", g.timed_out),
+                          ("body_timeout", g.body_timeouts), ("oversize_headers", g.oversize),
+                          ("full", g.refused)):
+            family.add_metric([reason], float(n))
+        yield family
 
 
 def _response(status: bytes) -> bytes:
@@ -50,26 +99,41 @@ class GuardedHttp(HttpToolsProtocol):
         self._header_bytes = 0
         self._in_callbacks = 0
         self._timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.guard.max_connections and not self._make_room():
-            self.guard.refused += 1
-            self._reject(b"503 Service Unavailable")
-            return
+        guard = self.guard
+        guard.untrusted[id(self)] = self
+        untrusted_cap = max(1, guard.max_connections - guard.reserve)
+        while len(self.connections) > guard.max_connections or \
+                len(guard.untrusted) > untrusted_cap:
+            if not self._make_room():
+                guard.refused += 1
+                self._reject(b"503 Service Unavailable")
+                return
         self._await_headers()
 
     def _make_room(self) -> bool:
-        """Close the oldest connection still sending its headers (a slow or stuck client)
-        so that a new one gets in; False when every open connection is busy."""
-        for key, conn in self.guard.pending.items():
+        """Close the oldest untrusted connection (slow headers, a stalled body, a login
+        waiting) so that a new one gets in; False when every other open connection is
+        authenticated."""
+        for key, conn in self.guard.untrusted.items():
             if conn is not self:
-                del self.guard.pending[key]
+                del self.guard.untrusted[key]
                 self.guard.evicted += 1
+                self.guard.shed_logged(self.loop.time())
                 conn._reject(b"408 Request Timeout")
                 return True
         return False
 
+    def trust(self) -> None:
+        """The gate authenticated this connection's request: it is no longer shed to make
+        room, until its next request starts."""
+        self.guard.untrusted.pop(id(self), None)
+
     def _await_headers(self) -> None:
+        self.request_started = time.monotonic()  # the unauthenticated deadline's start
         self._header_bytes = 0
         self.guard.pending[id(self)] = self
+        if id(self) not in self.guard.untrusted:
+            self.guard.untrusted[id(self)] = self
         if self._timer is None:
             self._timer = self.loop.call_later(self.guard.header_timeout_s, self._too_slow)
 
@@ -88,8 +152,11 @@ class GuardedHttp(HttpToolsProtocol):
     def _reject(self, status: bytes) -> None:
         self._rejected = True
         self._headers_done()
+        self.guard.untrusted.pop(id(self), None)
         if not self.transport.is_closing():
-            self.transport.write(_response(status))
+            # A request whose response already started (a body being sent) is only cut.
+            if not getattr(getattr(self, "cycle", None), "response_started", False):
+                self.transport.write(_response(status))
             self.transport.close()
 
     def _count(self, n: int) -> bool:
@@ -113,8 +180,15 @@ class GuardedHttp(HttpToolsProtocol):
         if not self._rejected and id(self) in self.guard.pending:
             self._count(max(0, len(data) - self._in_callbacks))
 
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol takes the transport over: this object is done with it.
+        self._headers_done()
+        self.guard.untrusted.pop(id(self), None)
+        super().handle_websocket_upgrade()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
+        self.guard.untrusted.pop(id(self), None)
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -138,6 +212,8 @@ class GuardedHttp(HttpToolsProtocol):
             return
         self._headers_done()
         super().on_headers_complete()
+        # The request's ASGI task has not run yet: the gate finds this connection here.
+        self.scope[CONN_KEY] = self  # type: ignore[literal-required]
 
     def on_body(self, body: bytes) -> None:
         if not self._rejected:

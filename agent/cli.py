@@ -21,11 +21,15 @@ from agent.config import (
     config_warnings,
     load_settings,
 )
+from agent.core.failures import (
+    EXIT_CONFIG,
+    EXIT_UNSUPPORTED,
+    OptionsInvalid,
+    UnknownMonitor,
+    failure_of,
+)
 from agent.model.targets import TargetError
 from agent.monitors.registry import MonitorRegistry, discover_monitors
-
-EXIT_CONFIG = 2
-EXIT_UNSUPPORTED = 3
 
 
 class CliError(Exception):
@@ -62,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--option", action="append", default=[], metavar="MONITOR.KEY=JSON",
                      help="monitor option, e.g. exec.max_args=40")
+    run.add_argument("--export", action="append", choices=["nats"], default=[],
+                     help="also publish every event (export.nats in the config: server, "
+                     "subject, ...)")
 
     serve = sub.add_parser("serve", parents=[common], help="run the REST API")
     serve.add_argument("--host")
@@ -78,6 +85,8 @@ def _settings(args: argparse.Namespace, registry: MonitorRegistry) -> Settings:
     if args.command == "run":
         if args.output_dir:
             overrides["output"] = {"directory": str(args.output_dir)}
+        if "nats" in args.export:
+            overrides["export"] = {"nats": {"enabled": True}}
         if args.pid or args.uid or args.comm or args.no_follow_children:
             overrides["targets"] = {"pids": args.pid, "uids": args.uid, "comms": args.comm,
                                     "follow_children": not args.no_follow_children}
@@ -131,8 +140,7 @@ def cmd_check(args: argparse.Namespace, registry: MonitorRegistry) -> int:
 
 
 def cmd_run(args: argparse.Namespace, registry: MonitorRegistry, settings: Settings) -> int:
-    from agent.core.context import build_manager
-    from agent.core.manager import MonitorUnsupported, OptionsInvalid, UnknownMonitor
+    from agent.core.agent import Agent
     from agent.kernel.capabilities import build_report
 
     for name in args.monitors:
@@ -143,31 +151,38 @@ def cmd_run(args: argparse.Namespace, registry: MonitorRegistry, settings: Setti
     if os.geteuid() != 0:
         raise CliError("ebpf-agent run needs root (loading eBPF programs)", EXIT_UNSUPPORTED)
     report = build_report(registry)
-    manager = build_manager(settings, registry, report, formats=args.format or ["console"])
+    agent = Agent(settings, registry, report, streams=False,
+                  formats=args.format or ["console"])
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
+        agent.start()
         for name in args.monitors:
             try:
-                manager.start_monitor(name, options[name])
-            except MonitorUnsupported as e:
-                raise CliError(str(e), EXIT_UNSUPPORTED) from None
-            except OptionsInvalid as e:
-                detail = "; ".join(
-                    ": ".join(filter(None, (".".join(map(str, x["loc"])), x["msg"])))
-                    for x in e.errors
-                )
-                raise CliError(f"{name}: {detail}", EXIT_CONFIG) from None
-            except UnknownMonitor:
-                raise CliError(f"unknown monitor {name!r}", EXIT_CONFIG) from None
-            except ValueError as e:  # func patterns, output paths: the API's 422s
-                raise CliError(f"{name}: {e}", EXIT_CONFIG) from None
+                agent.manager.start_monitor(name, options[name])
+            except Exception as e:
+                failure = failure_of(e, checks_input=True)
+                if failure is None:
+                    raise
+                raise CliError(_refusal(name, e), failure.exit_code) from None
         print(f"ebpf-agent: running {', '.join(args.monitors)}; Ctrl-C to stop", file=sys.stderr)
         done.wait(args.duration)
     finally:
-        manager.shutdown()
+        agent.shutdown()
     return 0
+
+
+def _refusal(name: str, e: Exception) -> str:
+    """One line: what was refused and why."""
+    if isinstance(e, OptionsInvalid):
+        return f"{name}: " + "; ".join(
+            ": ".join(filter(None, (".".join(map(str, x["loc"])), x["msg"]))) for x in e.errors)
+    if isinstance(e, UnknownMonitor):
+        return f"unknown monitor {name!r}"
+    if isinstance(e, ValueError):  # func patterns, output paths: the API's 422s
+        return f"{name}: {e}"
+    return str(e)
 
 
 def cmd_serve(args: argparse.Namespace, registry: MonitorRegistry, settings: Settings) -> int:

@@ -10,7 +10,7 @@ a time. Each round runs, one after another, these configurations:
 - ``baseline``: the storm with no tracer of ours attached;
 - ``agent ringbuf`` / ``agent perf``: the agent in a separate process (this script run
   with ``--agent-child``), which does what ``ebpf-agent run exec --format jsonl`` does
-  (config/agent.yaml + overrides, ``build_manager(formats=["jsonl"])``,
+  (config/agent.yaml + overrides, ``Agent(streams=False, formats=["jsonl"])``,
   ``start_monitor("exec")``) with ``transport.kind`` ringbuf or perf, and additionally
   answers ``stats`` on stdin with ``manager.stats()`` as one JSON line, so the kernel
   counters are read from the running monitor;
@@ -83,7 +83,7 @@ def agent_child(transport: str, output_dir: Path) -> int:
     commands: ``stats`` (print manager.stats() as JSON), ``stop``."""
     sys.path.insert(0, str(REPO))
     from agent.config import DEFAULT_CONFIG, load_settings
-    from agent.core.context import build_manager
+    from agent.core.agent import Agent
     from agent.kernel.capabilities import build_report
     from agent.monitors.registry import discover_monitors
 
@@ -94,7 +94,8 @@ def agent_child(transport: str, output_dir: Path) -> int:
     logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(settings.monitors["exec"].options) if "exec" in settings.monitors else {}
-    manager = build_manager(settings, registry, build_report(registry), formats=["jsonl"])
+    agent = Agent(settings, registry, build_report(registry), streams=False, formats=["jsonl"])
+    manager = agent.manager
     try:
         try:
             manager.start_monitor("exec", options)
@@ -110,7 +111,7 @@ def agent_child(transport: str, output_dir: Path) -> int:
             elif command == "stop":
                 break
     finally:
-        manager.shutdown()
+        agent.shutdown()
     _emit({"stopped": True})
     return 0
 

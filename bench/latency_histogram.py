@@ -1,6 +1,7 @@
 """What the event delivery latency histogram costs per event on the poller thread.
 
-Times MonitorSink.publish (the poller's per-event call) with a no-op hub: without the
+Times MonitorSink.publish (the poller's per-event call: count, latency, encode once,
+offer) with one consumer that does nothing: without the
 histogram, observing every event, and observing one in LATENCY_SAMPLE_FAST (what the
 poller switches to above LATENCY_SAMPLE_ABOVE_RATE events/s); and LatencyHistogram
 alone. The variants run interleaved, round after round, and each keeps its best round,
@@ -16,10 +17,17 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.core.latency import LatencyHistogram
-from agent.core.manager import LATENCY_SAMPLE_ABOVE_RATE, LATENCY_SAMPLE_FAST, MonitorSink
+from agent.core.manager import LATENCY_SAMPLE_ABOVE_RATE, LATENCY_SAMPLE_FAST
+from agent.core.pipeline import MonitorSink
+from agent.model.events import Event
 
 N = 1_000_000
 ROUNDS = 9
+
+
+class NoopConsumer:
+    def offer(self, event: Event, data: bytes) -> None:
+        pass
 
 
 def one_round(fn: Callable[[Any], None], arg: Any) -> float:
@@ -32,13 +40,11 @@ def one_round(fn: Callable[[Any], None], arg: Any) -> float:
 def main() -> None:
     event = {"monitor": "exec", "ts_ns": time.monotonic_ns(), "pid": 1, "comm": "sh"}
 
-    def noop(_: object) -> None:
-        pass
-
-    without = MonitorSink(noop)
-    without.latency = None
-    every = MonitorSink(noop)
-    sampled = MonitorSink(noop)
+    noop = [NoopConsumer()]
+    without = MonitorSink(consumers=noop)
+    without.sample_mask = (1 << 62) - 1  # never observes
+    every = MonitorSink(consumers=noop)
+    sampled = MonitorSink(consumers=noop)
     sampled.sample_mask = LATENCY_SAMPLE_FAST - 1
     hist = LatencyHistogram()
     variants: dict[str, tuple[Callable[[Any], None], Any]] = {

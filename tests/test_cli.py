@@ -82,6 +82,44 @@ def test_run_writes_jsonl_and_stops_on_duration(kernel, tmp_path: Path) -> None:
         (["/bin/echo", "cli-duration-marker"], marker.pid)]
 
 
+def test_run_export_nats_publishes_each_event_once(kernel, tmp_path: Path) -> None:
+    """`run --export nats` builds the same pipeline as serve: the exec of this test reaches
+    JetStream once, with the host, as the same JSON the JSONL file holds."""
+    import asyncio
+
+    from tests.support.fleet import nats_server, stream_messages
+
+    with nats_server(tmp_path) as server:
+        config = tmp_path / "agent.yaml"  # export.nats without enabled: the flag enables it
+        config.write_text(json.dumps({"export": {"host_name": "cli-host",
+                                                 "nats": {"url": server.url}}}))
+        agent = subprocess.Popen([CLI, "--config", str(config), "run", "exec", "--export",
+                                  "nats", "--format", "jsonl", "--output-dir",
+                                  str(tmp_path / "out"), "--duration", "4",
+                                  "--pid", str(os.getpid())],
+                                 stderr=subprocess.PIPE, text=True)
+        assert agent.stderr is not None
+        lines = [agent.stderr.readline()]
+        while lines[-1] and "running exec" not in lines[-1]:  # after the exporter's lines
+            lines.append(agent.stderr.readline())
+        assert "running exec" in lines[-1], lines
+        marker = subprocess.Popen(["/bin/echo", "cli-nats-marker"], stdout=subprocess.DEVNULL)
+        marker.wait()
+        assert agent.wait(timeout=30) == 0  # the exporter flushes before run exits
+        messages = asyncio.run(stream_messages(server.url))
+    bodies = [json.loads(m.data) for m in messages]
+    assert [(b["host"], b["argv"], b["pid"], b["ppid"], b["ret"]) for b in bodies] == [
+        ("cli-host", ["/bin/echo", "cli-nats-marker"], marker.pid, os.getpid(), 0)]
+    assert [m.subject for m in messages] == ["ebpf.cli-host.exec"]
+    jsonl = (tmp_path / "out" / "exec.jsonl").read_bytes().splitlines()
+    assert [b'{"host":"cli-host",' + line[1:] for line in jsonl] == [m.data for m in messages]
+
+
+def test_run_export_takes_only_known_exporters() -> None:
+    proc = run_cli("run", "exec", "--export", "kafka")
+    assert proc.returncode == 2 and "invalid choice: 'kafka'" in proc.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_and_flushes(kernel, tmp_path: Path, sig) -> None:
     agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--output-dir",

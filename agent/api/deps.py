@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException
 from prometheus_client import CollectorRegistry
@@ -23,12 +21,14 @@ from agent.api.access.principal import TokenStore
 from agent.api.access.sessions import SessionStore, TicketStore
 from agent.config import Settings
 from agent.core import memory
-from agent.core.context import autostart, build_manager
+from agent.core.agent import Agent
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
-from agent.model.events import Event
 from agent.monitors.registry import MonitorRegistry
 from agent.stream.hub import EventHub
+
+if TYPE_CHECKING:
+    from agent.export.nats import NatsExporter
 
 log = logging.getLogger(__name__)
 TRIM_IDLE_S = 2.0
@@ -40,13 +40,11 @@ class AppContext:
     registry: MonitorRegistry
     tokens: TokenStore
     report: CapabilityReport | None = None
-    hub: EventHub | None = None
-    manager: MonitorManager | None = None
+    agent: Agent | None = None  # built by start(): the manager, the hub, the exporter
     metrics: CollectorRegistry = field(
         default_factory=lambda: CollectorRegistry(auto_describe=False))
     autostart_done: threading.Event = field(default_factory=threading.Event)
     autostart_errors: dict[str, str] = field(default_factory=dict)
-    exporter: Any = None  # agent.export.nats.NatsExporter when export.nats is enabled
     _trimmer: asyncio.Task[None] | None = None
     sessions: SessionStore = field(init=False)
     tickets: TicketStore = field(init=False)
@@ -78,17 +76,30 @@ class AppContext:
     def auth_failed(self, kind: str) -> None:
         self.auth_failures[kind] = self.auth_failures.get(kind, 0) + 1
 
+    @property
+    def manager(self) -> MonitorManager | None:
+        return self.agent.manager if self.agent is not None else None
+
+    @property
+    def hub(self) -> EventHub | None:
+        return self.agent.hub if self.agent is not None else None
+
+    @property
+    def exporter(self) -> NatsExporter | None:
+        return self.agent.exporter if self.agent is not None else None
+
     async def start(self) -> None:
-        """Lifespan start-up: the hub, the capability report, the manager, autostart."""
-        stream = self.settings.stream
+        """Lifespan start-up: the capability report, the agent (hub, exporter, manager),
+        autostart."""
         self.audit.open()
-        self.hub = EventHub(stream.replay_buffer, stream.max_subscribers, stream.replay_bytes)
-        self.hub.attach_loop(asyncio.get_running_loop())
         if self.report is None:
             self.report = await run_in_threadpool(build_report, self.registry)
-        self.manager = build_manager(self.settings, self.registry, self.report,
-                                     publish=self._publisher(self.hub))
-        self.manager.lease_expired_hook = self._audit_lease_expiry
+        agent = Agent(self.settings, self.registry, self.report, streams=True)
+        assert agent.hub is not None
+        agent.hub.attach_loop(asyncio.get_running_loop())
+        agent.start()
+        agent.manager.lease_expired_hook = self._audit_lease_expiry
+        self.agent = agent
         # autostart blocks (BCC compiles each monitor): a thread, so the API answers
         # meanwhile; /ready turns 200 when it is done.
         threading.Thread(target=self._autostart, name="autostart", daemon=True).start()
@@ -114,29 +125,10 @@ class AppContext:
                 trimmed = True
                 await run_in_threadpool(memory.trim)
 
-    def _publisher(self, hub: EventHub) -> Callable[[Event], Any]:
-        """The hub, plus the NATS exporter fed with the bytes the hub encoded."""
-        nats_cfg = self.settings.export.nats
-        if not nats_cfg.enabled:
-            return hub.publish
-        from agent.export.nats import NatsExporter
-
-        host = self.settings.export.host_name or socket.gethostname()
-        exporter = self.exporter = NatsExporter(nats_cfg, host)
-        exporter.start()
-        hub_publish, offer = hub.publish, exporter.offer
-
-        def publish(event: Event) -> bytes:
-            data = hub_publish(event)
-            offer(str(event.get("monitor", "")), data)
-            return data  # the JSONL writer writes these bytes too (MonitorSink)
-
-        return publish
-
     def _autostart(self) -> None:
         try:
-            assert self.manager is not None
-            self.autostart_errors.update(autostart(self.manager, self.settings))
+            assert self.agent is not None
+            self.autostart_errors.update(self.agent.autostart())
         finally:
             self.autostart_done.set()
 
@@ -151,11 +143,8 @@ class AppContext:
             self._trimmer.cancel()
         if self.hub is not None:
             self.hub.close()
-        if self.manager is not None:
-            timeout = self.settings.api.shutdown_timeout_s * 4
-            await run_in_threadpool(self.manager.shutdown, timeout)
-        if self.exporter is not None:  # after the monitors: their last events go out too
-            await run_in_threadpool(self.exporter.stop)
+        if self.agent is not None:  # blocks: joins pollers, flushes the exporter
+            await run_in_threadpool(self.agent.shutdown, self.settings.api.shutdown_timeout_s * 4)
         self.audit.close()
 
     @property

@@ -1,25 +1,29 @@
-"""Manager exceptions as HTTP errors, and blocking manager calls off the event loop."""
+"""Manager refusals as HTTP errors (the statuses: agent/core/failures.py), and JSON
+responses that survive what the kernel hands us."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import json
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agent.core.manager import MonitorUnsupported, OptionsInvalid, UnknownMonitor
-from agent.model.targets import TargetError
-
-T = TypeVar("T")
+from agent.core.failures import (
+    ManagerClosed,
+    OptionsInvalid,
+    PreconditionFailed,
+    StateRejected,
+    UnknownMonitor,
+    failure_of,
+)
 
 
 class SafeJSONResponse(JSONResponse):
@@ -91,29 +95,36 @@ def options_detail(e: OptionsInvalid) -> list[dict[str, Any]]:
     return out or validation_detail(str(e))
 
 
-async def call(fn: Callable[..., T], *args: Any, value_error_is_422: bool = False,
-               **kwargs: Any) -> T:
-    """Runs a blocking MonitorManager method in the thread pool (it waits on the control
-    thread's Future) and maps its exceptions to status codes."""
+@contextlib.contextmanager
+def http_errors(checks_input: bool = False) -> Iterator[None]:
+    """Refusals of the manager (and of the input checks before a command) as HTTP
+    errors, by the table in agent/core/failures.py; anything else propagates (500).
+    ``checks_input``: a ValueError is bad input (422), see Command.checks_input."""
     try:
-        return await run_in_threadpool(fn, *args, **kwargs)
-    except UnknownMonitor as e:
-        raise HTTPException(404, f"unknown monitor {e.args[0]!r}") from None
-    except MonitorUnsupported as e:
-        raise HTTPException(409, str(e)) from None
-    except OptionsInvalid as e:
-        raise HTTPException(422, options_detail(e)) from None
-    except TargetError as e:
-        raise HTTPException(422, validation_detail(str(e))) from None
-    except ValueError as e:
-        # Monitors raise their own ValueError subclasses for bad options or queries
-        # (e.g. func's FuncPatternError); elsewhere a ValueError is a bug: 500.
-        if value_error_is_422:
-            raise HTTPException(422, validation_detail(str(e))) from None
-        raise
-    except concurrent.futures.TimeoutError:
-        raise HTTPException(503, "the monitor control thread did not answer in time") from None
-    except RuntimeError as e:
-        if "shut down" in str(e):
-            raise HTTPException(503, "the agent is shutting down") from None
-        raise
+        yield
+    except Exception as e:
+        failure = failure_of(e, checks_input)
+        if failure is None:
+            raise
+        raise HTTPException(failure.status, _detail(e), headers=_headers(e)) from None
+
+
+def _detail(e: Exception) -> Any:
+    """The body's ``detail``: 422s in FastAPI's shape, the rest as text."""
+    if isinstance(e, OptionsInvalid):
+        return options_detail(e)
+    if isinstance(e, UnknownMonitor):
+        return f"unknown monitor {e.args[0]!r}"
+    if isinstance(e, StateRejected):
+        return {"message": str(e), "monitor": e.monitor, "rolled_back": e.rolled_back}
+    if isinstance(e, ManagerClosed):
+        return "the agent is shutting down"
+    if isinstance(e, ValueError):
+        return validation_detail(str(e))
+    return str(e)
+
+
+def _headers(e: Exception) -> dict[str, str] | None:
+    if isinstance(e, PreconditionFailed):
+        return {"ETag": e.current_etag}
+    return None

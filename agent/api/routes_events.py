@@ -87,10 +87,11 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 HEARTBEAT = b": heartbeat\n\n"
-# A batch this large means the stream is busy: wait LINGER_S before reading again (the
-# added latency is that, only under load; at low rates every event goes out at once).
-LINGER_ABOVE = 256
-LINGER_S = 0.003
+# A batch this large means the stream is busy: wait BUSY_STREAM_WAIT_S before reading
+# again (the added latency is that, only under load; at low rates every event goes out at
+# once). Not agent/monitors/ringbuf.py's LINGER_S, which paces a poller thread.
+BUSY_STREAM_BATCH = 256
+BUSY_STREAM_WAIT_S = 0.003
 
 
 class SubscriberStream(Response):
@@ -128,10 +129,10 @@ class SubscriberStream(Response):
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 self._last_send, self._sending_since = loop.time(), None
                 sub.confirm()
-                if batch.count >= LINGER_ABOVE:
+                if batch.count >= BUSY_STREAM_BATCH:
                     # Under load: let a few ms of events gather into the next write
                     # instead of a read, a send and a GIL hand-over per few events.
-                    await asyncio.sleep(LINGER_S)
+                    await asyncio.sleep(BUSY_STREAM_WAIT_S)
             if sub.closed_reason != "disconnected":  # shutdown: end the response
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"",
@@ -240,8 +241,8 @@ async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float,
                 for msg in messages:
                     await websocket.send_text(msg.decode())
             sub.confirm()
-            if batch.count >= LINGER_ABOVE:
-                await asyncio.sleep(LINGER_S)  # under load: see SubscriberStream
+            if batch.count >= BUSY_STREAM_BATCH:
+                await asyncio.sleep(BUSY_STREAM_WAIT_S)  # under load: see SubscriberStream
         if sub.closed_reason == "shutdown":
             await _close(websocket, 1001)  # going away
         return sub.closed_reason or "disconnected"

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep, SettingsDep
-from agent.api.errors import call, validation_detail
+from agent.api.errors import http_errors, validation_detail
 from agent.api.models import (
     ERROR_RESPONSES,
     ErrorBody,
@@ -17,7 +17,9 @@ from agent.api.models import (
     MonitorStats,
     errors,
 )
-from agent.core.leases import MAX_LEASE_S, NotRunning
+from agent.core.commands import DescribeMonitor, ListMonitors, ReadStats, RenewLease, Start, Stop
+from agent.core.leases import MAX_LEASE_S
+from agent.core.manager import MonitorManager
 
 router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPONSES)
 
@@ -26,14 +28,16 @@ router = APIRouter(prefix="/monitors", tags=["monitors"], responses=ERROR_RESPON
             response_model=list[MonitorInfo], response_model_exclude_unset=True,
             summary="every registered monitor with its state")
 async def list_monitors(manager: ManagerDep) -> list[dict[str, Any]]:
-    return await call(manager.monitors_with_leases)
+    with http_errors():
+        return await manager.execute_async(ListMonitors())
 
 
 @router.get("/{name}", dependencies=[Depends(needs("read"))],
             response_model=MonitorInfo, response_model_exclude_unset=True,
             responses=errors(404))
 async def get_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
-    return await call(manager.monitor_with_lease, name)
+    with http_errors():
+        return await manager.execute_async(DescribeMonitor(name))
 
 
 @router.post("/{name}/start", dependencies=[Depends(needs("control"))],
@@ -51,16 +55,18 @@ async def start_monitor(
         "stop by itself after this many seconds unless renewed (POST .../lease); absent: "
         "an existing lease is kept, else none"))] = None,
 ) -> dict[str, Any]:
-    if options is None:
-        info = await call(manager.monitor_info, name)
-        if info["state"] == "running":
-            if lease_s is None:
-                return await call(manager.monitor_with_lease, name)
-            options = info["options"]
-        else:
-            configured = settings.monitors.get(name)
-            options = dict(configured.options) if configured else {}
-    return await call(manager.start_leased, name, options, lease_s, value_error_is_422=True)
+    with http_errors(checks_input=True):
+        if options is None:
+            info: dict[str, Any] = await manager.execute_async(DescribeMonitor(name))
+            if info["state"] == "running":
+                if lease_s is None:
+                    return info
+                options = info["options"]
+            else:
+                configured = settings.monitors.get(name)
+                options = dict(configured.options) if configured else {}
+        command = Start(name, manager.parse_options(name, options), lease_s)
+        return await manager.execute_async(command)
 
 
 @router.post("/{name}/lease", dependencies=[Depends(needs("control"))],
@@ -72,17 +78,16 @@ async def renew_lease(name: str, body: LeaseRequest, manager: ManagerDep) -> dic
     if body.lease_s is not None and not 1 <= body.lease_s <= MAX_LEASE_S:
         raise HTTPException(422, validation_detail(
             f"lease_s: {body.lease_s} is outside 1..{int(MAX_LEASE_S)}", ("body", "lease_s")))
-    try:
-        return await call(manager.renew_lease, name, body.lease_s)
-    except NotRunning as e:
-        raise HTTPException(409, str(e)) from None
+    with http_errors():
+        return await manager.execute_async(RenewLease(name, body.lease_s))
 
 
 @router.post("/{name}/stop", dependencies=[Depends(needs("control"))],
              response_model=MonitorInfo, response_model_exclude_unset=True,
              responses=errors(404), summary="stop (idempotent): detaches every probe")
 async def stop_monitor(name: str, manager: ManagerDep) -> dict[str, Any]:
-    return await call(manager.stop_monitor, name)
+    with http_errors():
+        return await manager.execute_async(Stop(name))
 
 
 @router.get("/{name}/stats", dependencies=[Depends(needs("read"))],
@@ -99,7 +104,7 @@ async def monitor_stats(
     query = {k: v for k, v in given.items() if v is not None}
     # Validated against the monitor's StatsQuery model; what it does not declare is
     # ignored (exec's stats() takes nothing).
-    return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
+    return await _read_stats(manager, name, query)
 
 
 @router.post("/{name}/stats/reset", dependencies=[Depends(needs("control"))],
@@ -115,12 +120,20 @@ async def reset_monitor_stats(
     without a window (exec) answer their stats unchanged."""
     given = {"sort": sort, "limit": limit, "reset": True}
     query = {k: v for k, v in given.items() if v is not None}
-    return await call(manager.monitor_stats, name, value_error_is_422=True, **query)
+    return await _read_stats(manager, name, query)
 
 
 @router.get("/{name}/schema", dependencies=[Depends(needs("read"))],
             response_model=dict[str, Any], responses=errors(404),
             summary="the JSON Schema of the monitor's options")
 async def monitor_schema(name: str, manager: ManagerDep) -> dict[str, Any]:
-    cls = await call(manager.monitor_class, name)
+    with http_errors():
+        cls = manager.monitor_class(name)  # the registry: no control-thread work
     return cls.Options.model_json_schema()
+
+
+async def _read_stats(manager: MonitorManager, name: str, query: dict[str, Any]
+                      ) -> dict[str, Any]:
+    with http_errors(checks_input=True):
+        command = ReadStats(name, manager.parse_stats_query(name, query))
+        return await manager.execute_async(command)

@@ -8,13 +8,12 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
-from agent.api.errors import call, validation_detail
+from agent.api.errors import http_errors, validation_detail
 from agent.api.models import ERROR_RESPONSES, ErrorBody, StateDoc, StateIn, StateResult, errors
-from agent.core.leases import PreconditionFailed, StateRejected
+from agent.core.commands import ApplyState, ReadState
 
 
 class DuplicateKey(ValueError):
@@ -53,7 +52,8 @@ ETAG_HEADER = {"ETag": {"description": "the state's version; send it back in If-
             responses={200: {"headers": ETAG_HEADER}},
             summary="running monitors with their options, and the targets, with an ETag")
 async def get_state(manager: ManagerDep, response: Response) -> dict[str, Any]:
-    doc, etag = await call(manager.state)
+    with http_errors():
+        doc, etag = await manager.execute_async(ReadState())
     response.headers["ETag"] = etag
     return doc
 
@@ -91,13 +91,9 @@ async def put_state(
     desired: dict[str, Any] = {"monitors": body.monitors}
     if body.targets is not None:
         desired["targets"] = body.targets.model_dump()
-    try:
-        doc, etag, changes = await call(manager.put_state, desired, if_match, dry_run,
-                                        value_error_is_422=True)
-    except PreconditionFailed as e:
-        return JSONResponse({"detail": str(e)}, status_code=412, headers={"ETag": e.current_etag})
-    except StateRejected as e:
-        raise HTTPException(409, {"message": str(e), "monitor": e.monitor,
-                                  "rolled_back": e.rolled_back}) from None
+    with http_errors(checks_input=True):  # 412 carries the current ETag header
+        monitors, targets = manager.parse_state(desired)
+        command = ApplyState(monitors, targets, if_match, dry_run)
+        doc, etag, changes = await manager.execute_async(command)
     response.headers["ETag"] = etag
     return {"state": doc, "changes": changes, "applied": bool(changes) and not dry_run}

@@ -10,8 +10,10 @@ from starlette.concurrency import run_in_threadpool
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, ManagerDep
-from agent.api.errors import call
+from agent.api.errors import http_errors
 from agent.api.models import ERROR_RESPONSES, AgentStats, Capabilities, Health, Ready
+from agent.core.commands import ReadCounters
+from agent.core.manager import process_figures
 
 public = APIRouter(tags=["system"])
 router = APIRouter(tags=["system"], responses=ERROR_RESPONSES)
@@ -45,7 +47,9 @@ async def capabilities(ctx: ContextDep, _: ManagerDep) -> dict[str, Any]:
             response_model=AgentStats,
             summary="agent uptime, CPU and RSS; per monitor and per stream subscriber")
 async def stats(ctx: ContextDep, manager: ManagerDep, hub: HubDep) -> dict[str, Any]:
-    out = await call(manager.stats)
+    with http_errors():
+        monitors = await manager.execute_async(ReadCounters())
+    out = {"agent": process_figures(manager.started), "monitors": monitors}
     out["streams"] = hub.stats()
     if ctx.exporter is not None:
         out["export"] = {"nats": ctx.exporter.stats()}

@@ -9,9 +9,10 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from agent.api.access.scopes import needs
 from agent.api.deps import ManagerDep
-from agent.api.errors import call, validation_detail
+from agent.api.errors import http_errors, validation_detail
 from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
-from agent.core.manager import MonitorManager
+from agent.core.commands import ReadTargets, SetFollowChildren, TargetOp
+from agent.core.manager import MonitorManager, target_command
 
 router = APIRouter(prefix="/targets", tags=["targets"], responses=ERROR_RESPONSES)
 Kind = Literal["pids", "uids", "comms"]
@@ -22,7 +23,8 @@ ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^
 @router.get("", dependencies=[Depends(needs("read"))],
             response_model=Targets, summary="the targets as the kernel maps hold them")
 async def get_targets(manager: ManagerDep) -> dict[str, Any]:
-    return await call(manager.targets)
+    with http_errors():
+        return await manager.execute_async(ReadTargets())
 
 
 # Declared before /{kind}: "follow_children" is not a kind.
@@ -33,8 +35,9 @@ async def put_follow_children(
                                            "followed in the kernel")],
     manager: ManagerDep,
 ) -> dict[str, Any]:
-    await call(manager.set_follow_children, follow)
-    return await call(manager.targets)
+    with http_errors():
+        await manager.execute_async(SetFollowChildren(follow))
+        return await manager.execute_async(ReadTargets())
 
 
 @router.put("/{kind}", dependencies=[Depends(needs("control"))],
@@ -80,7 +83,8 @@ async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str
     return await _update(manager, kind, "remove", [parsed])
 
 
-async def _update(manager: MonitorManager, kind: Kind, op: str, values: list[Any]) -> Any:
-    await call(manager.update_targets, kind, op, values)
-    # Answer with what the kernel maps now hold, not with what was asked for.
-    return await call(manager.targets)
+async def _update(manager: MonitorManager, kind: Kind, op: TargetOp, values: list[Any]) -> Any:
+    with http_errors():
+        await manager.execute_async(target_command(kind, op, values))
+        # Answer with what the kernel maps now hold, not with what was asked for.
+        return await manager.execute_async(ReadTargets())

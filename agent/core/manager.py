@@ -1,21 +1,23 @@
 """The monitor manager: one control thread owns every BCC object.
 
-Handlers (REST, CLI) never touch BPF objects; they send commands to the control
-thread and wait on a Future (Tetragon's sensor manager does the same). The control
-thread also runs the periodic work on a timer (delivery rates, monitor.periodic(),
-snapshot reads for the CSV snapshots), so it never stops under load.
+Callers (the API's routes, the CLI) never touch BPF objects: they send a command
+(agent/core/commands.py) and wait for its answer; the control thread runs each one in
+``_dispatch``. The same thread runs the periodic work on a timer (``_tick``: delivery
+rates, monitor.periodic(), snapshot reads for the CSV snapshots, leases that ran out,
+late pollers), so it never stops under load.
 
 Each running monitor has a poller thread that only drains its ring/perf buffer into
-the sinks (monitor.poll). Stopping asks the monitor to make a poll in progress return
-(BaseMonitor.request_stop: bounded consume calls, production quiesced), joins the
-poller, and frees the BPF object only once the poller is gone: a poller that does not
-end in time keeps its object alive (``_stuck``) until it does.
+its sink (monitor.poll; agent/core/pipeline.py). Stopping asks the monitor to make a
+poll in progress return (BaseMonitor.request_stop: bounded consume calls, production
+quiesced), joins the poller, and frees the BPF object only once the poller is gone: a
+poller that does not end in time keeps its object alive (``_stuck``) until it does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,18 +25,48 @@ import queue
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
 from agent.config import OutputSettings, TargetSettings, TransportSettings
+from agent.core.commands import (
+    ApplyState,
+    Command,
+    DescribeMonitor,
+    ListMonitors,
+    ListRunning,
+    ReadCounters,
+    ReadMetricSeries,
+    ReadState,
+    ReadStats,
+    ReadTargets,
+    RenewLease,
+    SetFollowChildren,
+    SetTargets,
+    Start,
+    Stop,
+    StopAll,
+    TargetOp,
+)
+from agent.core.failures import (
+    CommandTimeout,
+    ManagerClosed,
+    MonitorUnsupported,
+    NotRunning,
+    OptionsInvalid,
+    PreconditionFailed,
+    StateRejected,
+    UnknownMonitor,
+)
 from agent.core.latency import LatencyHistogram
-from agent.core.leases import LeaseStateMixin
+from agent.core.leases import Lease, LeaseBook, check_lease_s, iso
+from agent.core.pipeline import MonitorSink, SinkFactory
+from agent.core.state import etag_of, parse_state, state_changes, state_doc
 from agent.kernel.capabilities import CapabilityReport
-from agent.model.events import Event
 from agent.model.targets import (
     KINDS,
     TargetKind,
@@ -51,67 +83,58 @@ from agent.monitors.contract import (
     MonitorOptions,
 )
 from agent.monitors.registry import MonitorRegistry
-from agent.output.writer import OutputWriter, WriterFactory
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+R = TypeVar("R")
 POLL_TIMEOUT_MS = 100
-TICK_S = 0.25  # the control thread's timer: rates, periodic(), snapshots, stuck pollers
+TICK_S = 0.25  # the control thread's timer: rates, periodic(), snapshots, leases, pollers
 RATE_WINDOW_S = 1.0
 STOP_JOIN_S = 2.0  # a poller returns within one bounded consume call once asked to stop
+COMMAND_TIMEOUT_S = 120.0  # a caller gives up (503); a command not begun by then is skipped
 # Above this many events/s the delivery latency histogram samples one event in
-# LATENCY_SAMPLE_FAST (~200 ns saved per skipped event; bench/latency_histogram.py).
+# LATENCY_SAMPLE_FAST (cost per observed event: bench/latency_histogram.py).
 LATENCY_SAMPLE_ABOVE_RATE = 2000
 LATENCY_SAMPLE_FAST = 16
 
 
-class UnknownMonitor(KeyError):
-    pass
+class Reply(Protocol):
+    """Where the control thread puts a command's answer (concurrent.futures.Future for
+    blocking callers, AsyncReply for the event loop)."""
+
+    def set_running_or_notify_cancel(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
 
 
-class MonitorUnsupported(Exception):
-    """This kernel cannot run the monitor (or these options); 409 with the reason."""
+class AsyncReply:
+    """Completes an asyncio future from the control thread: the answer is handed to the
+    loop with call_soon_threadsafe, so an awaiting route needs no pool thread."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
 
-class OptionsInvalid(ValueError):
-    """Options (or a stats query) that fail validation; 422. ``errors`` is pydantic's
-    list; ``where``: the request part they came from ("body" or "query"); ``monitor``:
-    whose options they are; ``loc``: where they sit in that part (e.g. ("monitors",
-    "exec") in a state document)."""
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.future.cancelled()  # the caller gave up before it ran: skip it
 
-    def __init__(self, message: str, errors: list[Any] | None = None,
-                 where: str = "body", monitor: str | None = None,
-                 loc: tuple[str | int, ...] = ()) -> None:
-        super().__init__(message)
-        self.errors = errors or []
-        self.where = where
-        self.monitor = monitor
-        self.loc = loc
+    def set_result(self, result: Any) -> None:
+        self._settle(result, None)
 
+    def set_exception(self, exception: BaseException) -> None:
+        self._settle(None, exception)
 
-class MonitorSink:
-    """Counts what a monitor delivers and fans it out. Runs on the poller thread."""
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(self._complete, result, error)
 
-    def __init__(self, publish: Callable[[Event], object] | None,
-                 latency: LatencyHistogram | None = None) -> None:
-        self.delivered = 0
-        self._publish = publish
-        self.writer: OutputWriter | None = None
-        self.latency = latency if latency is not None else LatencyHistogram()
-        # Observe the latency of events whose count has these bits clear: 0 = every event;
-        # the poller raises it under load (one in LATENCY_SAMPLE_FAST events).
-        self.sample_mask = 0
-
-    def publish(self, event: Event) -> None:
-        n = self.delivered = self.delivered + 1
-        if not n & self.sample_mask and self.latency is not None:
-            ts_ns = event.get("ts_ns")
-            if ts_ns:  # kernel timestamp -> handed to the hub and outputs: now
-                self.latency.observe_since(ts_ns)
-        # The hub returns the bytes it encoded: the JSONL output writes those.
-        data = self._publish(event) if self._publish is not None else None
-        if self.writer is not None:
-            self.writer.offer(event, data if isinstance(data, bytes) else None)
+    def _complete(self, result: Any, error: BaseException | None) -> None:
+        """On the event loop."""
+        if self.future.done():  # cancelled meanwhile (timeout, client gone)
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
 
 
 @dataclass
@@ -130,7 +153,7 @@ class Running:
     last_snapshot: float = 0.0
 
 
-class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/leases.py
+class MonitorManager:
     def __init__(
         self,
         registry: MonitorRegistry,
@@ -139,19 +162,17 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         limits: TargetLimits | None = None,
         transport: TransportSettings | None = None,
         output: OutputSettings | None = None,
-        publish: Callable[[Event], object] | None = None,
-        writers: WriterFactory | None = None,
+        sinks: SinkFactory | None = None,
     ) -> None:
-        """``writers``: makes each started monitor's output (files, console); None: no
-        output. ``output``: the settings section (the snapshot interval); default: the
-        writers' one."""
+        """``sinks``: makes each started monitor's sink (agent/core/agent.py registers
+        the consumers); None: events are counted and go nowhere. ``output``: the
+        settings section (the snapshot interval); default: the sinks' writers' one."""
         self.registry = registry
         self.report = report
         self.limits = limits or TargetSettings().limits()
         self.transport = transport or TransportSettings()
-        self._writers = writers
-        self.output = output or (writers.output if writers else OutputSettings(formats=[]))
-        self._publish = publish
+        self._sinks = sinks or SinkFactory()
+        self.output = output or self._sinks.output or OutputSettings(formats=[])
         self._targets = targets or TargetSet()
         check_capacity(self._targets, self.limits)
         self._running: dict[str, Running] = {}
@@ -159,14 +180,44 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         self._last_options: dict[str, MonitorOptions] = {}
         # Per monitor name, kept across restarts so the Prometheus histogram never resets.
         self.latency: dict[str, LatencyHistogram] = {}
-        self._commands: queue.Queue[Any] = queue.Queue()
+        self.leases = LeaseBook()
+        # Told of each expiry (monitor name, lease_s, expiry time ISO 8601), on the control
+        # thread; the API records it in its audit log.
+        self.lease_expired_hook: Callable[[str, float, str], None] | None = None
+        self._commands: queue.Queue[tuple[Command[Any], Reply] | None] = queue.Queue()
         # Stopped monitors whose poller did not end in time: freed once it has.
         self._stuck: list[Running] = []
         self._thread = threading.Thread(target=self._control_loop, name="bpf-control", daemon=True)
         self._started = time.monotonic()
         self._closed = False
-        self._init_leases()
         self._thread.start()
+
+    # -- sending commands (any thread) ---------------------------------------------------
+    def _send(self, command: Command[Any], reply: Reply) -> None:
+        if self._closed:
+            reply.set_exception(ManagerClosed())
+        else:
+            self._commands.put((command, reply))
+
+    def execute(self, command: Command[R], timeout: float | None = COMMAND_TIMEOUT_S) -> R:
+        """Runs ``command`` on the control thread and waits (not on the event loop)."""
+        reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._send(command, reply)
+        try:
+            return cast(R, reply.result(timeout))
+        except concurrent.futures.TimeoutError:
+            reply.cancel()
+            raise CommandTimeout() from None
+
+    async def execute_async(self, command: Command[R],
+                            timeout: float | None = COMMAND_TIMEOUT_S) -> R:
+        """The same, awaited on the event loop: no pool thread waits for the answer."""
+        reply = AsyncReply(asyncio.get_running_loop())
+        self._send(command, reply)
+        try:
+            return cast(R, await asyncio.wait_for(reply.future, timeout))
+        except TimeoutError:
+            raise CommandTimeout() from None
 
     # -- the control thread --------------------------------------------------------
     def _control_loop(self) -> None:
@@ -174,22 +225,68 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         while True:
             try:
                 item = self._commands.get(timeout=max(0.0, next_tick - time.monotonic()))
+                received = True
             except queue.Empty:
-                item = ()
+                item, received = None, False
             if time.monotonic() >= next_tick:
                 self._tick()
                 next_tick = time.monotonic() + TICK_S
-            if item is None:
-                return
-            if not item:
+            if not received:
                 continue
-            fn, fut = item
-            if not fut.set_running_or_notify_cancel():
+            if item is None:  # shutdown() ends the thread
+                return
+            command, reply = item
+            if not reply.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(fn())
+                result = self._dispatch(command)
             except BaseException as e:
-                fut.set_exception(e)
+                reply.set_exception(e)
+            else:
+                reply.set_result(result)
+
+    def _dispatch(self, command: Command[Any]) -> Any:
+        """Every command, in one place (control thread)."""
+        match command:
+            case ListMonitors():
+                return [self._lease_info(c.name) for c in self.registry]
+            case DescribeMonitor(name):
+                self.monitor_class(name)
+                return self._lease_info(name)
+            case ListRunning():
+                return sorted(self._running)
+            case Start(name, options, lease_s):
+                return self._start_leased(name, options, lease_s)
+            case Stop(name):
+                self.monitor_class(name)
+                self._stop(name)
+                return self._lease_info(name)
+            case StopAll():
+                return self._stop_all()
+            case RenewLease(name, lease_s):
+                return self._renew_lease(name, lease_s)
+            case ReadTargets():
+                return self._read_targets()
+            case SetTargets(kind, op, values):
+                return self._set_targets(kind, op, values)
+            case SetFollowChildren(follow):
+                updated = dataclasses.replace(self._targets, follow_children=follow)
+                self._apply_targets(updated)
+                return updated.as_dict()
+            case ReadStats(name, query):
+                return self._read_stats(name, query)
+            case ReadCounters():
+                return {name: self._counters(name, self._running.get(name))
+                        for name in self.registry.names()}
+            case ReadMetricSeries():
+                return {name: run.monitor.metric_series()
+                        for name, run in self._running.items()}
+            case ReadState():
+                doc = self._state_doc()
+                return doc, etag_of(doc)
+            case ApplyState(monitors, targets, if_match, dry_run):
+                return self._put_state(monitors, targets, if_match, dry_run)
+        raise TypeError(f"unknown command {command!r}")
 
     def _tick(self) -> None:
         """Periodic work (control thread): it reads BCC tables, so it runs here and not
@@ -200,6 +297,8 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
                 self._periodic(run, now)
             except Exception:
                 log.exception("monitor %s: periodic work failed", run.monitor.name)
+        for name, lease in self.leases.due(now, self._running):
+            self._expire(name, lease)
         self._reap_stuck()
 
     def _periodic(self, run: Running, now: float) -> None:
@@ -212,11 +311,10 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             run.sink.sample_mask = (LATENCY_SAMPLE_FAST - 1
                                     if run.rate > LATENCY_SAMPLE_ABOVE_RATE else 0)
             run.monitor.periodic()
-        writer = run.sink.writer
-        if writer is not None and writer.wants_snapshots and (
+        if run.sink.wants_snapshots and (
             now - run.last_snapshot >= self.output.snapshot_interval_s
         ):
-            writer.offer_snapshot(run.monitor.snapshot_rows())
+            run.sink.offer_snapshot(run.monitor.snapshot_rows())
             run.last_snapshot = now
 
     def _reap_stuck(self) -> None:
@@ -231,21 +329,7 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
                 continue
             log.info("monitor %s: its late poller ended; BPF object freed", run.monitor.name)
 
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        if self._closed:
-            fut.set_exception(RuntimeError("the monitor manager is shut down"))
-        else:
-            self._commands.put((fn, fut))
-        return fut
-
-    def call(self, fn: Callable[[], T], timeout: float | None = 120) -> T:
-        return self.submit(fn).result(timeout)
-
-    async def acall(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wrap_future(self.submit(fn))
-
-    # -- monitors ------------------------------------------------------------------
+    # -- checking input (any thread, before a command is built) --------------------
     def monitor_class(self, name: str) -> type[BaseMonitor]:
         if name not in self.registry:
             raise UnknownMonitor(name)
@@ -261,32 +345,82 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             raise OptionsInvalid(f"invalid options for {name}", e.errors(),
                                  monitor=name, loc=loc) from None
 
+    def parse_stats_query(self, name: str, query: Mapping[str, Any]) -> dict[str, Any]:
+        """``query`` validated against the monitor's StatsQuery model (OptionsInvalid,
+        422): only the fields it declares and the caller gave reach stats()."""
+        cls = self.monitor_class(name)
+        try:
+            parsed = cls.StatsQuery.model_validate(dict(query))
+        except ValidationError as e:
+            raise OptionsInvalid(f"invalid stats query for {name}", e.errors(),
+                                 where="query") from None
+        return parsed.model_dump(exclude_unset=True)
+
+    def parse_state(self, desired: Any) -> tuple[dict[str, MonitorOptions], TargetSet | None]:
+        """A state document checked (ValueError, UnknownMonitor, OptionsInvalid,
+        TargetError): nothing changes before it passes."""
+        return parse_state(desired, self.parse_options, self.limits)
+
+    # -- blocking shorthands (CLI, tests, the metrics scrape) ------------------------
     def start_monitor(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-        parsed = self.parse_options(name, options)
-        return self.call(lambda: self._start(name, parsed))
+        return self.execute(Start(name, self.parse_options(name, options)))
 
     def stop_monitor(self, name: str) -> dict[str, Any]:
-        self.monitor_class(name)
-        return self.call(lambda: self._stop(name))
+        return self.execute(Stop(name))
 
+    def monitors(self) -> list[dict[str, Any]]:
+        return self.execute(ListMonitors())
+
+    def monitor_info(self, name: str) -> dict[str, Any]:
+        return self.execute(DescribeMonitor(name))
+
+    def running(self) -> list[str]:
+        return self.execute(ListRunning())
+
+    def targets(self) -> dict[str, Any]:
+        return self.execute(ReadTargets())
+
+    def update_targets(self, kind: TargetKind, op: TargetOp, values: Any) -> dict[str, Any]:
+        """Validation errors raise TargetError (422) and change nothing."""
+        return self.execute(target_command(kind, op, values))
+
+    def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
+        return self.execute(ReadStats(name, self.parse_stats_query(name, query)))
+
+    def stats(self) -> dict[str, Any]:
+        return {"agent": process_figures(self._started), "monitors": self.execute(ReadCounters())}
+
+    def monitor_metrics(self) -> dict[str, list[MetricSeries]]:
+        return self.execute(ReadMetricSeries())
+
+    @property
+    def leases_expired(self) -> Mapping[str, int]:
+        """Expired leases per monitor since start (a Prometheus counter)."""
+        return self.leases.expired
+
+    @property
+    def started(self) -> float:
+        return self._started
+
+    # -- monitors (control thread) ---------------------------------------------------
     def _unsupported_reason(self, cls: type[BaseMonitor], options: MonitorOptions) -> str | None:
         return self.report.support_reason(cls) or cls.option_errors(options, self.report)
 
-    def _start(self, name: str, options: MonitorOptions) -> dict[str, Any]:
+    def _start(self, name: str, options: MonitorOptions) -> None:
         cls = self.monitor_class(name)
         current = self._running.get(name)
         if current is not None:
             if current.options == options:
-                return self._info(name)
+                return
             if current.monitor.apply_options(options):
                 current.options = options  # changed in place: no reload, no gap
-                return self._info(name)
+                return
         # Everything that can refuse the options runs before a running monitor is
         # touched: a refused change leaves it running as it was.
         reason = self._unsupported_reason(cls, options)
         if reason:
             raise MonitorUnsupported(f"{name} cannot run on this kernel: {reason}")
-        sink = MonitorSink(self._publish, self.latency.setdefault(name, LatencyHistogram()))
+        sink = self._sinks.make(self.latency.setdefault(name, LatencyHistogram()))
         ctx = MonitorContext(
             targets=self._targets,
             sink=sink,
@@ -300,15 +434,17 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         self._check_output(name)
         if current is not None:
             self._stop(name)
-        sink.writer = self._open_writer(name, monitor)
+        try:
+            self._sinks.connect(sink, name, monitor)
+        except OSError as e:
+            raise MonitorUnsupported(f"{name}: output: {e}") from None
         try:
             monitor.load()
         except BaseException as e:
             # load() leaves nothing loaded on failure; close() again costs nothing and
             # covers a monitor that does not.
             monitor.close()
-            if sink.writer is not None:
-                sink.writer.close()
+            sink.close()
             if isinstance(e, MonitorError):
                 self._failed[name] = str(e)
                 raise MonitorUnsupported(str(e)) from e
@@ -322,22 +458,11 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
         self._last_options[name] = options
         run.thread.start()
         log.info("monitor %s started", name)
-        return self._info(name)
 
     def _check_output(self, name: str) -> None:
         """Output paths that would fail: OutputPathError (422) or MonitorUnsupported."""
-        if self._writers is None:
-            return
         try:
-            self._writers.check(name)
-        except OSError as e:
-            raise MonitorUnsupported(f"{name}: output: {e}") from None
-
-    def _open_writer(self, name: str, monitor: BaseMonitor) -> OutputWriter | None:
-        if self._writers is None:
-            return None
-        try:
-            return self._writers.open(name, monitor)
+            self._sinks.check(name)
         except OSError as e:
             raise MonitorUnsupported(f"{name}: output: {e}") from None
 
@@ -351,30 +476,39 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             run.poll_error = f"poller failed: {e}"
             log.exception("monitor %s: poller failed", run.monitor.name)
 
-    def _stop(self, name: str) -> dict[str, Any]:
+    def _stop(self, name: str) -> None:
         run = self._running.pop(name, None)
-        if run is not None:
-            run.stop.set()
-            run.monitor.request_stop()
+        if run is None:
+            return
+        run.stop.set()
+        run.monitor.request_stop()
+        if run.thread is not None:
+            run.thread.join(timeout=STOP_JOIN_S)
+        if run.sink.wants_snapshots:
+            run.sink.offer_snapshot(run.monitor.snapshot_rows())  # the final totals
+        if run.thread is not None and run.thread.is_alive():
+            # Freeing the BPF object under a poller inside libbpf crashes the
+            # process: keep it until the poller has returned (_reap_stuck).
+            log.error("monitor %s: the poller did not return within %.0f s; its BPF "
+                      "object is freed once it does", name, STOP_JOIN_S)
+            self._stuck.append(run)
+        else:
+            run.monitor.close()
+        run.sink.close()
+        if run.poll_error:
+            self._failed[name] = run.poll_error
+        log.info("monitor %s stopped", name)
+
+    def _stop_all(self) -> None:
+        for name in list(self._running):
+            try:
+                self._stop(name)
+            except Exception:
+                log.exception("stopping %s failed", name)
+        for run in self._stuck:
             if run.thread is not None:
-                run.thread.join(timeout=STOP_JOIN_S)
-            writer = run.sink.writer
-            if writer is not None and writer.wants_snapshots:
-                writer.offer_snapshot(run.monitor.snapshot_rows())  # the final totals
-            if run.thread is not None and run.thread.is_alive():
-                # Freeing the BPF object under a poller inside libbpf crashes the
-                # process: keep it until the poller has returned (_reap_stuck).
-                log.error("monitor %s: the poller did not return within %.0f s; its BPF "
-                          "object is freed once it does", name, STOP_JOIN_S)
-                self._stuck.append(run)
-            else:
-                run.monitor.close()
-            if run.sink.writer is not None:
-                run.sink.writer.close()
-            if run.poll_error:
-                self._failed[name] = run.poll_error
-            log.info("monitor %s stopped", name)
-        return self._info(name)
+                run.thread.join(STOP_JOIN_S)
+        self._reap_stuck()  # still alive: left to the exiting process, never freed
 
     def _info(self, name: str) -> dict[str, Any]:
         cls = self.monitor_class(name)
@@ -395,53 +529,76 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             info["state"] = "stopped"
         return info
 
-    def monitors(self) -> list[dict[str, Any]]:
-        return self.call(lambda: [self._info(c.name) for c in self.registry])
+    # -- leases (control thread) ---------------------------------------------------
+    def _lease_info(self, name: str) -> dict[str, Any]:
+        """_info plus the lease, or why a stopped monitor stopped by itself."""
+        info = self._info(name)
+        lease = self.leases.current(name, self._running.get(name))
+        note = self.leases.note(name)
+        if lease is not None:
+            info["lease"] = lease.as_dict()
+        elif info.get("state") == "stopped" and note:
+            info["reason"] = note
+        return info
 
-    def monitor_info(self, name: str) -> dict[str, Any]:
+    def _start_leased(self, name: str, options: MonitorOptions,
+                      lease_s: float | None) -> dict[str, Any]:
+        if lease_s is not None:
+            lease_s = check_lease_s(lease_s)
+        previous = self.leases.current(name, self._running.get(name))
+        self._start(name, options)
+        self.leases.forget_note(name)
+        run = self._running.get(name)
+        if run is not None and lease_s is not None:
+            self.leases.grant(name, run, lease_s)
+        elif run is not None and previous is not None:
+            self.leases.carry_over({name: previous}, self._running)  # a reload keeps it
+        return self._lease_info(name)
+
+    def _renew_lease(self, name: str, lease_s: float | None) -> dict[str, Any]:
         self.monitor_class(name)
-        return self.call(lambda: self._info(name))
+        if lease_s is not None:
+            lease_s = check_lease_s(lease_s)
+        run = self._running.get(name)
+        if run is None:
+            raise NotRunning(f"{name} is not running: nothing to renew")
+        if lease_s is None:
+            self.leases.revoke(name)
+        else:
+            self.leases.grant(name, run, lease_s)
+        return self._lease_info(name)
 
-    def running(self) -> list[str]:
-        return self.call(lambda: sorted(self._running))
+    def _expire(self, name: str, lease: Lease) -> None:
+        expired_at = iso(lease.expires_at)
+        log.warning("lease of monitor %s expired (%.0f s without renewal, at %s): stopping",
+                    name, lease.lease_s, expired_at)
+        try:
+            self._stop(name)
+        except Exception:
+            log.exception("stopping %s after its lease expired failed", name)
+        if self.lease_expired_hook is not None:
+            try:
+                self.lease_expired_hook(name, lease.lease_s, expired_at)
+            except Exception:
+                log.exception("recording the expired lease of %s failed", name)
 
-    # -- targets -------------------------------------------------------------------
-    def targets(self) -> dict[str, Any]:
-        """The targets as the kernel maps hold them (the stored set when none runs)."""
+    # -- targets (control thread) -------------------------------------------------
+    def _read_targets(self) -> dict[str, Any]:
+        """As the kernel maps hold them (the stored set when none runs)."""
+        for run in self._running.values():
+            reader = getattr(run.monitor, "read_targets", None)
+            if reader is not None and getattr(run.monitor, "bpf", None) is not None:
+                return dict(reader())
+        return self._targets.as_dict()
 
-        def read() -> dict[str, Any]:
-            for run in self._running.values():
-                reader = getattr(run.monitor, "read_targets", None)
-                if reader is not None and getattr(run.monitor, "bpf", None) is not None:
-                    return dict(reader())
-            return self._targets.as_dict()
-
-        return self.call(read)
-
-    def update_targets(self, kind: TargetKind, op: str, values: Any) -> dict[str, Any]:
-        """``op``: replace, add or remove. Validation errors raise TargetError (422) and
-        change nothing."""
-        if kind not in KINDS:
-            raise ValueError(kind)
-        parsed = validate_values(kind, values)
-
-        def apply() -> dict[str, Any]:
-            current = self._targets.get(kind)
-            new = {"replace": parsed, "add": current | parsed, "remove": current - parsed}[op]
-            updated = self._targets.with_values(kind, frozenset(new))
-            check_capacity(updated, self.limits)
-            self._apply_targets(updated)
-            return updated.as_dict()
-
-        return self.call(apply)
-
-    def set_follow_children(self, follow: bool) -> dict[str, Any]:
-        def apply() -> dict[str, Any]:
-            updated = dataclasses.replace(self._targets, follow_children=follow)
-            self._apply_targets(updated)
-            return updated.as_dict()
-
-        return self.call(apply)
+    def _set_targets(self, kind: TargetKind, op: TargetOp,
+                     values: frozenset[int | str]) -> dict[str, Any]:
+        current = self._targets.get(kind)
+        new = {"replace": values, "add": current | values, "remove": current - values}[op]
+        updated = self._targets.with_values(kind, frozenset(new))
+        check_capacity(updated, self.limits)
+        self._apply_targets(updated)
+        return updated.as_dict()
 
     def _apply_targets(self, updated: TargetSet) -> None:
         self._targets = updated
@@ -449,33 +606,19 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             run.monitor.ctx.targets = updated
             run.monitor.set_targets(updated)
 
-    # -- stats ---------------------------------------------------------------------
-    def monitor_stats(self, name: str, **query: Any) -> dict[str, Any]:
-        """Counters and the monitor's stats(); ``query`` is validated against the
-        monitor's StatsQuery model (OptionsInvalid, 422) and only the fields it declares
-        and the caller gave reach stats()."""
-        cls = self.monitor_class(name)
-        try:
-            parsed = cls.StatsQuery.model_validate(query)
-        except ValidationError as e:
-            raise OptionsInvalid(f"invalid stats query for {name}", e.errors(),
-                                 where="query") from None
-        accepted = parsed.model_dump(exclude_unset=True)
-
-        def read() -> dict[str, Any]:
-            run = self._running.get(name)
-            out = self._counters(name, run)
-            if run is not None:
-                out.update(run.monitor.stats(**accepted))
-            return out
-
-        return self.call(read)
+    # -- stats (control thread) ---------------------------------------------------
+    def _read_stats(self, name: str, query: Mapping[str, Any]) -> dict[str, Any]:
+        self.monitor_class(name)
+        run = self._running.get(name)
+        out = self._counters(name, run)
+        if run is not None:
+            out.update(run.monitor.stats(**query))
+        return out
 
     def _counters(self, name: str, run: Running | None) -> dict[str, Any]:
         if run is None:
             return {"name": name, "state": self._info(name)["state"]}
         kernel = run.monitor.kernel_counters()
-        writer = run.sink.writer
         return {
             "name": name,
             "state": "failed" if run.poll_error else "running",
@@ -485,57 +628,102 @@ class MonitorManager(LeaseStateMixin):  # leases and GET/PUT /state: agent/core/
             "events_seen_kernel": kernel.get("seen", 0),
             "events_dropped_kernel": kernel.get("dropped", 0),
             "events_delivered": run.sink.delivered,
-            "events_dropped_userspace": writer.dropped if writer else 0,
+            "events_dropped_userspace": run.sink.dropped,
             "events_per_second": round(run.rate, 1),
         }
 
-    def stats(self) -> dict[str, Any]:
-        def read() -> dict[str, Any]:
-            return {name: self._counters(name, self._running.get(name)) for name in
-                    self.registry.names()}
+    # -- desired state (control thread) --------------------------------------------
+    def _state_doc(self) -> dict[str, Any]:
+        return state_doc({name: run.options for name, run in self._running.items()},
+                         self._targets)
 
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        return {
-            "agent": {
-                "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self._started, 3),
-                "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-                "rss_bytes": _rss_bytes(),
-            },
-            "monitors": self.call(read),
-        }
+    def _put_state(self, monitors: Mapping[str, MonitorOptions], targets: TargetSet | None,
+                   if_match: str | None, dry_run: bool
+                   ) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+        """The new document, its ETag and the changes made (with ``dry_run``: that
+        would be). A failed start rolls every change back (StateRejected); a stale
+        ``if_match`` is PreconditionFailed."""
+        current = self._state_doc()
+        etag = etag_of(current)
+        if if_match is not None and if_match.strip() != "*" and \
+                etag not in [t.strip() for t in if_match.split(",")]:
+            raise PreconditionFailed(etag)
+        running = {name: run.options for name, run in self._running.items()}
+        changes = state_changes(running, self._targets, monitors, targets)
+        if dry_run or not changes:
+            return current, etag, changes
+        self._apply_state(monitors, targets)
+        doc = self._state_doc()
+        return doc, etag_of(doc), changes
 
-    def monitor_metrics(self) -> dict[str, list[MetricSeries]]:
-        """The Prometheus series of every running monitor (control thread)."""
-
-        def read() -> dict[str, list[MetricSeries]]:
-            return {name: run.monitor.metric_series() for name, run in self._running.items()}
-
-        return self.call(read)
+    def _apply_state(self, monitors: Mapping[str, MonitorOptions],
+                     targets: TargetSet | None) -> None:
+        """Undo log: every step records how to reverse it, as (method, argument)."""
+        old_targets = self._targets
+        old_options = {name: run.options for name, run in self._running.items()}
+        old_leases = self.leases.held(self._running)
+        undo: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        failed: str | None = None
+        try:
+            if targets is not None and targets != old_targets:
+                self._apply_targets(targets)
+                undo.append((self._apply_targets, (old_targets,)))
+            for name in sorted(set(self._running) - set(monitors)):
+                failed = name
+                undo.append((self._start, (name, old_options[name])))
+                self._stop(name)
+            for name, options in sorted(monitors.items()):
+                failed = name
+                if name in old_options and old_options[name] == options:
+                    continue
+                # The undo step goes first: a reload stops the old run before the new
+                # one can fail.
+                if name in old_options:
+                    undo.append((self._start, (name, old_options[name])))
+                else:
+                    undo.append((self._stop, (name,)))
+                self._start(name, options)
+        except Exception as e:
+            for method, args in reversed(undo):
+                try:
+                    method(*args)
+                except Exception:
+                    log.exception("rolling back the state failed at one step")
+            self.leases.carry_over(old_leases, self._running)
+            raise StateRejected(f"{failed}: {e}; every change was rolled back", failed,
+                                True) from e
+        self.leases.carry_over(old_leases, self._running)  # a reload keeps its lease
 
     # -- lifecycle -----------------------------------------------------------------
     def shutdown(self, timeout: float = 30) -> None:
         """Stop every monitor (detaching every probe) and end the control thread."""
         if self._closed:
             return
-
-        def stop_all() -> None:
-            for name in list(self._running):
-                try:
-                    self._stop(name)
-                except Exception:
-                    log.exception("stopping %s failed", name)
-            for run in self._stuck:
-                if run.thread is not None:
-                    run.thread.join(STOP_JOIN_S)
-            self._reap_stuck()  # still alive: left to the exiting process, never freed
-
         try:
-            self.call(stop_all, timeout=timeout)
+            self.execute(StopAll(), timeout=timeout)
         finally:
             self._closed = True
             self._commands.put(None)
             self._thread.join(timeout)
+
+
+def target_command(kind: TargetKind, op: TargetOp, values: Any) -> SetTargets:
+    """``values`` checked (TargetError, 422) into a command; ``op``: replace, add or
+    remove."""
+    if kind not in KINDS:
+        raise ValueError(kind)
+    return SetTargets(kind, op, validate_values(kind, values))
+
+
+def process_figures(started: float) -> dict[str, Any]:
+    """The agent process: pid, uptime, CPU, RSS (any thread)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - started, 3),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+        "rss_bytes": _rss_bytes(),
+    }
 
 
 def _defaults(cls: type[BaseMonitor]) -> MonitorOptions | None:

@@ -3,10 +3,10 @@
 Under load the poller, the event loop and the output writer each allocate from their own
 glibc arena, and glibc raises its mmap threshold to the size of the largest block freed
 so far (up to 32 MiB), so the SSE runs of a burst (up to 512 KiB each) end up in the
-heaps, which keep the freed space: the agent's RSS stayed ~75 MB above idle after a
-full-load minute (bench/stream.py). A fixed mmap threshold keeps large blocks in their
-own mappings (returned on free), and malloc_trim() once the hub has been idle returns
-what the heaps hold free.
+heaps, which keep the freed space: the agent's RSS stayed well above idle after a
+full-load minute (bench/RESULTS.md, "Figures the code cites"). A fixed mmap threshold
+keeps large blocks in their own mappings (returned on free), and malloc_trim() once the
+hub has been idle returns what the heaps hold free.
 """
 
 from __future__ import annotations

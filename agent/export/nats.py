@@ -1,6 +1,7 @@
 """Events to NATS JetStream (``export.nats``), without ever blocking the event path.
 
-Poller threads call ``offer`` with the bytes the hub already encoded (the JSONL bytes);
+Poller threads call ``offer`` with the event's JSON, encoded once for every consumer of
+the pipeline (agent/core/pipeline.py; the same bytes as the JSONL output);
 it prepends a ``host`` field and appends to a bounded buffer, or counts a drop when the
 buffer is full. A publisher thread runs its own asyncio loop: it takes batches from the
 buffer, publishes them with JetStream acknowledgements and keeps a batch until every
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 
 from agent.config import NatsExportSettings
+from agent.model.events import Event
 
 log = logging.getLogger(__name__)
 FLUSH_ON_STOP_S = 3.0
@@ -84,8 +86,11 @@ class NatsExporter:
             self._subjects[monitor] = subject
         return subject
 
-    def offer(self, monitor: str, data: bytes) -> None:
-        subject = self.subject_for(monitor)
+    def offer(self, event: Event, data: bytes) -> None:
+        """A consumer of the pipeline (agent/core/pipeline.py), on a poller thread:
+        ``data`` is the event's JSON (encode_event)."""
+        monitor = event.get("monitor", "")
+        subject = self.subject_for(monitor if type(monitor) is str else str(monitor))
         if subject is None:
             return
         # data is one JSON object: '{"monitor":...}' -> '{"host":"h","monitor":...}'

@@ -286,10 +286,12 @@ class OutputWriter:
         return self.queue_dropped + self.snapshot_rows_dropped + self.write_failed
 
     def offer(self, event: Event, data: bytes | None = None) -> None:
-        """Never blocks: a full queue drops the event and counts it. Checking the length
-        before appending bounds the queue (to one more item per extra producer).
-        ``data``: the event already encoded (encode_event); JSONL-only writers queue just
-        those bytes, not the event's dict (~1 KB of Python objects per event)."""
+        """A consumer of the pipeline (agent/core/pipeline.py), on the monitor's poller
+        thread. Never blocks: a full queue drops the event and counts it. Checking the
+        length before appending bounds the queue (to one more item per extra producer).
+        ``data``: the event already encoded (encode_event; None in tests of the writer
+        alone: encoded here); JSONL-only writers queue just
+        those bytes, not the event's dict and the Python objects it holds."""
         if len(self._pending) >= self._capacity:
             self.queue_dropped += 1
         elif data is None:

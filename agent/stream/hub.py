@@ -1,9 +1,10 @@
 """The event hub: one bounded ring of encoded events shared by every stream subscriber.
 
-Monitor poller threads call ``publish``; it encodes the event once (the same bytes as the
-JSONL output, returned to the caller so other consumers reuse them) and copies its SSE
-frame (``id: N\\nevent: M\\ndata: <json>\\n\\n``) into one preallocated byte ring. The
-ring is bounded twice: in events (``capacity``, the replay_buffer setting) and in bytes
+Monitor poller threads call ``offer`` (the hub is a consumer of the pipeline,
+agent/core/pipeline.py) with the event and its JSON, encoded once for every consumer (the
+same bytes as the JSONL output); it copies the event's SSE frame
+(``id: N\\nevent: M\\ndata: <json>\\n\\n``) into one preallocated byte ring. The ring is
+bounded twice: in events (``capacity``, the replay_buffer setting) and in bytes
 (``replay_bytes``); whichever fills first evicts the oldest events. Per event the hub
 keeps no Python object, only a few numbers in flat arrays (where its frame starts, its
 length, and the fields filters look at), so its memory is the byte ring plus ~40 bytes
@@ -16,8 +17,11 @@ the buffer starts again at offset 0), so an unfiltered subscriber's batch is one
 the ring: one memcpy and one socket write for hundreds of events, the same bytes for
 every subscriber, no per-event work on the event loop.
 
-Threading: ``publish`` runs on poller threads under a lock (one poller per monitor);
-everything else runs on the event loop, without the lock. Readers copy first and check
+Threading: ``offer`` runs on poller threads under a lock (one poller per monitor);
+everything else runs on the event loop, without the lock, except the figures
+(``stats``, ``totals``): the API reads them on the event loop and the Prometheus scrape
+on a pool thread; they copy what they iterate, so a concurrent change costs at most a
+figure one update old. Readers copy first and check
 afterwards: the publisher advances ``_first`` (the oldest live sequence number) *before*
 it overwrites bytes, and the GIL makes both threads see each other's writes in program
 order, so an event whose number is still >= ``_first`` after the copy was intact while it
@@ -257,10 +261,16 @@ class EventHub:
         return mid
 
     def publish(self, event: Event) -> bytes:
-        """Thread-safe, non-blocking, O(1) in the number of subscribers. Returns the
-        encoded event (the JSONL writer and other consumers, e.g. the NATS exporter,
-        reuse these bytes)."""
+        """Encodes ``event`` and offers it; returns the bytes (tests and benches: in the
+        agent, the pipeline encodes once for every consumer and calls offer)."""
         data = encode_event(event)
+        self.offer(event, data)
+        return data
+
+    def offer(self, event: Event, data: bytes) -> None:
+        """A consumer of the pipeline (agent/core/pipeline.py), on a poller thread:
+        thread-safe, non-blocking, O(1) in the number of subscribers. ``data``: the
+        event's JSON (encode_event)."""
         get = event.get
         monitor = get("monitor", "")
         with self._lock:
@@ -276,7 +286,6 @@ class EventHub:
                 self._loop.call_soon_threadsafe(self._wake)  # type: ignore[union-attr]
             except RuntimeError:  # the loop is closed: shutting down
                 self._wake_pending = False
-        return data
 
     def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any) -> None:
         """Append one frame (caller holds the lock). The hot path of every event: kept to

@@ -9,7 +9,8 @@ import time
 from fastapi.testclient import TestClient
 
 from agent.api.app import create_app
-from agent.core.manager import LATENCY_SAMPLE_FAST, MonitorSink
+from agent.core.manager import LATENCY_SAMPLE_FAST
+from agent.core.pipeline import MonitorSink
 from tests.support.api import fake_registry, fake_report, settings
 
 BASE = "http://127.0.0.1"
@@ -42,7 +43,7 @@ def test_delivery_latency_histogram_counts_events_with_a_kernel_timestamp() -> N
 
 
 def test_sink_samples_one_event_in_n_when_told() -> None:
-    sink = MonitorSink(None)
+    sink = MonitorSink()
     sink.sample_mask = LATENCY_SAMPLE_FAST - 1
     for _ in range(LATENCY_SAMPLE_FAST * 10):
         sink.publish({"ts_ns": time.monotonic_ns()})

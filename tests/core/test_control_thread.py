@@ -13,6 +13,7 @@ import pytest
 from agent.config import OutputSettings
 from agent.core import manager as manager_mod
 from agent.core.manager import MonitorManager
+from agent.core.pipeline import SinkFactory
 from agent.kernel.capabilities import CapabilityReport
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor
@@ -71,8 +72,8 @@ def registry(stubborn: bool) -> MonitorRegistry:
 def test_rate_periodic_and_snapshots_while_the_poller_never_returns(tmp_path: Path) -> None:
     reg = registry(stubborn=False)
     mgr = MonitorManager(reg, CapabilityReport("t", "x86_64", {}),
-                         writers=WriterFactory(OutputSettings(
-                             formats=["csv"], directory=tmp_path, snapshot_interval_s=0.5)))
+                         sinks=SinkFactory(writers=WriterFactory(OutputSettings(
+                             formats=["csv"], directory=tmp_path, snapshot_interval_s=0.5))))
     cls: Any = reg.get("busy")
     try:
         mgr.start_monitor("busy")

@@ -9,7 +9,9 @@ import time
 import pytest
 from pydantic import Field
 
-from agent.core.manager import MonitorManager, MonitorUnsupported, OptionsInvalid, UnknownMonitor
+from agent.core.failures import MonitorUnsupported, OptionsInvalid, UnknownMonitor
+from agent.core.manager import MonitorManager
+from agent.core.pipeline import SinkFactory
 from agent.kernel.capabilities import CapabilityReport, Feature, build_report
 from agent.model.targets import TargetError, TargetLimits, TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorError, MonitorOptions
@@ -137,7 +139,7 @@ def test_invalid_targets_change_nothing(fake, kind, op, values) -> None:
 def test_real_exec_through_the_manager(kernel) -> None:
     reg = discover_monitors()
     sink = CollectingSink()
-    mgr = MonitorManager(reg, build_report(reg), publish=sink.publish)
+    mgr = MonitorManager(reg, build_report(reg), sinks=SinkFactory([sink]))
     before = prog_ids_held_by(os.getpid())
     try:
         mgr.start_monitor("exec")

@@ -12,7 +12,9 @@ import pytest
 from pydantic import Field
 
 from agent.config import OutputSettings
-from agent.core.manager import MonitorManager, MonitorUnsupported
+from agent.core.failures import MonitorUnsupported
+from agent.core.manager import MonitorManager
+from agent.core.pipeline import SinkFactory
 from agent.kernel.capabilities import CapabilityReport, build_report
 from agent.model.targets import TargetSet
 from agent.monitors.bcc import BccMonitor
@@ -80,7 +82,8 @@ def test_refused_output_path_keeps_the_running_monitor(tmp_path: Path) -> None:
     log: list = []
     out = tmp_path / "out"
     mgr = MonitorManager(refusing_registry(log), CapabilityReport("t", "x86_64", {}),
-                         writers=WriterFactory(OutputSettings(formats=["jsonl"], directory=out)))
+                         sinks=SinkFactory(writers=WriterFactory(
+                             OutputSettings(formats=["jsonl"], directory=out))))
     try:
         mgr.start_monitor("fake")
         (out / "fake.jsonl").unlink()
@@ -110,8 +113,8 @@ def test_failed_starts_leave_no_program_loaded(tmp_path: Path, kernel: None,
     report = build_report(reg)
     before = prog_ids_held_by(os.getpid())
     for directory, error in broken_outputs(tmp_path):
-        mgr = MonitorManager(reg, report, writers=WriterFactory(
-            OutputSettings(formats=["jsonl"], directory=directory)))
+        mgr = MonitorManager(reg, report, sinks=SinkFactory(writers=WriterFactory(
+            OutputSettings(formats=["jsonl"], directory=directory))))
         try:
             with pytest.raises(error):
                 mgr.start_monitor("exec")

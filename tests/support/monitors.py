@@ -22,12 +22,16 @@ class NullSink:
 
 
 class CollectingSink:
-    """Keeps every event in a list."""
+    """Keeps every event in a list: a monitor's sink (publish), or a consumer of the
+    pipeline (offer: agent/core/pipeline.py)."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
 
     def publish(self, event: Event) -> None:
+        self.events.append(event)
+
+    def offer(self, event: Event, data: bytes) -> None:
         self.events.append(event)
 
 

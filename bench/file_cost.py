@@ -19,11 +19,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -83,24 +80,6 @@ def workload_cpu(work: Path, archive: Path) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@contextmanager
-def drained(monitor: Any) -> Iterator[None]:
-    """A poller thread, as the agent runs one: events leave the ring buffer."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            monitor.poll(50)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
@@ -113,7 +92,7 @@ def main() -> int:
 
     from agent.monitors.file.monitor import FileOptions
     from tests.support.kernel import compile_c
-    from tests.support.monitors import NullSink, loaded_monitor
+    from tests.support.monitors import NullSink, loaded_monitor, polled
 
     names = ("no program", "minimal sys_enter_openat program",
              "file monitor, every call reported", "file monitor, prefix matching nothing")
@@ -145,7 +124,7 @@ def main() -> int:
                     b.cleanup()
 
             def monitor() -> None:
-                with loaded_monitor("file", NullSink()) as m, drained(m):
+                with loaded_monitor("file", NullSink()) as m, polled(m):
                     for opts, name in (({}, names[2]),
                                        ({"include_prefixes": ["/no-such-prefix/"]}, names[3])):
                         m.apply_options(FileOptions(**opts))

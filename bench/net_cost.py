@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,22 +99,13 @@ def minimal() -> Iterator[None]:
 def net_monitor(**options: object) -> Callable[[], Iterator[None]]:
     @contextmanager
     def run() -> Iterator[None]:
-        from tests.support.monitors import NullSink, loaded_monitor
+        from tests.support.monitors import NullSink, loaded_monitor, polled
 
         with loaded_monitor("net", NullSink(), **options) as m:
-            stop = threading.Event()
-
-            def drain() -> None:  # the agent's poller: events are read, then dropped
-                while not stop.is_set():
-                    m.poll(50)
-
-            t = threading.Thread(target=drain, daemon=True)
-            t.start()
             try:
-                yield
+                with polled(m):  # the agent's poller: events are read, then dropped
+                    yield
             finally:
-                stop.set()
-                t.join()
                 counters = m.kernel_counters()
                 if counters.get("dropped"):
                     print(f"  (net {options}: {counters['dropped']} events dropped)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,3 +98,22 @@ def wait_for_events(monitor: BaseMonitor, sink: CollectingSink, pred: Callable[[
         if found:
             return found
     return []
+
+
+@contextmanager
+def polled(monitor: BaseMonitor) -> Iterator[None]:
+    """A poller thread, as the agent runs one, for the duration: events leave the ring
+    buffer (benchmarks, which measure what the workload pays while they do)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            monitor.poll(50)
+
+    t = threading.Thread(target=loop, name=f"poll-{monitor.name}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

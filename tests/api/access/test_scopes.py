@@ -19,7 +19,9 @@ CONTROL = {("GET", "/audit"), ("POST", "/monitors/{name}/start"),
            ("POST", "/monitors/{name}/lease"), ("POST", "/monitors/{name}/stop"),
            ("POST", "/monitors/{name}/stats/reset"), ("PUT", "/targets/follow_children"),
            ("PUT", "/targets/{kind}"), ("POST", "/targets/{kind}"),
-           ("DELETE", "/targets/{kind}/{value:target_value}"), ("PUT", "/state")}
+           ("DELETE", "/targets/{kind}/{value}"), ("PUT", "/state"),
+           # the route itself, with the converter that lets a value hold "/"
+           ("DELETE", "/targets/{kind}/{value:target_value}")}
 
 
 def app() -> Any:

@@ -4,6 +4,7 @@ requirement."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -19,9 +20,7 @@ CONTROL = {("GET", "/audit"), ("POST", "/monitors/{name}/start"),
            ("POST", "/monitors/{name}/lease"), ("POST", "/monitors/{name}/stop"),
            ("POST", "/monitors/{name}/stats/reset"), ("PUT", "/targets/follow_children"),
            ("PUT", "/targets/{kind}"), ("POST", "/targets/{kind}"),
-           ("DELETE", "/targets/{kind}/{value}"), ("PUT", "/state"),
-           # the route itself, with the converter that lets a value hold "/"
-           ("DELETE", "/targets/{kind}/{value:target_value}")}
+           ("DELETE", "/targets/{kind}/{value}"), ("PUT", "/state")}
 
 
 def app() -> Any:
@@ -65,12 +64,13 @@ def test_no_route_is_left_without_a_rule() -> None:
     for route in routes:
         if not isinstance(route, APIRoute):
             continue
+        path = re.sub(r":[^}]+}", "}", route.path)  # as OpenAPI names it: no converter
         for method in route.methods:
-            if (method, route.path) in PUBLIC or method == "HEAD":
+            if (method, path) in PUBLIC or method == "HEAD":
                 continue
             calls = [d.call for d in route.dependant.dependencies]
-            wanted = "control" if (method, route.path) in CONTROL else "read"
-            assert needs(wanted) in calls, (method, route.path)
+            wanted = "control" if (method, path) in CONTROL else "read"
+            assert needs(wanted) in calls, (method, path)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [

@@ -247,11 +247,11 @@ def test_buffered_never_exceeds_capacity_and_last_error_clears(tmp_path: Path) -
             wait_for(lambda: exporter.connected)
             server.proc.send_signal(signal.SIGSTOP)
             for n in range(20):
-                exporter.offer("fake", b'{"monitor":"fake","n":%d}' % n)
+                exporter.offer({"monitor": "fake", "n": n}, b'{"monitor":"fake","n":%d}' % n)
             # The first batch went out and timed out: it is held in flight.
             wait_for(lambda: exporter.last_error is not None)
             for n in range(20, 500):
-                exporter.offer("fake", b'{"monitor":"fake","n":%d}' % n)
+                exporter.offer({"monitor": "fake", "n": n}, b'{"monitor":"fake","n":%d}' % n)
             frozen = exporter.stats()
             assert frozen["buffered"] == frozen["capacity"] == 50, frozen
             assert frozen["dropped_buffer_full"] == 450

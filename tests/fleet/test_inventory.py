@@ -157,7 +157,7 @@ def test_fleet_wide_top_lists_sum_hosts_by_declared_key(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "fleet-wide by_bytes" in out and "HOSTS" in out
     assert [ln.split() for ln in out.splitlines() if "10.0.0.2" in ln] == [
-        ["out", "10.0.0.2", "443", "3", "950", "2"]]
+        ["out", "10.0.0.2", "443", "2", "3", "950"]]  # key, hosts, the summed columns
 
 
 def test_fleet_wide_top_lists_sum_hosts_by_key() -> None:

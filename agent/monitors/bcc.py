@@ -5,6 +5,7 @@ with agent/bpf/common.h inlined), attach, drain its ring/perf buffer, keep the t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import re
@@ -318,7 +319,10 @@ class BccMonitor(BaseMonitor[OptionsT]):
         table = self.bpf[b"target_pids"]
         for key, kind in list(table.items()):
             if kind.value == PID_FOLLOWED:
-                del table[key]
+                # common.h's sched_process_exit program deletes a followed pid when it
+                # exits: it may be gone between the listing and this delete.
+                with contextlib.suppress(KeyError):
+                    del table[key]
         if not (targets.pids and targets.follow_children):
             return
         for pid in procfs.descendants(targets.pids) - targets.pids:

@@ -283,9 +283,9 @@ def test_reset_connection(monitor) -> None:
     """The server closes each accepted connection with a reset (SO_LINGER 0)."""
     m, sink = fresh(monitor)
     with server("127.0.0.1", 1, 0, reset=True) as srv:
-        cli = start_client("127.0.0.1", srv.port, 0)
+        cli = start_client("127.0.0.1", srv.port, 0, wait=True)
         assert srv.received() == [0]
-    assert cli.sport is not None
+    assert (cli.sport is not None, cli.received) == (True, "reset")
     events = wait_for(m, sink, of_port(cli.sport), 4)
     by = {(e["event"], e["direction"]): e for e in events}
     assert sorted(by) == [("accept", "in"), ("close", "in"), ("close", "out"),

@@ -47,11 +47,14 @@ class Client:
     received: int | str
 
 
-def start_client(host: str, port: int, send: int, netns: str | None = None) -> Client:
-    """Run a client to its end; its pid, local port and what it received."""
+def start_client(host: str, port: int, send: int, netns: str | None = None,
+                 wait: bool = False) -> Client:
+    """Run a client to its end; its pid, local port and what it received. With `wait`
+    the client never ends its side: it waits for the peer to close (or reset) first."""
     proc = subprocess.Popen(
         [*ns_prefix(netns), sys.executable, str(PEER), "client", CLIENT_COMM, host,
-         str(port), str(send)], stdout=subprocess.PIPE, text=True)
+         str(port), str(send), *(["wait"] if wait else [])],
+        stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     lines = out.split()

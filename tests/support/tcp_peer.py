@@ -5,10 +5,12 @@ pid and comm, possibly in a network namespace the test made):
         prints its port, then per accepted connection the bytes it received (until EOF)
         after replying REPLY_BYTES and closing; with `reset`, closes each accepted
         connection at once with a reset (SO_LINGER 0).
-    python tcp_peer.py client COMM HOST PORT SEND_BYTES
+    python tcp_peer.py client COMM HOST PORT SEND_BYTES [wait]
         connects, prints its local port, sends SEND_BYTES, shuts its side down, reads
         until EOF and prints the bytes received; a refused connect prints "refused", a
-        reset "reset".
+        reset "reset". With `wait` it does not shut its side down but waits for the
+        peer to end the connection, so the peer closes first whatever the scheduling
+        (a reset test: a FIN of ours racing the peer's RST makes us the first closer).
 
 Payloads are a known pattern; only loopback or namespace addresses are used.
 """
@@ -64,7 +66,7 @@ def server(host: str, connections: int, reply: int, reset: bool) -> None:
     s.close()
 
 
-def client(host: str, port: int, send: int) -> None:
+def client(host: str, port: int, send: int, wait: bool) -> None:
     c = socket.socket(family(host), socket.SOCK_STREAM)
     try:
         c.connect((host, port))
@@ -74,7 +76,8 @@ def client(host: str, port: int, send: int) -> None:
     print(c.getsockname()[1], flush=True)
     try:
         c.sendall(pattern(send))
-        c.shutdown(socket.SHUT_WR)
+        if not wait:
+            c.shutdown(socket.SHUT_WR)
         print(receive_all(c), flush=True)
     except OSError as e:  # the reset may come before shutdown(2): ENOTCONN then
         if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
@@ -89,7 +92,7 @@ def main(argv: list[str]) -> None:
     if role == "server":
         server(host, int(argv[3]), int(argv[4]), len(argv) > 5 and argv[5] == "reset")
     else:
-        client(host, int(argv[3]), int(argv[4]))
+        client(host, int(argv[3]), int(argv[4]), len(argv) > 5 and argv[5] == "wait")
 
 
 if __name__ == "__main__":

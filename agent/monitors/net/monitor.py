@@ -377,8 +377,6 @@ class NetMonitor(BccMonitor[NetOptions]):
         "tcp:tcp_send_reset",
         "syscalls:sys_exit_accept",
         "syscalls:sys_exit_accept4",
-        "sched:sched_process_fork",  # common.h follows children of target pids
-        "sched:sched_process_exit",
     )
     SNAPSHOT_FIELDS: ClassVar[tuple[str, ...]] = (
         "timestamp", "direction", "address", "port", "connections", "failures",

@@ -101,19 +101,27 @@ static __always_inline int current_matches(void)
     return 1;
 }
 
-static __always_inline u32 current_ppid(void)
+/* The process ids of the current task: its tgid and its thread-group leader's start
+ * time (a thread's own start_boottime is the thread's), and the same for its real
+ * parent. Six bpf_probe_read_kernel calls through BTF offsets (docs/kernel.md). */
+static __always_inline void current_lineage(struct event_hdr *h)
 {
     u64 task = bpf_get_current_task();
-    u64 parent = 0;
-    u32 ppid = 0;
+    u64 leader = 0, parent = 0, parent_leader = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + OFF_TASK_STRUCT_GROUP_LEADER));
+    bpf_probe_read_kernel(&h->start_ns, sizeof(h->start_ns),
+                          (void *)(leader + OFF_TASK_STRUCT_START_BOOTTIME));
     bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(task + OFF_TASK_STRUCT_REAL_PARENT));
-    bpf_probe_read_kernel(&ppid, sizeof(ppid), (void *)(parent + OFF_TASK_STRUCT_TGID));
-    return ppid;
+    bpf_probe_read_kernel(&h->ppid, sizeof(h->ppid), (void *)(parent + OFF_TASK_STRUCT_TGID));
+    bpf_probe_read_kernel(&parent_leader, sizeof(parent_leader),
+                          (void *)(parent + OFF_TASK_STRUCT_GROUP_LEADER));
+    bpf_probe_read_kernel(&h->parent_start_ns, sizeof(h->parent_start_ns),
+                          (void *)(parent_leader + OFF_TASK_STRUCT_START_BOOTTIME));
 }
 
 /* Fill the header for the current task; ts_ns is the monitor's moment of the event
- * (e.g. a call's entry), not necessarily now. Costs two bpf_probe_read_kernel calls
- * for ppid: call it once per submitted event, not on every hook. */
+ * (e.g. a call's entry), not necessarily now. The lineage reads cost: call it once
+ * per submitted event, not on every hook. */
 static __always_inline void fill_event_hdr(struct event_hdr *h, u64 ts_ns)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -121,10 +129,14 @@ static __always_inline void fill_event_hdr(struct event_hdr *h, u64 ts_ns)
     h->ts_ns = ts_ns;
     h->pid = id >> 32;
     h->tid = (u32)id;
-    h->ppid = current_ppid();
+    h->ppid = 0;
+    h->start_ns = 0;
+    h->parent_start_ns = 0;
+    current_lineage(h);
     h->uid = (u32)ugid;
     h->gid = ugid >> 32;
     h->_pad = 0;
+    h->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 

@@ -38,9 +38,10 @@ struct comm_key { char comm[COMM_LEN]; };
 #define PID_FOLLOWED 2
 
 /* The start of every monitor's event: who and when, with one meaning everywhere.
- * agent/model/events.py EventHeader mirrors it and turns it into the common fields
- * (monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm) of every event.
- * 48 bytes, 8-aligned: the monitor's own fields follow without padding surprises. */
+ * agent/model/events.py HEADER declares it and turns it into the common fields
+ * (monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm, process_id,
+ * parent_process_id, cgroup_id and the workload fields) of every event.
+ * 72 bytes, 8-aligned: the monitor's own fields follow without padding surprises. */
 struct event_hdr {
     u64 ts_ns;                 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     u32 pid;                   /* tgid */
@@ -50,6 +51,9 @@ struct event_hdr {
     u32 gid;
     u32 _pad;
     char comm[COMM_LEN];       /* the task's comm when filled (a monitor may refresh it) */
+    u64 start_ns;              /* group_leader->start_boottime: with pid, the process id */
+    u64 parent_start_ns;       /* real_parent->group_leader->start_boottime */
+    u64 cgroup_id;             /* bpf_get_current_cgroup_id(): the cgroup v2 id */
 };
 
 #endif /* EBPF_AGENT_TYPES_H */

@@ -126,6 +126,8 @@ def vmlinux_btf() -> BTF:
 TASK_FIELDS = (
     ("task_struct", "real_parent"),
     ("task_struct", "tgid"),
+    ("task_struct", "group_leader"),
+    ("task_struct", "start_boottime"),
     ("task_struct", "mm"),
     ("mm_struct", "arg_start"),
     ("mm_struct", "arg_end"),

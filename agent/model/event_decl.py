@@ -93,6 +93,11 @@ class Decode(StrEnum):
     # The common header only:
     MONITOR = "monitor"    # the monitor's name
     WALLTIME = "walltime"  # CLOCK_MONOTONIC ns -> ISO 8601 UTC, ns precision
+    PROCESS_ID = "process_id"  # (pid member, arg: its start-time member) -> process id
+                               # (agent/kernel/identity.py); null for pid 0
+    WORKLOAD = "workload"  # a cgroup id -> field arg of its Workload (path, container
+                           # id, pod uid, unit: agent/model/workload.py), resolved once
+                           # per record
 
 
 class Csv(StrEnum):

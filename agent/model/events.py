@@ -38,6 +38,9 @@ HEADER = EventDecl(
         Member("gid", "u32"),
         Member("_pad", "u32"),
         Member("comm", "char", COMM_LEN),
+        Member("start_ns", "u64"),  # the thread-group leader's start_boottime
+        Member("parent_start_ns", "u64"),
+        Member("cgroup_id", "u64"),
     ),
     fields=(
         EventField("monitor", "string", "the monitor's name", Decode.MONITOR),
@@ -50,6 +53,25 @@ HEADER = EventDecl(
         EventField("uid", "integer", "real user id"),
         EventField("gid", "integer", "real group id"),
         EventField("comm", "string", "the task's name (at most 15 bytes)"),
+        EventField("process_id", "string",
+                   "the process instance: <boot id, 16 hex>-<start time in clock ticks>-<pid>,"
+                   " unique across pid reuse, reboots and hosts, the same in every monitor"
+                   " and from /proc/<pid>/stat (agent/kernel/identity.py)",
+                   Decode.PROCESS_ID, source="pid", arg="start_ns", nullable=True),
+        EventField("parent_process_id", "string", "the real parent's process_id",
+                   Decode.PROCESS_ID, source="ppid", arg="parent_start_ns", nullable=True),
+        EventField("cgroup_id", "integer",
+                   "the task's cgroup v2 id (the inode number of its cgroup directory)"),
+        EventField("cgroup", "string", "the cgroup's path relative to the cgroup2 root;"
+                   " null when it could not be resolved", Decode.WORKLOAD,
+                   source="cgroup_id", arg=0, nullable=True),
+        EventField("container_id", "string", "the container's 64-hex id (docker,"
+                   " containerd, CRI-O, podman), from the cgroup path; null outside one",
+                   Decode.WORKLOAD, source="cgroup_id", arg=1, nullable=True),
+        EventField("pod_uid", "string", "the Kubernetes pod uid from a kubepods cgroup",
+                   Decode.WORKLOAD, source="cgroup_id", arg=2, nullable=True),
+        EventField("unit", "string", "the systemd unit (.service or .scope) of the cgroup",
+                   Decode.WORKLOAD, source="cgroup_id", arg=3, nullable=True),
     ),
 )
 COMMON_FIELDS = HEADER.keys
@@ -114,21 +136,3 @@ class MonotonicClock:
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
             self._second = second
         return f"{self._prefix}{nanos:09d}Z"
-
-
-def header_fields(monitor: str, hdr: Any, clock: MonotonicClock) -> Event:
-    """The common fields of an event (COMMON_FIELDS, in that order) from a ctypes
-    EventHeader, for a monitor that decodes its records itself; a monitor with an EVENT
-    declaration gets them from its generated decoder."""
-    event: Event = {}
-    for f in HEADER.fields:
-        kind = HEADER.kind(f)
-        if kind is Decode.MONITOR:
-            event[f.name] = monitor
-        elif kind is Decode.WALLTIME:
-            event[f.name] = clock.iso(getattr(hdr, HEADER.source(f) or ""))
-        elif kind is Decode.CSTR:
-            event[f.name] = decode_c_string(getattr(hdr, f.name))
-        else:
-            event[f.name] = getattr(hdr, f.name)
-    return event

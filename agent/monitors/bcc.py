@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.kernel import procfs
-from agent.model.events import Event, EventHeader, MonotonicClock, header_fields
+from agent.model.events import Event, MonotonicClock
 from agent.model.targets import TargetSet
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
 from agent.monitors.decoder import EventDecoder, Hook
@@ -183,7 +183,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
         load: LOOKUP tables may come from what load resolved)."""
         assert self.EVENT is not None
         return EventDecoder(self.EVENT, self.name, self._clock, tables=self.decode_tables(),
-                            hooks=self.decode_hooks(), options=self.options.model_dump())
+                            hooks=self.decode_hooks(), options=self.options.model_dump(),
+                            identity=self.ctx.identity, cgroups=self.ctx.cgroups)
 
     def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
         """LOOKUP tables of EVENT's fields, by name (e.g. probe id -> function)."""
@@ -196,11 +197,6 @@ class BccMonitor(BaseMonitor[OptionsT]):
     @cached_property
     def _clock(self) -> MonotonicClock:
         return MonotonicClock()
-
-    def common_fields(self, hdr: EventHeader) -> Event:
-        """monitor, timestamp, ts_ns, pid, tid, ppid, uid, gid, comm: the start of every
-        event, the same for every monitor."""
-        return header_fields(self.name, hdr, self._clock)
 
     def poll(self, timeout_ms: int) -> None:
         """Poller thread. Each consume call ends after CONSUME_BUDGET records (ring

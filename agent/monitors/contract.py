@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import TargetSettings, TransportSettings
+from agent.kernel.cgroups import CgroupResolver, default_resolver
+from agent.kernel.identity import ProcessIdentity, local_identity
 from agent.model.event_decl import EventDecl
 from agent.model.events import COMMON_CSV_FIELDS, Event, EventModel, EventSink
 from agent.model.targets import TargetLimits, TargetSet
@@ -63,6 +65,9 @@ class MonitorContext:
     limits: TargetLimits = field(default_factory=lambda: TargetSettings().limits())
     ringbuf_supported: bool = True
     kernel_offsets: dict[str, int] = field(default_factory=dict)
+    # Who an event's process is and what its cgroup names (the agent's shared ones).
+    identity: ProcessIdentity = field(default_factory=local_identity)
+    cgroups: CgroupResolver = field(default_factory=default_resolver)
 
 
 class BaseMonitor(ABC, Generic[OptionsT]):

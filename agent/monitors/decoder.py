@@ -15,6 +15,8 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.kernel.cgroups import CgroupResolver, default_resolver
+from agent.kernel.identity import ProcessIdentity, local_identity
 from agent.kernel.syscalls import errno_name
 from agent.model.event_decl import Decode, EventDecl, unpacker
 from agent.model.events import HEADER, Event, MonotonicClock, decode_c_string
@@ -51,7 +53,9 @@ class EventDecoder:
     def __init__(self, decl: EventDecl, monitor: str, clock: MonotonicClock, *,
                  tables: Mapping[str, Mapping[Any, Any]] | None = None,
                  hooks: Mapping[str, Hook] | None = None,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None,
+                 identity: ProcessIdentity | None = None,
+                 cgroups: CgroupResolver | None = None) -> None:
         if not decl.with_header:
             raise ValueError(f"{decl.struct}: a decoder reads whole events, header first")
         self.decl = decl
@@ -62,6 +66,8 @@ class EventDecoder:
             "unpack": fixed.unpack_from, "SIZE": fixed.size, "iso": clock.iso,
             "cstr": decode_c_string, "errno": errno_or_none, "MONITOR": monitor,
             "inet": inet_text, "ntohs": socket.ntohs,
+            "process_id": (identity or local_identity()).from_ns,
+            "workload": (cgroups or default_resolver()).resolve,
         }
         own = [n for n in names if not n.startswith("hdr.")]
 
@@ -109,9 +115,15 @@ class EventDecoder:
                 return "MONITOR"
             if kind is Decode.WALLTIME:
                 return f"iso({v})"
+            if kind is Decode.PROCESS_ID:
+                return f"process_id({v}, v{index[prefix + f.arg]})"
+            if kind is Decode.WORKLOAD:
+                workload_of.add(v)
+                return f"w{v}[{int(f.arg)}]"
             raise ValueError(f"{decl.struct}: field {f.name}: unknown kind {kind}")
 
         hook_vars: dict[str, str] = {}
+        workload_of: set[str] = set()  # the cgroup-id variables resolved per record
         literal: list[str] = []
         statements: list[str] = []
         entries = [("hdr.", f, HEADER) for f in HEADER.fields] if decl.with_header else []
@@ -133,6 +145,7 @@ class EventDecoder:
             "        raw = raw.ljust(SIZE, b'\\0')",
             f"    ({''.join(f'v{i}, ' for i in range(len(names)))}) = unpack(raw)",
             *(f"    {var} = {var}_fn(raw, {{{members}}})" for var in hook_vars.values()),
+            *(f"    w{v} = workload({v})" for v in sorted(workload_of)),
             f"    ev = {{{', '.join(literal)}}}",
             *statements,
             "    return ev",

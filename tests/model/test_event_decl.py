@@ -42,11 +42,13 @@ def test_declarations_refused(build: Any, message: str) -> None:
 
 def test_the_common_header() -> None:
     assert COMMON_FIELDS == ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid",
-                             "gid", "comm")
+                             "gid", "comm", "process_id", "parent_process_id", "cgroup_id",
+                             "cgroup", "container_id", "pod_uid", "unit")
     assert tuple(EventModel.model_fields) == COMMON_FIELDS
-    assert ctypes.sizeof(EventHeader) == 48
+    assert ctypes.sizeof(EventHeader) == 72
     assert HEADER.unpack_format() == (
-        "=QIIIIII16s", ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "_pad", "comm"))
+        "=QIIIIII16sQQQ", ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "_pad", "comm",
+                           "start_ns", "parent_start_ns", "cgroup_id"))
 
 
 def test_model_columns_and_layout() -> None:
@@ -66,11 +68,11 @@ def test_model_columns_and_layout() -> None:
     assert schema["additionalProperties"] is False
     assert d.csv_columns == ("ret", "err", "v")
     assert d.sizes == ("N",)
-    # 48 header bytes, 4 + 4 + 2 + 5, the tail right after (char: no alignment).
-    assert d.offsets({"N": 3}) == {"flags": 48, "ret": 52, "v": 56, "name": 58, "tail": 63}
-    assert ctypes.sizeof(d.ctypes_struct({"N": 3})) == 72  # padded to u64 alignment
+    # 72 header bytes, 4 + 4 + 2 + 5, the tail right after (char: no alignment).
+    assert d.offsets({"N": 3}) == {"flags": 72, "ret": 76, "v": 80, "name": 82, "tail": 87}
+    assert ctypes.sizeof(d.ctypes_struct({"N": 3})) == 96  # padded to u64 alignment
     fmt, names = d.unpack_format()
-    assert fmt == "=QIIIIII16sIiH5s" and names[-4:] == ("flags", "ret", "v", "name")
+    assert fmt == "=QIIIIII16sQQQIiH5s" and names[-4:] == ("flags", "ret", "v", "name")
 
 
 @pytest.mark.parametrize(("field", "message"), [

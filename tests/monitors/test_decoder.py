@@ -3,12 +3,13 @@ test builds, byte for byte, and the errors a declaration the monitor cannot serv
 
 from __future__ import annotations
 
-import ctypes
 import time
 from typing import Any
 
 import pytest
 
+from agent.kernel.cgroups import CgroupResolver
+from agent.kernel.identity import ProcessIdentity
 from agent.model.event_decl import Csv, Decode, EventDecl, EventField, Member
 from agent.model.events import COMMON_CSV_FIELDS, COMMON_FIELDS, EventHeader, MonotonicClock
 from agent.monitors.decoder import EventDecoder, console_line
@@ -118,17 +119,35 @@ def test_console_lines() -> None:
     assert console_line(templated, e) == f"{ts} toy pid=10 -2 ENOENT 0.1us 77 ns a b\\nc"
 
 
-def test_header_fields_of_self_decoding_monitors_match_the_decoder() -> None:
-    """header_fields (monitors with their own parse_event) and a declared decoder give
-    the same common fields for the same header."""
-    from agent.model.events import header_fields
-
-    clock = MonotonicClock()
-    raw = record(0, 0, 1, b"n")
-    e = EventDecoder(DECL, "toy", clock, tables={"label": {1: "L1"}}, hooks={"tail": hook},
-                     options={"mode": "m"}).decode(raw)
-    hdr = EventHeader.from_buffer_copy(raw[: ctypes.sizeof(EventHeader)])
-    assert header_fields("toy", hdr, clock) == {k: e[k] for k in COMMON_FIELDS}
+@pytest.mark.parametrize(("pid", "ppid", "cgroup_id", "want"), [
+    # start_ns 1.234 s and 0.5 s at 100 ticks/s: ticks 123 and 50.
+    (10, 9, 7, {"process_id": "00ff00ff00ff00ff-123-10",
+                "parent_process_id": "00ff00ff00ff00ff-50-9", "cgroup_id": 7,
+                "cgroup": "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+                          "0a1b2c3d_0000_1111_2222_333344445555.slice/cri-containerd-"
+                          + "ab" * 32 + ".scope",
+                "container_id": "ab" * 32, "pod_uid": "0a1b2c3d-0000-1111-2222-333344445555",
+                "unit": "cri-containerd-" + "ab" * 32 + ".scope"}),
+    # The parent of init (pid 0): no process; a cgroup nobody can resolve: nulls.
+    (1, 0, 99, {"process_id": "00ff00ff00ff00ff-123-1", "parent_process_id": None,
+                "cgroup_id": 99, "cgroup": None, "container_id": None, "pod_uid": None,
+                "unit": None}),
+])
+def test_identity_and_workload_fields(pid: int, ppid: int, cgroup_id: int,
+                                      want: dict[str, Any]) -> None:
+    identity = ProcessIdentity("00ff00ff00ff00ff", 10_000_000)
+    resolver = CgroupResolver(None)
+    resolver.learn(7, str(want["cgroup"]))
+    raw = bytearray(record(0, 0, 1, b"n"))
+    hdr = EventHeader.from_buffer(raw)
+    hdr.pid, hdr.ppid, hdr.start_ns, hdr.parent_start_ns, hdr.cgroup_id = (
+        pid, ppid, 1_234_567_890, 500_000_000, cgroup_id)
+    e = EventDecoder(DECL, "toy", MonotonicClock(), tables={"label": {1: "L1"}},
+                     hooks={"tail": hook}, options={"mode": "m"}, identity=identity,
+                     cgroups=resolver).decode(bytes(raw))
+    assert {k: e[k] for k in want} == want
+    # An unresolved id is not cached: it is asked again on the next event.
+    assert resolver.unresolved == (1 if cgroup_id == 99 else 0)
 
 
 NET = EventDecl(

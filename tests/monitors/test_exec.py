@@ -14,9 +14,13 @@ from typing import Any
 
 import pytest
 
+from agent.kernel.cgroups import Cgroups
+from agent.kernel.identity import local_identity
+from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
 from agent.monitors.contract import TransportSettings
 from agent.output.writer import OutputWriter
+from tests.support.cgroups import RUNTIME_PATHS, cgroup_dir, own_cgroup, spawn_in
 from tests.support.filters import filter_tests
 from tests.support.kernel import (
     CollectingSink,
@@ -60,9 +64,44 @@ def test_exact_event_for_known_process_and_uid(sink):
     assert (e["comm"], e["filename"], e["ret"], e["truncated"]) == ("echo", "/bin/echo", 0, False)
     assert e["monitor"] == "exec"
     assert set(e) == {"monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid", "gid",
-                      "comm", "filename", "argv", "truncated", "ret"}
+                      "comm", "filename", "argv", "truncated", "ret", *COMMON_FIELDS}
+    # The kernel's identity of the parent (this test process) is what /proc gives; the
+    # cgroup is this process's own (the child inherits it).
+    identity = local_identity()
+    assert e["parent_process_id"] == identity.of_pid(os.getpid())
+    assert e["process_id"].startswith(f"{identity.boot}-") and e["process_id"].endswith(
+        f"-{e['pid']}")
+    cgroup = own_cgroup()
+    assert (e["cgroup_id"], e["cgroup"]) == (Cgroups().id_of(cgroup), cgroup)
     assert abs(time.time() - time.mktime(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
                + time.timezone) < 60
+
+
+@pytest.mark.parametrize("runtime, path, container_id, pod_uid, unit", RUNTIME_PATHS,
+                         ids=[r[0] for r in RUNTIME_PATHS])
+def test_identity_and_workload_of_a_process_in_a_runtime_cgroup(
+        sink, runtime: str, path: str, container_id: str | None, pod_uid: str | None,
+        unit: str | None) -> None:
+    """A long-lived process started in a cgroup named as the runtime names it: its exec
+    event's process_id is what /proc/<pid>/stat gives while it runs, and its cgroup
+    fields are the directory's."""
+    with cgroup_dir(path) as d, exec_monitor(sink) as m:
+        cgroup_id = d.stat().st_ino
+        child = spawn_in(d, ["sleep", "30"])
+        try:
+            events = wait_for_events(m, sink, lambda e: e["pid"] == child.pid
+                                     and e["comm"] == "sleep")
+            truth = local_identity().of_pid(child.pid)
+        finally:
+            child.kill()
+            child.wait()
+    assert len(events) == 1
+    e = events[0]
+    assert e["argv"] == ["sleep", "30"] and e["ppid"] == os.getpid()
+    assert (e["process_id"], e["parent_process_id"]) == (
+        truth, local_identity().of_pid(os.getpid()))
+    assert (e["cgroup_id"], e["cgroup"], e["container_id"], e["pod_uid"], e["unit"]) == (
+        cgroup_id, path, container_id, pod_uid, unit)
 
 
 def test_failed_exec_reports_enoent(sink):

@@ -41,6 +41,11 @@ class MonitorInfo(BaseModel):
     reason: str | None = Field(None, description="why it is unsupported, failed, or "
                                "stopped by an expired lease")
     lease: LeaseInfo | None = Field(None, description="present while a lease runs")
+    summary: str | None = Field(
+        None, description="the one-line rendering of the monitor's events, from its event "
+        "declaration (as `run --format console` prints it after the time and monitor): "
+        "{field} or {field:rendering}, renderings errno (\"-2 ENOENT\"), us (ns as us, "
+        "one decimal), opt_ns (\" N ns\" when not null), words (a list, space-separated)")
 
 
 class LeaseRequest(BaseModel):

@@ -82,6 +82,7 @@ from agent.monitors.contract import (
     MonitorError,
     MonitorOptions,
 )
+from agent.monitors.decoder import console_template
 from agent.monitors.registry import MonitorRegistry
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,8 @@ class MonitorManager:
         cls = self.monitor_class(name)
         run = self._running.get(name)
         info: dict[str, Any] = {"name": name, "description": cls.description}
+        if cls.EVENT is not None:
+            info["summary"] = console_template(cls.EVENT)
         options = run.options if run else self._last_options.get(name) or _defaults(cls)
         info["options"] = options.model_dump(mode="json") if options else {}
         static_reason = self.report.support_reason(cls)

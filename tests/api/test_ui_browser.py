@@ -102,8 +102,13 @@ def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> No
         event = json.loads(row.get_attribute("data-event"))
         assert event["argv"] == ["/bin/echo", marker, XSS] and event["ret"] == 0
         assert event["uid"] == os.getuid()
-        # The argv is text: shown literally, no element made of it, no script run.
-        assert XSS in row.text_content()
+        # The details column is the monitor's declared summary (GET /monitors), less
+        # the fields the row has columns for. The argv is text: shown literally, no
+        # element made of it, no script run.
+        assert agent.get("/monitors/exec").json()["summary"] == (
+            "pid={pid} ppid={ppid} uid={uid} comm={comm} ret={ret} {argv:words}")
+        assert row.locator("td.details").text_content() == (
+            f"ppid={os.getpid()} ret=0 /bin/echo {marker} {XSS}")
         assert page.locator("[data-testid=events] img").count() == 0
         assert dialogs == []
         # A click shows the whole event as JSON.
@@ -132,8 +137,7 @@ def test_top_list_panel_of_a_running_monitor(browser: Any, agent: Agent) -> None
     try:
         login(page, ADMIN)
         with server("127.0.0.1", 2, 300) as srv:
-            for _ in range(2):
-                start_client("127.0.0.1", srv.port, 700)
+            clients = [start_client("127.0.0.1", srv.port, 700) for _ in range(2)]
             srv.received()
         row = page.locator(f"[data-testid=toplist-net-by_bytes] tr[data-row='out 127.0.0.1 "
                            f"{srv.port}']")
@@ -142,6 +146,14 @@ def test_top_list_panel_of_a_running_monitor(browser: Any, agent: Agent) -> None
         # other columns: two connections, no failure.
         expect(row.locator("td")).to_have_text(["out", "127.0.0.1", str(srv.port), "1400",
                                                 "600", "2", "0"])
+        # The event rows render net's declared summary: a client's close, both ways.
+        close = page.locator(f"[data-testid=event-row][data-monitor=net]"
+                             f"[data-event*='\"dport\":{srv.port}'][data-event*='\"close\"']")
+        expect(close).to_have_count(2, timeout=20_000)
+        # Nulls render empty; the clients shut their side down first (closed_by local).
+        assert sorted(close.nth(i).locator("td.details").text_content() for i in range(2)) == [
+            f"close 127.0.0.1:{c.sport} -> 127.0.0.1:{srv.port} error= sent=700 received=300 "
+            "closed_by=local" for c in sorted(clients, key=lambda c: str(c.sport))]
         agent.request("POST", "/monitors/net/stop")
         expect(page.get_by_test_id("toplist-net-by_bytes")).to_have_count(0, timeout=20_000)
     finally:
@@ -209,9 +221,12 @@ def test_top_list_panel_of_a_monitor_that_has_one(browser: Any, agent: Agent,
             subprocess.run(["cat", missing], stderr=subprocess.DEVNULL, check=False)
         table = page.get_by_test_id("toplist-file-most_failing")
         expect(table.locator("tbody tr")).to_have_count(1, timeout=20_000)
-        cells = table.locator("tbody tr td").all_text_contents()
         head = table.locator("thead th").all_text_contents()
-        row = dict(zip(head, cells, strict=True))
+        # The panel refreshes every 2 s: the row may show the first failure before the
+        # second; wait for the count, then read the whole row.
+        expect(table.locator("tbody tr td").nth(head.index("failures"))).to_have_text(
+            "2", timeout=20_000)
+        row = dict(zip(head, table.locator("tbody tr td").all_text_contents(), strict=True))
         assert (row["path"], row["failures"], row["opens"], row["last_error"]) == (
             missing, "2", "2", "ENOENT")
         page.get_by_test_id("monitor-file-stop").click()

@@ -502,13 +502,34 @@ function matches(monitor, d) {
   return true;
 }
 
+// The details column: the monitor's declared one-line rendering (GET /monitors
+// `summary`, the template `run --format console` prints), without the fields the row
+// shows in its own columns. Text only: the result goes into textContent.
+const RENDER = {
+  errno: (v, d) => (d.error ? `${v} ${d.error}` : String(v)),  // events name their errno
+  us: (v) => (typeof v === "number" ? (v / 1000).toFixed(1) : ""),
+  words: (v) => (Array.isArray(v) ? v.join(" ").replace(/\n/g, "\\n") : ""),
+  opt_ns: (v) => (v === null || v === undefined ? "" : ` ${v} ns`),
+};
+const IN_COLUMNS = new Set(["pid", "uid", "comm"]);
+
 function summary(monitor, d) {
-  if (Array.isArray(d.argv)) return `${d.argv.join(" ")}${d.truncated ? " …" : ""}  ret=${d.ret}`;
-  if (d.syscall) return `${d.syscall} = ${d.ret}  ${(d.latency_ns / 1e3).toFixed(1)} us`;
-  if (d.function) return `${d.function}  ${d.latency_ns != null ? (d.latency_ns / 1e3).toFixed(1) + " us" : ""}`;
-  const rest = { ...d };
-  for (const k of ["monitor", "timestamp", "ts_ns", "pid", "uid", "comm"]) delete rest[k];
-  return JSON.stringify(rest);
+  const info = state.monitors.find((m) => m.name === monitor);
+  const template = info && info.summary;
+  if (!template) {
+    const rest = { ...d };
+    for (const k of ["monitor", "timestamp", "ts_ns", "pid", "uid", "comm"]) delete rest[k];
+    return JSON.stringify(rest);
+  }
+  return template
+    .replace(/(^|\s)(\w+)=\{(\w+)\}/g, (all, sp, label, key) => (IN_COLUMNS.has(key) ? "" : all))
+    .replace(/\{(\w+)(?::(\w+))?\}/g, (all, key, spec) => {
+      const v = d[key];
+      if (spec && RENDER[spec]) return RENDER[spec](v, d);
+      if (v === null || v === undefined) return "";
+      return Array.isArray(v) ? v.join(" ") : String(v);
+    })
+    .replace(/\s+/g, " ").trim();
 }
 
 function eventRow(monitor, d, raw) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -223,6 +224,48 @@ def test_a_real_exec_reaches_nats(tmp_path: Path, kernel: None) -> None:
             assert agent.stop() == 0
         stats_msgs = asyncio.run(stream_messages(server.url))
         assert sum(marker in m.data.decode() for m in stats_msgs) == 1
+
+
+def test_net_and_file_started_by_desired_state_reach_nats(tmp_path: Path, kernel: None) -> None:
+    """The two newest monitors through the paths a controller uses: PUT /state starts
+    them with options, GET /state gives them back, their events reach the bus."""
+    from tests.support.tcp import server, start_client
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    desired = {"monitors": {"net": {"events": ["close"], "loopback": True},
+                            "file": {"include_prefixes": [f"{watched}/"]}}}
+    with nats_server(tmp_path) as nats:
+        agent = start_agent(tmp_path, {**export_config(nats, "state-host")}, token=TOKEN)
+        try:
+            r = agent.request("PUT", "/state", json=desired)
+            assert r.status_code == 200, r.text
+            state = agent.get("/state").json()["monitors"]
+            assert state["net"]["events"] == ["close"]
+            assert state["file"]["include_prefixes"] == [f"{watched}/"]
+            (watched / "created").write_bytes(b"x")
+            with server("127.0.0.1", 1, 300) as srv:
+                cli = start_client("127.0.0.1", srv.port, 700)
+                assert srv.received() == [700]
+            want = {("file", f"{watched}/created"), ("net", srv.port)}
+            found: dict[tuple[str, Any], dict[str, Any]] = {}
+            deadline = time.monotonic() + 30
+            while set(found) != want and time.monotonic() < deadline:
+                for m in asyncio.run(stream_messages(nats.url)):
+                    e = json.loads(m.data)
+                    key = (("file", e.get("path")) if e["monitor"] == "file"
+                           else ("net", e.get("dport")))
+                    if key in want:
+                        found[key] = e
+                time.sleep(0.5)
+        finally:
+            assert agent.stop() == 0
+    assert set(found) == want
+    f, n = found[("file", f"{watched}/created")], found[("net", srv.port)]
+    assert (f["host"], f["op"], f["ret"] >= 0, f["pid"]) == (
+        "state-host", "openat", True, os.getpid())  # this test wrote the file
+    assert (n["host"], n["event"], n["pid"], n["sport"], n["bytes_sent"],
+            n["bytes_received"]) == ("state-host", "close", cli.pid, cli.sport, 700, 300)
 
 
 if __name__ == "__main__":

@@ -125,12 +125,12 @@ class MonotonicClock:
     def __init__(self) -> None:
         import time
 
-        self._offset_ns = time.time_ns() - time.monotonic_ns()
+        self.offset_ns = time.time_ns() - time.monotonic_ns()  # wall - monotonic
         self._second = -1
         self._prefix = ""
 
     def iso(self, ts_ns: int) -> str:
-        wall = ts_ns + self._offset_ns
+        wall = ts_ns + self.offset_ns
         second, nanos = divmod(wall, 1_000_000_000)
         if second != self._second:  # formatting the date part once a second is enough
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")

@@ -502,10 +502,13 @@ static PyObject *Decoder_decode(Decoder *d, PyObject *raw) {
     int r = encode(d, rec, raw, &workload);
     if (r) {
         Py_XDECREF(workload);
+        PyObject *event = NULL;
+        if (r > 0) { /* the Python decoder pads the record itself */
+            d->fallbacks++;
+            event = PyObject_CallOneArg(d->fallback, raw);
+        }
         Py_XDECREF(padded);
-        if (r < 0) return NULL;
-        d->fallbacks++;
-        return PyObject_CallOneArg(d->fallback, raw);
+        return event;
     }
     Record *out = PyObject_New(Record, &RecordType);
     if (!out) {

@@ -381,7 +381,7 @@ def workload(tmp: Path) -> None:
 
 KERNEL_OPTIONS: dict[str, dict[str, Any]] = {
     "exec": {}, "file": {}, "net": {}, "syscall": {"slow_threshold_us": 0},
-    "func": {"patterns": ["c:getpid"]},
+    "func": {"patterns": ["c:getpid"], "events": True},
 }
 
 
@@ -401,6 +401,7 @@ def test_kernel_records_byte_for_byte(kernel: None, name: str, tmp_path: Path) -
                            identity=m.ctx.identity, cgroups=m.ctx.cgroups)
         fast = m.decoder
         assert type(fast).__name__ == "Decoder"
+        assert any(type(e) is not dict for e in sink.events)  # written by the C code
         for raw in raws:
             same(ref, fast, raw)
         # What the sink received is what the compiled decoder gave: same bytes again.

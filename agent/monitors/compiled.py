@@ -47,6 +47,7 @@ except ImportError as e:  # not built (an install without gcc): the Python path
     IMPORT_ERROR: str | None = str(e)
 else:
     IMPORT_ERROR = None
+    Mapping.register(_fastpath.Record)  # a read-only mapping of the event
 
 # The header members a Record answers from, in fastpath.c's H_* order.
 HEADER_MEMBERS = ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "comm", "start_ns",

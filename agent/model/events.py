@@ -112,6 +112,9 @@ def encode_event(event: Event) -> bytes:
         # code cites").
         return bytes(memoryview(orjson.dumps(event)))
     except TypeError:
+        data = getattr(event, "data", None)
+        if type(data) is bytes:  # a compiled decoder's Record carries its JSON already
+            return data
         return json.dumps(event, separators=(",", ":")).encode()
 
 

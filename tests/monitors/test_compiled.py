@@ -27,7 +27,7 @@ from agent.monitors.bcc import BccMonitor
 from agent.monitors.contract import MonitorContext, TransportSettings
 from agent.monitors.decoder import EventDecoder
 from agent.monitors.registry import default_registry
-from tests.support.monitors import CollectingSink, NullSink, loaded_monitor, monitor_context
+from tests.support.monitors import CollectingSink, NullSink, loaded_monitor
 
 pytestmark = pytest.mark.skipif(not compiled.available(),
                                 reason=f"extension not built: {compiled.IMPORT_ERROR}")

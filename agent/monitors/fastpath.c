@@ -385,8 +385,10 @@ static int encode(Decoder *d, const unsigned char *rec, PyObject *raw, PyObject 
         case K_INET: {
             uint64_t family = op->size2 ? read_u(rec + op->off2, op->size2)
                                         : (op->size == 4 ? 2 : 10);
-            if (family == 2)
+            if (family == 2 && op->size >= 4)
                 r = put_ipv4(d, p);
+            else if (family == 2)
+                r = FALLBACK; /* a short member: Python raises, as it should */
             else if (family == 10 && op->size >= 16)
                 r = put_ipv6(d, p);
             else if (family == 10)
@@ -925,6 +927,17 @@ static struct PyModuleDef fastpath_module = {
     "The per-event path compiled (agent/monitors/compiled.py builds its tables).", -1, NULL,
     NULL, NULL, NULL, NULL};
 
+/* The op kinds, by the names agent/monitors/compiled.py uses (K_INT, ...). */
+static const char *KIND_NAMES[K_NKINDS] = {
+    "K_INT", "K_CSTR", "K_HEX", "K_INET", "K_NET16", "K_FLAG", "K_ENUM", "K_ERRNO",
+    "K_CONST", "K_LOOKUP", "K_HOOK", "K_WALLTIME", "K_PROCESS_ID", "K_WORKLOAD"};
+
+static int add_kinds(PyObject *m) {
+    for (int k = 0; k < K_NKINDS; k++)
+        if (PyModule_AddIntConstant(m, KIND_NAMES[k], k) < 0) return -1;
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&DecoderType) < 0 || PyType_Ready(&RecordType) < 0) return NULL;
     for (int i = 0; i < R_N; i++) {
@@ -937,20 +950,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     Py_INCREF(&RecordType);
     if (PyModule_AddObject(m, "Decoder", (PyObject *)&DecoderType) < 0 ||
         PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0 ||
-        PyModule_AddIntConstant(m, "K_INT", K_INT) < 0 ||
-        PyModule_AddIntConstant(m, "K_CSTR", K_CSTR) < 0 ||
-        PyModule_AddIntConstant(m, "K_HEX", K_HEX) < 0 ||
-        PyModule_AddIntConstant(m, "K_INET", K_INET) < 0 ||
-        PyModule_AddIntConstant(m, "K_NET16", K_NET16) < 0 ||
-        PyModule_AddIntConstant(m, "K_FLAG", K_FLAG) < 0 ||
-        PyModule_AddIntConstant(m, "K_ENUM", K_ENUM) < 0 ||
-        PyModule_AddIntConstant(m, "K_ERRNO", K_ERRNO) < 0 ||
-        PyModule_AddIntConstant(m, "K_CONST", K_CONST) < 0 ||
-        PyModule_AddIntConstant(m, "K_LOOKUP", K_LOOKUP) < 0 ||
-        PyModule_AddIntConstant(m, "K_HOOK", K_HOOK) < 0 ||
-        PyModule_AddIntConstant(m, "K_WALLTIME", K_WALLTIME) < 0 ||
-        PyModule_AddIntConstant(m, "K_PROCESS_ID", K_PROCESS_ID) < 0 ||
-        PyModule_AddIntConstant(m, "K_WORKLOAD", K_WORKLOAD) < 0) {
+        add_kinds(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

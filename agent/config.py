@@ -147,6 +147,10 @@ class TransportSettings(Section):
     # Wake the consumer once per this many events (per CPU); 1 = every event. Events
     # in between wait at most one poll timeout (100 ms).
     wakeup_every: int = Field(32, ge=1, le=4096)
+    # How records become events (agent/monitors/compiled.py): "compiled" the extension
+    # built from agent/monitors/fastpath.c at install (an error when it is missing),
+    # "python" the reference decoder, "auto" the extension when it was built.
+    decoder: Literal["auto", "compiled", "python"] = "auto"
 
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)
 

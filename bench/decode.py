@@ -1,5 +1,9 @@
 """What decoding one record costs on the poller thread: ``parse_event`` of the exec,
 syscall and func monitors on records built here (no kernel), best of several rounds.
+Where the tree has the compiled per-event path (agent/monitors/compiled.py), also, side
+by side: the Python decoder + encode_event (record -> JSON bytes, what the pipeline did
+per event), the compiled decoder (record -> Record carrying the same bytes), and the
+compiled decoder plus the four keys the stream hub reads per event.
 
     .venv/bin/python bench/decode.py                     # this tree
     .venv/bin/python bench/decode.py --src /tmp/main     # another tree (git archive)
@@ -98,6 +102,47 @@ def main() -> None:
         monitor.parse_event(raw)  # warm: tables, decoders
         ns = best_ns(monitor.parse_event, raw, args.n, args.rounds)
         print(f"{name:8s} parse_event {ns / 1000:6.2f} us/record ({len(raw)} bytes)")
+        try:
+            from agent.monitors import compiled
+        except ImportError:
+            continue
+        compare(name, monitor, raw, compiled, args.n, args.rounds)
+
+
+def compare(name: str, m: Any, raw: bytes, compiled: Any, n: int, rounds: int) -> None:
+    from agent.model.events import encode_event
+
+    def make(mode: str) -> Any:
+        return compiled.make_decoder(m.EVENT, m.name, m._clock, mode,
+                                     tables=m.decode_tables(), hooks=m.decode_hooks(),
+                                     options=m.options.model_dump(), identity=m.ctx.identity,
+                                     cgroups=m.ctx.cgroups)
+
+    py = make("python").decode
+    fast = make("compiled").decode
+    fast(raw)  # warm: a LOOKUP table filled on first use (syscall names) goes to Python once
+    assert encode_event(py(raw)) == fast(raw).data
+
+    def python_bytes(r: bytes) -> bytes:
+        return encode_event(py(r))
+
+    def compiled_keys(r: bytes) -> Any:
+        e = fast(r)
+        get = e.get
+        return e.data, get("monitor"), get("pid"), get("uid"), get("comm")
+
+    def python_keys(r: bytes) -> Any:
+        e = py(r)
+        get = e.get
+        return encode_event(e), get("monitor"), get("pid"), get("uid"), get("comm")
+
+    a = best_ns(python_bytes, raw, n, rounds)
+    b = best_ns(fast, raw, n, rounds)
+    c = best_ns(python_keys, raw, n, rounds)
+    d = best_ns(compiled_keys, raw, n, rounds)
+    print(f"{name:8s} record -> JSON bytes: python {a / 1000:5.2f} us, compiled "
+          f"{b / 1000:5.2f} us ({a / b:.1f}x); with the hub's 4 keys: python "
+          f"{c / 1000:5.2f} us, compiled {d / 1000:5.2f} us ({c / d:.1f}x)")
 
 
 if __name__ == "__main__":

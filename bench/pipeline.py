@@ -5,6 +5,10 @@ default JSONL output runs it. Measured as the poller thread's own CPU time
 it less than wall time would; the writer thread drains meanwhile, as in the agent.
 
     .venv/bin/python bench/pipeline.py [--events 200000] [--rounds 5]
+
+Then the whole poller path from a syscall record (decode + publish), side by side for
+the Python decoder (a dict, encoded in publish) and the compiled one (a Record carrying
+its bytes: agent/monitors/compiled.py), in the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +62,41 @@ def one_round(directory: Path, events: int) -> float:
     return cpu
 
 
+def syscall_decoders() -> tuple[bytes, dict[str, Any]]:
+    from agent.model.events import EventHeader
+    from agent.model.targets import TargetSet
+    from agent.monitors import compiled
+    from agent.monitors.contract import MonitorContext
+    from agent.monitors.syscall.monitor import SyscallEvent, SyscallMonitor, SyscallOptions
+    from tests.support.monitors import NullSink
+
+    m = SyscallMonitor(SyscallOptions(), MonitorContext(targets=TargetSet(), sink=NullSink()))
+    raw = bytes(SyscallEvent(hdr=EventHeader(ts_ns=time.monotonic_ns(), pid=2690, tid=2690,
+                                             ppid=2574, comm=b"getppid_loop"),
+                             latency_ns=312, ret=2574, nr=110))
+    out = {}
+    for mode in ("python", "compiled"):
+        d = compiled.make_decoder(m.EVENT, "syscall", m._clock, mode, tables=m.decode_tables(),
+                                  options=m.options.model_dump())
+        d.decode(raw)  # warm the name table
+        out[mode] = d.decode
+    return raw, out
+
+
+def record_round(directory: Path, events: int, decode: Any, raw: bytes) -> float:
+    hub = EventHub()
+    writer = OutputWriter("syscall", ["jsonl"], directory, JsonlOnly(), queue_size=1 << 20)
+    sink = MonitorSink(consumers=[hub, writer])
+    sink.sample_mask = 15
+    publish = sink.publish
+    t0 = time.thread_time_ns()
+    for _ in range(events):
+        publish(decode(raw))
+    cpu = (time.thread_time_ns() - t0) / events
+    writer.close()
+    return cpu
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", type=int, default=200_000)
@@ -67,6 +106,13 @@ def main() -> int:
         best = min(one_round(Path(tmp), args.events) for _ in range(args.rounds))
     print(f"MonitorSink.publish -> hub + JSONL writer: {best:.0f} ns of poller CPU per event "
           f"(best of {args.rounds} rounds of {args.events:,})")
+    raw, decoders = syscall_decoders()
+    with tempfile.TemporaryDirectory() as tmp:
+        best_of = {mode: min(record_round(Path(tmp), args.events, d, raw)
+                             for _ in range(args.rounds)) for mode, d in decoders.items()}
+    py, fast = best_of["python"], best_of["compiled"]
+    print(f"syscall record -> decode + publish -> hub + JSONL writer: python decoder "
+          f"{py:.0f} ns, compiled {fast:.0f} ns of poller CPU per event ({py / fast:.2f}x)")
     return 0
 
 

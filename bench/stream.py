@@ -20,7 +20,8 @@ pids so background activity on the host is filtered out in the kernel, and print
 
 Clients run niced (they stand for other hosts). No assertions: it prints figures.
 Usage: .venv/bin/python bench/stream.py [--duration 8] [--clients 10 50]
-[--source auto|syscall|exec] [--baseline-src DIR]
+[--source auto|syscall|exec] [--decoder auto|compiled|python] [--compare-python]
+[--baseline-src DIR]
 """
 from __future__ import annotations
 
@@ -233,11 +234,13 @@ def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
 
 # -- the agent --------------------------------------------------------------------------
 def start_agent(workdir: Path, src: Path | None = None,
-                formats: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+                formats: list[str] | None = None, decoder: str = "auto",
+                tag: str = "") -> tuple[subprocess.Popen, str]:
     """This tree's agent, or (``src``) the agent package of another checkout (the
-    baseline: `git archive main | tar -x -C DIR`) run with this venv's Python."""
+    baseline: `git archive main | tar -x -C DIR`) run with this venv's Python;
+    ``decoder``: its transport.decoder (compiled or python per-event path)."""
     port = free_port()
-    tag = "base" if src else "agent"
+    tag = tag or ("base" if src else "agent")
     config = workdir / f"{tag}.yaml"
     config.write_text(json.dumps({
         # Loopback only: measured without authentication (explicit since the secure
@@ -246,6 +249,7 @@ def start_agent(workdir: Path, src: Path | None = None,
         "output": {"directory": str(workdir / f"out-{tag}"), "formats": formats or []},
         "stream": {"max_subscribers": 256},
         "logging": {"level": "WARNING"},
+        **({"transport": {"decoder": decoder}} if decoder != "auto" else {}),
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBPF_AGENT_")}
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
@@ -617,6 +621,11 @@ def main() -> int:
     p.add_argument("--source", choices=["auto", "syscall", "exec"], default="auto")
     p.add_argument("--generators", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--low-rate-seconds", type=float, default=10.0)
+    p.add_argument("--decoder", choices=["auto", "compiled", "python"], default="auto",
+                   help="the agent's transport.decoder")
+    p.add_argument("--compare-python", action="store_true",
+                   help="also run one SSE client and the low-rate scenario against this "
+                        "tree's agent with transport.decoder=python, in the same run")
     p.add_argument("--baseline-src", type=Path, default=None,
                    help="also run the low-rate scenario against the agent package of this "
                         "checkout (e.g. `git archive main | tar -x -C DIR`)")
@@ -625,7 +634,7 @@ def main() -> int:
         print("bench/stream.py needs root and gcc", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    agent, url = start_agent(workdir, formats=["jsonl"])
+    agent, url = start_agent(workdir, formats=["jsonl"], decoder=args.decoder)
     try:
         source = pick_source(url, args.source)
         binary = compile_generator(workdir, source)
@@ -668,6 +677,19 @@ def main() -> int:
         agent.terminate()
         code = agent.wait(30)
         print(f"\nagent exit code after SIGTERM: {code}")
+    if args.compare_python:
+        py, purl = start_agent(workdir, formats=["jsonl"], decoder="python", tag="python")
+        try:
+            fp = report(source, run_scenario(purl, py.pid, source, binary, "sse", 1,
+                                             args.duration, args.generators))
+            print(f"\n== transport.decoder=python, one SSE client: {fp['client1']:,.0f} "
+                  f"decoded ev/s, intake {fp['intake']:,.0f} ev/s (this agent above: "
+                  f"{f1['client1']:,.0f}, {f1['client1'] / (fp['client1'] or 1):.2f}x)")
+            run_low_rate(purl, py.pid, workdir, args.low_rate_seconds,
+                         "this agent, transport.decoder=python")
+        finally:
+            py.terminate()
+            py.wait(30)
     if args.baseline_src is not None:
         base, burl = start_agent(workdir, src=args.baseline_src, formats=["jsonl"])
         try:

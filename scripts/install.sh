@@ -14,6 +14,9 @@ need_root() {
 }
 
 DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 python3-venv python3-pip gcc libc6-dev util-linux procps iproute2
+  # python3-dev: Python.h for the compiled per-event path (agent/monitors/fastpath.c,
+  # built by setup.py at pip install; gcc and libc6-dev above compile it).
+  python3-dev
   # strace: the ground truth the file monitor's kernel tests compare with.
   strace
   # chromium: the headless browser the /ui tests drive through Playwright.
@@ -92,7 +95,8 @@ make_venv() {
   if [ ! -e "$site/bcc" ]; then
     ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
   fi
-  local stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+  # The stamp covers the extension's source too: a changed fastpath.c is rebuilt.
+  local stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/monitors/fastpath.c | sha1sum | cut -c1-12)
   if [ ! -e "$stamp" ]; then
     log "pip install -e .[dev]"
     .venv/bin/pip install -q --upgrade pip

@@ -55,7 +55,9 @@ class MonitorSink:
                 self.latency.observe_since(ts_ns)
         offers = self._offers
         if offers:
-            data = encode_event(event)
+            # The compiled decoder's Record carries its bytes (agent/monitors/compiled.py);
+            # a dict (the Python decoder, snapshots of tests) is encoded here.
+            data = encode_event(event) if type(event) is dict else event.data  # type: ignore[attr-defined]
             for offer in offers:
                 offer(event, data)
 

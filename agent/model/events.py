@@ -112,6 +112,9 @@ def encode_event(event: Event) -> bytes:
         # code cites").
         return bytes(memoryview(orjson.dumps(event)))
     except TypeError:
+        data = getattr(event, "data", None)
+        if type(data) is bytes:  # a compiled decoder's Record carries its JSON already
+            return data
         return json.dumps(event, separators=(",", ":")).encode()
 
 
@@ -125,12 +128,12 @@ class MonotonicClock:
     def __init__(self) -> None:
         import time
 
-        self._offset_ns = time.time_ns() - time.monotonic_ns()
+        self.offset_ns = time.time_ns() - time.monotonic_ns()  # wall - monotonic
         self._second = -1
         self._prefix = ""
 
     def iso(self, ts_ns: int) -> str:
-        wall = ts_ns + self._offset_ns
+        wall = ts_ns + self.offset_ns
         second, nanos = divmod(wall, 1_000_000_000)
         if second != self._second:  # formatting the date part once a second is enough
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")

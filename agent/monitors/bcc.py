@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 from agent.kernel import procfs
 from agent.model.events import Event, MonotonicClock
 from agent.model.targets import TargetSet
+from agent.monitors import compiled
+from agent.monitors.compiled import Decoding, make_decoder
 from agent.monitors.contract import BaseMonitor, MonitorContext, MonitorError, OptionsT
-from agent.monitors.decoder import EventDecoder, Hook
+from agent.monitors.decoder import Hook
 from agent.monitors.ringbuf import RingReader, ringbuf_supported
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,10 @@ class BccMonitor(BaseMonitor[OptionsT]):
         from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
 
         self.__dict__.pop("decoder", None)  # built anew for what this load resolves
+        if self.ctx.transport.decoder == "compiled" and not compiled.available():
+            raise MonitorError(f"{self.name}: transport.decoder is 'compiled' but the"
+                               f" extension is not built ({compiled.IMPORT_ERROR});"
+                               " reinstall with gcc and the Python headers")
         try:
             self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
             self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
@@ -172,19 +178,23 @@ class BccMonitor(BaseMonitor[OptionsT]):
 
     def parse_event(self, raw: bytes) -> Event | None:
         """The event from one raw record; its struct starts with ``struct event_hdr``.
-        Decoded by the declaration (EVENT) unless a monitor overrides this."""
+        Decoded by the declaration (EVENT) unless a monitor overrides this: with the
+        compiled decoder, a Record (a read-only mapping carrying its JSON bytes: see
+        agent/monitors/compiled.py)."""
         if self.EVENT is None:
             raise NotImplementedError(f"{self.name}: no EVENT declaration and no parse_event")
         return self.decoder.decode(raw)
 
     @cached_property
-    def decoder(self) -> EventDecoder:
+    def decoder(self) -> Decoding:
         """The decoder of EVENT for these options, built at the first record (after
-        load: LOOKUP tables may come from what load resolved)."""
+        load: LOOKUP tables may come from what load resolved): compiled or Python as
+        the transport's ``decoder`` setting says."""
         assert self.EVENT is not None
-        return EventDecoder(self.EVENT, self.name, self._clock, tables=self.decode_tables(),
-                            hooks=self.decode_hooks(), options=self.options.model_dump(),
-                            identity=self.ctx.identity, cgroups=self.ctx.cgroups)
+        return make_decoder(self.EVENT, self.name, self._clock, self.ctx.transport.decoder,
+                            tables=self.decode_tables(), hooks=self.decode_hooks(),
+                            options=self.options.model_dump(), identity=self.ctx.identity,
+                            cgroups=self.ctx.cgroups)
 
     def decode_tables(self) -> dict[str, Mapping[Any, Any]]:
         """LOOKUP tables of EVENT's fields, by name (e.g. probe id -> function)."""

@@ -34,6 +34,7 @@ from agent.kernel.cgroups import CgroupError, CgroupResolver, normalize
 from agent.kernel.identity import ProcessIdentity, stat_start_ticks
 from agent.model.events import MonotonicClock, decode_c_string
 from agent.model.workload import Workload, workload_of
+from agent.monitors.bcc import COMPILE_LOCK
 from agent.monitors.ringbuf import RingReader, ringbuf_supported
 from agent.processes import procscan
 from agent.processes.process import Process, StartClock
@@ -139,7 +140,8 @@ class ProcessTracker:
     def _load(self) -> None:
         from bcc import BPF  # no libbcc at import time
 
-        self._bpf = BPF(text=SOURCE.read_text(), cflags=self.cflags())
+        with COMPILE_LOCK:
+            self._bpf = BPF(text=SOURCE.read_text(), cflags=self.cflags())
         ring = self._bpf[b"records"]
         if ringbuf_supported():
             self._reader: RingReader | None = RingReader(ring.map_fd, ring.max_entries,
@@ -165,7 +167,8 @@ class ProcessTracker:
             self._reader = None
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
-            bpf.cleanup()
+            with COMPILE_LOCK:
+                bpf.cleanup()
 
     def _loop(self) -> None:
         next_housekeeping = 0.0

@@ -42,7 +42,13 @@ PROGRAM = r"""
 
 static int code;
 static void *group_exit(void *arg) { (void)arg; syscall(SYS_exit_group, code); return 0; }
-static void *thread_exit(void *arg) { (void)arg; usleep(100000); syscall(SYS_exit, code); return 0; }
+static void *thread_exit(void *arg)
+{
+    (void)arg;
+    usleep(100000);
+    syscall(SYS_exit, code);
+    return 0;
+}
 
 int main(int argc, char **argv)
 {

@@ -16,6 +16,7 @@ from agent.api import (
     routes_auth,
     routes_events,
     routes_monitors,
+    routes_processes,
     routes_state,
     routes_system,
     routes_targets,
@@ -105,6 +106,7 @@ def create_app(
     app.include_router(routes_monitors.router)
     app.include_router(routes_targets.router)
     app.include_router(routes_state.router)
+    app.include_router(routes_processes.router)
     app.include_router(routes_events.router)
     app.include_router(routes_events.ws_router)
     add_monitor_components(app, ctx.registry)

@@ -41,6 +41,9 @@ class MonitorInfo(BaseModel):
     reason: str | None = Field(None, description="why it is unsupported, failed, or "
                                "stopped by an expired lease")
     lease: LeaseInfo | None = Field(None, description="present while a lease runs")
+    status: dict[str, Any] | None = Field(
+        None, description="what the running monitor reports about itself beyond its "
+                          "options (func: probe_scope, where its uprobes are placed)")
 
 
 class LeaseRequest(BaseModel):

@@ -68,6 +68,20 @@ def main() -> int:
                     scoped.append(per_call(FAST_CALLS))
                     c = m.stats()["counts"]
             started = statistics.median(starts)
+            # Attaching and detaching per process: 5 more pid targets, then back to one.
+            extra = [subprocess.Popen(["sleep", "600"]) for _ in range(5)]
+            with loaded_monitor("func", NullSink(), targets=targets, patterns=["c:*"],
+                                max_probes=20_000, latency=latency) as m:
+                t0 = time.monotonic()
+                m.set_targets(TargetSet(pids=frozenset({target.pid, *(p.pid for p in extra)}),
+                                        follow_children=False))
+                attach5 = time.monotonic() - t0
+                t0 = time.monotonic()
+                m.set_targets(targets)
+                detach5 = time.monotonic() - t0
+            for p in extra:
+                p.kill()
+                p.wait()
             t0 = time.monotonic()
             with loaded_monitor("func", NullSink(), targets=targets, patterns=["c:*"],
                                 max_probes=20_000, latency=latency, probe_scope="host") as m:
@@ -85,7 +99,9 @@ def main() -> int:
                   f"[goal <= {GOAL}x: {'met' if s / b <= GOAL else 'NOT met'}]; "
                   f"host-wide {host * 1e6:,.0f} = {host / b:,.0f}x bare")
             print(f"  start: pid target {started:.2f} s, host-wide {host_started:.2f} s; "
-                  f"close host-wide {host_closed:.2f} s")
+                  f"close host-wide {host_closed:.2f} s; 5 more target pids attached in "
+                  f"{attach5 * 1e3:.0f} ms ({attach5 / 5 * 1e3:.0f} ms each), detached "
+                  f"in {detach5 * 1e3:.0f} ms")
     finally:
         target.kill()
         target.wait()

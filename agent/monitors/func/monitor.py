@@ -85,6 +85,9 @@ FEATURE_PROBE = "func_feature_probe"  # func.c: loaded only to detect uprobe_mul
 MAX_PROBES_LIMIT = 50_000
 MAX_COMPILED_FUNCTIONS = 500
 _SAFE_NAME = re.compile(r"^[\w.@$]+$")
+# Attach time one tick may spend on new processes (what c:* takes per process:
+# bench/RESULTS.md, func_all_libc): the control thread also serves the API.
+TICK_ATTACH_BUDGET_S = 0.25
 MAX_LISTED_PIDS = 100  # status(): probed pids listed (all are counted)
 HOST = 0  # the probe scope key of probes placed in every process (uprobe_multi's pid 0)
 SCOPE_DETAIL = {
@@ -248,6 +251,8 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         self._attached: dict[int, list[int]] = {}  # program per function: pid -> ids
         self.scope_errors: dict[int, str] = {}  # target pid -> why it has no probes
         self.children_attached = 0  # followed children given probes of their own
+        self._refused: dict[int, int] = {}  # pid -> start time: attaching failed
+        self.pending = 0  # processes waiting for the next tick's attach budget
         self._offsets: dict[str, dict[int, int]] = {}  # binary -> probe id -> file offset
         self._targets = ctx.targets
         self._scope_ready = False
@@ -401,7 +406,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         """Control thread, about once a second: probes for the followed children that
         appeared since the last tick, none left for processes that exited."""
         if self._scope_ready and not self._stopping:
-            self.sync_probe_scope()
+            self.sync_probe_scope(budget_s=TICK_ATTACH_BUDGET_S)
 
     def _wanted_scope(self) -> dict[int, int]:
         """pid -> start time of each process that should have probes ({HOST: 0}: one set
@@ -427,7 +432,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
                                       if p in wanted and p not in self.scopes}
         return wanted
 
-    def sync_probe_scope(self, at_load: bool = False) -> None:
+    def sync_probe_scope(self, at_load: bool = False, budget_s: float | None = None) -> None:
         """Make the attached probes match _wanted_scope.
 
         Followed children: the kernel puts a target's child into target_pids at its fork;
@@ -445,13 +450,25 @@ class FuncMonitor(BccMonitor[FuncOptions]):
 
         A process keeps one set of probes at a time: the old set is detached before the
         new one is attached (a switch between every process and the target pids), since
-        both at once would count its calls twice."""
+        both at once would count its calls twice.
+
+        ``budget_s`` (the tick): new processes are attached until it is spent, the rest
+        at the next tick (``pending`` in status()), so that a target forking fast cannot
+        hold the control thread; the operator's pids come first."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         wanted = self._wanted_scope()
         stale = [pid for pid, started in self.scopes.items() if wanted.get(pid) != started]
         self._detach_scopes(stale)
-        for pid, started in wanted.items():
-            if pid not in self.scopes:
-                self._attach_scope(pid, started, at_load)
+        self._refused = {p: t for p, t in self._refused.items() if wanted.get(p) == t}
+        new = sorted((pid for pid, started in wanted.items()
+                      if pid not in self.scopes and self._refused.get(pid) != started),
+                     key=lambda pid: (pid not in self._targets.pids, pid))
+        for n, pid in enumerate(new):
+            if deadline is not None and time.monotonic() > deadline:
+                self.pending = len(new) - n
+                return
+            self._attach_scope(pid, wanted[pid], at_load)
+        self.pending = 0
 
     def _attach_scope(self, pid: int, started: int, at_load: bool) -> None:
         try:
@@ -467,6 +484,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             if pid == HOST or at_load:
                 raise
             self.scope_errors[pid] = str(e)
+            self._refused[pid] = started  # not retried while this process lives
             log.warning("func: no probes for pid %d: %s", pid, e)
             return
         self.scopes[pid] = started
@@ -729,6 +747,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             out["probed_pids"] = pids[:MAX_LISTED_PIDS]
             out["probed_processes"] = len(pids)
             out["children_attached"] = self.children_attached
+            out["pending"] = self.pending
             out["unprobed_pids"] = {str(p): e for p, e in sorted(self.scope_errors.items())}
         return out
 

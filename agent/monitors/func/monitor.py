@@ -481,7 +481,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             return
         except MonitorError as e:
             self._release(pid)
-            if pid == HOST or at_load:
+            if pid == HOST:  # a pid: the others keep their probes, this one is named
                 raise
             self.scope_errors[pid] = str(e)
             self._refused[pid] = started  # not retried while this process lives

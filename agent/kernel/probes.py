@@ -183,9 +183,10 @@ class UprobeMultiLinks:
         if fd is not None:
             os.close(fd)
 
-    def detach_pid(self, pid: int) -> None:
-        """Every link of process ``pid`` (0: the links for every process)."""
-        close_links([self.fds.pop(key) for key in [k for k in self.fds if k[1] == pid]])
+    def take_pid(self, pid: int) -> list[int]:
+        """The link fds of process ``pid`` (0: of every process), no longer held here:
+        the caller closes them."""
+        return [self.fds.pop(key) for key in [k for k in self.fds if k[1] == pid]]
 
     def close(self) -> None:
         fds, self.fds = list(self.fds.values()), {}

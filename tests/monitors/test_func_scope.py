@@ -7,6 +7,7 @@ function's first bytes differ from the file's (x86: int3), an unprobed one's do 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def getpid_count(m: Any) -> int:
     counts = {f["name"]: f["count"] for f in m.stats()["functions"]}
     return int(counts.get("getpid", 0))
+
+
+def closed(m: Any) -> None:
+    """Wait until the links of processes left behind are closed (the closer thread)."""
+    deadline = time.monotonic() + 120
+    while m.stats()["closing"]:
+        assert time.monotonic() < deadline, "links still closing"
+        time.sleep(0.05)
 
 
 def pids(*values: int, follow: bool = False) -> TargetSet:
@@ -90,6 +99,7 @@ def test_targets_changed_live_move_the_probes(program: Path) -> None:
         b.go()
         assert getpid_count(m) == 2 * K
         m.set_targets(pids(b.pid))  # a removed
+        closed(m)
         assert not probed(a.pid) and probed(b.pid)
         a.go()
         b.go()
@@ -250,6 +260,30 @@ def test_probe_scope_host_places_probes_everywhere_and_still_filters(program: Pa
         target.go()
         assert getpid_count(m) == 2 * K
         assert m.stats()["probe_scope"] == "host"
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("kernel")
+def test_processes_over_max_scope_probes_are_named_and_not_probed(program: Path) -> None:
+    """c:getpid without latency is one attach point per process: a bound of one lets
+    the first target in (the lower pid) and names the other."""
+    with running(program) as a, running(program) as b, loaded_monitor(
+            "func", CollectingSink(), targets=pids(a.pid, b.pid), max_scope_probes=1,
+            **GETPID) as m:
+        first, second = sorted([a, b], key=lambda p: p.pid)
+        a.go()
+        b.go()
+        status = m.stats()
+        assert getpid_count(m) == K
+        assert probed(first.pid) and not probed(second.pid)
+    assert status["probed_pids"] == [first.pid]
+    assert "max_scope_probes=1" in status["unprobed_pids"][str(second.pid)]
+
+
+@pytest.mark.parametrize("value", [0, -1, 10_000_001, "5", 1.5])
+def test_max_scope_probes_refuses_values_out_of_range(value: object) -> None:
+    with pytest.raises(ValueError, match="max_scope_probes"):
+        FuncOptions(patterns=["c:getpid"], max_scope_probes=value)
 
 
 @pytest.mark.parametrize("value", ["pids", "", "HOST", 1, None])

@@ -31,6 +31,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -115,6 +116,13 @@ class FuncOptions(MonitorOptions):
     )
     events_per_second: int = Field(
         1000, ge=1, le=1_000_000, description="event rate cap; calls over it are counted"
+    )
+    max_scope_probes: int = Field(
+        100_000, ge=1, le=10_000_000,
+        description="with probes in the target pids: attach points summed over the probed "
+                    "processes (each process holds every attach point of its own, and "
+                    "attaching and detaching cost the kernel that much per process); "
+                    "processes over it are listed as unprobed",
     )
     probe_scope: Literal["auto", "host"] = Field(
         "auto",
@@ -253,6 +261,8 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         self.children_attached = 0  # followed children given probes of their own
         self._refused: dict[int, int] = {}  # pid -> start time: attaching failed
         self.pending = 0  # processes waiting for the next tick's attach budget
+        self._closer: ThreadPoolExecutor | None = None  # closes links left behind
+        self._closing: list[Future[None]] = []
         self._offsets: dict[str, dict[int, int]] = {}  # binary -> probe id -> file offset
         self._targets = ctx.targets
         self._scope_ready = False
@@ -458,17 +468,30 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         deadline = None if budget_s is None else time.monotonic() + budget_s
         wanted = self._wanted_scope()
         stale = [pid for pid, started in self.scopes.items() if wanted.get(pid) != started]
-        self._detach_scopes(stale)
+        # Into HOST: the targets' links must be gone before it is attached.
+        self._detach_scopes(stale, now=HOST in wanted)
         self._refused = {p: t for p, t in self._refused.items() if wanted.get(p) == t}
         new = sorted((pid for pid, started in wanted.items()
                       if pid not in self.scopes and self._refused.get(pid) != started),
                      key=lambda pid: (pid not in self._targets.pids, pid))
+        points = self._points_per_process()
         for n, pid in enumerate(new):
             if deadline is not None and time.monotonic() > deadline:
                 self.pending = len(new) - n
                 return
+            probed = len(self.scopes) - (HOST in self.scopes)
+            if pid != HOST and (probed + 1) * points > self.options.max_scope_probes:
+                self.scope_errors[pid] = (
+                    f"not probed: {probed} processes already hold {probed * points} attach "
+                    f"points, another {points} would pass max_scope_probes="
+                    f"{self.options.max_scope_probes}")
+                continue
             self._attach_scope(pid, wanted[pid], at_load)
         self.pending = 0
+
+    def _points_per_process(self) -> int:
+        attached = len(self.probes) - len(self.unattached)
+        return max(attached, 1) * (2 if self.options.latency else 1)
 
     def _attach_scope(self, pid: int, started: int, at_load: bool) -> None:
         try:
@@ -477,10 +500,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             else:
                 self._attach_each(pid)
         except ProcessGone:
-            self._release(pid)
+            close_links(self._release(pid))
             return
         except MonitorError as e:
-            self._release(pid)
+            close_links(self._release(pid))
             if pid == HOST:  # a pid: the others keep their probes, this one is named
                 raise
             self.scope_errors[pid] = str(e)
@@ -491,29 +514,42 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         if pid != HOST and not at_load and pid not in self._targets.pids:
             self.children_attached += 1
 
-    def _detach_scopes(self, pids: list[int]) -> None:
-        fds: list[int] = []
+    def _detach_scopes(self, pids: list[int], now: bool = False) -> None:
+        """Links of processes are closed on the closer thread, the control thread going
+        on: closing one unregisters each of its uprobes, which visits every process
+        mapping the binary under the kernel's uprobe locks (seconds to minutes for c:*
+        on a busy host: bench/RESULTS.md, func_all_libc). A process's links can be
+        closed late: its calls stopped counting when the maps dropped it, or it exited.
+        Closed at once (``now``, and HOST's always): when the other scope follows, since
+        both at once would count a target's calls twice."""
+        later: list[int] = []
         for pid in pids:
             self.scopes.pop(pid, None)
-            links = self.cookie_links.pop(pid, None)
-            if links is not None:
-                fds += links.fds
-                links.fds = []
-        close_links(fds)  # in parallel: each close waits for RCU grace periods
-        for pid in pids:
-            self._release(pid)
+            fds = self._release(pid)
+            if pid == HOST or now:
+                close_links(fds)
+            else:
+                later += fds
+        if later:
+            if self._closer is None:
+                self._closer = ThreadPoolExecutor(1, thread_name_prefix="func-unlink")
+            self._closing = [f for f in self._closing if not f.done()]
+            self._closing.append(self._closer.submit(close_links, later))
 
-    def _release(self, pid: int) -> None:
-        """Detach what was attached for ``pid`` (a partly attached set too)."""
+    def _release(self, pid: int) -> list[int]:
+        """What was attached for ``pid`` (a partly attached set too): BCC's probes are
+        detached, the link fds returned for the caller to close."""
+        fds: list[int] = []
         links = self.cookie_links.pop(pid, None)
         if links is not None:
-            links.close()
+            fds, links.fds = links.fds, []
         ids = self._attached.pop(pid, [])
         if self.links is not None:
-            self.links.detach_pid(pid)
+            fds += self.links.take_pid(pid)
         else:
             for i in ids:
                 self._detach_probe(i, self.probes[i], pid, self.options.latency)
+        return fds
 
     def _plan_offsets(self) -> None:
         """File offsets of the uprobes left after screening, by binary (computed once:
@@ -673,6 +709,10 @@ class FuncMonitor(BccMonitor[FuncOptions]):
         fds = [fd for links in self.cookie_links.values() for fd in links.fds]
         self.cookie_links = {}
         close_links(fds)
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer.shutdown(wait=True)  # every link closed when close() returns
+        self._closing = []
         links, self.links = self.links, None
         if links is not None:
             links.close()
@@ -748,6 +788,7 @@ class FuncMonitor(BccMonitor[FuncOptions]):
             out["probed_processes"] = len(pids)
             out["children_attached"] = self.children_attached
             out["pending"] = self.pending
+            out["closing"] = sum(not f.done() for f in self._closing)
             out["unprobed_pids"] = {str(p): e for p, e in sorted(self.scope_errors.items())}
         return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.api import Agent, kernel_agent
-from tests.support.func_scope import PROGRAM, K, probed, running
+from tests.support.func_scope import PROGRAM, K, marker_pattern, probed, running
 from tests.support.kernel import compile_c
 
 pytestmark = pytest.mark.kernel
@@ -166,12 +166,13 @@ def test_func_probe_scope_over_http(agent: Agent, scope_program: Path) -> None:
         assert agent.request("PUT", "/targets/pids", json=[target.pid]).status_code == 200
         try:
             r = agent.request("POST", "/monitors/func/start",
-                              json={"patterns": ["c:getpid"], "latency": False})
+                              json={"patterns": ["c:getpid", marker_pattern(scope_program)],
+                                    "latency": False})
             assert r.status_code == 200, r.text
             status = func_status(agent)
             assert (status["probe_scope"], status["probed_pids"]) == ("pids", [target.pid])
             assert "only" in status["probe_scope_detail"]
-            assert probed(target.pid) and not probed(other.pid)
+            assert probed(target.pid, scope_program) and not probed(other.pid, scope_program)
             child = target.fork()
             deadline = time.monotonic() + 10  # the tick runs about once a second
             while child.pid not in func_status(agent)["probed_pids"]:
@@ -180,7 +181,8 @@ def test_func_probe_scope_over_http(agent: Agent, scope_program: Path) -> None:
             child.go()
             other.go()
             stats = agent.request("GET", "/monitors/func/stats").json()
-            assert [(f["name"], f["count"]) for f in stats["functions"]] == [("getpid", K)]
+            assert [(f["name"], f["count"]) for f in stats["functions"]] == [
+                ("getpid", K), ("scope_marker", 0)]
             assert stats["children_attached"] == 1
             child.end_child()
             # No pid left (a comm only these programs have): every process is probed.
@@ -189,7 +191,7 @@ def test_func_probe_scope_over_http(agent: Agent, scope_program: Path) -> None:
             assert agent.request("PUT", "/targets/pids", json=[]).status_code == 200
             status = func_status(agent)
             assert status["probe_scope"] == "host" and "probed_pids" not in status
-            assert probed(other.pid)
+            assert probed(other.pid, scope_program)
         finally:
             agent.request("POST", "/monitors/func/stop")
             agent.request("PUT", "/targets/pids", json=[])

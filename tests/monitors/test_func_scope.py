@@ -16,7 +16,7 @@ import pytest
 from agent.kernel.procfs import process_start
 from agent.model.targets import TargetSet
 from agent.monitors.func.monitor import FuncOptions
-from tests.support.func_scope import PROGRAM, K, probed, running
+from tests.support.func_scope import PROGRAM, K, marker_pattern, probed, running
 from tests.support.kernel import CollectingSink, compile_c
 from tests.support.monitors import drain, loaded_monitor
 
@@ -29,6 +29,11 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def getpid_count(m: Any) -> int:
     counts = {f["name"]: f["count"] for f in m.stats()["functions"]}
     return int(counts.get("getpid", 0))
+
+
+def marked(options: dict[str, Any], program: Path) -> dict[str, Any]:
+    """``options`` with the program's marker function probed too (``probed``)."""
+    return {**options, "patterns": [*options["patterns"], marker_pattern(program)]}
 
 
 def closed(m: Any) -> None:
@@ -59,9 +64,10 @@ def test_a_pid_target_is_probed_and_counted_exactly_and_no_other_process_is(
         program: Path, options: dict[str, Any], uprobe_multi: bool) -> None:
     with running(program) as target, running(program) as other:
         with loaded_monitor(
-                "func", CollectingSink(), targets=pids(target.pid), **options,
+                "func", CollectingSink(), targets=pids(target.pid),
+                **marked(options, program),
                 before_load=lambda m: setattr(m, "prefer_uprobe_multi", uprobe_multi)) as m:
-            assert probed(target.pid) and not probed(other.pid)
+            assert probed(target.pid, program) and not probed(other.pid, program)
             other.go()
             target.go()
             other.go()
@@ -69,7 +75,7 @@ def test_a_pid_target_is_probed_and_counted_exactly_and_no_other_process_is(
             status = m.stats()
             assert (status["probe_scope"], status["probed_pids"]) == ("pids", [target.pid])
             assert status["unprobed_pids"] == {}
-        assert not probed(target.pid)  # closing removed the breakpoints
+        assert not probed(target.pid, program)  # closing removed the breakpoints
 
 
 @pytest.mark.kernel
@@ -77,7 +83,7 @@ def test_a_pid_target_is_probed_and_counted_exactly_and_no_other_process_is(
 def test_an_untargeted_process_yields_no_event(program: Path) -> None:
     sink = CollectingSink()
     with running(program) as target, running(program) as other, loaded_monitor(
-            "func", sink, targets=pids(target.pid), events=True, **GETPID) as m:
+            "func", sink, targets=pids(target.pid), events=True, **marked(GETPID, program)) as m:
         other.go()
         target.go()
         other.go()
@@ -92,15 +98,15 @@ def test_an_untargeted_process_yields_no_event(program: Path) -> None:
 @pytest.mark.usefixtures("kernel")
 def test_targets_changed_live_move_the_probes(program: Path) -> None:
     with running(program) as a, running(program) as b, loaded_monitor(
-            "func", CollectingSink(), targets=pids(a.pid), **GETPID) as m:
+            "func", CollectingSink(), targets=pids(a.pid), **marked(GETPID, program)) as m:
         m.set_targets(pids(a.pid, b.pid))  # b added
-        assert probed(a.pid) and probed(b.pid)
+        assert probed(a.pid, program) and probed(b.pid, program)
         a.go()
         b.go()
         assert getpid_count(m) == 2 * K
         m.set_targets(pids(b.pid))  # a removed
         closed(m)
-        assert not probed(a.pid) and probed(b.pid)
+        assert not probed(a.pid, program) and probed(b.pid, program)
         a.go()
         b.go()
         assert getpid_count(m) == 3 * K
@@ -108,7 +114,7 @@ def test_targets_changed_live_move_the_probes(program: Path) -> None:
         # no pids (a comm only these programs have): every process probed, both counted
         m.set_targets(TargetSet(comms=frozenset({"scopecaller"})))
         assert m.stats()["probe_scope"] == "host"
-        assert probed(a.pid) and probed(b.pid)
+        assert probed(a.pid, program) and probed(b.pid, program)
         a.go()
         b.go()
         assert getpid_count(m) == 5 * K
@@ -117,7 +123,7 @@ def test_targets_changed_live_move_the_probes(program: Path) -> None:
         # any process's calls count for a moment): b's breakpoint leaves
         m.set_targets(TargetSet(pids=frozenset({a.pid}), comms=frozenset({"scopecaller"}),
                                 follow_children=False))
-        assert not probed(b.pid) and probed(a.pid)
+        assert not probed(b.pid, program) and probed(a.pid, program)
         b.go()
         assert getpid_count(m) == 5 * K
 
@@ -131,7 +137,8 @@ def test_a_followed_child_is_probed_from_the_next_tick_and_counted_exactly(
     it links of its own are not counted (here the test plays the tick: m.periodic());
     every call after it is."""
     with running(program) as parent, loaded_monitor(
-            "func", CollectingSink(), targets=pids(parent.pid, follow=True), **options) as m:
+            "func", CollectingSink(), targets=pids(parent.pid, follow=True),
+            **marked(options, program)) as m:
         child = parent.fork()
         child.go()  # before the tick: inside the window
         assert getpid_count(m) == 0
@@ -139,7 +146,7 @@ def test_a_followed_child_is_probed_from_the_next_tick_and_counted_exactly(
         status = m.stats()
         assert status["probed_pids"] == sorted([parent.pid, child.pid])
         assert status["children_attached"] == 1
-        assert probed(child.pid)
+        assert probed(child.pid, program)
         child.go()
         assert getpid_count(m) == K
         child.end_child()
@@ -155,9 +162,10 @@ def test_probes_survive_exec_of_a_target_and_of_a_followed_child(program: Path) 
     """A link belongs to the process, not to its address space: after exec(2) the kernel
     places the breakpoints in the new one as the program maps libc."""
     with running(program) as target, loaded_monitor(
-            "func", CollectingSink(), targets=pids(target.pid, follow=True), **GETPID) as m:
+            "func", CollectingSink(), targets=pids(target.pid, follow=True),
+            **marked(GETPID, program)) as m:
         target.exec()
-        assert probed(target.pid)
+        assert probed(target.pid, program)
         target.go()
         assert getpid_count(m) == K
         child = target.fork()
@@ -172,7 +180,8 @@ def test_probes_survive_exec_of_a_target_and_of_a_followed_child(program: Path) 
 @pytest.mark.usefixtures("kernel")
 def test_children_beyond_the_tick_budget_wait_for_the_next_tick(program: Path) -> None:
     with running(program) as parent, loaded_monitor(
-            "func", CollectingSink(), targets=pids(parent.pid, follow=True), **GETPID) as m:
+            "func", CollectingSink(), targets=pids(parent.pid, follow=True),
+            **marked(GETPID, program)) as m:
         child = parent.fork()
         m.sync_probe_scope(budget_s=-1)  # a tick whose budget is already spent
         status = m.stats()
@@ -190,7 +199,8 @@ def test_children_beyond_the_tick_budget_wait_for_the_next_tick(program: Path) -
 @pytest.mark.usefixtures("kernel")
 def test_a_child_is_not_probed_without_follow_children(program: Path) -> None:
     with running(program) as parent, loaded_monitor(
-            "func", CollectingSink(), targets=pids(parent.pid, follow=False), **GETPID) as m:
+            "func", CollectingSink(), targets=pids(parent.pid, follow=False),
+            **marked(GETPID, program)) as m:
         child = parent.fork()
         m.periodic()
         assert m.stats()["probed_pids"] == [parent.pid]
@@ -208,10 +218,10 @@ def test_a_target_pid_without_a_process_is_named_and_probes_nothing(program: Pat
         pass
     assert process_start(gone.pid) is None
     with running(program) as other, loaded_monitor(
-            "func", CollectingSink(), targets=pids(gone.pid), **GETPID) as m:
+            "func", CollectingSink(), targets=pids(gone.pid), **marked(GETPID, program)) as m:
         other.go()
         status = m.stats()
-        assert not probed(other.pid)
+        assert not probed(other.pid, program)
     assert status["probe_scope"] == "pids"
     assert status["probed_pids"] == []
     assert "no such process" in status["unprobed_pids"][str(gone.pid)]
@@ -230,8 +240,8 @@ def test_a_target_pid_without_a_process_is_named_and_probes_nothing(program: Pat
 def test_without_pid_targets_the_probes_are_host_wide(
         program: Path, targets: TargetSet, exact: bool) -> None:
     with running(program) as a, running(program) as b, loaded_monitor(
-            "func", CollectingSink(), targets=targets, **GETPID) as m:
-        assert probed(a.pid) and probed(b.pid)
+            "func", CollectingSink(), targets=targets, **marked(GETPID, program)) as m:
+        assert probed(a.pid, program) and probed(b.pid, program)
         before = getpid_count(m)
         a.go()
         b.go()
@@ -251,8 +261,8 @@ def test_without_pid_targets_the_probes_are_host_wide(
 def test_probe_scope_host_places_probes_everywhere_and_still_filters(program: Path) -> None:
     with running(program) as target, running(program) as other, loaded_monitor(
             "func", CollectingSink(), targets=pids(target.pid, follow=True),
-            probe_scope="host", **GETPID) as m:
-        assert probed(target.pid) and probed(other.pid)
+            probe_scope="host", **marked(GETPID, program)) as m:
+        assert probed(target.pid, program) and probed(other.pid, program)
         child = target.fork()
         child.go()  # no window: the host-wide probes and the kernel's follow count it
         other.go()
@@ -265,19 +275,19 @@ def test_probe_scope_host_places_probes_everywhere_and_still_filters(program: Pa
 @pytest.mark.kernel
 @pytest.mark.usefixtures("kernel")
 def test_processes_over_max_scope_probes_are_named_and_not_probed(program: Path) -> None:
-    """c:getpid without latency is one attach point per process: a bound of one lets
-    the first target in (the lower pid) and names the other."""
+    """c:getpid and the marker without latency are two attach points per process: a
+    bound of two lets the first target in (the lower pid) and names the other."""
     with running(program) as a, running(program) as b, loaded_monitor(
-            "func", CollectingSink(), targets=pids(a.pid, b.pid), max_scope_probes=1,
-            **GETPID) as m:
+            "func", CollectingSink(), targets=pids(a.pid, b.pid), max_scope_probes=2,
+            **marked(GETPID, program)) as m:
         first, second = sorted([a, b], key=lambda p: p.pid)
         a.go()
         b.go()
         status = m.stats()
         assert getpid_count(m) == K
-        assert probed(first.pid) and not probed(second.pid)
+        assert probed(first.pid, program) and not probed(second.pid, program)
     assert status["probed_pids"] == [first.pid]
-    assert "max_scope_probes=1" in status["unprobed_pids"][str(second.pid)]
+    assert "max_scope_probes=2" in status["unprobed_pids"][str(second.pid)]
 
 
 @pytest.mark.parametrize("value", [0, -1, 10_000_001, "5", 1.5])

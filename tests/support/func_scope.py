@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent.kernel.symbols import file_offsets, resolve_binary, user_symbols
+from agent.kernel.symbols import file_offsets, user_symbols
 
 K = 37  # getpid calls per "go": odd, so neither 0 nor a doubling passes
 
@@ -31,11 +31,19 @@ PROGRAM = r"""
 
 static pid_t (*volatile call)(void) = getpid;
 
+/* Probed with the libc functions: a function no other test on the host probes, so
+ * that whether its breakpoint is in a process's memory depends on this test only. */
+void __attribute__((noinline)) scope_marker(void)
+{
+    __asm__ volatile("");
+}
+
 int main(int argc, char **argv)
 {
     int k = atoi(argv[1]);
     char line[16];
     setvbuf(stdout, NULL, _IONBF, 0);
+    scope_marker();
     printf("ready\n");
     while (fgets(line, sizeof line, stdin)) {
         if (!strcmp(line, "go\n")) {
@@ -108,13 +116,21 @@ def running(binary: Path) -> Iterator[Proc]:
         popen.wait()
 
 
-LIBC = resolve_binary("c")
-GETPID_OFFSET = file_offsets(LIBC, [dict(user_symbols(LIBC, "getpid"))["getpid"]])[0]
+MARKER = "scope_marker"
 
 
-def probed(pid: int, path: str = LIBC, offset: int = GETPID_OFFSET) -> bool:
-    """Whether the process's code at ``path``'s file offset differs from the file's
-    (a uprobe breakpoint is written over the function's first instruction)."""
+def marker_pattern(binary: Path) -> str:
+    """The pattern probing PROGRAM's own marker function (see ``probed``)."""
+    return f"{binary}:{MARKER}"
+
+
+def probed(pid: int, binary: Path) -> bool:
+    """Whether the process's code at PROGRAM's marker function differs from the file's
+    (a uprobe breakpoint is written over the function's first instruction). The monitor
+    must probe ``marker_pattern(binary)``: libc functions may be probed host-wide by
+    other tests on a shared machine, the marker only by this one."""
+    path = os.path.realpath(binary)
+    offset = file_offsets(path, [dict(user_symbols(path, MARKER))[MARKER]])[0]
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             fields = line.split()

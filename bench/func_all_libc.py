@@ -78,6 +78,8 @@ def main() -> int:
                 attach5 = time.monotonic() - t0
                 t0 = time.monotonic()
                 m.set_targets(targets)
+                while m.stats()["closing"]:  # closed on the monitor's closer thread
+                    time.sleep(0.01)
                 detach5 = time.monotonic() - t0
             for p in extra:
                 p.kill()

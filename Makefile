@@ -29,6 +29,7 @@ bench: install
 	$(PY) bench/stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/func_overhead.py
+	$(PY) bench/func_all_libc.py
 	$(PY) bench/flood_stop.py
 	$(PY) bench/fleet.py
 	$(PY) bench/latency_histogram.py

@@ -46,6 +46,9 @@ class MonitorInfo(BaseModel):
         "declaration (as `run --format console` prints it after the time and monitor): "
         "{field} or {field:rendering}, renderings errno (\"-2 ENOENT\"), us (ns as us, "
         "one decimal), opt_ns (\" N ns\" when not null), words (a list, space-separated)")
+    status: dict[str, Any] | None = Field(
+        None, description="what the running monitor reports about itself beyond its "
+                          "options (func: probe_scope, where its uprobes are placed)")
 
 
 class LeaseRequest(BaseModel):

@@ -524,6 +524,9 @@ class MonitorManager:
             info["state"] = "failed" if run.poll_error else "running"
             if run.poll_error:
                 info["reason"] = run.poll_error
+            status = run.monitor.status()
+            if status:
+                info["status"] = status
         elif static_reason:
             info["state"], info["reason"] = "unsupported", static_reason
         elif name in self._failed:

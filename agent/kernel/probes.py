@@ -92,11 +92,19 @@ def _libc() -> ctypes.CDLL:
 
 
 def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int],
-                      cookies: list[int] | None, retprobe: bool) -> int:
-    """A BPF link attaching ``prog_fd`` at file offsets of ``path`` in every process
-    (pid 0), with one attach cookie per offset (bpf_get_attach_cookie()) when given;
-    raises OSError. A link is all or nothing: one offset the kernel cannot probe fails
-    it whole. BCC 0.26 predates these links, so this is bpf(2) BPF_LINK_CREATE itself."""
+                      cookies: list[int] | None, retprobe: bool, pid: int = 0) -> int:
+    """A BPF link attaching ``prog_fd`` at file offsets of ``path``, with one attach
+    cookie per offset (bpf_get_attach_cookie()) when given; raises OSError. A link is
+    all or nothing: one offset the kernel cannot probe fails it whole. BCC 0.26
+    predates these links, so this is bpf(2) BPF_LINK_CREATE itself.
+
+    ``pid`` 0: every process. Otherwise the link belongs to that process (ESRCH when
+    there is none): the kernel's uprobe filter places the breakpoints only in that
+    process's address space (uprobe_multi_link_filter compares the mm), so no other
+    process traps at all, and it runs the program only for that process's threads.
+    The link does not follow fork: a child inherits the breakpoints in the pages it
+    copies, traps on them, and the program does not run for it (the link's task is
+    another thread group)."""
     nr = NR_BPF.get(os.uname().machine)
     if nr is None:
         raise OSError(errno.ENOSYS, "bpf(2) syscall number unknown for this architecture")
@@ -112,6 +120,7 @@ def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int],
         cookies=ctypes.addressof(cks) if cks is not None else 0,
         cnt=n,
         um_flags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0,
+        pid=pid,
     )
     fd = _libc().syscall(nr, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
@@ -135,12 +144,12 @@ def close_links(fds: list[int]) -> None:
 
 
 class UprobeMultiLinks:
-    """Programs of one BCC object attached through uprobe_multi links, one link each
-    (closed together by close_links)."""
+    """Programs of one BCC object attached through uprobe_multi links, one link per
+    program and process (pid 0: every process), closed together by close_links."""
 
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
-        self.fds: dict[str, int] = {}
+        self.fds: dict[tuple[str, int], int] = {}
 
     @classmethod
     def create(cls, bpf: Any, feature_probe: str) -> UprobeMultiLinks | None:
@@ -161,17 +170,23 @@ class UprobeMultiLinks:
             return cls(bpf) if e.errno == errno.EBADF else None
         return None
 
-    def attach(self, fn_name: str, path: str, vaddr: int, retprobe: bool) -> None:
+    def attach(self, fn_name: str, path: str, vaddr: int, retprobe: bool,
+               pid: int = 0) -> None:
         from bcc import BPF
 
         fn = self.bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
-        self.fds[fn_name] = uprobe_multi_link(fn.fd, path, [file_offset(path, vaddr)], None,
-                                              retprobe)
+        self.fds[fn_name, pid] = uprobe_multi_link(
+            fn.fd, path, [file_offset(path, vaddr)], None, retprobe, pid)
 
-    def detach(self, fn_name: str) -> None:
-        fd = self.fds.pop(fn_name, None)
+    def detach(self, fn_name: str, pid: int = 0) -> None:
+        fd = self.fds.pop((fn_name, pid), None)
         if fd is not None:
             os.close(fd)
+
+    def take_pid(self, pid: int) -> list[int]:
+        """The link fds of process ``pid`` (0: of every process), no longer held here:
+        the caller closes them."""
+        return [self.fds.pop(key) for key in [k for k in self.fds if k[1] == pid]]
 
     def close(self) -> None:
         fds, self.fds = list(self.fds.values()), {}

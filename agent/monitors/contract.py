@@ -159,6 +159,11 @@ class BaseMonitor(ABC, Generic[OptionsT]):
         fields of StatsQuery as keyword arguments, those the client gave."""
         return {}
 
+    def status(self) -> dict[str, Any]:
+        """What a running monitor reports about itself in GET /monitors/{name} ("status")
+        beyond its options (e.g. where func's probes are placed); control thread."""
+        return {}
+
     def periodic(self) -> None:  # noqa: B027 (optional hook)
         """Called about once a second on the control thread (housekeeping)."""
 

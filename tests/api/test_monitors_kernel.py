@@ -4,12 +4,14 @@ checked against a workload that makes a known number of calls."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.api import Agent, kernel_agent
+from tests.support.func_scope import PROGRAM, K, marker_pattern, probed, running
 from tests.support.kernel import compile_c
 
 pytestmark = pytest.mark.kernel
@@ -144,3 +146,53 @@ def test_threshold_change_applies_without_reload(agent: Agent) -> None:
         assert reloaded != started  # a compiled-in option: reloaded
     finally:
         agent.request("POST", "/monitors/syscall/stop")
+
+
+@pytest.fixture(scope="module")
+def scope_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory.mktemp("scope"), "scopecaller", PROGRAM)
+
+
+def func_status(agent: Agent) -> dict:
+    info = agent.request("GET", "/monitors/func").json()
+    assert info["state"] == "running", info
+    return info["status"]
+
+
+def test_func_probe_scope_over_http(agent: Agent, scope_program: Path) -> None:
+    """GET /monitors/func says where the uprobes are; the agent's own tick gives a
+    followed child its probes, and its calls from then on are counted exactly."""
+    with running(scope_program) as target, running(scope_program) as other:
+        assert agent.request("PUT", "/targets/pids", json=[target.pid]).status_code == 200
+        try:
+            r = agent.request("POST", "/monitors/func/start",
+                              json={"patterns": ["c:getpid", marker_pattern(scope_program)],
+                                    "latency": False})
+            assert r.status_code == 200, r.text
+            status = func_status(agent)
+            assert (status["probe_scope"], status["probed_pids"]) == ("pids", [target.pid])
+            assert "only" in status["probe_scope_detail"]
+            assert probed(target.pid, scope_program) and not probed(other.pid, scope_program)
+            child = target.fork()
+            deadline = time.monotonic() + 10  # the tick runs about once a second
+            while child.pid not in func_status(agent)["probed_pids"]:
+                assert time.monotonic() < deadline, "the child was never probed"
+                time.sleep(0.1)
+            child.go()
+            other.go()
+            stats = agent.request("GET", "/monitors/func/stats").json()
+            assert [(f["name"], f["count"]) for f in stats["functions"]] == [
+                ("getpid", K), ("scope_marker", 0)]
+            assert stats["children_attached"] == 1
+            child.end_child()
+            # No pid left (a comm only these programs have): every process is probed.
+            assert agent.request("PUT", "/targets/comms",
+                                 json=["scopecaller"]).status_code == 200
+            assert agent.request("PUT", "/targets/pids", json=[]).status_code == 200
+            status = func_status(agent)
+            assert status["probe_scope"] == "host" and "probed_pids" not in status
+            assert probed(other.pid, scope_program)
+        finally:
+            agent.request("POST", "/monitors/func/stop")
+            agent.request("PUT", "/targets/pids", json=[])
+            agent.request("PUT", "/targets/comms", json=[])

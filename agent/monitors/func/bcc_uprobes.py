@@ -15,7 +15,8 @@ from agent.kernel.tracefs import find_tracefs, has_uprobe_event, remove_uprobe_e
 log = logging.getLogger(__name__)
 
 
-def remove_leaked_uprobe_event(bpf: Any, path: str, vaddr: int, retprobe: bool) -> None:
+def remove_leaked_uprobe_event(bpf: Any, path: str, vaddr: int, retprobe: bool,
+                               pid: int = -1) -> None:
     """libbcc falls back to tracefs uprobe_events when the perf uprobe PMU refuses a
     probe, and when perf_event_open then fails too it leaves the event it created behind
     ("<event>_bcc_<pid>"). Remove exactly that one: other monitors of this process may be
@@ -28,7 +29,7 @@ def remove_leaked_uprobe_event(bpf: Any, path: str, vaddr: int, retprobe: bool) 
     try:
         offset = file_offset(path, vaddr)
         prefix = b"r" if retprobe else b"p"
-        name = bpf._get_uprobe_evname(prefix, path.encode(), offset, -1).decode()
+        name = bpf._get_uprobe_evname(prefix, path.encode(), offset, pid).decode()
         leaked = f"uprobes/{name}_bcc_{os.getpid()}"
         if has_uprobe_event(tracefs, leaked):
             remove_uprobe_event(tracefs, leaked)

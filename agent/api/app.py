@@ -47,8 +47,8 @@ required. The gate authenticates before it reads a body; bodies are capped at
 
 Live events: `GET /events` (Server-Sent Events: `id:` sequence number, `event:` monitor
 name, `data:` the JSON event, the same bytes as the JSONL output) and `GET /events/ws`
-(WebSocket, not listed below: the same filters `monitor`, `pid`, `uid`, `comm` and
-`last_event_id`, and JSON text frames `{"id": N, "event": "exec", "data": {...}}`).
+(WebSocket, not listed below: the same filters `monitor`, `pid`, `uid`, `comm`,
+`process_id`, `container_id`, `cgroup`, `unit` and `last_event_id`, and JSON text frames `{"id": N, "event": "exec", "data": {...}}`).
 Both resume with `Last-Event-ID` from a bounded replay buffer; a client that fell out of
 it gets `event: dropped` / `{"event": "dropped", "missed": N}` first."""
 

@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, action="append", default=[])
     s.add_argument("--uid", type=int, action="append", default=[])
     s.add_argument("--comm", action="append", default=[])
+    s.add_argument("--container", dest="container_id", action="append", default=[],
+                   metavar="PREFIX", help="container id prefix (hex)")
+    s.add_argument("--cgroup", action="append", default=[], metavar="PATH",
+                   help="cgroup path (relative to the cgroup2 root) and its subtree")
+    s.add_argument("--unit", action="append", default=[], help="systemd unit (exact)")
+    s.add_argument("--process-id", dest="process_id", action="append", default=[],
+                   metavar="ID", help="process instance id (exact)")
     s.add_argument("--from", dest="source", metavar="nats://HOST:PORT",
                    help="read the fleet stream from NATS instead of each host")
     s.add_argument("--subject", default="ebpf.>", help="NATS subject (with --from)")
@@ -317,7 +324,9 @@ def _notice(text: str) -> None:
 
 async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
     try:
-        filters = filters_of(args.monitor, args.pid, args.uid, args.comm)
+        filters = filters_of(args.monitor, args.pid, args.uid, args.comm,
+                             process_id=args.process_id, container_id=args.container_id,
+                             cgroup=args.cgroup, unit=args.unit)
     except ValueError as e:
         raise ops.UsageError(str(e)) from None
     emit = _emitter(args.output)

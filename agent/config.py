@@ -189,6 +189,22 @@ class TargetSettings(Section):
         return self
 
 
+class ProcessSettings(Section):
+    """processes: the process table and its kernel tracker (agent/processes/)."""
+
+    enabled: bool = True  # the tracker starts with the agent; off: no table, no API data
+    capacity: int = Field(32768, ge=16, le=4_000_000)  # entries, live and exited; evictions counted
+    exited_keep: int = Field(1024, ge=0, le=1_000_000)  # exited processes kept at most
+    exited_ttl_s: float = Field(300.0, gt=0, le=86400)  # ... and for this long after their exit
+    argv_bytes: int = Field(1024, ge=64, le=8192)  # of each exec's argument area
+    ringbuf_pages: int = Field(64, ge=1, le=65536)  # the tracker's own ring buffer
+    cgroup_paths: int = Field(4096, ge=16, le=1_000_000)  # created cgroups remembered (BPF map)
+    # Ancestors (process_id, pid, comm) added to every event, parent first; 0 = none.
+    event_ancestors: int = Field(0, ge=0, le=64)
+
+    _pow2 = field_validator("ringbuf_pages")(_power_of_two)
+
+
 class MonitorConfig(Section):
     enabled: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
@@ -287,6 +303,7 @@ class Settings(BaseSettings):
     transport: TransportSettings = TransportSettings()
     targets: TargetSettings = TargetSettings()
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
+    processes: ProcessSettings = ProcessSettings()
     export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
     # Bearer token for the API (EBPF_AGENT_TOKEN), or a file holding it.

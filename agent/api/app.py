@@ -17,6 +17,7 @@ from agent.api import (
     routes_containers,
     routes_events,
     routes_monitors,
+    routes_processes,
     routes_state,
     routes_system,
     routes_targets,
@@ -107,6 +108,7 @@ def create_app(
     app.include_router(routes_monitors.router)
     app.include_router(routes_targets.router)
     app.include_router(routes_state.router)
+    app.include_router(routes_processes.router)
     app.include_router(routes_events.router)
     app.include_router(routes_containers.router)
     app.include_router(routes_events.ws_router)

@@ -64,6 +64,8 @@ class AgentCollector(Collector):
         if self.ctx.exporter is not None:
             yield from _export(self.ctx.exporter.stats())
         yield from _auth(self.ctx)
+        if self.ctx.agent is not None:
+            yield from _processes(self.ctx.agent.process_stats())
         yield CounterMetricFamily("ebpf_agent_log_lines_dropped",
                                   "log lines dropped because the log output (stderr or "
                                   "logging.file) did not take them in time",
@@ -99,6 +101,34 @@ def _auth(ctx: AppContext) -> Iterator[Metric]:
     refused.add_metric(["ticket"], float(ctx.tickets.refused))
     refused.add_metric(["login_in_flight"], float(ctx.logins.too_many))
     yield refused
+
+
+def _processes(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The process table (agent/processes/); nothing when processes.enabled is false."""
+    if not stats:
+        return
+    yield GaugeMetricFamily("ebpf_agent_process_table_size",
+                            "processes in the table, live and exited", value=stats["size"])
+    yield GaugeMetricFamily("ebpf_agent_process_table_capacity", "processes.capacity",
+                            value=stats["capacity"])
+    yield CounterMetricFamily("ebpf_agent_process_table_evicted",
+                              "entries evicted because the table was full",
+                              value=stats["evicted"])
+    yield CounterMetricFamily("ebpf_agent_process_table_expired", "exited processes "
+                              "dropped (processes.exited_keep, exited_ttl_s)",
+                              value=stats["expired"])
+    tracker = stats["tracker"]
+    yield CounterMetricFamily("ebpf_agent_process_tracker_ring_dropped",
+                              "tracker records lost in the kernel (its ring buffer full)",
+                              value=tracker["ring_dropped"])
+    records = CounterMetricFamily("ebpf_agent_process_tracker_records",
+                                  "fork, exec and exit records applied", labels=["kind"])
+    for kind, n in sorted(tracker["records"].items()):
+        records.add_metric([kind], float(n))
+    yield records
+    yield GaugeMetricFamily("ebpf_agent_process_tracker_running",
+                            "1 while the process tracker runs",
+                            value=1.0 if tracker["state"] == "running" else 0.0)
 
 
 def _leases(expired: dict[str, int], names: list[str]) -> Iterator[Metric]:

@@ -110,6 +110,9 @@ class AgentStats(BaseModel):
     streams: StreamStats
     export: dict[str, Any] | None = Field(None, description="exporters (export.nats): "
                                           "produced = published + dropped + buffered")
+    processes: dict[str, Any] | None = Field(None, description="the process table (size, "
+                                             "capacity, evicted, expired) and its tracker "
+                                             "(state, records, ring_dropped)")
 
 
 class Capabilities(Open):

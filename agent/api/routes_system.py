@@ -53,6 +53,8 @@ async def stats(ctx: ContextDep, manager: ManagerDep, hub: HubDep) -> dict[str, 
     out["streams"] = hub.stats()
     if ctx.exporter is not None:
         out["export"] = {"nats": ctx.exporter.stats()}
+    if ctx.agent is not None and ctx.agent.processes is not None:
+        out["processes"] = ctx.agent.process_stats()
     return out
 
 

@@ -9,7 +9,10 @@ ask for:
   exporter (``export.nats.enabled``, or
   ``run --export nats``); each monitor's output writer joins them when it starts
   (``output.formats``, or ``run --format``). See agent/core/pipeline.py.
-- the manager (agent/core/manager.py), given a SinkFactory over those consumers.
+- the manager (agent/core/manager.py), given a SinkFactory over those consumers and
+  the stages every event passes before it is encoded (``processes.event_ancestors``).
+- the process table and its tracker (agent/processes/, ``processes.enabled``): started
+  with the agent, stopped after the monitors.
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Settings
 from agent.core.manager import MonitorManager
-from agent.core.pipeline import Consumer, SinkFactory
+from agent.core.pipeline import Consumer, SinkFactory, Stage
 from agent.kernel.capabilities import CapabilityReport
+from agent.kernel.cgroups import default_resolver
+from agent.kernel.identity import local_identity
 from agent.model.targets import TargetSet
 from agent.monitors.registry import MonitorRegistry
 from agent.output.writer import WriterFactory
+from agent.processes.lineage import AncestorStage
+from agent.processes.table import ProcessTable
+from agent.processes.tracker import REQUIRED_FEATURES, ProcessTracker
 from agent.stream.containers import ContainerBook
 from agent.stream.hub import EventHub
 
@@ -53,6 +61,7 @@ class Agent:
         """``streams``: keep a hub for SSE/WebSocket subscribers (serve); ``formats``:
         output formats instead of the configured ones (run --format)."""
         self.settings = settings
+        self.report = report
         self.consumers: list[Consumer] = []
         self.hub: EventHub | None = None
         self.containers: ContainerBook | None = None
@@ -69,6 +78,16 @@ class Agent:
             host = settings.export.host_name or socket.gethostname()
             self.exporter = NatsExporter(settings.export.nats, host)
             self.register(self.exporter)
+        self.processes: ProcessTable | None = None
+        self.tracker: ProcessTracker | None = None
+        stages: list[Stage] = []
+        p = settings.processes
+        if p.enabled:
+            self.processes = ProcessTable(p.capacity, p.exited_keep, p.exited_ttl_s)
+            self.tracker = ProcessTracker(p, self.processes, report.kernel_offsets,
+                                          default_resolver(), local_identity())
+            if p.event_ancestors:
+                stages.append(AncestorStage(self.processes, p.event_ancestors))
         self.manager = MonitorManager(
             registry,
             report,
@@ -76,7 +95,7 @@ class Agent:
             limits=settings.targets.limits(),
             transport=settings.transport,
             output=settings.output,
-            sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats)),
+            sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats), stages),
         )
 
     def register(self, consumer: Consumer) -> None:
@@ -84,9 +103,18 @@ class Agent:
         self.consumers.append(consumer)
 
     def start(self) -> None:
-        """Connects the exporter (its own thread; waits for it at most a few seconds)."""
+        """Connects the exporter (its own thread; waits for it at most a few seconds);
+        starts the process tracker (its own thread: it compiles, attaches, then reads
+        /proc; ``tracker.ready`` is set when it is done)."""
         if self.exporter is not None:
             self.exporter.start()
+        if self.tracker is not None:
+            missing = self.report.missing(REQUIRED_FEATURES)
+            if missing:
+                self.tracker.fail("; ".join(missing))
+                log.warning("process table off: %s", self.tracker.error)
+            else:
+                self.tracker.start()
 
     def autostart(self) -> dict[str, str]:
         """Starts the monitors the config enables; {name: error} for those that failed."""
@@ -101,12 +129,20 @@ class Agent:
                 log.error("monitor %s did not start: %s", name, e)
         return errors
 
+    def process_stats(self) -> dict[str, Any]:
+        """The process table's figures and its tracker's (any thread)."""
+        if self.processes is None or self.tracker is None:
+            return {}
+        return {**self.processes.stats(), "tracker": self.tracker.stats()}
+
     def shutdown(self, timeout: float = 30) -> None:
-        """Stops every monitor (detaching every probe), then the exporter, so that the
-        monitors' last events go out too. The hub's streams are ended by its owner on
-        the event loop (EventHub.close)."""
+        """Stops every monitor (detaching every probe), then the process tracker and the
+        exporter, so that the monitors' last events go out too. The hub's streams are
+        ended by its owner on the event loop (EventHub.close)."""
         try:
             self.manager.shutdown(timeout)
         finally:
+            if self.tracker is not None:
+                self.tracker.stop()
             if self.exporter is not None:
                 self.exporter.stop()

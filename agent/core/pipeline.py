@@ -6,13 +6,17 @@ offers ``(event, bytes)`` to the consumers registered with the agent (the stream
 the NATS exporter; agent/core/agent.py) and to the monitor's own output writer. A
 consumer never blocks the poller: one that falls behind drops and counts.
 
+Before the encoding, the sink runs the agent's stages (``Stage``: a function that adds
+fields to the event in place, e.g. the process ancestors of agent/processes/lineage.py),
+in order; the composition root (agent/core/agent.py) chooses them.
+
 ``SinkFactory`` is what the manager receives to make those sinks; it never builds one
 itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from agent.config import OutputSettings
@@ -28,12 +32,16 @@ class Consumer(Protocol):
     def offer(self, event: Event, data: bytes) -> None: ...
 
 
+# Adds fields to an event in place (poller thread; must not block).
+Stage = Callable[[Event], None]
+
+
 class MonitorSink:
     """One running monitor's end of the pipeline. ``publish`` runs on its poller
     thread; the rest on the control thread."""
 
     def __init__(self, latency: LatencyHistogram | None = None,
-                 consumers: Sequence[Consumer] = ()) -> None:
+                 consumers: Sequence[Consumer] = (), stages: Sequence[Stage] = ()) -> None:
         self.delivered = 0
         self.latency = latency if latency is not None else LatencyHistogram()
         # Observe the latency of events whose count has these bits clear: 0 = every event;
@@ -41,6 +49,7 @@ class MonitorSink:
         self.sample_mask = 0
         self.writer: OutputWriter | None = None
         self._offers = tuple(c.offer for c in consumers)
+        self._stages = tuple(stages)
 
     def connect(self, consumers: Sequence[Consumer], writer: OutputWriter | None) -> None:
         """Before the poller starts: the agent's consumers, then the monitor's writer."""
@@ -55,6 +64,8 @@ class MonitorSink:
                 self.latency.observe_since(ts_ns)
         offers = self._offers
         if offers:
+            for stage in self._stages:
+                stage(event)
             data = encode_event(event)
             for offer in offers:
                 offer(event, data)
@@ -84,9 +95,10 @@ class SinkFactory:
     registered with the agent plus, with ``writers``, the monitor's output writer."""
 
     def __init__(self, consumers: Sequence[Consumer] = (),
-                 writers: WriterFactory | None = None) -> None:
+                 writers: WriterFactory | None = None, stages: Sequence[Stage] = ()) -> None:
         self.consumers = consumers  # the agent's list: a consumer registered later reaches
         self.writers = writers  # the monitors started after it
+        self.stages = tuple(stages)
 
     @property
     def output(self) -> OutputSettings | None:
@@ -99,7 +111,7 @@ class SinkFactory:
 
     def make(self, latency: LatencyHistogram) -> MonitorSink:
         """A sink that counts and delivers nowhere yet (before the monitor exists)."""
-        return MonitorSink(latency)
+        return MonitorSink(latency, stages=self.stages)
 
     def connect(self, sink: MonitorSink, name: str, monitor: Any) -> None:
         """Once the monitor is about to start: opens its output (OSError) and joins

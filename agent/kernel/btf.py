@@ -122,10 +122,16 @@ def vmlinux_btf() -> BTF:
         raise BTFError(f"cannot read {VMLINUX_BTF}: {e.strerror}") from None
 
 
-# Offsets every monitor's BPF program receives (see agent/bpf/common.h).
+# Offsets every BPF program receives (agent/bpf/common.h; the process tracker,
+# agent/processes/tracker.c, also reads pid, exit_code and the signal_struct ones).
 TASK_FIELDS = (
     ("task_struct", "real_parent"),
     ("task_struct", "tgid"),
+    ("task_struct", "pid"),
+    ("task_struct", "exit_code"),
+    ("task_struct", "signal"),
+    ("signal_struct", "flags"),
+    ("signal_struct", "group_exit_code"),
     ("task_struct", "group_leader"),
     ("task_struct", "start_boottime"),
     ("task_struct", "mm"),

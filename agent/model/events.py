@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from agent.model.event_decl import Decode, EventDecl, EventField, Member
 
@@ -86,13 +86,33 @@ class EventHeader(ctypes.Structure):
 
     _fields_ = HEADER.ctypes_fields()
 
+
+
+class Ancestor(BaseModel):
+    """One ancestor of an event's process, as the process table knows it."""
+
+    process_id: str
+    pid: int
+    comm: str | None
+
+
+# Fields a stage of the agent adds to every event after decoding (agent/core/pipeline.py),
+# declared once here: the event models (OpenAPI) show them as optional.
+ANCESTORS = "ancestors"
+ENRICHED_FIELDS: dict[str, Any] = {
+    ANCESTORS: (list[Ancestor] | None, Field(
+        None, description="the process's ancestors (parent first) from the process table,"
+        " at most processes.event_ancestors of them; absent when that is 0 (the default)")),
+}
+
 if TYPE_CHECKING:  # at run time the class is derived from HEADER
 
     class EventModel(BaseModel):
         """The common fields; each monitor's model extends it."""
 
 else:
-    EventModel = HEADER.model("EventModel")
+    EventModel = create_model("EventModel", __base__=HEADER.model("EventHeaderModel"),
+                              __doc__=HEADER.doc, **ENRICHED_FIELDS)
 
 
 class EventSink(Protocol):

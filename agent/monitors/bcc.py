@@ -10,6 +10,7 @@ import ctypes
 import logging
 import re
 import sys
+import threading
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,12 @@ COMMON_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
 CONSUME_BUDGET = 4096
 STOP_CONSUMING = -1
 
+
+# libbcc compiles with one clang/LLVM instance per process that is not safe on two
+# threads at once (two BPF() constructions at the same time crash the process): the
+# control thread builds the monitors, the process tracker (agent/processes/) its own
+# program on its thread; both take this lock around BPF() and cleanup().
+COMPILE_LOCK = threading.Lock()
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
@@ -125,7 +132,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
 
         self.__dict__.pop("decoder", None)  # built anew for what this load resolves
         try:
-            self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
+            with COMPILE_LOCK:
+                self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
             self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
             self.attach()
             self.open_buffer()
@@ -240,7 +248,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
             reader.close()
         if self.bpf is not None:
             bpf, self.bpf = self.bpf, None
-            bpf.cleanup()
+            with COMPILE_LOCK:
+                bpf.cleanup()
             # bcc.BPF registers its cleanup with atexit when created (and donothing when
             # a program fails to load) and never unregisters it: that reference kept
             # every closed BPF object (tables, ctypes types, source text) alive for the

@@ -5,10 +5,16 @@ paging, the merged table with a host column, -o json, lineage, per-host failures
 from __future__ import annotations
 
 import json
+import os
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from agent.kernel.identity import local_identity
+from tests.support.cgroups import cgroup_dir, spawn_in
 from tests.support.fleet import TableAgent, agentctl, process_doc, table_agents
 
 TOKEN = "fleet-token-0123456789"
@@ -133,3 +139,55 @@ def test_a_host_answering_nonsense_fails_alone(agents: dict[str, TableAgent]) ->
     assert "web: bad answer: the answer to GET /processes.processes[0].pid is a string" \
         in r.stderr
     assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["db", "db"]
+
+
+@pytest.mark.kernel
+def test_processes_and_containers_of_a_real_agent(tmp_path: Path) -> None:
+    """A real agent (process table, exec monitor): a process this test runs in a
+    docker-named cgroup is listed by ``processes --container``, ``--pid`` shows this
+    test's process as its parent, and ``containers`` counts its exec."""
+    from tests.support.api import start_agent
+    from tests.support.kernel import require_kernel
+
+    require_kernel()
+    cid = uuid.uuid4().hex * 2
+    path = f"/ebpf-agent-surface.slice/system.slice/docker-{cid}.scope"
+    agent = start_agent(tmp_path, token=TOKEN)
+    try:
+        with cgroup_dir(path) as d:
+            # An absolute path: a shell searching PATH makes one failed execve per
+            # directory before it, each an exec event.
+            child = spawn_in(d, ["/bin/sleep", "60"])
+            try:
+                one = ["--host", f"h1={agent.url}", "--token", TOKEN]
+                deadline = time.monotonic() + 30
+                while True:  # the tracker's exec event reaches the table asynchronously
+                    r = agentctl(*one, "processes", "--container", cid[:12], "-o", "json")
+                    assert r.returncode == 0, r.stderr
+                    rows = json.loads(r.stdout)["processes"]
+                    if any(p["comm"] == "sleep" for p in rows) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                (p,) = [p for p in rows if p["comm"] == "sleep"]
+                assert (p["host"], p["pid"], p["ppid"], p["argv"], p["alive"]) == (
+                    "h1", child.pid, os.getpid(), ["/bin/sleep", "60"], True)
+                assert (p["container_id"], p["cgroup"]) == (cid, path)
+                assert p["process_id"] == local_identity().of_pid(child.pid)
+
+                r = agentctl(*one, "processes", "--pid", str(child.pid))
+                assert r.returncode == 0, r.stderr
+                rows_ = [line.split()[:3] for line in r.stdout.splitlines()[1:]]
+                assert rows_[:2] == [["h1", "self", str(child.pid)],
+                                     ["h1", "parent", str(os.getpid())]]
+
+                r = agentctl(*one, "containers", "-o", "json")
+                assert r.returncode == 0, r.stderr
+                (ctr,) = [c for c in json.loads(r.stdout)["containers"]
+                          if c["container_id"] == cid]
+                assert (ctr["host"], ctr["events"], ctr["cgroups"]) == (
+                    "h1", {"exec": 1}, [path])
+            finally:
+                child.kill()
+                child.wait()
+    finally:
+        agent.stop()

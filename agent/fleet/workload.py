@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.fleet.client import AgentClient, expect, member
-from agent.fleet.events import SHORT_ID
+from agent.fleet.events import SHORT_ID, workload_label
 from agent.fleet.ops import UsageError
 
 # A page of GET /processes holds at most this many (the agent's limit).
@@ -118,13 +118,7 @@ LINEAGE_HEAD = ["HOST", "RELATION", "PID", "PPID", "COMM", "STATE", "WORKLOAD", 
 
 
 def _workload(p: dict[str, Any]) -> str:
-    cid = p.get("container_id")
-    if isinstance(cid, str) and cid:
-        return f"ctr={cid[:SHORT_ID]}"
-    unit = p.get("unit")
-    if isinstance(unit, str) and unit:
-        return f"unit={unit}"
-    return str(p.get("cgroup") or "")
+    return workload_label(p) or str(p.get("cgroup") or "")
 
 
 def _state(p: dict[str, Any]) -> str:

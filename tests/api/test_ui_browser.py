@@ -245,12 +245,15 @@ def test_workload_column_process_lineage_and_containers(browser: Any, agent: Age
             child = spawn_in(d, ["/bin/sleep", marker])
             try:
                 assert run_in(service, ["/bin/echo", marker]).returncode == 0
-                row = page.locator(f"[data-testid=event-row][data-event*='{marker}']"
-                                   "[data-pid='%d']" % child.pid)
+                # The argv exactly (the shell that moved itself into the cgroup carries
+                # the marker too, in its own exec events).
+                row = page.locator("[data-testid=event-row][data-event*="
+                                   f"'\"argv\":[\"/bin/sleep\",\"{marker}\"]']")
                 row.wait_for()
+                assert row.get_attribute("data-pid") == str(child.pid)
                 assert row.get_by_test_id("event-workload").text_content() == cid[:12]
-                echo = page.locator("[data-testid=event-row][data-event*='/bin/echo']"
-                                    f"[data-event*='{marker}']")
+                echo = page.locator("[data-testid=event-row][data-event*="
+                                    f"'\"argv\":[\"/bin/echo\",\"{marker}\"]']")
                 echo.wait_for()
                 assert echo.get_by_test_id("event-workload").text_content() == unit
 

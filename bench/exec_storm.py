@@ -14,6 +14,8 @@ a time. Each round runs, one after another, these configurations:
   ``start_monitor("exec")``) with ``transport.kind`` ringbuf or perf, and additionally
   answers ``stats`` on stdin with ``manager.stats()`` as one JSON line, so the kernel
   counters are read from the running monitor;
+- ``agent ringbuf-notracker``: the same with ``processes.enabled: false`` (no process
+  tracker): the tracker's cost is the difference;
 - ``bpftrace``: a one-liner on ``syscalls:sys_enter_execve`` that prints pid, ppid,
   uid, filename and argv (``join``) to a file.
 
@@ -65,7 +67,8 @@ BPFTRACE_PROGRAM = (
     'printf("E %d %d %d %s\\n", pid, curtask->real_parent->tgid, uid, str(args->filename)); '
     "join(args->argv); }"
 )
-CONFIGS = ("baseline", "agent ringbuf", "agent perf", "bpftrace")
+CONFIGS = ("baseline", "agent ringbuf", "agent ringbuf-notracker", "agent perf", "bpftrace")
+NO_TRACKER = "-notracker"  # the agent with processes.enabled: false (issue 17's cost)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STORM_LINE = re.compile(
     r"pid=(\d+) launched=(\d+) failed=(\d+) wall_s=([0-9.]+) cpu_s=([0-9.]+)")
@@ -88,7 +91,10 @@ def agent_child(transport: str, output_dir: Path) -> int:
     from agent.monitors.registry import discover_monitors
 
     registry = discover_monitors()
-    overrides = {"output": {"directory": str(output_dir)}, "transport": {"kind": transport}}
+    tracker = not transport.endswith(NO_TRACKER)
+    transport = transport.removesuffix(NO_TRACKER)
+    overrides = {"output": {"directory": str(output_dir)}, "transport": {"kind": transport},
+                 "processes": {"enabled": tracker}}
     config = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
     settings = load_settings(config, overrides, registry)
     logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
@@ -96,8 +102,11 @@ def agent_child(transport: str, output_dir: Path) -> int:
     options = dict(settings.monitors["exec"].options) if "exec" in settings.monitors else {}
     agent = Agent(settings, registry, build_report(registry), streams=False, formats=["jsonl"])
     manager = agent.manager
+    agent.start()
     try:
         try:
+            if agent.tracker is not None:  # compiled and seeded before the storm
+                agent.tracker.ready.wait(120)
             manager.start_monitor("exec", options)
         except Exception as e:
             _emit({"error": f"{type(e).__name__}: {e}"})
@@ -550,7 +559,8 @@ def _parser() -> argparse.ArgumentParser:
                    "unmapped in the child: shows how tracers handle unreadable arguments")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (outputs, logs)")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
-    p.add_argument("--agent-child", choices=["ringbuf", "perf", "auto"], help=argparse.SUPPRESS)
+    p.add_argument("--agent-child", choices=["ringbuf", "perf", "auto", "ringbuf-notracker"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--agent-output", type=Path, help=argparse.SUPPRESS)
     return p
 

@@ -11,6 +11,7 @@ from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep
 from agent.api.models import ERROR_RESPONSES, ErrorBody
 from agent.api.process_models import ProcessLineage, ProcessPage
+from agent.processes.process import Process
 from agent.processes.table import CursorError, ProcessQuery, ProcessTable
 
 router = APIRouter(tags=["processes"], dependencies=[Depends(needs("read"))],
@@ -60,16 +61,16 @@ async def list_processes(
             responses=NOT_FOUND,
             summary="a process, live or exited, with its ancestors and live children")
 async def process_by_id(table: TableDep, process_id: str) -> dict[str, Any]:
-    p = table.get(process_id)
-    if p is None:
-        raise HTTPException(404, f"no process {process_id} in the table")
-    return table.lineage(p)
+    return lineage_or_404(table, table.get(process_id), f"no process {process_id} in the table")
 
 
 @router.get("/processes/{pid}", response_model=ProcessLineage, responses=NOT_FOUND,
             summary="the live process with this pid, its ancestors and its children")
 async def process_by_pid(table: TableDep, pid: int) -> dict[str, Any]:
-    p = table.live_pid(pid)
+    return lineage_or_404(table, table.live_pid(pid), f"no live process with pid {pid}")
+
+
+def lineage_or_404(table: ProcessTable, p: Process | None, missing: str) -> dict[str, Any]:
     if p is None:
-        raise HTTPException(404, f"no live process with pid {pid}")
+        raise HTTPException(404, missing)
     return table.lineage(p)

@@ -146,6 +146,10 @@ def test_exit_status_is_what_waitpid_saw(client: TestClient, tmp_path: Path, arg
     assert (row["exit_code"], row["exit_signal"], row["core_dumped"]) == want
     assert row["alive"] is False and row["exit_time"] is not None
     assert row["ppid"] == os.getpid()
+    exited = by_id(client, row["process_id"])  # exited, still in the table
+    assert exited is not None and exited["alive"] is False
+    assert exited["ancestors"][0]["pid"] == os.getpid() and exited["children"] == []
+    assert client.get(f"/processes/{pid}").status_code == 404  # no live process has it
     if args[0] == "thread-exit":
         assert want == (7, None, None)
     if args == ["segv"] and core == 0:

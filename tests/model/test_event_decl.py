@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from agent.model.event_decl import Csv, Decode, EventDecl, EventField, Member
-from agent.model.events import COMMON_FIELDS, HEADER, EventHeader, EventModel
+from agent.model.events import (
+    COMMON_FIELDS,
+    ENRICHED_FIELDS,
+    HEADER,
+    EventHeader,
+    EventModel,
+)
 
 
 def decl(members: tuple[Member, ...], fields: tuple[EventField, ...]) -> EventDecl:
@@ -44,7 +50,9 @@ def test_the_common_header() -> None:
     assert COMMON_FIELDS == ("monitor", "timestamp", "ts_ns", "pid", "tid", "ppid", "uid",
                              "gid", "comm", "process_id", "parent_process_id", "cgroup_id",
                              "cgroup", "container_id", "pod_uid", "unit")
-    assert tuple(EventModel.model_fields) == COMMON_FIELDS
+    # The fields a stage adds (processes.event_ancestors) follow, optional.
+    assert tuple(EventModel.model_fields) == (*COMMON_FIELDS, "ancestors")
+    assert tuple(ENRICHED_FIELDS) == ("ancestors",)
     assert ctypes.sizeof(EventHeader) == 72
     assert HEADER.unpack_format() == (
         "=QIIIIII16sQQQ", ("ts_ns", "pid", "tid", "ppid", "uid", "gid", "_pad", "comm",
@@ -61,7 +69,7 @@ def test_model_columns_and_layout() -> None:
          EventField("v", "integer", "v", when=("flags", 1))))
     model = d.model("XEvent", base=EventModel)
     schema = model.model_json_schema()
-    assert list(schema["properties"]) == [*COMMON_FIELDS, "ret", "err", "name", "v"]
+    assert list(schema["properties"]) == [*COMMON_FIELDS, "ancestors", "ret", "err", "name", "v"]
     assert schema["required"] == [*COMMON_FIELDS, "ret", "err", "name"]
     assert schema["properties"]["err"]["anyOf"] == [{"type": "string"}, {"type": "null"}]
     assert schema["properties"]["v"]["default"] is None

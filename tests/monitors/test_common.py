@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from agent.model.events import COMM_LEN, COMMON_FIELDS, HEADER, EventHeader, EventModel
+from agent.model.events import (
+    COMM_LEN,
+    COMMON_FIELDS,
+    ENRICHED_FIELDS,
+    HEADER,
+    EventHeader,
+    EventModel,
+)
 from agent.model.targets import TargetSet
 from agent.monitors.bcc import (
     BPF_DIR,
@@ -39,7 +46,8 @@ TYPES_H = BPF_DIR / "types.h"
 def test_event_header_layout() -> None:
     assert_event_layout(HEADER, BPF_DIR)
     assert_layout(TYPES_H, "event_hdr", EventHeader)
-    assert tuple(EventModel.model_fields) == COMMON_FIELDS
+    # then the fields a stage may add (agent/model/events.py ENRICHED_FIELDS)
+    assert tuple(EventModel.model_fields) == (*COMMON_FIELDS, *ENRICHED_FIELDS)
 
 
 def test_map_key_sizes() -> None:

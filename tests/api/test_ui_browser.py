@@ -79,6 +79,19 @@ def login(page: Any, token: str) -> None:
     page.get_by_test_id("monitor-exec-state").wait_for()
 
 
+def wait_tracker(agent: Agent, timeout: float = 120) -> None:
+    """Until the process tracker has loaded its programs (or failed: none then)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tracker = agent.get("/stats").json().get("processes", {}).get("tracker", {})
+        if tracker.get("state", "running") != "starting":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the process tracker did not start")
+
+
 def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> None:
     context, page, dialogs = open_page(browser, agent.url)
     try:
@@ -89,7 +102,9 @@ def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> No
         # The options box is prefilled from the monitor's defaults.
         options = json.loads(page.get_by_test_id("monitor-exec-options").input_value())
         assert options == agent.get("/monitors/exec").json()["options"]
-        # The agent's own programs (the process table's tracker) stay loaded throughout.
+        # The agent's own programs (the process table's tracker, loaded on its own thread
+        # at start) stay loaded throughout.
+        wait_tracker(agent)
         own = prog_ids_held_by(agent.proc.pid)
         page.get_by_test_id("monitor-exec-start").click()
         expect(state).to_have_text("running", timeout=60_000)  # BCC compiles meanwhile

@@ -141,6 +141,11 @@ def test_each_workload_filter_delivers_exactly_its_processes(agent: Agent) -> No
     assert (by_id[kube]["events"], by_id[kube]["pod_uid"]) == ({"exec": 1 + 1}, pod)
     assert body["evicted"] == 0 and body["capacity"] == 4096
     assert by_id[docker]["first_seen"] <= by_id[docker]["last_seen"]
+    metrics = agent.get("/metrics").text.splitlines()
+    tracked = [float(m.split()[1]) for m in metrics
+               if m.startswith("ebpf_agent_containers_tracked ")]
+    assert len(tracked) == 1 and tracked[0] >= 3
+    assert "ebpf_agent_containers_evicted_total 0.0" in metrics
 
 
 def until_end_of_all(reader: StreamReader, marker: str, count: int) -> list[dict]:

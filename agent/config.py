@@ -103,6 +103,9 @@ class StreamSettings(Section):
     heartbeat_s: float = Field(15.0, gt=0, le=3600)
     stall_timeout_s: float = Field(10.0, gt=0, le=3600)
     max_subscribers: int = Field(256, ge=1, le=100_000)
+    # Containers GET /containers keeps event counts for; the least recently seen one is
+    # evicted (counted) when full.
+    max_containers: int = Field(4096, ge=1, le=1_000_000)
 
 
 class OutputSettings(Section):

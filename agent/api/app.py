@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.api import (
     routes_auth,
+    routes_containers,
     routes_events,
     routes_monitors,
     routes_processes,
@@ -48,8 +49,9 @@ required. The gate authenticates before it reads a body; bodies are capped at
 
 Live events: `GET /events` (Server-Sent Events: `id:` sequence number, `event:` monitor
 name, `data:` the JSON event, the same bytes as the JSONL output) and `GET /events/ws`
-(WebSocket, not listed below: the same filters `monitor`, `pid`, `uid`, `comm` and
-`last_event_id`, and JSON text frames `{"id": N, "event": "exec", "data": {...}}`).
+(WebSocket, not listed below: the same filters `monitor`, `pid`, `uid`, `comm`,
+`process_id`, `container_id`, `cgroup`, `unit` and `last_event_id`, and JSON text
+frames `{"id": N, "event": "exec", "data": {...}}`).
 Both resume with `Last-Event-ID` from a bounded replay buffer; a client that fell out of
 it gets `event: dropped` / `{"event": "dropped", "missed": N}` first."""
 
@@ -108,6 +110,7 @@ def create_app(
     app.include_router(routes_state.router)
     app.include_router(routes_processes.router)
     app.include_router(routes_events.router)
+    app.include_router(routes_containers.router)
     app.include_router(routes_events.ws_router)
     add_monitor_components(app, ctx.registry)
     return app

@@ -25,6 +25,7 @@ from agent.core.agent import Agent
 from agent.core.manager import MonitorManager
 from agent.kernel.capabilities import CapabilityReport, build_report
 from agent.monitors.registry import MonitorRegistry
+from agent.stream.containers import ContainerBook
 from agent.stream.hub import EventHub
 
 if TYPE_CHECKING:
@@ -83,6 +84,10 @@ class AppContext:
     @property
     def hub(self) -> EventHub | None:
         return self.agent.hub if self.agent is not None else None
+
+    @property
+    def containers(self) -> ContainerBook | None:
+        return self.agent.containers if self.agent is not None else None
 
     @property
     def exporter(self) -> NatsExporter | None:
@@ -172,10 +177,17 @@ def get_hub(ctx: ContextDep) -> EventHub:
     return ctx.hub
 
 
+def get_containers(ctx: ContextDep) -> ContainerBook:
+    if ctx.containers is None:
+        raise HTTPException(503, "the agent is starting")
+    return ctx.containers
+
+
 def get_settings(ctx: ContextDep) -> Settings:
     return ctx.settings
 
 
 ManagerDep = Annotated[MonitorManager, Depends(get_manager)]
 HubDep = Annotated[EventHub, Depends(get_hub)]
+ContainersDep = Annotated[ContainerBook, Depends(get_containers)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -27,6 +27,7 @@ from agent.monitors.contract import MetricSeries
 
 if TYPE_CHECKING:
     from agent.api.deps import AppContext
+    from agent.stream.containers import ContainerBook
 
 # (metric suffix, key in MonitorManager._counters, counter?)
 MONITOR_SERIES = (
@@ -57,6 +58,8 @@ class AgentCollector(Collector):
         yield _delivery_latency(manager.latency)
         yield from _monitor_tables(manager.monitor_metrics())
         yield from _streams(hub.stats())
+        if self.ctx.containers is not None:
+            yield from _containers(self.ctx.containers)
         yield from _leases(dict(manager.leases_expired), manager.registry.names())
         if self.ctx.exporter is not None:
             yield from _export(self.ctx.exporter.stats())
@@ -201,6 +204,15 @@ def _label(value: str) -> str:
     """A label value the exposition format (UTF-8) can carry: bytes that are not UTF-8
     (surrogate-escaped symbol names) are written as \\xNN."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _containers(book: ContainerBook) -> Iterator[Metric]:
+    yield GaugeMetricFamily("ebpf_agent_containers_tracked",
+                            "containers GET /containers counts events for",
+                            value=len(book))
+    yield CounterMetricFamily("ebpf_agent_containers_evicted",
+                              "containers evicted from GET /containers "
+                              "(stream.max_containers reached)", value=book.evicted)
 
 
 def _streams(hub: dict) -> Iterator[Metric]:

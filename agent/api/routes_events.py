@@ -37,6 +37,15 @@ def filters(
     pid: Annotated[list[int] | None, Query(description="process id (repeatable)")] = None,
     uid: Annotated[list[int] | None, Query(description="user id (repeatable)")] = None,
     comm: Annotated[list[str] | None, Query(description="process name (repeatable)")] = None,
+    process_id: Annotated[list[str] | None, Query(
+        description="process instance id, exact (repeatable)")] = None,
+    container_id: Annotated[list[str] | None, Query(
+        description="container id prefix, 1-64 hex digits (repeatable)")] = None,
+    cgroup: Annotated[list[str] | None, Query(
+        description="cgroup path relative to the cgroup2 root; matches its subtree"
+                    " (repeatable)")] = None,
+    unit: Annotated[list[str] | None, Query(
+        description="systemd unit, exact (repeatable)")] = None,
 ) -> Filters:
     """The stream filters of the query (limits: agent/model/filters.py), or those of the
     ticket that opened the stream (the gate checked that the query asks for no other)."""
@@ -45,7 +54,9 @@ def filters(
         return Filters.of(who.filters)
     try:
         asked = StreamFilters(monitor=monitor or [], pid=pid or [], uid=uid or [],
-                              comm=comm or [])
+                              comm=comm or [], process_id=process_id or [],
+                              container_id=container_id or [], cgroup=cgroup or [],
+                              unit=unit or [])
     except ValidationError as e:
         errors = [{**err, "loc": ("query", *err["loc"])}
                   for err in e.errors(include_url=False, include_context=False)]

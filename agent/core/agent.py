@@ -5,7 +5,8 @@
 ask for:
 
 - the consumers every event is offered to, in this order: the stream hub (serve: SSE
-  and WebSocket clients) and the NATS exporter (``export.nats.enabled``, or
+  and WebSocket clients), the container book (serve: GET /containers) and the NATS
+  exporter (``export.nats.enabled``, or
   ``run --export nats``); each monitor's output writer joins them when it starts
   (``output.formats``, or ``run --format``). See agent/core/pipeline.py.
 - the manager (agent/core/manager.py), given a SinkFactory over those consumers and
@@ -33,6 +34,7 @@ from agent.output.writer import WriterFactory
 from agent.processes.lineage import AncestorStage
 from agent.processes.table import ProcessTable
 from agent.processes.tracker import REQUIRED_FEATURES, ProcessTracker
+from agent.stream.containers import ContainerBook
 from agent.stream.hub import EventHub
 
 if TYPE_CHECKING:
@@ -62,11 +64,14 @@ class Agent:
         self.report = report
         self.consumers: list[Consumer] = []
         self.hub: EventHub | None = None
+        self.containers: ContainerBook | None = None
         self.exporter: NatsExporter | None = None
         if streams:
             s = settings.stream
             self.hub = EventHub(s.replay_buffer, s.max_subscribers, s.replay_bytes)
             self.register(self.hub)
+            self.containers = ContainerBook(s.max_containers)
+            self.register(self.containers)
         if settings.export.nats.enabled:
             from agent.export.nats import NatsExporter  # imports nats-py: only when used
 

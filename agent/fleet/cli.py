@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from agent.fleet import kubernetes, ops
+from agent.fleet import kubernetes, ops, workload
 from agent.fleet.client import DEFAULT_PARALLEL, DEFAULT_TIMEOUT_S, Fleet, HostResult, tls_verify
 from agent.fleet.events import MergedEvents, event_line, filters_of, nats_events
 from agent.fleet.inventory import INVENTORY_ENV, InventoryError, resolve_hosts
@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, action="append", default=[])
     s.add_argument("--uid", type=int, action="append", default=[])
     s.add_argument("--comm", action="append", default=[])
+    s.add_argument("--container", dest="container_id", action="append", default=[],
+                   metavar="PREFIX", help="container id prefix (hex)")
+    s.add_argument("--cgroup", action="append", default=[], metavar="PATH",
+                   help="cgroup path (relative to the cgroup2 root) and its subtree")
+    s.add_argument("--unit", action="append", default=[], help="systemd unit (exact)")
+    s.add_argument("--process-id", dest="process_id", action="append", default=[],
+                   metavar="ID", help="process instance id (exact)")
     s.add_argument("--from", dest="source", metavar="nats://HOST:PORT",
                    help="read the fleet stream from NATS instead of each host")
     s.add_argument("--subject", default="ebpf.>", help="NATS subject (with --from)")
@@ -102,6 +109,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds without data (not even a heartbeat) before a host counts "
                    "as down")
+
+    s = sub.add_parser("processes", parents=[common],
+                       help="each host's process table, merged (a host column)")
+    alive = s.add_mutually_exclusive_group()
+    alive.add_argument("--alive", dest="alive", action="store_const", const=True,
+                       help="only live processes")
+    alive.add_argument("--exited", dest="alive", action="store_const", const=False,
+                       help="only exited processes still in the table")
+    s.add_argument("--comm", help="process name (exact)")
+    s.add_argument("--container", dest="container_id", metavar="PREFIX",
+                   help="container id prefix (hex)")
+    s.add_argument("--cgroup", metavar="PATH", help="cgroup path and its subtree")
+    s.add_argument("--limit", type=int, default=100, help="processes per host (default 100)")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("--pid", type=int, help="one live process: its ancestors and children")
+    one.add_argument("--id", dest="process_id", metavar="PROCESS_ID",
+                     help="one process (live or exited) by its process_id, with lineage")
+
+    sub.add_parser("containers", parents=[common],
+                   help="containers seen in each host's events, with counts per monitor")
 
     for name, what in (("apply", "make the hosts match a desired-state file"),
                        ("diff", "show what apply would change")):
@@ -277,8 +304,48 @@ async def _run(args: argparse.Namespace, fleet: Fleet) -> int:
         return await _keepalive(args, fleet)
     elif cmd == "events":
         return await _events(args, fleet)
+    elif cmd == "processes":
+        return await _processes(args, fleet)
+    elif cmd == "containers":
+        results = await fleet.each(workload.containers_op)
+        rows = workload.merged(results, "containers")
+        if out == "json":
+            _json(results, containers=rows)
+        else:
+            print(table(workload.CONTAINER_HEAD, [workload.container_row(c) for c in rows]))
     else:  # pragma: no cover - argparse limits the choices
         raise ops.UsageError(f"unknown command {cmd}")
+    return _errors(results)
+
+
+async def _processes(args: argparse.Namespace, fleet: Fleet) -> int:
+    if args.pid is not None or args.process_id is not None:
+        results = await fleet.each(workload.lineage_op(args.pid, args.process_id))
+        found = [r for r in results if r.ok]
+        if args.output == "json":
+            _json(results)
+        else:
+            print(table(workload.LINEAGE_HEAD,
+                        [row for r in found for row in workload.lineage_rows(r.host.name,
+                                                                             r.value)]))
+        # Not found on some hosts is the normal case (a pid lives on one host): failed
+        # only when no host has it or a host could not answer.
+        missing = [r for r in results if not r.ok and r.status == 404]
+        broken = [r for r in results if not r.ok and r.status != 404]
+        for r in broken:
+            print(f"{PROG}: {r.host.name}: {r.error}", file=sys.stderr)
+        if not found:
+            for r in missing:
+                print(f"{PROG}: {r.host.name}: {r.error}", file=sys.stderr)
+        return EXIT_HOSTS_FAILED if broken or not found else EXIT_OK
+    f = workload.ProcessFilter(args.alive, args.comm, args.container_id, args.cgroup,
+                               args.limit)
+    results = await fleet.each(workload.processes_op(f))
+    rows = workload.merged(results, "processes")
+    if args.output == "json":
+        _json(results, processes=rows)
+    else:
+        print(table(workload.PROCESS_HEAD, [workload.process_row(p) for p in rows]))
     return _errors(results)
 
 
@@ -317,7 +384,9 @@ def _notice(text: str) -> None:
 
 async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
     try:
-        filters = filters_of(args.monitor, args.pid, args.uid, args.comm)
+        filters = filters_of(args.monitor, args.pid, args.uid, args.comm,
+                             process_id=args.process_id, container_id=args.container_id,
+                             cgroup=args.cgroup, unit=args.unit)
     except ValueError as e:
         raise ops.UsageError(str(e)) from None
     emit = _emitter(args.output)

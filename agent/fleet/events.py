@@ -76,15 +76,21 @@ def _event_json(data: str, what: str) -> dict[str, Any]:
     return ev
 
 
-def filters_of(monitor: list[str], pid: list[int], uid: list[int],
-               comm: list[str]) -> StreamFilters:
-    """The --monitor/--pid/--uid/--comm options, checked against the agent's limits
+# The option of each stream filter whose name differs from it.
+OPTION_OF = {"container_id": "--container", "process_id": "--process-id"}
+
+
+def filters_of(monitor: list[str], pid: list[int], uid: list[int], comm: list[str],
+               **workload: list[str]) -> StreamFilters:
+    """The --monitor/--pid/--uid/--comm options and the workload ones (``process_id``,
+    ``container_id``, ``cgroup``, ``unit``), checked against the agent's limits
     (agent/model/filters.py) before any host is asked: ValueError with one line."""
     try:
-        return StreamFilters(monitor=monitor, pid=pid, uid=uid, comm=comm)
+        return StreamFilters(monitor=monitor, pid=pid, uid=uid, comm=comm, **workload)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        where = "--" + str(err["loc"][0]) if err["loc"] else "filters"
+        key = str(err["loc"][0]) if err["loc"] else ""
+        where = OPTION_OF.get(key, "--" + key) if key else "filters"
         raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
@@ -290,9 +296,29 @@ def event_line(ev: dict[str, Any]) -> str:
     t = str(ev.get("timestamp", ""))[11:23]
     head = f"{t} {ev.get('host', '-'):<12} {ev.get('monitor', '-'):<8}"
     who = f"pid={ev.get('pid')} uid={ev.get('uid')} {ev.get('comm', '')}"
+    where = workload_label(ev)
+    if where:
+        who = f"{who} [{where}]"
     if ev.get("monitor") == "exec":
         argv = " ".join(str(a) for a in ev.get("argv") or [])
         return f"{head} {who} ret={ev.get('ret')} {argv}"
-    rest = {k: v for k, v in ev.items() if k not in (
-        "host", "monitor", "timestamp", "ts_ns", "pid", "uid", "comm", "tid", "gid")}
+    rest = {k: v for k, v in ev.items() if k not in _SHOWN}
     return f"{head} {who} {orjson.dumps(rest).decode()}"
+
+
+# Fields the readable line shows (or leaves out as noise: the ids a user reads in -o json).
+_SHOWN = frozenset((
+    "host", "monitor", "timestamp", "ts_ns", "pid", "uid", "comm", "tid", "gid", "ppid",
+    "process_id", "parent_process_id", "cgroup_id", "cgroup", "container_id", "pod_uid",
+    "unit"))
+SHORT_ID = 12  # a container id as docker ps and crictl ps show it
+
+
+def workload_label(ev: dict[str, Any]) -> str:
+    """Where an event ran, briefly: ``ctr=<12 hex>`` in a container, else ``unit=<unit>``,
+    else nothing."""
+    cid = ev.get("container_id")
+    if isinstance(cid, str) and cid:
+        return f"ctr={cid[:SHORT_ID]}"
+    unit = ev.get("unit")
+    return f"unit={unit}" if isinstance(unit, str) and unit else ""

@@ -7,7 +7,7 @@ same bytes as the JSONL output); it copies the event's SSE frame
 bounded twice: in events (``capacity``, the replay_buffer setting) and in bytes
 (``replay_bytes``); whichever fills first evicts the oldest events. Per event the hub
 keeps no Python object, only a few numbers in flat arrays (where its frame starts, its
-length, and the fields filters look at), so its memory is the byte ring plus ~40 bytes
+length, and the fields filters look at), so its memory is the byte ring plus ~56 bytes
 per slot whatever the number of subscribers. A subscriber only keeps its read position;
 one that falls behind the oldest buffered event counts what it missed and is told
 in-band (the ``missed`` count of its next batch).
@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 
 from agent.model.events import Event, encode_event
-from agent.model.filters import StreamFilters
+from agent.model.filters import StreamFilters, workload_matches
 
 # How many sequence numbers one read scans at most: bounds the time a subscriber holds the
 # event loop and the size of one SSE chunk / burst of WebSocket frames.
@@ -56,8 +56,12 @@ MIN_REPLAY_BYTES = 64 * 1024
 # pid/uid of events that carry none (or not an int): never equal to a filter value.
 NONE = -(2**63)
 # Per-slot index memory: offset (8) + frame length (4) + header length (2) + monitor id
-# (2) + pid (8) + uid (8) + comm hash (8).
-SLOT_BYTES = 40
+# (2) + pid (8) + uid (8) + comm hash (8) + cgroup id (8) + process_id hash (8).
+SLOT_BYTES = 56
+# A subscriber with workload filters remembers the verdict per cgroup id (the cgroup's
+# path, container and unit never change for one id): at most this many, then it starts
+# over.
+WORKLOAD_MEMO = 4096
 
 
 class HubFull(Exception):
@@ -81,16 +85,34 @@ class Filters:
     pids: frozenset[int] = frozenset()
     uids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
+    process_ids: frozenset[str] = frozenset()
+    container_ids: frozenset[str] = frozenset()  # prefixes
+    cgroups: frozenset[str] = frozenset()  # path prefixes (component-wise)
+    units: frozenset[str] = frozenset()
+    # cgroup id -> whether its events pass the workload filters (read side only)
+    memo: dict[int, bool] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def of(cls, f: StreamFilters) -> Filters:
         """The matcher of validated stream filters (agent/model/filters.py)."""
         return cls(frozenset(f.monitor), frozenset(f.pid), frozenset(f.uid),
-                   frozenset(f.comm))
+                   frozenset(f.comm), frozenset(f.process_id), frozenset(f.container_id),
+                   frozenset(f.cgroup), frozenset(f.unit))
+
+    @property
+    def workload(self) -> bool:
+        """Whether a workload filter (container id, cgroup, unit) is set."""
+        return bool(self.container_ids or self.cgroups or self.units)
 
     @property
     def empty(self) -> bool:
-        return not (self.monitors or self.pids or self.uids or self.comms)
+        return not (self.monitors or self.pids or self.uids or self.comms
+                    or self.process_ids or self.workload)
+
+    @property
+    def monitors_only(self) -> bool:
+        return bool(self.monitors) and not (self.pids or self.uids or self.comms
+                                            or self.process_ids or self.workload)
 
     def as_dict(self) -> dict[str, list[Any]]:
         return {
@@ -98,7 +120,23 @@ class Filters:
             "pid": sorted(self.pids),
             "uid": sorted(self.uids),
             "comm": sorted(self.comms),
+            "process_id": sorted(self.process_ids),
+            "container_id": sorted(self.container_ids),
+            "cgroup": sorted(self.cgroups),
+            "unit": sorted(self.units),
         }
+
+    def passes_workload(self, cgroup_id: int, event: dict[str, Any]) -> bool:
+        """The workload filters against ``event`` (decoded), remembered per cgroup id;
+        an event whose cgroup was not resolved (path null) is not remembered."""
+        verdict = self.memo.get(cgroup_id)
+        if verdict is None:
+            verdict = workload_matches(self.container_ids, self.cgroups, self.units, event)
+            if event.get("cgroup") is not None and cgroup_id != NONE:
+                if len(self.memo) >= WORKLOAD_MEMO:
+                    self.memo.clear()
+                self.memo[cgroup_id] = verdict
+        return verdict
 
 
 @dataclass
@@ -226,6 +264,8 @@ class EventHub:
         self._pid = array("q", bytes(8 * capacity))
         self._uid = array("q", bytes(8 * capacity))
         self._comm = array("q", bytes(8 * capacity))  # hash(comm): exact check on a hit
+        self._cgid = array("q", bytes(8 * capacity))  # cgroup_id (NONE: none)
+        self._procid = array("q", bytes(8 * capacity))  # hash(process_id): checked on a hit
         self._monitor_ids: dict[str, int] = {}
         self._monitor_names: list[str] = []
         self._monitor_heads: list[bytes] = []  # b"\nevent: <name>\ndata: "
@@ -275,7 +315,8 @@ class EventHub:
         monitor = get("monitor", "")
         with self._lock:
             self._store(data, monitor if type(monitor) is str else str(monitor),
-                        get("pid"), get("uid"), get("comm"))
+                        get("pid"), get("uid"), get("comm"), get("cgroup_id"),
+                        get("process_id"))
             schedule = not self._wake_pending and self._loop is not None
             if schedule:
                 self._wake_pending = True
@@ -287,7 +328,8 @@ class EventHub:
             except RuntimeError:  # the loop is closed: shutting down
                 self._wake_pending = False
 
-    def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any) -> None:
+    def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any,
+               cgroup_id: Any = None, process_id: Any = None) -> None:
         """Append one frame (caller holds the lock). The hot path of every event: kept to
         one formatted frame, one slice copy and flat array stores."""
         seq = self._next
@@ -333,6 +375,11 @@ class EventHub:
         self._pid[i] = pid if type(pid) is int and NONE < pid < -NONE else NONE
         self._uid[i] = uid if type(uid) is int and NONE < uid < -NONE else NONE
         self._comm[i] = hash(comm) if type(comm) is str else NONE
+        # cgroup ids are u64: the ones above the signed range (never seen: kernfs ids
+        # count up from 1) are kept as NONE and pass no workload filter.
+        self._cgid[i] = cgroup_id if type(cgroup_id) is int and 0 <= cgroup_id < -NONE \
+            else NONE
+        self._procid[i] = hash(process_id) if type(process_id) is str else NONE
         self._head = end
         self._next = seq + 1  # last: readers trust seq < _next
 
@@ -375,7 +422,7 @@ class EventHub:
     def read_sse(self, sub: Subscriber, limit: int = SSE_BATCH_EVENTS) -> Batch:
         """The subscriber's next events as SSE frames back to back."""
         f = sub.filters
-        if not f.empty and not (f.monitors and not (f.pids or f.uids or f.comms)
+        if not f.empty and not (f.monitors_only
                                 and self._all_from(f.monitors, sub.position, limit)):
             return self._read_filtered(sub, limit, sse=True)
         chunk = self._chunk
@@ -450,7 +497,12 @@ class EventHub:
         mons = {self._monitor_ids.get(m, -1) for m in f.monitors}
         pids, uids = f.pids, f.uids
         comm_hashes = {hash(c) for c in f.comms}
+        procid_hashes = {hash(p) for p in f.process_ids}
         monarr, pidarr, uidarr, commarr = self._mon, self._pid, self._uid, self._comm
+        cgidarr, procidarr, memo = self._cgid, self._procid, f.memo
+        workload = f.workload
+        exact = bool(f.comms or f.process_ids)
+        checks: set[int] = set()  # hash hits and cgroups not judged yet
         picked: list[tuple[int, bytes]] = []
         for seq in range(pos, end):
             i = seq % cap
@@ -462,6 +514,16 @@ class EventHub:
                 continue
             if comm_hashes and commarr[i] not in comm_hashes:
                 continue
+            if procid_hashes and procidarr[i] not in procid_hashes:
+                continue
+            check = exact
+            if workload:
+                verdict = memo.get(cgidarr[i])
+                if verdict is False or cgidarr[i] == NONE:
+                    continue
+                check = check or verdict is None
+            if check:
+                checks.add(seq)
             o = off[i]
             if sse:
                 picked.append((seq, bytes(mv[o:o + ln[i]])))
@@ -472,8 +534,9 @@ class EventHub:
             lost = min(first, end) - pos
             missed += lost
             picked = [p for p in picked if p[0] >= first]
-        if f.comms and picked:  # a hash hit is checked against the event itself
-            picked = [p for p in picked if self._comm_of(p[1], sse) in f.comms]
+        if checks and picked:
+            # A hash hit (or a cgroup not yet judged) is checked against the event itself.
+            picked = [p for p in picked if p[0] not in checks or self._exact(f, p[1], sse)]
         sub.position = max(end, pos)
         sub.dropped += missed
         if sse:
@@ -484,9 +547,17 @@ class EventHub:
         return Batch(events=events, missed=missed, count=len(events))
 
     @staticmethod
-    def _comm_of(item: bytes, sse: bool) -> Any:
+    def _exact(f: Filters, item: bytes, sse: bool) -> bool:
         data = item[item.index(b"\ndata: ") + 7:-2] if sse else item
-        return orjson.loads(data).get("comm")
+        event = orjson.loads(data)
+        if f.comms and event.get("comm") not in f.comms:
+            return False
+        if f.process_ids and event.get("process_id") not in f.process_ids:
+            return False
+        if f.workload:
+            cgid = event.get("cgroup_id")
+            return f.passes_workload(cgid if type(cgid) is int else NONE, event)
+        return True
 
     def subscribe(
         self, kind: str, filters: Filters, client: str = "", last_event_id: int | None = None
@@ -568,3 +639,4 @@ class EventHub:
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+

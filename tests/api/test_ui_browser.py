@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent.api.app import create_app
+from agent.kernel.identity import local_identity
 from tests.support.api import (
     Agent,
     fake_registry,
@@ -23,6 +24,7 @@ from tests.support.api import (
     thread_server,
 )
 from tests.support.browser import browser_problem, chromium
+from tests.support.cgroups import cgroup_dir, run_in, spawn_in
 from tests.support.kernel import IN_CI, prog_ids_held_by, require_kernel
 
 ADMIN, VIEWER = "ui-admin-token-7d1e4c", "ui-viewer-token-9a2b6f"
@@ -77,6 +79,19 @@ def login(page: Any, token: str) -> None:
     page.get_by_test_id("monitor-exec-state").wait_for()
 
 
+def wait_tracker(agent: Agent, timeout: float = 120) -> None:
+    """Until the process tracker has loaded its programs (or failed: none then)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tracker = agent.get("/stats").json().get("processes", {}).get("tracker", {})
+        if tracker.get("state", "running") != "starting":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the process tracker did not start")
+
+
 def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> None:
     context, page, dialogs = open_page(browser, agent.url)
     try:
@@ -87,9 +102,13 @@ def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> No
         # The options box is prefilled from the monitor's defaults.
         options = json.loads(page.get_by_test_id("monitor-exec-options").input_value())
         assert options == agent.get("/monitors/exec").json()["options"]
+        # The agent's own programs (the process table's tracker, loaded on its own thread
+        # at start) stay loaded throughout.
+        wait_tracker(agent)
+        own = prog_ids_held_by(agent.proc.pid)
         page.get_by_test_id("monitor-exec-start").click()
         expect(state).to_have_text("running", timeout=60_000)  # BCC compiles meanwhile
-        assert prog_ids_held_by(agent.proc.pid)  # programs really loaded
+        assert prog_ids_held_by(agent.proc.pid) - own  # programs really loaded
 
         marker = f"ui-marker-{uuid.uuid4().hex[:12]}"
         proc = subprocess.Popen(["/bin/echo", marker, XSS], stdout=subprocess.DEVNULL)
@@ -119,7 +138,7 @@ def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> No
         page.get_by_test_id("monitor-exec-stop").click()
         expect(state).to_have_text("stopped")
         assert agent.get("/monitors/exec").json()["state"] == "stopped"
-        assert prog_ids_held_by(agent.proc.pid) == set()
+        assert prog_ids_held_by(agent.proc.pid) == own
         audit = [(e["token"], e["path"], e["status"])
                  for e in agent.get("/audit").json()["entries"]]
         assert ("admin", "/monitors/exec/start", 200) in audit
@@ -232,5 +251,69 @@ def test_top_list_panel_of_a_monitor_that_has_one(browser: Any, agent: Agent,
         page.get_by_test_id("monitor-file-stop").click()
         expect(page.get_by_test_id("monitor-file-state")).to_have_text("stopped")
         expect(page.get_by_test_id("top-lists")).to_be_hidden(timeout=10_000)
+    finally:
+        context.close()
+
+
+def test_workload_column_process_lineage_and_containers(browser: Any, agent: Agent) -> None:
+    """A process this test runs in a docker-named cgroup: its event row shows the
+    container's short id, a click opens the process with this test's process as its
+    parent, the parent opens with the process among its children, and the containers
+    panel counts its exec. A process in a service cgroup shows its unit."""
+    cid = uuid.uuid4().hex * 2
+    unit = f"ebpf-agent-ui-{cid[:6]}.service"
+    base = "/ebpf-agent-surface.slice/system.slice"
+    context, page, dialogs = open_page(browser, agent.url)
+    try:
+        login(page, ADMIN)
+        state = page.get_by_test_id("monitor-exec-state")
+        if state.text_content() != "running":
+            page.get_by_test_id("monitor-exec-start").click()
+            expect(state).to_have_text("running", timeout=60_000)
+        # A unique duration makes the sleep's argv the test's marker.
+        marker = f"600.{uuid.uuid4().int % 10**9}"
+        with cgroup_dir(f"{base}/docker-{cid}.scope") as d, \
+                cgroup_dir(f"{base}/{unit}") as service:
+            child = spawn_in(d, ["/bin/sleep", marker])
+            try:
+                assert run_in(service, ["/bin/echo", marker]).returncode == 0
+                # The argv exactly (the shell that moved itself into the cgroup carries
+                # the marker too, in its own exec events).
+                row = page.locator("[data-testid=event-row][data-event*="
+                                   f"'\"argv\":[\"/bin/sleep\",\"{marker}\"]']")
+                row.wait_for()
+                assert row.get_attribute("data-pid") == str(child.pid)
+                assert row.get_by_test_id("event-workload").text_content() == cid[:12]
+                echo = page.locator("[data-testid=event-row][data-event*="
+                                    f"'\"argv\":[\"/bin/echo\",\"{marker}\"]']")
+                echo.wait_for()
+                assert echo.get_by_test_id("event-workload").text_content() == unit
+
+                row.click()
+                detail = page.get_by_test_id("process-detail")
+                expect(detail).to_have_attribute("data-pid", str(child.pid))
+                assert detail.get_attribute("data-process-id") == \
+                    local_identity().of_pid(child.pid)
+                ancestors = page.get_by_test_id("process-ancestors").get_by_test_id(
+                    "process-link")
+                assert ancestors.first.get_attribute("data-pid") == str(os.getpid())
+                assert page.get_by_test_id("process-children").text_content() == "none"
+                ancestors.first.click()  # open the parent: the sleep is among its children
+                expect(detail).to_have_attribute("data-pid", str(os.getpid()))
+                child_link = page.get_by_test_id("process-children").locator(
+                    f"[data-testid=process-link][data-pid='{child.pid}']")
+                expect(child_link).to_have_count(1)
+                assert cid[:12] in child_link.text_content()
+                child_link.click()
+                expect(detail).to_have_attribute("data-pid", str(child.pid))
+
+                ctr = page.locator(f"[data-testid=container-row][data-container-id='{cid}']")
+                expect(ctr).to_have_attribute("data-events", "1", timeout=10_000)
+                assert ctr.locator("td").first.text_content() == cid[:12]
+                assert f"docker-{cid}.scope" in ctr.text_content()
+            finally:
+                child.kill()
+                child.wait()
+        assert dialogs == []
     finally:
         context.close()

@@ -42,7 +42,8 @@ def test_one_encoding_reaches_hub_writer_and_registered_consumers(tmp_path: Path
     first, second = Recorder("first", order), Recorder("second", order)
     agent.register(first)
     agent.register(second)
-    assert agent.hub is not None and agent.consumers == [agent.hub, first, second]
+    assert agent.hub is not None and agent.containers is not None
+    assert agent.consumers == [agent.hub, agent.containers, first, second]
     inbox = registry.get("fake").inbox  # type: ignore[attr-defined]
     try:
         agent.manager.start_monitor("fake")

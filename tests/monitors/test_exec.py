@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,7 +21,7 @@ from agent.model.events import COMMON_FIELDS
 from agent.model.targets import TargetSet
 from agent.monitors.contract import TransportSettings
 from agent.output.writer import OutputWriter
-from tests.support.cgroups import RUNTIME_PATHS, cgroup_dir, own_cgroup, spawn_in
+from tests.support.cgroups import RUNTIME_PATHS, cgroup_dir, own_cgroup, run_in, spawn_in
 from tests.support.filters import filter_tests
 from tests.support.kernel import (
     CollectingSink,
@@ -374,3 +375,33 @@ def test_failed_exec_with_unreadable_argv_is_marked_truncated(sink, tmp_path: Pa
 # -- the common header and stream filters (tests/support/filters.py) ----------------------
 filter_events, test_common_fields_of_a_known_process, test_stream_filter = filter_tests(
     "exec", lambda e, binary: e["filename"] == str(binary))
+
+
+def test_csv_and_jsonl_rows_carry_the_workload_columns(sink, tmp_path: Path):
+    """The common columns derive from HEADER: a process run in a docker-named cgroup and
+    one in a service's cgroup, each row with its cgroup, container, pod and unit (empty
+    CSV cells and JSON nulls where a field does not apply)."""
+    rows_wanted = [r for r in RUNTIME_PATHS if r[0] in ("docker", "service")]
+    with contextlib.ExitStack() as stack, exec_monitor(sink) as m:
+        writer = OutputWriter("exec", ["csv", "jsonl"], tmp_path, m, flush_interval_s=0.05)
+        expected = []
+        for runtime, path, container_id, pod_uid, unit in rows_wanted:
+            d = stack.enter_context(cgroup_dir(path))
+            marker = f"csv-workload-{runtime}"
+            assert run_in(d, ["/bin/echo", marker]).returncode == 0
+            (e,) = wait_for_events(m, sink, lambda e, mk=marker: e["argv"] == ["/bin/echo", mk])
+            writer.offer(e)
+            expected.append((marker, str(d.stat().st_ino), path, container_id, pod_uid, unit,
+                             e["process_id"]))
+        writer.close()
+    with open(tmp_path / "exec.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:len(COMMON_FIELDS) - 1] == list(COMMON_FIELDS[1:])
+    got = [(json.loads(r["argv"])[1], r["cgroup_id"], r["cgroup"], r["container_id"],
+            r["pod_uid"], r["unit"], r["process_id"]) for r in rows]
+    assert got == [(mk, cgid, path, cid or "", pod or "", unit or "", pid)
+                   for mk, cgid, path, cid, pod, unit, pid in expected]
+    lines = [json.loads(x) for x in (tmp_path / "exec.jsonl").read_bytes().splitlines()]
+    assert [(e["argv"][1], str(e["cgroup_id"]), e["cgroup"], e["container_id"], e["pod_uid"],
+             e["unit"], e["process_id"]) for e in lines] == expected
+    assert all(e["process_id"] and e["parent_process_id"] for e in lines)

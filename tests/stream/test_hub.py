@@ -311,4 +311,65 @@ def test_memory_is_the_preallocated_ring_not_per_event_objects() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 16 * 1024  # nothing kept per event: ~1 KB each would be ~5 MB
-    assert hub.stats()["memory_bytes"] == 256 * 1024 + 40 * 1000
+    assert hub.stats()["memory_bytes"] == 256 * 1024 + 56 * 1000
+
+
+# -- workload filters (container_id prefix, cgroup subtree, unit, process_id) -------------
+DOCKER = "d0" * 32
+PODMAN = "e1" * 32
+WORKLOAD_EVENTS = [
+    # (cgroup_id, cgroup, container_id, unit, process_id)
+    (11, f"/system.slice/docker-{DOCKER}.scope", DOCKER, f"docker-{DOCKER}.scope", "p-1"),
+    (12, f"/machine.slice/libpod-{PODMAN}.scope", PODMAN, f"libpod-{PODMAN}.scope", "p-2"),
+    (13, "/system.slice/nginx.service", None, "nginx.service", "p-3"),
+    (14, "/system.slice/nginx.service/worker", None, "nginx.service", "p-4"),
+    (15, "/system.slice/nginx.servicex", None, None, "p-5"),
+    (16, None, None, None, "p-6"),  # a cgroup that could not be resolved
+]
+
+
+def workload_ev(i: int, row: tuple) -> dict:
+    cgid, cgroup, cid, unit, procid = row
+    return {**ev(i), "cgroup_id": cgid, "cgroup": cgroup, "container_id": cid, "unit": unit,
+            "process_id": procid}
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    (Filters(container_ids=frozenset({"d0d0"})), [11]),
+    (Filters(container_ids=frozenset({DOCKER})), [11]),
+    (Filters(container_ids=frozenset({"d0", "e1"})), [11, 12]),
+    (Filters(container_ids=frozenset({"ff"})), []),
+    (Filters(cgroups=frozenset({"/system.slice/nginx.service"})), [13, 14]),  # not .servicex
+    (Filters(cgroups=frozenset({"/system.slice"})), [11, 13, 14, 15]),
+    (Filters(cgroups=frozenset({"/"})), [11, 12, 13, 14, 15]),  # resolved ones
+    (Filters(units=frozenset({"nginx.service"})), [13, 14]),
+    (Filters(units=frozenset({"nginx"})), []),
+    (Filters(process_ids=frozenset({"p-3", "p-6"})), [13, 16]),
+    (Filters(cgroups=frozenset({"/system.slice"}), units=frozenset({"nginx.service"}),
+             process_ids=frozenset({"p-4"})), [14]),
+    (Filters(monitors=frozenset({"exec"}), container_ids=frozenset({"e1"})), [12]),
+])
+@pytest.mark.parametrize("kind", ["sse", "ws"])
+def test_workload_filters_pick_exactly_their_events(filters: Filters, expected: list[int],
+                                                    kind: str) -> None:
+    hub = EventHub(capacity=64)
+    sub = hub.subscribe(kind, filters, last_event_id=0)
+    for rnd in range(2):  # the second round is judged from the per-cgroup memo
+        for i, row in enumerate(WORKLOAD_EVENTS):
+            hub.publish(workload_ev(rnd * 10 + i, row))
+    if kind == "sse":
+        batch = sub.read_sse()
+        datas = [json.loads(f.split("data: ", 1)[1])
+                 for f in batch.frames.decode().split("\n\n") if f]
+    else:
+        datas = [json.loads(e.data) for e in sub.read().events]
+    assert [d["cgroup_id"] for d in datas] == expected * 2
+
+
+def test_an_unresolved_cgroup_is_not_remembered_against_its_later_events() -> None:
+    hub = EventHub(capacity=16)
+    sub = hub.subscribe("ws", Filters(units=frozenset({"nginx.service"})), last_event_id=0)
+    hub.publish({**ev(1), "cgroup_id": 13, "cgroup": None, "unit": None})
+    hub.publish({**ev(2), "cgroup_id": 13, "cgroup": "/system.slice/nginx.service",
+                 "unit": "nginx.service"})
+    assert [json.loads(e.data)["i"] for e in sub.read().events] == [2]

@@ -367,3 +367,104 @@ def agentctl_max_rss(*args: str, timeout: float = 120
     rss = int(lines[-1].split()[1])
     r.stderr = "\n".join(lines[:-1]).rstrip("\n") + "\n"
     return r, rss
+
+
+# -- a fake agent's process table and container book (agentctl processes/containers) -------
+def process_doc(pid: int, ppid: int, comm: str, **kw: Any) -> dict[str, Any]:
+    """A Process as GET /processes shows one (the agent's shape); ``kw`` overrides."""
+    boot = "0123456789abcdef"
+    doc: dict[str, Any] = {
+        "process_id": f"{boot}-{1000 + pid}-{pid}", "parent_process_id":
+            f"{boot}-{1000 + ppid}-{ppid}", "pid": pid, "ppid": ppid, "uid": 0, "gid": 0,
+        "comm": comm, "exe": f"/usr/bin/{comm}", "argv": [comm], "argv_truncated": False,
+        "start_time": "2026-12-03T10:00:00.000Z", "alive": True, "exit_time": None,
+        "exit_code": None, "exit_signal": None, "core_dumped": False, "cgroup_id": 1,
+        "cgroup": "/", "container_id": None, "pod_uid": None, "unit": None}
+    doc.update(kw)
+    return doc
+
+
+class TableAgent:
+    """An HTTP server answering GET /processes (paged, ``page`` rows at a time, filtered
+    by comm), /processes/{pid}, /processes/by-id/{id} and /containers from fixed
+    documents; it records every query it was asked."""
+
+    def __init__(self, processes: list[dict[str, Any]], containers: list[dict[str, Any]],
+                 page: int = 2) -> None:
+        import http.server
+        import json as json_module
+        from urllib.parse import parse_qs, urlsplit
+
+        self.queries: list[tuple[str, dict[str, list[str]]]] = []
+        agent = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urlsplit(self.path)
+                q = parse_qs(url.query)
+                agent.queries.append((url.path, q))
+                status, body = agent.answer(url.path, q)
+                data = json_module.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.processes, self.containers, self.page = processes, containers, page
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def lineage(self, p: dict[str, Any]) -> dict[str, Any]:
+        by_pid = {q["pid"]: q for q in self.processes if q["alive"]}
+        ancestors, at = [], p
+        while at["ppid"] in by_pid and len(ancestors) < 64:
+            at = by_pid[at["ppid"]]
+            ancestors.append(at)
+        children = [q for q in self.processes if q["ppid"] == p["pid"] and q["alive"]]
+        return {**p, "ancestors": ancestors, "children": children}
+
+    def answer(self, path: str, q: dict[str, list[str]]) -> tuple[int, Any]:
+        if path == "/containers":
+            return 200, {"containers": self.containers, "evicted": 0, "capacity": 4096}
+        if path == "/processes":
+            rows = [p for p in self.processes
+                    if "comm" not in q or p["comm"] == q["comm"][0]]
+            start = int(q["after"][0]) if "after" in q else 0
+            limit = min(int(q.get("limit", ["100"])[0]), self.page)
+            chunk = rows[start:start + limit]
+            nxt = str(start + limit) if start + limit < len(rows) else None
+            return 200, {"processes": chunk, "total": len(rows), "next": nxt,
+                         "capacity": 1000, "size": len(self.processes), "evicted": 3}
+        if path.startswith("/processes/by-id/"):
+            found = [p for p in self.processes if p["process_id"] == path.rsplit("/", 1)[1]]
+        elif path.startswith("/processes/"):
+            found = [p for p in self.processes
+                     if str(p["pid"]) == path.rsplit("/", 1)[1] and p["alive"]]
+        else:
+            return 404, {"detail": "Not Found"}
+        if not found:
+            return 404, {"detail": "no such process in the table"}
+        return 200, self.lineage(found[0])
+
+
+@contextlib.contextmanager
+def table_agents(docs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+                 ) -> Iterator[dict[str, TableAgent]]:
+    agents = {name: TableAgent(p, c) for name, (p, c) in docs.items()}
+    try:
+        yield agents
+    finally:
+        for a in agents.values():
+            a.close()

@@ -120,6 +120,8 @@ function start(who) {
   every(5000, refreshTargets);
   every(3000, refreshSyscalls);
   every(3000, refreshTopLists);
+  refreshContainers();
+  every(3000, refreshContainers);
   every(250, flushEvents);
   if (who.scope === "control") { refreshAudit(); every(5000, refreshAudit); }
 }
@@ -540,14 +542,97 @@ function eventRow(monitor, d, raw) {
   el("td", { class: "mono", text: String(d.timestamp ?? "").slice(11, 23) }),
   el("td", { text: monitor }), el("td", { text: d.pid ?? "" }),
   el("td", { text: d.uid ?? "" }), el("td", { text: d.comm ?? "" }),
+  el("td", { class: "mono", "data-testid": "event-workload", text: workload(d),
+             title: d.cgroup ?? "" }),
   el("td", { class: "details", text: summary(monitor, d) }));
   row.addEventListener("click", () => {
     const next = row.nextSibling;
     if (next && next.classList.contains("expanded")) { next.remove(); return; }
     row.after(el("tr", { class: "expanded", "data-testid": "event-json" },
-      el("td", { colspan: 6 }, el("pre", { text: JSON.stringify(d, null, 2) }))));
+      el("td", { colspan: 7 }, el("pre", { text: JSON.stringify(d, null, 2) }))));
+    if (d.process_id || d.pid) openProcess(d.process_id, d.pid);
   });
   return row;
+}
+
+// Where an event or a process ran: its container (12 hex digits, as `docker ps` shows
+// it), else its systemd unit.
+function workload(d) {
+  if (typeof d.container_id === "string" && d.container_id) return d.container_id.slice(0, 12);
+  if (typeof d.unit === "string" && d.unit) return d.unit;
+  return "";
+}
+
+// -- processes (GET /processes/by-id/{id}, else /processes/{pid}) --------------------------
+async function openProcess(processId, pid) {
+  let r = null;
+  if (processId) r = await api("GET", `/processes/by-id/${encodeURIComponent(processId)}`);
+  if ((!r || r.status === 404) && pid !== undefined && pid !== null && pid !== "") {
+    r = await api("GET", `/processes/${encodeURIComponent(String(pid))}`);
+  }
+  $("process-section").hidden = false;
+  const view = $("process-view");
+  if (!r || !r.ok) {
+    $("process-message").textContent = r ? detailText(r.data, r.status) : "no process";
+    view.replaceChildren();
+    return;
+  }
+  $("process-message").textContent = "";
+  const p = r.data;
+  const facts = [
+    ["pid", p.pid], ["ppid", p.ppid], ["comm", p.comm], ["uid", p.uid],
+    ["state", processState(p)], ["workload", workload(p) || p.cgroup || ""],
+    ["exe", p.exe ?? ""], ["argv", Array.isArray(p.argv) ? p.argv.join(" ") : ""],
+    ["process_id", p.process_id], ["started", p.start_time ?? ""],
+  ];
+  view.replaceChildren(
+    el("table", { class: "grid", "data-testid": "process-detail",
+                  "data-process-id": p.process_id ?? "", "data-pid": p.pid ?? "" },
+      el("tbody", null, ...facts.map(([k, v]) => el("tr", null,
+        el("th", { text: k }), el("td", { class: "mono", text: v ?? "" }))))),
+    el("h3", { text: "ancestors (parent first)" }),
+    processList("ancestors", p.ancestors || []),
+    el("h3", { text: "children" }),
+    processList("children", p.children || []));
+}
+
+function processState(p) {
+  if (p.alive !== false) return "alive";
+  if (p.exit_signal) return `killed by signal ${p.exit_signal}${p.core_dumped ? " (core)" : ""}`;
+  return `exited ${p.exit_code}`;
+}
+
+function processList(kind, list) {
+  if (!list.length) return el("p", { class: "note", "data-testid": `process-${kind}`, text: "none" });
+  return el("ul", { "data-testid": `process-${kind}` }, ...list.map((q) => el("li", null,
+    el("a", {
+      href: "#", "data-testid": "process-link", "data-process-id": q.process_id ?? "",
+      "data-pid": q.pid ?? "",
+      onclick: (e) => { e.preventDefault(); openProcess(q.process_id, q.pid); },
+      text: `${q.pid} ${q.comm ?? ""}${workload(q) ? " [" + workload(q) + "]" : ""}`,
+    }))));
+}
+
+// -- containers (GET /containers) ---------------------------------------------------------
+async function refreshContainers() {
+  const r = await api("GET", "/containers");
+  if (!r.ok) return;
+  const rows = (r.data.containers || []).map((c) => {
+    const events = c.events || {};
+    const total = Object.values(events).reduce((a, b) => a + (Number(b) || 0), 0);
+    const per = Object.keys(events).sort().map((k) => `${k}:${events[k]}`).join(" ");
+    return el("tr", { "data-testid": "container-row", "data-container-id": c.container_id,
+                      "data-events": total },
+      el("td", { class: "mono", text: String(c.container_id).slice(0, 12),
+                 title: c.container_id }),
+      el("td", { class: "mono", text: c.pod_uid ?? "" }),
+      el("td", { text: (c.units || []).join(", ") }),
+      el("td", { text: `${total} (${per})` }),
+      el("td", { class: "mono", text: String(c.last_seen ?? "").slice(11, 23) }));
+  });
+  $("containers").tBodies[0].replaceChildren(...rows);
+  $("containers-note").textContent = r.data.evicted
+    ? `${r.data.evicted} containers evicted (stream.max_containers ${r.data.capacity})` : "";
 }
 
 function renderEvents() {

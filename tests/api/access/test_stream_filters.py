@@ -52,8 +52,8 @@ def ticket_status(url: str, body: dict[str, Any]) -> tuple[int, str | None]:
 
 def agentctl_accepts(**kw: Any) -> bool:
     try:
-        filters_of(kw.get("monitor", []), kw.get("pid", []), kw.get("uid", []),
-                   kw.get("comm", []))
+        filters_of(kw.pop("monitor", []), kw.pop("pid", []), kw.pop("uid", []),
+                   kw.pop("comm", []), **kw)
     except ValueError:
         return False
     return True
@@ -65,6 +65,11 @@ CASES = [
     ("comm_bytes", 20, {"comm": ["c" * 21]}, {"comm": ["c" * 20]}),  # raised above 15
     ("monitor_chars", 3, {"monitor": ["exec"]}, {"monitor": ["exe"]}),
     ("pids", 2, {"pid": [1, 2, 3]}, {"pid": [1, 2]}),
+    ("container_ids", 1, {"container_id": ["ab", "cd"]}, {"container_id": ["ab"]}),
+    ("cgroup_chars", 8, {"cgroup": ["/abcdefgh"]}, {"cgroup": ["/abcdefg"]}),
+    ("unit_chars", 8, {"unit": ["a.service"]}, {"unit": ["a.scope"]}),
+    ("process_ids", 1, {"process_id": ["0123456789abcdef-1-2", "0123456789abcdef-1-3"]},
+     {"process_id": ["0123456789abcdef-1-2"]}),
 ]
 
 
@@ -113,6 +118,20 @@ def test_the_openapi_document_shows_the_limits_in_force(
     ({"monitor": ["m"] * 65}, "at most 64 monitor values"),
     ({"pid": ["7"]}, "valid integer"),
     ({"other": [1]}, "Extra inputs"),
+    ({"container_id": ["ABCDEF"]}, "not a container id prefix"),
+    ({"container_id": [""]}, "not a container id prefix"),
+    ({"container_id": ["a" * 65]}, "not a container id prefix"),
+    ({"container_id": ["docker-abc"]}, "not a container id prefix"),
+    ({"cgroup": ["system.slice"]}, "starts with '/'"),
+    ({"cgroup": ["/a//b"]}, "empty, '.' or '..' component"),
+    ({"cgroup": ["/a/b/"]}, "empty, '.' or '..' component"),
+    ({"cgroup": ["/a/../b"]}, "empty, '.' or '..' component"),
+    ({"cgroup": ["/" + "a" * 4096]}, "longer than 4096"),
+    ({"unit": [""]}, "not a unit name"),
+    ({"unit": ["a/b.service"]}, "not a unit name"),
+    ({"process_id": ["4158"]}, "not a process id"),
+    ({"process_id": ["0123456789ABCDEF-1-2"]}, "not a process id"),
+    ({"cgroup": ["/"] * 257}, "at most 256 cgroup values"),
 ])
 def test_bad_filters_name_what_is_wrong(filters: dict[str, Any], error: str) -> None:
     with pytest.raises(ValueError, match=error):
@@ -124,3 +143,43 @@ def test_a_comm_of_15_bytes_with_a_byte_escape_is_a_valid_filter() -> None:
     assert StreamFilters(comm=[comm]).comm == [comm]
     assert StreamFilters(comm=["echo"]).matches({"comm": "echo", "pid": 3})
     assert not StreamFilters(comm=["echo"], pid=[4]).matches({"comm": "echo", "pid": 3})
+
+
+@pytest.mark.parametrize(("query", "loc"), [
+    ([("container_id", "XYZ")], ["query", "container_id"]),
+    ([("cgroup", "relative/path")], ["query", "cgroup"]),
+    ([("unit", "")], ["query", "unit"]),
+    ([("process_id", "1-2-3")], ["query", "process_id"]),
+])
+def test_a_bad_workload_filter_is_a_422_naming_it(server: str, query: list[tuple[str, str]],
+                                                   loc: list[str]) -> None:
+    r = httpx.get(server + "/events", params=query, headers=AUTH, timeout=10)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc
+    r = httpx.post(server + "/events/tickets", json={query[0][0]: [query[0][1]]},
+                   headers=AUTH, timeout=10)
+    assert r.status_code == 422
+
+
+def test_a_ticket_with_workload_filters_opens_only_that_stream(server: str) -> None:
+    body = {"container_id": ["4f3c"], "cgroup": ["/system.slice"], "unit": ["x.service"]}
+    status, ticket = ticket_status(server, body)
+    assert status == 200 and ticket is not None
+    # The same filters in the URL (or none) redeem it; others are refused.
+
+    def redeem(params: list[tuple[str, str]]) -> int:
+        with httpx.Client(timeout=10) as c, c.stream("GET", server + "/events",
+                                                     params=params) as r:
+            return r.status_code
+
+    assert redeem([("ticket", ticket), ("container_id", "ffff")]) == 401
+    status, ticket = ticket_status(server, body)
+    assert redeem([("ticket", str(ticket)), ("container_id", "4f3c")]) == 200
+
+
+def test_agentctl_names_the_option_of_a_bad_workload_filter() -> None:
+    with pytest.raises(ValueError, match="^--container: "):
+        filters_of([], [], [], [], container_id=["XYZ"])
+    with pytest.raises(ValueError, match="^--process-id: "):
+        filters_of([], [], [], [], process_id=["1"])
+    with pytest.raises(ValueError, match="^--cgroup: "):
+        filters_of([], [], [], [], cgroup=["a"])

@@ -22,6 +22,7 @@ from tests.support.api import (
     settings,
     start_agent,
     thread_server,
+    wait_tracker,
 )
 from tests.support.browser import browser_problem, chromium
 from tests.support.cgroups import cgroup_dir, run_in, spawn_in
@@ -77,19 +78,6 @@ def login(page: Any, token: str) -> None:
     page.get_by_test_id("token-input").fill(token)
     page.get_by_test_id("login").click()
     page.get_by_test_id("monitor-exec-state").wait_for()
-
-
-def wait_tracker(agent: Agent, timeout: float = 120) -> None:
-    """Until the process tracker has loaded its programs (or failed: none then)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tracker = agent.get("/stats").json().get("processes", {}).get("tracker", {})
-        if tracker.get("state", "running") != "starting":
-            return
-        time.sleep(0.2)
-    raise AssertionError("the process tracker did not start")
 
 
 def test_login_start_exec_see_own_process_stop(browser: Any, agent: Agent) -> None:

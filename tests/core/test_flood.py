@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.support.api import Agent, start_agent
+from tests.support.api import Agent, start_agent, wait_tracker
 from tests.support.kernel import REPO, compile_c, loaded_prog_ids, prog_ids_held_by
 
 # How long the flood may take to build up: a fixed sleep (4 s) could end before it did
@@ -87,6 +87,7 @@ def test_stop_and_sigterm_under_a_flood(tmp_path: Path, busy_loop: subprocess.Po
                                         transport: str) -> None:
     a = flood_agent(tmp_path, busy_loop, transport)
     try:
+        wait_tracker(a)  # the process table's programs, loaded on their own thread
         baseline = prog_ids_held_by(a.proc.pid)
         start_flood(a)
         # Periodic snapshots keep coming under load (at least 2 while flooded).

@@ -448,3 +448,15 @@ def client_for(**overrides: Any) -> TestClient:
     """An in-process client of an app with fake monitors and ``settings(**overrides)``."""
     app = create_app(settings(**overrides), fake_registry(), report=fake_report())
     return TestClient(app, base_url=BASE)
+
+
+def wait_tracker(agent: Agent, timeout: float = 120) -> None:
+    """Until the agent's process tracker has loaded its programs (or failed: none then),
+    for tests that compare the programs an agent holds before and after something."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tracker = agent.get("/stats").json().get("processes", {}).get("tracker", {})
+        if tracker.get("state", "running") != "starting":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the process tracker did not start")

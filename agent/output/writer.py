@@ -333,8 +333,11 @@ class OutputWriter:
             self._pending_snapshots.clear()
         for rows in snapshots:
             self._write_snapshot(rows)
+        # At most what was queued when the pass began: under a flood the poller refills
+        # the queue as fast as this empties it, and an endless pass would never return
+        # to the flush below it (snapshot rows and files unwritten until the flood ends).
         pending = self._pending
-        while pending:
+        for _ in range(len(pending)):
             item = pending.popleft()
             if type(item) is bytes:
                 self._write({}, item)

@@ -82,7 +82,9 @@ class Agent:
         self.tracker: ProcessTracker | None = None
         stages: list[Stage] = []
         p = settings.processes
-        if p.enabled:
+        # `run` has no API to read the table from: it keeps one only for the events'
+        # ancestors lists.
+        if p.enabled and (streams or p.event_ancestors):
             self.processes = ProcessTable(p.capacity, p.exited_keep, p.exited_ttl_s)
             self.tracker = ProcessTracker(p, self.processes, report.kernel_offsets,
                                           default_resolver(), local_identity())

@@ -22,7 +22,7 @@ from agent.config import Settings
 from agent.core.manager import MonitorManager
 from agent.core.pipeline import Consumer, SinkFactory
 from agent.kernel.capabilities import CapabilityReport
-from agent.model.targets import TargetSet
+from agent.model.targets import TargetError, TargetSet
 from agent.monitors.registry import MonitorRegistry
 from agent.output.writer import WriterFactory
 from agent.stream.hub import EventHub
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 def target_set(settings: Settings) -> TargetSet:
     t = settings.targets
-    return TargetSet(frozenset(t.pids), frozenset(t.uids), frozenset(t.comms), t.follow_children)
+    return TargetSet(frozenset(t.pids), frozenset(t.uids), frozenset(t.comms), t.follow_children,
+                     cgroups=frozenset(t.cgroups), containers=frozenset(t.containers))
 
 
 class Agent:
@@ -64,15 +65,18 @@ class Agent:
             host = settings.export.host_name or socket.gethostname()
             self.exporter = NatsExporter(settings.export.nats, host)
             self.register(self.exporter)
-        self.manager = MonitorManager(
-            registry,
-            report,
-            targets=target_set(settings),
-            limits=settings.targets.limits(),
-            transport=settings.transport,
-            output=settings.output,
-            sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats)),
-        )
+        try:
+            self.manager = MonitorManager(
+                registry,
+                report,
+                targets=target_set(settings),
+                limits=settings.targets.limits(),
+                transport=settings.transport,
+                output=settings.output,
+                sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats)),
+            )
+        except TargetError as e:  # a configured cgroup that does not exist: name the field
+            raise TargetError(f"targets.{e}") from None
 
     def register(self, consumer: Consumer) -> None:
         """Every event of the monitors started from now on is offered to ``consumer``."""

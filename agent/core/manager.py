@@ -618,8 +618,8 @@ class MonitorManager:
         updated = self._targets.with_values(kind, frozenset(new))
         check_capacity(updated, self.limits)
         if kind == "cgroups":  # the paths asked for get their id now: 422 when missing
-            updated = with_cgroup_ids(updated, values if op != "remove" else frozenset(),
-                                      self.cgroups)
+            fresh = {str(v) for v in values} if op != "remove" else set()
+            updated = with_cgroup_ids(updated, fresh, self.cgroups)
         self._apply_targets(updated)
         return updated.as_dict()
 

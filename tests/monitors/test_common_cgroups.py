@@ -15,6 +15,7 @@ from agent.model.targets import TargetSet
 from tests.support.cgroups import cgroup_dir, spawn_in
 from tests.support.kernel import CollectingSink, compile_c
 from tests.support.monitors import drain, loaded_monitor, wait_for_events
+from tests.support.workloads import calls_c
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
@@ -23,24 +24,7 @@ N_GETPPID, N_GETPID = 1000, 37
 CONTAINER = "c0ffee" * 10 + "abcd"  # 64 hex digits
 OTHER = CONTAINER[:11] + "f" + CONTAINER[12:]  # differs in the 12th digit
 
-WORKLOAD_C = r"""
-#include <stdio.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-/* Waits for a line on stdin, makes N getppid syscalls and K libc getpid() calls
-   (through a volatile pointer: every call is kept), says done, waits for EOF. */
-int main(void) {
-    pid_t (*volatile get_pid)(void) = getpid;
-    char line[16];
-    if (!fgets(line, sizeof line, stdin)) return 1;
-    for (int i = 0; i < N_GETPPID; i++) syscall(SYS_getppid);
-    for (int i = 0; i < N_GETPID; i++) get_pid();
-    printf("done\n");
-    fflush(stdout);
-    fgets(line, sizeof line, stdin);
-    return 0;
-}
-""".replace("N_GETPPID", str(N_GETPPID)).replace("N_GETPID", str(N_GETPID))
+WORKLOAD_C = calls_c(N_GETPPID, N_GETPID)
 
 
 def cgroup_targets(cgroups: set[str] = frozenset(), containers: set[str] = frozenset(),

@@ -369,13 +369,13 @@ def main() -> int:
     ap.add_argument("--getppid", type=int, default=2_000_000, help="getppid calls in the loop")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the configurations whose name contains TEXT (repeatable; "
-                    "the no-agent and floor rows always run)")
+                    "the no-agent, floor and plain syscall monitor rows always run)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (loads BPF programs)", file=sys.stderr)
         return 1
     configs = [c for c in configurations()
-               if not args.only or c.name in ("no agent", FLOOR, FLOOR_RAW)
+               if not args.only or c.name in ("no agent", FLOOR, FLOOR_RAW, "syscall monitor")
                or any(text in c.name for text in args.only)]
     with tempfile.TemporaryDirectory() as tmp:
         wls = workloads(Path(tmp), args.dd_count, args.getppid)

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pid", type=int, action="append", default=[], help="target pid")
     run.add_argument("--uid", type=int, action="append", default=[], help="target uid")
     run.add_argument("--comm", action="append", default=[], help="target process name")
+    run.add_argument("--cgroup", action="append", default=[],
+                     help="target cgroup v2 path, relative to its root (its subtree)")
+    run.add_argument("--container", action="append", default=[],
+                     help="target container id prefix (12-64 hex digits)")
     run.add_argument("--no-follow-children", action="store_true")
     run.add_argument("--output-dir", type=Path)
     run.add_argument("--format", action="append", choices=["console", "csv", "jsonl"],
@@ -87,8 +91,10 @@ def _settings(args: argparse.Namespace, registry: MonitorRegistry) -> Settings:
             overrides["output"] = {"directory": str(args.output_dir)}
         if "nats" in args.export:
             overrides["export"] = {"nats": {"enabled": True}}
-        if args.pid or args.uid or args.comm or args.no_follow_children:
+        if args.pid or args.uid or args.comm or args.cgroup or args.container or \
+                args.no_follow_children:
             overrides["targets"] = {"pids": args.pid, "uids": args.uid, "comms": args.comm,
+                                    "cgroups": args.cgroup, "containers": args.container,
                                     "follow_children": not args.no_follow_children}
     if args.command == "serve":
         api = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

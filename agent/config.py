@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from agent.model.targets import TargetError, TargetLimits, validate_comm
+from agent.model.targets import (
+    TargetError,
+    TargetLimits,
+    validate_cgroup_path,
+    validate_comm,
+    validate_container,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "agent.yaml"
 
@@ -161,32 +168,45 @@ class TransportSettings(Section):
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
-def _comm(value: str) -> str:
-    try:
-        return validate_comm(value)  # the API's rule: 1-15 bytes (TASK_COMM_LEN with NUL)
-    except TargetError as e:
-        raise ValueError(str(e).removeprefix("comms: ")) from None
+def _checked(check: Callable[[object], str]) -> Callable[[str], str]:
+    """A target value checked by the API's own rule (agent/model/targets.py), its
+    message without the kind (pydantic names the field)."""
+    def run(value: str) -> str:
+        try:
+            return check(value)
+        except TargetError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
+    return run
 
 
-Comm = Annotated[str, AfterValidator(_comm)]
+Comm = Annotated[str, AfterValidator(_checked(validate_comm))]  # 1-15 bytes
+CgroupPath = Annotated[str, AfterValidator(_checked(validate_cgroup_path))]
+ContainerPrefix = Annotated[str, AfterValidator(_checked(validate_container))]
 
 
 class TargetSettings(Section):
     pids: list[U32] = Field(default_factory=list)
     uids: list[U32] = Field(default_factory=list)
     comms: list[Comm] = Field(default_factory=list)
+    # cgroup v2 paths relative to its root (each matches its subtree); they must exist.
+    cgroups: list[CgroupPath] = Field(default_factory=list)
+    # Container id prefixes, 12-64 lower-case hex digits.
+    containers: list[ContainerPrefix] = Field(default_factory=list)
     follow_children: bool = True
     max_pids: int = Field(10240, ge=1, le=1_000_000)
     max_uids: int = Field(1024, ge=1, le=65536)
     max_comms: int = Field(256, ge=1, le=65536)
+    max_cgroups: int = Field(1024, ge=1, le=65536)
+    max_containers: int = Field(1024, ge=1, le=65536)
 
     def limits(self) -> TargetLimits:
         """The kernel target maps' sizes (MAX_TARGET_* in common.h)."""
-        return TargetLimits(self.max_pids, self.max_uids, self.max_comms)
+        return TargetLimits(self.max_pids, self.max_uids, self.max_comms, self.max_cgroups,
+                            self.max_containers)
 
     @model_validator(mode="after")
     def _fit_the_maps(self) -> TargetSettings:
-        for kind in ("pids", "uids", "comms"):
+        for kind in ("pids", "uids", "comms", "cgroups", "containers"):
             size, cap = len(getattr(self, kind)), getattr(self, f"max_{kind}")
             if size > cap:
                 raise ValueError(f"{size} {kind} exceed max_{kind}={cap} (the kernel map's size)")

@@ -7,7 +7,9 @@ through perf events (TRACEPOINT_PROBE, as syscount and bpftrace attach), the sam
 programs as raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT, no perf-event record built;
 the monitor attaches this way), and an empty raw tracepoint at sys_exit alone (the floor
 of the counts-only mode); the SyscallMonitor: full (counts, errors, latency, histogram
-on) watching everything, with per-process tables, with a pid filter that matches the
+on) watching everything, with per-process tables, with a cgroup target that matches
+the workload (the bench's own cgroup, inherited) and one that excludes it (an empty
+cgroup), with a pid filter that matches the
 workload (pid 1 with follow_children: every descendant of pid 1 is followed), with a
 pid filter that excludes it (pid 1 alone, follow_children off), and with latency off
 (counts, errors and errnos at sys_exit only), also with the workload excluded;
@@ -21,6 +23,7 @@ syscall on the machine: the bench waits for them to go before each sample and co
 the samples it could not keep clean. Needs root. Prints a markdown table; no assertion.
 
     .venv/bin/python bench/overhead.py [--reps 3] [--dd-count 2000000] [--getppid 2000000]
+        [--only TEXT ...]
 """
 
 from __future__ import annotations
@@ -155,6 +158,32 @@ class Monitor(InProcess):
         return loaded_monitor("syscall", NullSink(), targets=self.targets, **self.options)
 
 
+class CgroupMonitor(Monitor):
+    """The syscall monitor with a cgroup target: ``target`` is "own" (the bench's own
+    cgroup, which the workload inherits: matched) or "other" (an empty cgroup the bench
+    makes: the workload is excluded)."""
+
+    def __init__(self, name: str, target: str, **options: Any) -> None:
+        super().__init__(name, None, **options)
+        self.target = target
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Any]:
+        from agent.kernel.cgroups import Cgroups, with_cgroup_ids
+        from agent.model.targets import TargetSet
+        from tests.support.cgroups import cgroup_dir, own_cgroup
+        from tests.support.monitors import NullSink, loaded_monitor
+
+        with contextlib.ExitStack() as stack:
+            path = own_cgroup()
+            if self.target == "other":
+                stack.enter_context(cgroup_dir("/ebpf-agent-bench-empty"))
+                path = "/ebpf-agent-bench-empty"
+            targets = with_cgroup_ids(TargetSet(cgroups=frozenset({path})), {path}, Cgroups())
+            yield stack.enter_context(
+                loaded_monitor("syscall", NullSink(), targets=targets, **self.options))
+
+
 class Peer(Config):
     """An external tracer: started, waited for until its programs are attached, stopped."""
 
@@ -207,6 +236,8 @@ def configurations() -> list[Config]:
         # Target pid 1 alone: the workload is a process the filter excludes.
         Monitor("syscall monitor, workload excluded (target pid 1, follow_children off)",
                 TargetSet(pids=frozenset({1}), follow_children=False)),
+        CgroupMonitor("syscall monitor, cgroup target matching the workload (its own)", "own"),
+        CgroupMonitor("syscall monitor, cgroup target excluding the workload", "other"),
         Monitor("syscall monitor, latency off (counts+errors)", latency=False),
         Monitor("syscall monitor, latency off, workload excluded (target pid 1, no follow)",
                 TargetSet(pids=frozenset({1}), follow_children=False), latency=False),
@@ -336,11 +367,16 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions (medians are shown)")
     ap.add_argument("--dd-count", type=int, default=2_000_000, help="bytes dd copies, 1 at a time")
     ap.add_argument("--getppid", type=int, default=2_000_000, help="getppid calls in the loop")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the configurations whose name contains TEXT (repeatable; "
+                    "the no-agent, floor and plain syscall monitor rows always run)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (loads BPF programs)", file=sys.stderr)
         return 1
-    configs = configurations()
+    configs = [c for c in configurations()
+               if not args.only or c.name in ("no agent", FLOOR, FLOOR_RAW, "syscall monitor")
+               or any(text in c.name for text in args.only)]
     with tempfile.TemporaryDirectory() as tmp:
         wls = workloads(Path(tmp), args.dd_count, args.getppid)
         t0 = time.monotonic()

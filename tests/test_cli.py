@@ -36,6 +36,10 @@ def wait_for_line(path: Path, needle: str, timeout: float = 10) -> bool:
         (["run", "nosuch"], 2, "unknown monitor 'nosuch'"),
         (["run", "exec", "--pid", "-1"], 2, "targets.pids.0"),
         (["run", "exec", "--comm", "x" * 16], 2, "targets.comms.0"),
+        (["run", "exec", "--cgroup", "relative"], 2, "targets.cgroups.0"),
+        (["run", "exec", "--container", "XYZ"], 2, "targets.containers.0"),
+        (["run", "exec", "--cgroup", "/ebpf-agent-no-such-cgroup"], 2,
+         "targets.cgroups: /ebpf-agent-no-such-cgroup: no such cgroup"),
         (["run", "exec", "--option", "exec.max_args=0"], 2, "max_args"),
         (["run", "exec", "--option", "nope"], 2, "MONITOR.KEY=VALUE"),
     ],
@@ -347,3 +351,13 @@ def test_check_refuses_an_invalid_config(tmp_path: Path) -> None:
     cfg.write_text("api:\n  port: -1\n")
     proc = run_cli("--config", str(cfg), "check")
     assert proc.returncode == 2 and f"{cfg}: api.port" in proc.stderr
+
+
+def test_run_cgroup_and_container_flags_reach_the_targets() -> None:
+    from agent.cli import _parser, _settings
+    from agent.monitors.registry import discover_monitors
+
+    args = _parser().parse_args(["run", "exec", "--cgroup", "/a", "--cgroup", "/b/c/",
+                                 "--container", "4f3c4f3c4f3c", "--config", "/dev/null"])
+    targets = _settings(args, discover_monitors()).targets
+    assert (targets.cgroups, targets.containers) == (["/a", "/b/c"], ["4f3c4f3c4f3c"])

@@ -129,12 +129,27 @@ def test_an_environment_value_is_blamed_on_the_environment_not_the_file(
     ("targets:\n  comms: [\"éééééééé\"]\n", "is 16 bytes"),
     ("targets:\n  pids: [1, 2, 3]\n  max_pids: 2\n", "3 pids exceed max_pids=2"),
     ("targets:\n  comms: [\"\"]\n", "empty"),
+    ("targets:\n  cgroups: [system.slice]\n", "targets.cgroups.0: Value error, 'system.slice' "
+     "must start with '/'"),
+    ("targets:\n  containers: [abc]\n", "targets.containers.0: Value error, 'abc' is not a "
+     "container id prefix"),
+    ("targets:\n  containers: [aaaaaaaaaaaa, bbbbbbbbbbbb]\n  max_containers: 1\n",
+     "2 containers exceed max_containers=1"),
 ])
 def test_targets_the_kernel_maps_cannot_hold(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as err:
         load_settings(path)
     assert str(path) in str(err.value)
+
+
+def test_cgroup_and_container_targets_are_normalized(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBPF_AGENT_TARGETS__CONTAINERS", "4f3c4f3c4f3c,4f3c4f3c4f3c4f3c")
+    s = load_settings(write(tmp_path, "targets:\n  cgroups: [/system.slice/, //a//b]\n"))
+    assert s.targets.cgroups == ["/system.slice", "/a/b"]
+    assert s.targets.containers == ["4f3c4f3c4f3c", "4f3c4f3c4f3c4f3c"]
+    assert (s.targets.limits().cgroups, s.targets.limits().containers) == (1024, 1024)
 
 
 def test_a_15_byte_comm_fits(tmp_path: Path) -> None:

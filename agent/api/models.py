@@ -62,13 +62,15 @@ class TargetsIn(BaseModel):
     pids: list[StrictInt] = Field(default_factory=list)
     uids: list[StrictInt] = Field(default_factory=list)
     comms: list[StrictStr] = Field(default_factory=list)
+    cgroups: list[StrictStr] = Field(default_factory=list)
+    containers: list[StrictStr] = Field(default_factory=list)
     follow_children: StrictBool = True
 
 
 class StateDoc(BaseModel):
     monitors: dict[str, dict[str, Any]] = Field(
         description="running monitors: name -> options")
-    targets: Targets
+    targets: TargetKinds
 
 
 class StateIn(BaseModel):
@@ -87,11 +89,38 @@ class StateResult(BaseModel):
     applied: bool
 
 
-class Targets(BaseModel):
+class TargetKinds(BaseModel):
     pids: list[int]
     uids: list[int]
     comms: list[str]
+    cgroups: list[str] = Field(description="cgroup v2 paths, relative to its root; each "
+                               "matches its subtree")
+    containers: list[str] = Field(description="container id prefixes (12-64 hex digits)")
     follow_children: bool
+
+
+class CgroupTarget(BaseModel):
+    path: str
+    id: int | None = Field(description="the cgroup's id (its directory's inode number) "
+                           "when it was targeted: what the kernel matches")
+    exists: bool = Field(description="that cgroup still exists (a cgroup made again at "
+                         "the same path is another one: target the path again)")
+
+
+class ContainerCgroup(BaseModel):
+    id: int
+    path: str
+
+
+class ContainerTarget(BaseModel):
+    prefix: str
+    cgroups: list[ContainerCgroup] = Field(description="the cgroups named after a "
+                                           "matching container now")
+
+
+class Targets(TargetKinds):
+    cgroup_ids: list[CgroupTarget]
+    container_cgroups: list[ContainerTarget]
 
 
 class MonitorStats(Open):

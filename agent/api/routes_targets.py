@@ -1,4 +1,5 @@
-"""Targets: read back from the kernel maps; replace, add or remove pids, uids, comms."""
+"""Targets: read back from the kernel maps; replace, add or remove pids, uids, comms,
+cgroups and containers."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from agent.api.errors import http_errors, validation_detail
 from agent.api.models import ERROR_RESPONSES, FollowChildren, Targets, TargetValues, errors
 from agent.core.commands import ReadTargets, SetFollowChildren, TargetOp
 from agent.core.manager import MonitorManager, target_command
+from agent.model.targets import STRING_KINDS
 
 router = APIRouter(prefix="/targets", tags=["targets"], responses=ERROR_RESPONSES)
-Kind = Literal["pids", "uids", "comms"]
+Kind = Literal["pids", "uids", "comms", "cgroups", "containers"]
 ValuesBody = Annotated[TargetValues, Body(description="pids/uids: integers 0..2^32-1; "
-                                          "comms: 1-15 byte process names")]
+                                          "comms: 1-15 byte process names; cgroups: "
+                                          "existing cgroup v2 paths relative to its root "
+                                          "(\"/system.slice\"); containers: container id "
+                                          "prefixes, 12-64 lower-case hex digits")]
 
 
 @router.get("", dependencies=[Depends(needs("read"))],
@@ -75,7 +80,9 @@ register_url_convertor("target_value", TargetValueConvertor())
                summary="remove one value (idempotent)")
 async def remove_target(kind: Kind, value: str, manager: ManagerDep) -> dict[str, Any]:
     parsed: int | str = value
-    if kind != "comms":
+    if kind == "cgroups":  # /targets/cgroups/system.slice/x or /targets/cgroups//system.slice/x
+        parsed = value if value.startswith("/") else "/" + value
+    elif kind not in STRING_KINDS:
         if not value.isascii() or not value.isdigit():
             raise HTTPException(422, validation_detail(f"{kind}: {value!r} is not an integer",
                                                        ("path", "value")))

@@ -20,6 +20,12 @@
 #ifndef MAX_TARGET_COMMS
 #error "MAX_TARGET_COMMS must be defined (targets.max_comms)"
 #endif
+#ifndef MAX_TARGET_CGROUPS
+#error "MAX_TARGET_CGROUPS must be defined (targets.max_cgroups)"
+#endif
+#ifndef MAX_TARGET_CONTAINERS
+#error "MAX_TARGET_CONTAINERS must be defined (targets.max_containers)"
+#endif
 #ifndef WAKEUP_EVERY
 #error "WAKEUP_EVERY must be defined (transport.wakeup_every)"
 #endif
@@ -29,6 +35,14 @@
 #ifndef MAX_FOLLOWED
 #define MAX_FOLLOWED 65536
 #endif
+/* Cgroups of targeted containers (and their own sub-cgroups need no entry: the
+ * ancestor walk finds the container's). */
+#ifndef MAX_CONTAINER_CGROUPS
+#define MAX_CONTAINER_CGROUPS 16384
+#endif
+#ifndef CGROUP_VERDICTS
+#define CGROUP_VERDICTS 4096
+#endif
 
 #include "types.h"
 
@@ -36,7 +50,14 @@
 BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS + MAX_FOLLOWED);
 BPF_HASH(target_uids, u32, u8, MAX_TARGET_UIDS);
 BPF_HASH(target_comms, struct comm_key, u8, MAX_TARGET_COMMS);
-BPF_ARRAY(target_flags, u32, 1);
+/* [0]: TF_* flags; [TF_CGROUP_GEN]: the generation of target_cgroups. */
+BPF_ARRAY(target_flags, u32, TF_ENTRIES);
+/* cgroup v2 id -> CG_* kinds. A plain hash: container cgroups added by the kernel never
+ * evict an operator's path; a full map is counted (CNT_CGROUPS_FULL). */
+BPF_HASH(target_cgroups, u64, u8, MAX_TARGET_CGROUPS + MAX_CONTAINER_CGROUPS);
+BPF_LPM_TRIE(target_containers, struct container_key, u8, MAX_TARGET_CONTAINERS);
+/* Per current cgroup id: what the ancestor walk found (an LRU: it bounds itself). */
+BPF_TABLE("lru_hash", u64, struct cgroup_verdict, cgroup_verdicts, CGROUP_VERDICTS);
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 
 static __always_inline void count(u32 idx)
@@ -66,9 +87,58 @@ static __always_inline int comm_matches(struct comm_key *key, u32 flags)
     return !(flags & TF_COMMS) || target_comms.lookup(key);
 }
 
-/* Pid and uid filters for the current task; comm is separate because the exec
- * monitor also accepts the comm a process takes after exec. Each helper call is paid
- * only when its filter is on: on a busy hook (every syscall) they are the cost. */
+/* The CG_* kinds of the current task's cgroup and of its ancestors. A cgroup v2 path
+ * target matches its whole subtree: bpf_get_current_ancestor_cgroup_id(level)
+ * (bpf-helpers(7)) gives the id of the task's ancestor cgroup at each level, the root
+ * being level 0, the task's own cgroup its deepest level, and 0 beyond it. */
+static __always_inline u32 cgroup_ancestry_kinds(u64 cg)
+{
+    u32 kinds = 0;
+    for (int level = 0; level < CGROUP_MAX_LEVELS; level++) {
+        u64 anc = bpf_get_current_ancestor_cgroup_id(level);
+        if (!anc)
+            break;
+        u8 *k = target_cgroups.lookup(&anc);
+        if (k)
+            kinds |= *k;
+        if (anc == cg)
+            return kinds;
+    }
+    u8 *own = target_cgroups.lookup(&cg);  /* deeper than CGROUP_MAX_LEVELS */
+    if (own)
+        kinds |= *own;
+    return kinds;
+}
+
+/* The cgroup and container filters. The ancestor walk costs a helper call and a lookup
+ * per level, too much for every syscall: its result is cached per cgroup id, tagged
+ * with the generation userspace bumps after changing target_cgroups (a walk that raced
+ * a change was tagged with the old generation, so it is never used). The kernel's own
+ * insertions (cgroup_mkdir below) need no bump: they are of new ids, with no verdicts
+ * cached yet for them or for any cgroup under them. */
+static __always_inline int cgroup_match(u32 flags)
+{
+    u32 need = ((flags & TF_CGROUPS) ? CG_PATH : 0) | ((flags & TF_CONTAINERS) ? CG_CONTAINER : 0);
+    u64 cg = bpf_get_current_cgroup_id();
+    u32 idx = TF_CGROUP_GEN;
+    u32 *genp = target_flags.lookup(&idx);
+    u32 gen = genp ? *genp : 0;
+    u32 kinds;
+    struct cgroup_verdict *v = cgroup_verdicts.lookup(&cg);
+    if (v && v->gen == gen) {
+        kinds = v->kinds;
+    } else {
+        kinds = cgroup_ancestry_kinds(cg);
+        struct cgroup_verdict fresh = {.gen = gen, .kinds = kinds};
+        cgroup_verdicts.update(&cg, &fresh);
+    }
+    return (kinds & need) == need;
+}
+
+/* Pid, uid, cgroup and container filters for the current task; comm is separate
+ * because the exec monitor also accepts the comm a process takes after exec. Each
+ * helper call is paid only when its filter is on: on a busy hook (every syscall) they
+ * are the cost. */
 static __always_inline int current_pid_uid_match(u32 flags)
 {
     if (flags & TF_PIDS) {
@@ -81,6 +151,8 @@ static __always_inline int current_pid_uid_match(u32 flags)
         if (!target_uids.lookup(&uid))
             return 0;
     }
+    if ((flags & (TF_CGROUPS | TF_CONTAINERS)) && !cgroup_match(flags))
+        return 0;
     return 1;
 }
 
@@ -166,6 +238,107 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u8 *kind = target_pids.lookup(&tid);
     if (kind && *kind == PID_FOLLOWED)
         target_pids.delete(&tid);
+    return 0;
+}
+
+/* A container's cgroup, targeted from its creation. Tracepoint cgroup:cgroup_mkdir
+ * (fields root, level, id, path as __data_loc: /sys/kernel/tracing/events/cgroup/
+ * cgroup_mkdir/format) fires inside mkdir(2) on the cgroup filesystem, in
+ * cgroup_mkdir() before kernfs_activate() makes the directory visible: no process can
+ * be moved in before this program has run, so the container's first event matches.
+ * The last path component names the container as workload.py's container_of() reads
+ * it: [docker-|cri-containerd-|crio-|libpod-]<64 hex>[.scope], preceded by "/"
+ * (crio-conmon-/libpod-conmon- scopes hold the runtime's monitor: never matched). */
+#define CG_TAIL 128  /* the end of the path read: "/cri-containerd-<64>.scope" is 86 */
+struct cgroup_name_scratch {
+    char tail[CG_TAIL];
+    struct container_key key;
+};
+BPF_PERCPU_ARRAY(cgroup_name_buf, struct cgroup_name_scratch, 1);
+
+#define CG_AT(s, i) ((s)->tail[(i) & (CG_TAIL - 1)])
+
+/* tail[at - len, at) == name, preceded by "/". */
+static __always_inline int cgroup_name_before(struct cgroup_name_scratch *s, u32 at,
+                                              const char *name, u32 len)
+{
+    if (at < len + 1)
+        return 0;
+    for (u32 i = 0; i < len; i++)
+        if (CG_AT(s, at - len + i) != name[i])
+            return 0;
+    return CG_AT(s, at - len - 1) == '/';
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+    /* Not gated on TF_CONTAINERS: while userspace switches a container target on, it
+     * fills target_containers and then walks the hierarchy; a container made meanwhile
+     * is matched here (an empty trie is one failed lookup per mkdir). */
+    if (args->root != CGROUP2_HIERARCHY)
+        return 0;
+    u32 zero = 0;
+    struct cgroup_name_scratch *s = cgroup_name_buf.lookup(&zero);
+    if (!s)
+        return 0;
+    u32 loc = args->data_loc_path;
+    u32 off = loc & 0xFFFF, len = loc >> 16;  /* len counts the NUL */
+    if (len < CONTAINER_ID_LEN + 2)
+        return 0;
+    u32 n = len - 1;
+    u32 take = n < CG_TAIL ? n : CG_TAIL;
+    asm volatile("" : "+r"(take));
+    if (take == 0 || take > CG_TAIL)
+        return 0;
+    if (bpf_probe_read_kernel(s->tail, take, (char *)args + off + n - take))
+        return 0;
+    u32 end = take;
+    if (end >= 6 && CG_AT(s, end - 6) == '.' && CG_AT(s, end - 5) == 's' &&
+        CG_AT(s, end - 4) == 'c' && CG_AT(s, end - 3) == 'o' && CG_AT(s, end - 2) == 'p' &&
+        CG_AT(s, end - 1) == 'e')
+        end -= 6;
+    if (end < CONTAINER_ID_LEN + 1)
+        return 0;
+    u32 start = end - CONTAINER_ID_LEN;
+    for (u32 i = 0; i < CONTAINER_ID_LEN; i++) {
+        char c = CG_AT(s, start + i);
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+        s->key.id[i] = c;
+    }
+    char sep = CG_AT(s, start - 1);
+    if (sep == '-') {
+        u32 at = start - 1;
+        if (!cgroup_name_before(s, at, "docker", 6) &&
+            !cgroup_name_before(s, at, "cri-containerd", 14) &&
+            !cgroup_name_before(s, at, "crio", 4) &&
+            !cgroup_name_before(s, at, "libpod", 6))
+            return 0;
+    } else if (sep != '/') {
+        return 0;
+    }
+    s->key.prefixlen = CONTAINER_ID_LEN * 8;
+    if (!target_containers.lookup(&s->key))
+        return 0;
+    u64 id = args->id;
+    u8 kind = CG_CONTAINER;
+    if (target_cgroups.update(&id, &kind))
+        count(CNT_CGROUPS_FULL);
+    return 0;
+}
+
+/* A removed cgroup's id is never reused (cgroup ids are 64-bit kernfs node ids): its
+ * container entry and cached verdict only take room. An operator's path stays listed
+ * (userspace reports it as no longer existing). Tracepoint cgroup:cgroup_rmdir. */
+TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
+{
+    if (args->root != CGROUP2_HIERARCHY)
+        return 0;
+    u64 id = args->id;
+    u8 *kind = target_cgroups.lookup(&id);
+    if (kind && *kind == CG_CONTAINER)
+        target_cgroups.delete(&id);
+    cgroup_verdicts.delete(&id);
     return 0;
 }
 

@@ -17,7 +17,13 @@
 /* Set by userspace once the target maps are written. Programs attach when BCC loads
  * them, before that: until then nothing matches, instead of everything. */
 #define TF_READY  16
-#define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS)
+#define TF_CGROUPS    32  /* operator cgroup paths: ids with CG_PATH in target_cgroups */
+#define TF_CONTAINERS 64  /* container prefixes: ids with CG_CONTAINER in target_cgroups */
+#define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS | TF_CGROUPS | TF_CONTAINERS)
+/* target_flags[TF_CGROUP_GEN]: the generation of target_cgroups, bumped by userspace
+ * after every change it makes there; a cached verdict of another generation is stale. */
+#define TF_CGROUP_GEN 1
+#define TF_ENTRIES    2
 
 /* counters[] indices; agent/monitors/bcc.py KERNEL_COUNTERS mirrors this list. */
 #define CNT_SEEN          0  /* events that matched the targets in the kernel */
@@ -25,6 +31,7 @@
 #define CNT_DROPPED       2  /* the buffer was full: lost in the kernel */
 #define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
 #define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
+#define CNT_CGROUPS_FULL  5  /* a container's new cgroup could not be targeted: target_cgroups full */
 #define CNT_SINCE_WAKEUP  7  /* ring buffer: events since the consumer was last woken */
 #define NR_COUNTERS       8
 
@@ -36,6 +43,34 @@ struct comm_key { char comm[COMM_LEN]; };
  * never evict an operator's pid; a full map is counted (CNT_FOLLOW_FULL). */
 #define PID_TARGET   1
 #define PID_FOLLOWED 2
+
+/* target_cgroups values: why a cgroup id is a target (a bit mask; the task matches
+ * when the kinds its cgroup and ancestors carry include every active kind: AND). */
+#define CG_PATH      1  /* an operator's path (targets.cgroups) */
+#define CG_CONTAINER 2  /* named after a container whose id has a targeted prefix */
+
+/* bpf_get_current_ancestor_cgroup_id(level) is asked for levels 0..CGROUP_MAX_LEVELS-1;
+ * a cgroup deeper than that is matched by its own id only. */
+#define CGROUP_MAX_LEVELS 32
+/* The hierarchy id of cgroup v2 (the default hierarchy) in the cgroup:cgroup_mkdir and
+ * cgroup_rmdir tracepoints' `root` field; v1 hierarchies are numbered from 1. */
+#define CGROUP2_HIERARCHY 0
+
+/* target_containers: an LPM trie of container id prefixes, the ASCII hex digits;
+ * prefixlen counts bits (8 per digit). A lookup with all 64 digits and prefixlen 512
+ * finds the longest targeted prefix of that id, if any. */
+#define CONTAINER_ID_LEN 64
+struct container_key {
+    u32 prefixlen;
+    char id[CONTAINER_ID_LEN];
+};
+
+/* cgroup_verdicts: the kinds (CG_*) a cgroup and its ancestors carry, cached per
+ * current cgroup id, valid while gen equals target_flags[TF_CGROUP_GEN]. */
+struct cgroup_verdict {
+    u32 gen;
+    u32 kinds;
+};
 
 /* The start of every monitor's event: who and when, with one meaning everywhere.
  * agent/model/events.py HEADER declares it and turns it into the common fields

@@ -28,7 +28,7 @@ from agent.core.pipeline import Consumer, SinkFactory, Stage
 from agent.kernel.capabilities import CapabilityReport
 from agent.kernel.cgroups import default_resolver
 from agent.kernel.identity import local_identity
-from agent.model.targets import TargetSet
+from agent.model.targets import TargetError, TargetSet
 from agent.monitors.registry import MonitorRegistry
 from agent.output.writer import WriterFactory
 from agent.processes.lineage import AncestorStage
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 def target_set(settings: Settings) -> TargetSet:
     t = settings.targets
-    return TargetSet(frozenset(t.pids), frozenset(t.uids), frozenset(t.comms), t.follow_children)
+    return TargetSet(frozenset(t.pids), frozenset(t.uids), frozenset(t.comms), t.follow_children,
+                     cgroups=frozenset(t.cgroups), containers=frozenset(t.containers))
 
 
 class Agent:
@@ -90,15 +91,19 @@ class Agent:
                                           default_resolver(), local_identity())
             if p.event_ancestors:
                 stages.append(AncestorStage(self.processes, p.event_ancestors))
-        self.manager = MonitorManager(
-            registry,
-            report,
-            targets=target_set(settings),
-            limits=settings.targets.limits(),
-            transport=settings.transport,
-            output=settings.output,
-            sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats), stages),
-        )
+        try:
+            self.manager = MonitorManager(
+                registry,
+                report,
+                targets=target_set(settings),
+                limits=settings.targets.limits(),
+                transport=settings.transport,
+                output=settings.output,
+                sinks=SinkFactory(self.consumers, WriterFactory(settings.output, formats),
+                                  stages),
+            )
+        except TargetError as e:  # a configured cgroup that does not exist: name the field
+            raise TargetError(f"targets.{e}") from None
 
     def register(self, consumer: Consumer) -> None:
         """Every event of the monitors started from now on is offered to ``consumer``."""

@@ -67,6 +67,12 @@ from agent.core.leases import Lease, LeaseBook, check_lease_s, iso
 from agent.core.pipeline import MonitorSink, SinkFactory
 from agent.core.state import etag_of, parse_state, state_changes, state_doc
 from agent.kernel.capabilities import CapabilityReport
+from agent.kernel.cgroups import (
+    Cgroups,
+    default_resolver,
+    describe_cgroup_targets,
+    with_cgroup_ids,
+)
 from agent.model.targets import (
     KINDS,
     TargetKind,
@@ -164,18 +170,24 @@ class MonitorManager:
         transport: TransportSettings | None = None,
         output: OutputSettings | None = None,
         sinks: SinkFactory | None = None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         """``sinks``: makes each started monitor's sink (agent/core/agent.py registers
         the consumers); None: events are counted and go nowhere. ``output``: the
-        settings section (the snapshot interval); default: the sinks' writers' one."""
+        settings section (the snapshot interval); default: the sinks' writers' one.
+        ``cgroups``: the cgroup v2 hierarchy cgroup targets are looked up in (default:
+        the agent's resolver's). A target cgroup path that does not exist is a
+        TargetError."""
         self.registry = registry
         self.report = report
         self.limits = limits or TargetSettings().limits()
         self.transport = transport or TransportSettings()
         self._sinks = sinks or SinkFactory()
         self.output = output or self._sinks.output or OutputSettings(formats=[])
+        self.cgroups = cgroups if cgroups is not None else default_resolver().cgroups
         self._targets = targets or TargetSet()
         check_capacity(self._targets, self.limits)
+        self._targets = with_cgroup_ids(self._targets, self._targets.cgroups, self.cgroups)
         self._running: dict[str, Running] = {}
         self._failed: dict[str, str] = {}
         self._last_options: dict[str, MonitorOptions] = {}
@@ -360,7 +372,10 @@ class MonitorManager:
     def parse_state(self, desired: Any) -> tuple[dict[str, MonitorOptions], TargetSet | None]:
         """A state document checked (ValueError, UnknownMonitor, OptionsInvalid,
         TargetError): nothing changes before it passes."""
-        return parse_state(desired, self.parse_options, self.limits)
+        monitors, targets = parse_state(desired, self.parse_options, self.limits)
+        if targets is not None:
+            targets = with_cgroup_ids(targets, targets.cgroups, self.cgroups)
+        return monitors, targets
 
     # -- blocking shorthands (CLI, tests, the metrics scrape) ------------------------
     def start_monitor(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -590,12 +605,17 @@ class MonitorManager:
 
     # -- targets (control thread) -------------------------------------------------
     def _read_targets(self) -> dict[str, Any]:
-        """As the kernel maps hold them (the stored set when none runs)."""
+        """As the kernel maps hold them (the stored set when none runs), with each
+        cgroup's id and whether it still exists, and the cgroups each container prefix
+        matches now."""
         for run in self._running.values():
             reader = getattr(run.monitor, "read_targets", None)
             if reader is not None and getattr(run.monitor, "bpf", None) is not None:
-                return dict(reader())
-        return self._targets.as_dict()
+                ids = getattr(run.monitor, "container_cgroup_ids", None)
+                return describe_cgroup_targets(dict(reader()), self._targets, self.cgroups,
+                                               ids() if ids is not None else None)
+        return describe_cgroup_targets(self._targets.as_dict(), self._targets, self.cgroups,
+                                       None)
 
     def _set_targets(self, kind: TargetKind, op: TargetOp,
                      values: frozenset[int | str]) -> dict[str, Any]:
@@ -603,6 +623,9 @@ class MonitorManager:
         new = {"replace": values, "add": current | values, "remove": current - values}[op]
         updated = self._targets.with_values(kind, frozenset(new))
         check_capacity(updated, self.limits)
+        if kind == "cgroups":  # the paths asked for get their id now: 422 when missing
+            fresh = {str(v) for v in values} if op != "remove" else set()
+            updated = with_cgroup_ids(updated, fresh, self.cgroups)
         self._apply_targets(updated)
         return updated.as_dict()
 

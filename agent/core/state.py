@@ -61,7 +61,8 @@ def parse_state(desired: Any,
         if not isinstance(follow, bool):
             raise ValueError("targets.follow_children: expected true or false")
         values = {kind: validate_values(kind, t.get(kind) or []) for kind in KINDS}
-        targets = TargetSet(values["pids"], values["uids"], values["comms"], follow)
+        targets = TargetSet(values["pids"], values["uids"], values["comms"], follow,
+                            cgroups=values["cgroups"], containers=values["containers"])
         check_capacity(targets, limits)
     return monitors, targets
 

@@ -23,7 +23,7 @@ from typing import Any
 from agent.fleet.client import AgentClient, BadAnswer, HostResult, expect, member
 from agent.fleet.yamlfile import read_yaml_mapping
 
-TARGET_KINDS = ("pids", "uids", "comms")
+TARGET_KINDS = ("pids", "uids", "comms", "cgroups", "containers")
 
 
 class UsageError(Exception):
@@ -154,7 +154,7 @@ async def renew_leases(c: AgentClient, lease_s: float | None = None,
 def parse_target_values(kind: str, values: list[str]) -> list[Any]:
     if kind not in TARGET_KINDS:
         raise UsageError(f"targets: kind must be one of {', '.join(TARGET_KINDS)}")
-    if kind == "comms":
+    if kind in ("comms", "cgroups", "containers"):
         return list(values)
     out = []
     for v in values:

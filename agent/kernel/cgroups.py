@@ -18,9 +18,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from agent.model.workload import UNKNOWN, Workload, workload_of
+from agent.model.targets import TargetError, TargetSet
+from agent.model.workload import UNKNOWN, Workload, container_of, workload_of
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,71 @@ class Cgroups:
             yield st.st_ino, rel
             n += 1
             stack.extend((Path(e.path), (rel.rstrip("/") + "/" + e.name)) for e in entries)
+
+
+def with_cgroup_ids(targets: TargetSet, fresh: frozenset[str] | set[str],
+                    cgroups: Cgroups | None) -> TargetSet:
+    """``targets`` with the id of each of its cgroup paths: taken now for the paths in
+    ``fresh`` and those without one, kept for the others. A path that is not a cgroup
+    is a TargetError naming it (nothing changed)."""
+    known = targets.id_of_cgroup()
+    ids: dict[str, int] = {}
+    for path in sorted(targets.cgroups):
+        if path in known and path not in fresh:
+            ids[path] = known[path]
+            continue
+        if cgroups is None:
+            raise TargetError(f"cgroups: {path}: no cgroup v2 hierarchy is mounted")
+        try:
+            ids[path] = cgroups.id_of(path)
+        except CgroupError as e:
+            raise TargetError(f"cgroups: {e}") from None
+    return replace(targets, cgroup_ids=tuple(sorted(ids.items())))
+
+
+def container_cgroups(cgroups: Cgroups, prefixes: frozenset[str] | set[str],
+                      limit: int = 1_000_000) -> dict[int, str]:
+    """id -> path of the cgroups named after a container whose id starts with one of
+    ``prefixes`` (the last path component, as common.h's cgroup_mkdir program reads
+    it; a container's own sub-cgroups are matched through their ancestor)."""
+    if not prefixes:
+        return {}
+    out: dict[int, str] = {}
+    for cid, path in cgroups.walk(limit):
+        container = container_of(path.rsplit("/", 1)[-1])
+        if container is not None and container.startswith(tuple(prefixes)):
+            out[cid] = path
+    return out
+
+
+def describe_cgroup_targets(doc: dict[str, Any], targets: TargetSet, cgroups: Cgroups | None,
+                            container_ids: set[int] | None) -> dict[str, Any]:
+    """``doc`` (the targets as read back, with ``cgroups`` and ``containers`` lists)
+    plus ``cgroup_ids``: each cgroup path with the id it was targeted by and whether
+    that cgroup still exists; and ``container_cgroups``: each container prefix with the
+    cgroups it matches, from ``container_ids`` (what a kernel map holds) or, without
+    them, a walk of the hierarchy."""
+    ids = targets.id_of_cgroup()
+    doc["cgroup_ids"] = [
+        {"path": p, "id": ids.get(p),
+         "exists": cgroups is not None and p in ids and cgroups.exists(p, ids[p])}
+        for p in doc.get("cgroups", [])]
+    prefixes = set(doc.get("containers", []))
+    matched: dict[int, str | None]
+    if cgroups is None:
+        matched = {}
+    elif container_ids is None:
+        matched = dict(container_cgroups(cgroups, prefixes))
+    else:
+        matched = {cid: cgroups.path_of(cid) for cid in container_ids}
+    named = {cid: (path, container_of(path.rsplit("/", 1)[-1]))
+             for cid, path in matched.items() if path is not None}
+    doc["container_cgroups"] = [
+        {"prefix": prefix,
+         "cgroups": [{"id": cid, "path": path} for cid, (path, container) in sorted(named.items())
+                     if container is not None and container.startswith(prefix)]}
+        for prefix in sorted(prefixes)]
+    return doc
 
 
 class CgroupResolver:

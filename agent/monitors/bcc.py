@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.kernel import procfs
+from agent.kernel.cgroups import container_cgroups
 from agent.model.events import Event, MonotonicClock
 from agent.model.targets import TargetSet
 from agent.monitors import compiled
@@ -32,12 +33,19 @@ BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 # Mirrors of agent/bpf/types.h (tests/monitors/test_common.py checks them with gcc):
 # the CNT_* indices, the TF_* flags and the PID_* kinds.
-KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full")
+KERNEL_COUNTERS = ("seen", "submitted", "dropped", "follow_full", "pending_full",
+                   "cgroups_full")
 TF_PIDS, TF_UIDS, TF_COMMS, TF_FOLLOW, TF_READY = 1, 2, 4, 8, 16
+TF_CGROUPS, TF_CONTAINERS = 32, 64
+TF_CGROUP_GEN = 1  # target_flags index of the cgroup targets' generation
 PID_TARGET, PID_FOLLOWED = 1, 2  # values in target_pids
-# The tracepoints of common.h's own programs (following children of target pids): every
-# BccMonitor needs them, so each subclass's REQUIRED_TRACEPOINTS gets them added.
-COMMON_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
+CG_PATH, CG_CONTAINER = 1, 2  # bits of target_cgroups values
+CONTAINER_ID_LEN = 64
+# The tracepoints of common.h's own programs (following children of target pids,
+# targeting the cgroups of new containers): every BccMonitor needs them, so each
+# subclass's REQUIRED_TRACEPOINTS gets them added.
+COMMON_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit",
+                      "cgroup:cgroup_mkdir", "cgroup:cgroup_rmdir")
 
 # Records one ring buffer consume call hands to the callback before it returns: libbpf's
 # ring_buffer__poll/__consume loop until the ring is empty, which never happens while a
@@ -96,6 +104,11 @@ class BccMonitor(BaseMonitor[OptionsT]):
         # Poller thread only, except _stopping (set once by the control thread).
         self._budget = CONSUME_BUDGET
         self._stopping = False
+        # Control thread: the cgroup targets last written to the maps, and the container
+        # cgroups that did not fit in target_cgroups (counted with CNT_CGROUPS_FULL).
+        self._cgroups_synced: tuple[Any, ...] | None = None
+        self._cgroup_paths: dict[int, str] = {}  # id -> operator's path
+        self.cgroups_full = 0
 
     # -- kernel side ---------------------------------------------------------------
     def extra_cflags(self) -> dict[str, int | str]:
@@ -119,6 +132,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
             "MAX_TARGET_PIDS": lim.pids,
             "MAX_TARGET_UIDS": lim.uids,
             "MAX_TARGET_COMMS": lim.comms,
+            "MAX_TARGET_CGROUPS": lim.cgroups,
+            "MAX_TARGET_CONTAINERS": lim.containers,
             "RINGBUF_PAGES": t.ringbuf_pages,
             "WAKEUP_EVERY": t.wakeup_every,
             **self.extra_cflags(),
@@ -278,6 +293,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
             | (TF_UIDS if targets.uids else 0)
             | (TF_COMMS if targets.comms else 0)
             | (TF_FOLLOW if targets.follow_children else 0)
+            | (TF_CGROUPS if targets.cgroups else 0)
+            | (TF_CONTAINERS if targets.containers else 0)
             | TF_READY
         )
         flags = self.bpf[b"target_flags"]
@@ -285,11 +302,13 @@ class BccMonitor(BaseMonitor[OptionsT]):
         # on: a filter being added is switched on once its map is full, one being
         # removed is switched off before its map empties.
         flags[ctypes.c_int(0)] = ctypes.c_uint32(
-            self._read_flags() & new_flags & (TF_PIDS | TF_UIDS | TF_COMMS | TF_READY)
+            self._read_flags() & new_flags
+            & (TF_PIDS | TF_UIDS | TF_COMMS | TF_CGROUPS | TF_CONTAINERS | TF_READY)
         )
         self._sync_pids(targets.pids)
         self._sync_ids("target_uids", targets.uids)
         self._sync_comms(targets.comms)
+        self._sync_cgroups(targets)
         if old_pids != set(targets.pids) or old_follow != targets.follow_children:
             self._seed_followed(targets)
         flags[ctypes.c_int(0)] = ctypes.c_uint32(new_flags)
@@ -329,6 +348,59 @@ class BccMonitor(BaseMonitor[OptionsT]):
         key.comm = comm.encode("utf-8", "surrogateescape")
         return key
 
+    def _sync_cgroups(self, targets: TargetSet) -> None:
+        """target_containers and target_cgroups (operator paths and the cgroups of
+        existing containers), then a new generation: verdicts the kernel cached from the
+        old maps are not used again (common.h cgroup_match)."""
+        state = (targets.cgroup_ids, targets.containers)
+        if state == self._cgroups_synced:
+            return
+        trie = self.bpf[b"target_containers"]
+        present = {self._prefix_of(k) for k in trie}
+        for prefix in present - targets.containers:
+            with contextlib.suppress(KeyError):
+                del trie[self._container_key(trie, prefix)]
+        for prefix in targets.containers - present:
+            trie[self._container_key(trie, prefix)] = trie.Leaf(1)
+        table = self.bpf[b"target_cgroups"]
+        # Listed before the walk: a container cgroup made after this listing was added
+        # by the kernel's cgroup_mkdir program (the trie is already full) and stays; one
+        # listed here was there for the walk too, which says whether it still matches.
+        listed = {k.value: v.value for k, v in table.items()}
+        cg = self.ctx.cgroups.cgroups
+        matched = set(container_cgroups(cg, targets.containers)) if cg is not None else set()
+        paths = {cid for _, cid in targets.cgroup_ids}
+        for cid in (set(listed) | paths | matched):
+            kinds = (CG_PATH if cid in paths else 0) | (CG_CONTAINER if cid in matched else 0)
+            if kinds == listed.get(cid):
+                continue
+            if not kinds:
+                with contextlib.suppress(KeyError):  # removed by cgroup_rmdir meanwhile
+                    del table[table.Key(cid)]
+                continue
+            try:
+                table[table.Key(cid)] = table.Leaf(kinds)
+            except Exception:  # full: BCC raises a bare Exception
+                self.cgroups_full += 1
+                log.warning("%s: target_cgroups is full: cgroup %d not targeted",
+                            self.name, cid)
+        gen = self.bpf[b"target_flags"]
+        old = int(gen[ctypes.c_int(TF_CGROUP_GEN)].value)
+        gen[ctypes.c_int(TF_CGROUP_GEN)] = ctypes.c_uint32((old + 1) & 0xFFFFFFFF)
+        self._cgroups_synced = state
+        self._cgroup_paths = {cid: path for path, cid in targets.cgroup_ids}
+
+    @staticmethod
+    def _container_key(trie: Any, prefix: str) -> Any:
+        key = trie.Key()
+        key.prefixlen = len(prefix) * 8
+        key.id = prefix.encode("ascii")
+        return key
+
+    @staticmethod
+    def _prefix_of(key: Any) -> str:
+        return bytes(key.id)[: key.prefixlen // 8].decode("ascii")
+
     def _seed_followed(self, targets: TargetSet) -> None:
         """Reset followed children: the living descendants of the target pids."""
         table = self.bpf[b"target_pids"]
@@ -352,8 +424,20 @@ class BccMonitor(BaseMonitor[OptionsT]):
                 bytes(k.comm).rstrip(b"\0").decode("utf-8", "surrogateescape")
                 for k in self.bpf[b"target_comms"]
             ),
+            "cgroups": sorted(self._operator_cgroups()),
+            "containers": sorted(self._prefix_of(k) for k in self.bpf[b"target_containers"]),
             "follow_children": bool(self._read_flags() & TF_FOLLOW),
         }
+
+    def _operator_cgroups(self) -> list[str]:
+        path_of = self._cgroup_paths
+        return [path_of.get(k.value, f"<cgroup id {k.value}>")
+                for k, v in self.bpf[b"target_cgroups"].items() if v.value & CG_PATH]
+
+    def container_cgroup_ids(self) -> set[int]:
+        """The ids target_cgroups holds for containers (the kernel adds new ones)."""
+        return {k.value for k, v in self.bpf[b"target_cgroups"].items()
+                if v.value & CG_CONTAINER}
 
     def kernel_counters(self) -> dict[str, int]:
         if self.bpf is None:
@@ -363,5 +447,6 @@ class BccMonitor(BaseMonitor[OptionsT]):
         for i, name in enumerate(KERNEL_COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))
         out["dropped"] += self.lost_in_perf
+        out["cgroups_full"] += self.cgroups_full
         out["parse_errors"] = self.parse_errors
         return out

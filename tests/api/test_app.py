@@ -109,7 +109,8 @@ def test_stats_pass_only_accepted_query_params(client: TestClient) -> None:
 
 def test_targets_edit_and_validation(client: TestClient) -> None:
     client.post("/monitors/fake/start", json={})
-    empty = {"pids": [], "uids": [], "comms": [], "follow_children": True}
+    empty = {"pids": [], "uids": [], "comms": [], "cgroups": [], "containers": [],
+             "follow_children": True, "cgroup_ids": [], "container_cgroups": []}
     assert client.get("/targets").json() == empty
     assert client.put("/targets/pids", json=[10, 20]).json()["pids"] == [10, 20]
     assert client.post("/targets/pids", json=[30]).json()["pids"] == [10, 20, 30]

@@ -118,6 +118,7 @@ def test_state_etag_dry_run_apply_and_stale_if_match(client: TestClient) -> None
     r = client.get("/state")
     assert r.status_code == 200
     assert r.json() == {"monitors": {}, "targets": {"pids": [], "uids": [], "comms": [],
+                                                    "cgroups": [], "containers": [],
                                                     "follow_children": True}}
     etag = r.headers["etag"]
     desired = {"monitors": {"fake": {"level": 3}, "plain": None},
@@ -142,6 +143,7 @@ def test_state_etag_dry_run_apply_and_stale_if_match(client: TestClient) -> None
     assert state.json() == {"monitors": {"fake": {"level": 3, "label": "x"},
                                          "plain": {"level": 1, "label": "x"}},
                             "targets": {"pids": [10, 11], "uids": [], "comms": ["bash"],
+                                        "cgroups": [], "containers": [],
                                         "follow_children": True}}
     assert client.get("/targets").json()["pids"] == [10, 11]
 

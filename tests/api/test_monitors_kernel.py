@@ -13,31 +13,14 @@ import pytest
 from tests.support.api import Agent, kernel_agent
 from tests.support.func_scope import PROGRAM, K, marker_pattern, probed, running
 from tests.support.kernel import compile_c
+from tests.support.workloads import calls_c
 
 pytestmark = pytest.mark.kernel
 
 GETPPID = 1000
 GETPID = 37
 
-WORKLOAD_C = r"""
-#include <stdio.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-/* Waits for a line on stdin, makes exactly N getppid syscalls and K libc getpid()
-   calls (through a volatile pointer, so the compiler keeps every call), then waits for
-   a second line before exiting. */
-int main(void) {
-    pid_t (*volatile get_pid)(void) = getpid;
-    char line[16];
-    if (!fgets(line, sizeof line, stdin)) return 1;
-    for (int i = 0; i < N_GETPPID; i++) syscall(SYS_getppid);
-    for (int i = 0; i < N_GETPID; i++) get_pid();
-    printf("done\n");
-    fflush(stdout);
-    fgets(line, sizeof line, stdin);
-    return 0;
-}
-""".replace("N_GETPPID", str(GETPPID)).replace("N_GETPID", str(GETPID))
+WORKLOAD_C = calls_c(GETPPID, GETPID)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,8 @@ def fake_report() -> CapabilityReport:
 @pytest.fixture
 def fake():
     reg, log = fake_registry()
-    mgr = MonitorManager(reg, fake_report(), limits=TargetLimits(pids=3, uids=1024, comms=256))
+    mgr = MonitorManager(reg, fake_report(), limits=TargetLimits(pids=3, uids=1024, comms=256,
+                                                                  cgroups=8, containers=8))
     yield mgr, log
     mgr.shutdown()
 
@@ -146,8 +147,9 @@ def test_real_exec_through_the_manager(kernel) -> None:
         loaded = prog_ids_held_by(os.getpid()) - before
         idle = subprocess.Popen(["sleep", "30"])
         mgr.update_targets("pids", "replace", [idle.pid])
-        assert mgr.targets() == {"pids": [idle.pid], "uids": [], "comms": [],
-                                 "follow_children": True}
+        assert mgr.targets() == {"pids": [idle.pid], "uids": [], "comms": [], "cgroups": [],
+                                 "containers": [], "follow_children": True,
+                                 "cgroup_ids": [], "container_cgroups": []}
         subprocess.run(["/bin/echo", "filtered-out"], stdout=subprocess.DEVNULL, check=True)
         mgr.update_targets("pids", "replace", [])
         subprocess.run(["/bin/echo", "manager-marker"], stdout=subprocess.DEVNULL, check=True)

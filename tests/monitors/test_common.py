@@ -21,10 +21,16 @@ from agent.model.events import (
 from agent.model.targets import TargetSet
 from agent.monitors.bcc import (
     BPF_DIR,
+    CG_CONTAINER,
+    CG_PATH,
+    CONTAINER_ID_LEN,
     KERNEL_COUNTERS,
     PID_FOLLOWED,
     PID_TARGET,
+    TF_CGROUP_GEN,
+    TF_CGROUPS,
     TF_COMMS,
+    TF_CONTAINERS,
     TF_FOLLOW,
     TF_PIDS,
     TF_READY,
@@ -51,7 +57,8 @@ def test_event_header_layout() -> None:
 
 
 def test_map_key_sizes() -> None:
-    assert struct_sizes(TYPES_H, ["comm_key"]) == {"comm_key": COMM_LEN}
+    assert struct_sizes(TYPES_H, ["comm_key", "container_key", "cgroup_verdict"]) == {
+        "comm_key": COMM_LEN, "container_key": 4 + CONTAINER_ID_LEN, "cgroup_verdict": 8}
 
 
 def test_constants_match_python() -> None:
@@ -59,13 +66,16 @@ def test_constants_match_python() -> None:
         "COMM_LEN": COMM_LEN,
         "TF_PIDS": TF_PIDS, "TF_UIDS": TF_UIDS, "TF_COMMS": TF_COMMS,
         "TF_FOLLOW": TF_FOLLOW, "TF_READY": TF_READY,
+        "TF_CGROUPS": TF_CGROUPS, "TF_CONTAINERS": TF_CONTAINERS, "TF_CGROUP_GEN": TF_CGROUP_GEN,
         "PID_TARGET": PID_TARGET, "PID_FOLLOWED": PID_FOLLOWED,
+        "CG_PATH": CG_PATH, "CG_CONTAINER": CG_CONTAINER, "CONTAINER_ID_LEN": CONTAINER_ID_LEN,
         **indexed(KERNEL_COUNTERS, "CNT_{}"),
     })
     assert c_values(TYPES_H, {"n": "NR_COUNTERS"})["n"] > len(KERNEL_COUNTERS)
 
 
 SETTINGS_MACROS = {"MAX_TARGET_PIDS": 8, "MAX_TARGET_UIDS": 8, "MAX_TARGET_COMMS": 8,
+                   "MAX_TARGET_CGROUPS": 8, "MAX_TARGET_CONTAINERS": 8,
                    "WAKEUP_EVERY": 32, "RINGBUF_PAGES": 64}
 
 

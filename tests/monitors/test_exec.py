@@ -284,8 +284,9 @@ def test_stop_leaves_no_programs(sink):
     before = prog_ids_held_by(os.getpid())
     with exec_monitor(sink):
         loaded = prog_ids_held_by(os.getpid()) - before
-        # sys_enter/exit of execve and execveat, sched_process_exec, fork and exit.
-        assert len(loaded) == 7
+        # sys_enter/exit of execve and execveat, sched_process_exec, fork and exit,
+        # cgroup_mkdir and cgroup_rmdir.
+        assert len(loaded) == 9
         assert loaded <= loaded_prog_ids()
     assert not (loaded_prog_ids() & loaded)
 

@@ -215,3 +215,38 @@ def test_live_cgroup_edit_takes_effect_at_once(sink: CollectingSink, workload: P
         assert seen == [(f"{ROOT}/T", True), (f"{ROOT}/S", False),
                         (f"{ROOT}/T/inner", True), (ROOT, True)]
         assert m.read_targets()["cgroups"] == [ROOT]
+
+
+# -- the workload fields on syscall and func events, per runtime naming -------------------
+@pytest.mark.parametrize(("name", "options", "wanted"), [
+    ("syscall", {"slow_threshold_us": 0}, lambda e: e.get("syscall") == "getppid"),
+    ("func", {"patterns": ["c:getpid"], "events": True},
+     lambda e: e.get("function") in ("getpid", "__getpid")),
+])
+def test_events_carry_the_cgroup_and_its_workload(sink: CollectingSink, workload: Path,
+                                                   name: str, options: dict, wanted) -> None:
+    """A process in a cgroup named as each runtime names it: every one of its events has
+    the directory's id (its inode), the path, container id, pod uid and unit, and the
+    process_id /proc gives (exec events: tests/monitors/test_exec.py)."""
+    from agent.kernel.identity import local_identity
+    from tests.support.cgroups import RUNTIME_PATHS
+
+    with ExitStack() as stack:
+        placed = []
+        for _runtime, path, container_id, pod_uid, unit in RUNTIME_PATHS:
+            d = stack.enter_context(cgroup_dir(path))
+            p = spawn_in(d, [str(workload)])
+            stack.callback(p.wait)
+            stack.callback(p.kill)
+            placed.append((p, (d.stat().st_ino, path, container_id, pod_uid, unit)))
+        targets = TargetSet(pids=frozenset(p.pid for p, _ in placed))
+        with loaded_monitor(name, sink, targets=targets, **options) as m:
+            for p, _ in placed:
+                run(p)
+            for p, want in placed:
+                events = wait_for_events(m, sink, lambda e, pid=p.pid: e["pid"] == pid
+                                         and wanted(e))
+                assert events, f"no {name} event of pid {p.pid}"
+                ident = local_identity().of_pid(p.pid)
+                assert {(e["cgroup_id"], e["cgroup"], e["container_id"], e["pod_uid"],
+                         e["unit"], e["process_id"]) for e in events} == {(*want, ident)}

@@ -160,7 +160,8 @@ def test_targets_are_read_back_from_the_maps_and_filter_in_the_kernel(agent: Age
         r = agent.request("PUT", "/targets/pids", json=[target.pid])
         assert r.status_code == 200 and r.json()["pids"] == [target.pid]
         assert agent.get("/targets").json() == {
-            "pids": [target.pid], "uids": [], "comms": [], "follow_children": True}
+            "pids": [target.pid], "uids": [], "comms": [], "cgroups": [], "containers": [],
+            "follow_children": True, "cgroup_ids": [], "container_cgroups": []}
         before = agent.get("/targets").json()
         for method, path, body in [("PUT", "/targets/pids", [-1]),
                                    ("POST", "/targets/pids", [2**32]),

@@ -129,12 +129,18 @@ def test_signal_stops_cleanly_and_flushes(kernel, tmp_path: Path, sig) -> None:
     agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--output-dir",
                               str(tmp_path), "--pid", str(os.getpid())],
                              stderr=subprocess.PIPE, text=True)
-    assert agent.stderr is not None
-    assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
-    subprocess.run(["/bin/echo", "cli-signal-marker"], stdout=subprocess.DEVNULL, check=True)
-    time.sleep(0.5)
-    agent.send_signal(sig)
-    assert agent.wait(timeout=20) == 0
+    try:
+        assert agent.stderr is not None
+        assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
+        subprocess.run(["/bin/echo", "cli-signal-marker"], stdout=subprocess.DEVNULL,
+                       check=True)
+        time.sleep(0.5)
+        agent.send_signal(sig)
+        assert agent.wait(timeout=20) == 0
+    finally:  # a failed assertion must not leave an agent running with its probes
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
     lines = (tmp_path / "exec.jsonl").read_text().splitlines()
     assert any(json.loads(x)["argv"] == ["/bin/echo", "cli-signal-marker"] for x in lines)
     # --pid of this test: every event is this process or its descendants.

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.kernel.procfs import STARTTIME, read_stat
+
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 NSEC_PER_SEC = 1_000_000_000
 
@@ -38,13 +40,8 @@ def boot_id(path: Path = BOOT_ID) -> str:
 def stat_start_ticks(pid: int, proc: str = "/proc") -> int | None:
     """proc(5) /proc/<pid>/stat field 22 (starttime, clock ticks after boot); None
     when the process is gone."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ')'.
-    return int(stat[stat.rfind(b")") + 2:].split()[19])
+    fields = read_stat(pid, proc)
+    return None if fields is None else int(fields[STARTTIME])
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+# Indices into stat_fields(): proc(5) fields 3 (state), 4 (ppid) and 22 (starttime).
+STATE, PPID, STARTTIME = 0, 1, 19
+
+
+def stat_fields(raw: bytes) -> list[bytes]:
+    """The fields of a /proc/PID/stat line from field 3 (state) on. comm (field 2) may
+    hold spaces and parentheses: they start after the last ')'."""
+    return raw[raw.rfind(b")") + 2:].split()
+
+
+def read_stat(pid: int, proc: str = "/proc") -> list[bytes] | None:
+    """stat_fields() of /proc/PID/stat; None when the process is gone."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            return stat_fields(f.read())
+    except OSError:
+        return None
+
 
 def parent_map(proc: str = "/proc") -> dict[int, int]:
     """tgid -> ppid for every process, from /proc/PID/stat (proc(5): field 4)."""
@@ -12,14 +30,9 @@ def parent_map(proc: str = "/proc") -> dict[int, int]:
     for entry in os.listdir(proc):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"{proc}/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-        rest = stat[stat.rfind(b")") + 2 :].split()
-        parents[int(entry)] = int(rest[1])
+        fields = read_stat(int(entry), proc)
+        if fields is not None:
+            parents[int(entry)] = int(fields[PPID])
     return parents
 
 
@@ -44,18 +57,16 @@ def process_start(pid: int, proc: str = "/proc") -> int | None:
     ``pid`` is the id of a thread that does not lead its thread group (/proc answers
     for those too, though it does not list them). Together with the pid, the start time
     names one process: a pid the kernel reuses gets another."""
+    rest = read_stat(pid, proc)
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read()
         with open(f"{proc}/{pid}/status", "rb") as f:
             status = f.read()
     except OSError:
         return None
-    rest = stat[stat.rfind(b")") + 2 :].split()  # from field 3 (state) on
-    if rest[0] in (b"Z", b"X"):
+    if rest is None or rest[STATE] in (b"Z", b"X"):
         return None
     tgid = next((line.split()[1] for line in status.splitlines()
                  if line.startswith(b"Tgid:")), None)
     if tgid is None or int(tgid) != pid:
         return None
-    return int(rest[19])  # field 22
+    return int(rest[STARTTIME])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
+from agent.kernel import procfs
 from agent.kernel.identity import ProcessIdentity
 from agent.model.workload import Workload
 from agent.processes.process import Process, StartClock
@@ -29,8 +30,8 @@ def stat_fields(raw: bytes) -> tuple[str, int, int]:
     """(comm, ppid, starttime) of a /proc/<pid>/stat line; comm may hold spaces and
     parentheses, so the fields after it start after the last ')'."""
     comm = raw[raw.find(b"(") + 1:raw.rfind(b")")].decode("utf-8", "surrogateescape")
-    rest = raw[raw.rfind(b")") + 2:].split()
-    return comm, int(rest[1]), int(rest[19])
+    rest = procfs.stat_fields(raw)
+    return comm, int(rest[procfs.PPID]), int(rest[procfs.STARTTIME])
 
 
 def status_ids(raw: bytes) -> tuple[int | None, int | None]:

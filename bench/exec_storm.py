@@ -14,8 +14,11 @@ a time. Each round runs, one after another, these configurations:
   ``start_monitor("exec")``) with ``transport.kind`` ringbuf or perf, and additionally
   answers ``stats`` on stdin with ``manager.stats()`` as one JSON line, so the kernel
   counters are read from the running monitor;
-- ``agent ringbuf-notracker``: the same with ``processes.enabled: false`` (no process
-  tracker): the tracker's cost is the difference;
+- ``agent ringbuf-serve``: what ``ebpf-agent serve`` runs for the same monitor: the event
+  hub (its replay ring stores every event, no subscriber) and the process tracker
+  (``processes.enabled``; ``run`` keeps no process table unless events carry ancestors);
+- ``agent ringbuf-serve-notracker``: the same with ``processes.enabled: false``: the
+  tracker's cost is the difference;
 - ``bpftrace``: a one-liner on ``syscalls:sys_enter_execve`` that prints pid, ppid,
   uid, filename and argv (``join``) to a file.
 
@@ -67,8 +70,11 @@ BPFTRACE_PROGRAM = (
     'printf("E %d %d %d %s\\n", pid, curtask->real_parent->tgid, uid, str(args->filename)); '
     "join(args->argv); }"
 )
-CONFIGS = ("baseline", "agent ringbuf", "agent ringbuf-notracker", "agent perf", "bpftrace")
-NO_TRACKER = "-notracker"  # the agent with processes.enabled: false (issue 17's cost)
+CONFIGS = ("baseline", "agent ringbuf", "agent ringbuf-serve", "agent ringbuf-serve-notracker",
+           "agent perf", "bpftrace")
+AGENT_CHILDREN = ("ringbuf", "perf", "auto", "ringbuf-serve", "ringbuf-serve-notracker")
+SERVE = "-serve"  # the hub and the process tracker, as `ebpf-agent serve` has them
+NO_TRACKER = "-notracker"  # processes.enabled: false (issue 17's cost)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STORM_LINE = re.compile(
     r"pid=(\d+) launched=(\d+) failed=(\d+) wall_s=([0-9.]+) cpu_s=([0-9.]+)")
@@ -93,6 +99,8 @@ def agent_child(transport: str, output_dir: Path) -> int:
     registry = discover_monitors()
     tracker = not transport.endswith(NO_TRACKER)
     transport = transport.removesuffix(NO_TRACKER)
+    serve = transport.endswith(SERVE)
+    transport = transport.removesuffix(SERVE)
     overrides = {"output": {"directory": str(output_dir)}, "transport": {"kind": transport},
                  "processes": {"enabled": tracker}}
     config = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
@@ -100,7 +108,7 @@ def agent_child(transport: str, output_dir: Path) -> int:
     logging.basicConfig(level=settings.logging.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(settings.monitors["exec"].options) if "exec" in settings.monitors else {}
-    agent = Agent(settings, registry, build_report(registry), streams=False, formats=["jsonl"])
+    agent = Agent(settings, registry, build_report(registry), streams=serve, formats=["jsonl"])
     manager = agent.manager
     agent.start()
     try:
@@ -559,7 +567,7 @@ def _parser() -> argparse.ArgumentParser:
                    "unmapped in the child: shows how tracers handle unreadable arguments")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (outputs, logs)")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
-    p.add_argument("--agent-child", choices=["ringbuf", "perf", "auto", "ringbuf-notracker"],
+    p.add_argument("--agent-child", choices=AGENT_CHILDREN,
                    help=argparse.SUPPRESS)
     p.add_argument("--agent-output", type=Path, help=argparse.SUPPRESS)
     return p

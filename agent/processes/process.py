@@ -63,6 +63,8 @@ class StartClock:
     def __init__(self, btime: int, hz: int) -> None:
         self.btime = btime
         self.hz = hz
+        self._second = -1
+        self._prefix = ""
 
     @classmethod
     def local(cls) -> StartClock:
@@ -78,5 +80,7 @@ class StartClock:
 
     def iso(self, ticks: int) -> str:
         seconds, rest = divmod(ticks, self.hz)
-        when = datetime.fromtimestamp(self.btime + seconds, UTC)
-        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{rest * 1_000_000 // self.hz:06d}Z"
+        if seconds != self._second:  # processes come in bursts: format a second once
+            when = datetime.fromtimestamp(self.btime + seconds, UTC)
+            self._prefix, self._second = when.strftime("%Y-%m-%dT%H:%M:%S."), seconds
+        return f"{self._prefix}{rest * 1_000_000 // self.hz:06d}Z"

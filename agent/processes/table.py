@@ -77,6 +77,10 @@ class ProcessTable:
         self._by_id: dict[str, Process] = {}  # insertion order: oldest first
         self._live: dict[int, str] = {}  # pid -> process_id of the live process
         self._exited: OrderedDict[str, None] = OrderedDict()  # exit order
+        # parent process_id -> its children's ids (live and exited): an exit asks for
+        # the children of the process that exited, and a scan of the whole table per
+        # exit cost more than the rest of a record's handling.
+        self._children: dict[str, set[str]] = {}
         self.evicted = 0
         self.expired = 0
 
@@ -137,7 +141,8 @@ class ProcessTable:
             p = self._by_id.get(process_id)
             if p is None or not p.alive:
                 return False
-            p.ppid, p.parent_process_id = ppid, parent_process_id
+            p.ppid = ppid
+            self._set_parent(p, parent_process_id)
             return True
 
     def prune(self) -> int:
@@ -147,6 +152,8 @@ class ProcessTable:
 
     def _insert(self, p: Process) -> None:
         self._by_id[p.process_id] = p
+        if p.parent_process_id is not None:
+            self._children.setdefault(p.parent_process_id, set()).add(p.process_id)
         if p.alive:
             old = self._live.get(p.pid)
             if old is not None and old != p.process_id and old in self._by_id:
@@ -165,7 +172,27 @@ class ProcessTable:
         for name in names:
             value = getattr(new, name)
             if value is not None:
-                setattr(p, name, value)
+                if name == "parent_process_id":
+                    self._set_parent(p, value)
+                else:
+                    setattr(p, name, value)
+
+    def _set_parent(self, p: Process, parent_process_id: str | None) -> None:
+        old = p.parent_process_id
+        if old == parent_process_id:
+            return
+        if old is not None:
+            self._unlink_child(old, p.process_id)
+        p.parent_process_id = parent_process_id
+        if parent_process_id is not None:
+            self._children.setdefault(parent_process_id, set()).add(p.process_id)
+
+    def _unlink_child(self, parent_process_id: str, process_id: str) -> None:
+        siblings = self._children.get(parent_process_id)
+        if siblings is not None:
+            siblings.discard(process_id)
+            if not siblings:
+                del self._children[parent_process_id]
 
     def _update_cgroup(self, p: Process, new: Process) -> None:
         if new.cgroup_id:
@@ -196,6 +223,8 @@ class ProcessTable:
     def _remove(self, process_id: str) -> None:
         p = self._by_id.pop(process_id)
         self._exited.pop(process_id, None)
+        if p.parent_process_id is not None:
+            self._unlink_child(p.parent_process_id, process_id)
         if self._live.get(p.pid) == process_id:
             del self._live[p.pid]
 
@@ -221,8 +250,8 @@ class ProcessTable:
     def children_ids(self, process_id: str) -> list[str]:
         """The live processes whose parent is ``process_id``."""
         with self._lock:
-            return [p.process_id for p in self._by_id.values()
-                    if p.alive and p.parent_process_id == process_id]
+            return [c for c in self._children.get(process_id, ())
+                    if self._by_id[c].alive]
 
     def query(self, q: ProcessQuery) -> tuple[list[dict[str, Any]], int, str | None]:
         """One page of matching processes ordered by (pid, start), the number of all
@@ -244,9 +273,9 @@ class ProcessTable:
         with self._lock:
             out = p.as_dict()
             out["ancestors"] = [a.as_dict() for a in self._ancestors(p, MAX_DEPTH)]
+            children = (self._by_id[c] for c in self._children.get(p.process_id, ()))
             out["children"] = sorted(
-                (c.as_dict() for c in self._by_id.values()
-                 if c.alive and c.parent_process_id == p.process_id),
+                (c.as_dict() for c in children if c.alive),
                 key=lambda c: (c["pid"], c["start_time"] or ""))
             return out
 

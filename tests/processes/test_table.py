@@ -174,5 +174,29 @@ def test_a_cursor_that_is_no_process_id_is_refused(cursor: str) -> None:
         table().query(ProcessQuery(after=cursor))
 
 
+def test_children_follow_reparenting_exits_and_removal() -> None:
+    t = table(exited_keep=1)
+    t.seed(iter([proc(1, 0), proc(10), proc(11, ppid=10), proc(12, ppid=10)]))
+    assert sorted(t.children_ids(pid_id(10))) == [pid_id(11), pid_id(12)]
+    assert t.reparented(pid_id(11), 1, pid_id(1))  # moved to init
+    assert t.children_ids(pid_id(10)) == [pid_id(12)]
+    assert sorted(t.children_ids(pid_id(1))) == [pid_id(10), pid_id(11)]
+    t.exited(proc(12, ppid=10), "x", 0, None, None)  # exited: no longer a child
+    assert t.children_ids(pid_id(10)) == []
+    t.exited(proc(11, ppid=1), "x", 0, None, None)  # evicts 12 (exited_keep=1)
+    assert t.get(pid_id(12)) is None and t.children_ids(pid_id(1)) == [pid_id(10)]
+    # an exec record with a new parent id (its parent learnt late) re-links it
+    t.forked(proc(20, ppid=10, ticks=200))
+    t.execed(proc(20, ppid=1, ticks=200))
+    assert pid_id(20, 200) in t.children_ids(pid_id(1))
+    assert pid_id(20, 200) not in t.children_ids(pid_id(10))
+    assert [c["pid"] for c in t.lineage(t.live_pid(1))["children"]] == [  # type: ignore[arg-type]
+        10, 20]
+
+
 def test_start_clock_is_ps_arithmetic() -> None:
     assert StartClock(1_700_000_000, 100).iso(12345) == "2023-11-14T22:15:23.450000Z"
+    clock = StartClock(1_700_000_000, 100)  # the same second twice, then the next
+    assert [clock.iso(t) for t in (12345, 12399, 12400)] == [
+        "2023-11-14T22:15:23.450000Z", "2023-11-14T22:15:23.990000Z",
+        "2023-11-14T22:15:24.000000Z"]

@@ -129,11 +129,30 @@ class ProcessTable:
                 p = last
             else:
                 self._update(p, last, LINEAGE_FIELDS)
-            self._mark_exited(p)
-            p.exit_time, p.exit_code = exit_time, exit_code
-            p.exit_signal, p.core_dumped = exit_signal, core_dumped
-            self._trim_exited()
+            self._end(p, exit_time, exit_code, exit_signal, core_dumped)
             return p
+
+    def exited_known(self, process_id: str, ppid: int, parent_process_id: str | None,
+                     exit_time: str, exit_code: int | None, exit_signal: str | None,
+                     core_dumped: bool | None) -> Process | None:
+        """``exited`` for a process the table knows, without a Process built from the
+        record (the common case: the tracker saw its fork); None when it is unknown."""
+        with self._lock:
+            p = self._by_id.get(process_id)
+            if p is None:
+                return None
+            p.ppid = ppid
+            if parent_process_id is not None:
+                self._set_parent(p, parent_process_id)
+            self._end(p, exit_time, exit_code, exit_signal, core_dumped)
+            return p
+
+    def _end(self, p: Process, exit_time: str, exit_code: int | None,
+             exit_signal: str | None, core_dumped: bool | None) -> None:
+        self._mark_exited(p)
+        p.exit_time, p.exit_code = exit_time, exit_code
+        p.exit_signal, p.core_dumped = exit_signal, core_dumped
+        self._trim_exited()
 
     def reparented(self, process_id: str, ppid: int, parent_process_id: str | None) -> bool:
         """A live process's new parent (its old one exited); False when unknown."""

@@ -205,12 +205,23 @@ class ProcessTracker:
         process_id = ident.from_ns(pid, start_ns)
         if process_id is None:
             return
-        ticks = start_ns // ident.ns_per_tick
-        p = Process(process_id=process_id, pid=pid, start_ticks=ticks, ppid=ppid,
-                    parent_process_id=ident.from_ns(ppid, parent_start_ns), uid=uid, gid=gid,
-                    comm=decode_c_string(comm), start_time=self.start_clock.iso(ticks),
-                    cgroup_id=cgroup_id or None,
-                    workload=self.resolver.resolve(cgroup_id) if cgroup_id else None)
+        parent_id = ident.from_ns(ppid, parent_start_ns)
+        if kind == PROC_EXIT:
+            self.records["exit"] += 1
+            exit_time, status_fields = self.mono.iso(ts_ns), exit_status(status)
+            if self.table.exited_known(process_id, ppid, parent_id, exit_time,
+                                       *status_fields) is None:
+                self.table.exited(self._process(process_id, pid, start_ns, ppid, parent_id,
+                                                uid, gid, comm, cgroup_id),
+                                  exit_time, *status_fields)
+            children = self.table.children_ids(process_id)
+            if children:
+                due = time.monotonic() + REPARENT_AFTER_S
+                for child in children:
+                    self._reparent.append((due, 0, child, pid))
+            return
+        p = self._process(process_id, pid, start_ns, ppid, parent_id, uid, gid, comm,
+                          cgroup_id)
         if kind == PROC_FORK:
             self.records["fork"] += 1
             self.table.forked(p)
@@ -220,12 +231,16 @@ class ProcessTracker:
             p.argv, p.argv_truncated = split_argv(raw[ARGS_AT:ARGS_AT + args_size],
                                                   bool(flags & PROC_F_ARGS_CUT))
             self.table.execed(p)
-        elif kind == PROC_EXIT:
-            self.records["exit"] += 1
-            self.table.exited(p, self.mono.iso(ts_ns), *exit_status(status))
-            due = time.monotonic() + REPARENT_AFTER_S
-            for child in self.table.children_ids(process_id):
-                self._reparent.append((due, 0, child, pid))
+
+    def _process(self, process_id: str, pid: int, start_ns: int, ppid: int,
+                 parent_id: str | None, uid: int, gid: int, comm: bytes,
+                 cgroup_id: int) -> Process:
+        ticks = start_ns // self.identity.ns_per_tick
+        return Process(process_id=process_id, pid=pid, start_ticks=ticks, ppid=ppid,
+                       parent_process_id=parent_id, uid=uid, gid=gid,
+                       comm=decode_c_string(comm), start_time=self.start_clock.iso(ticks),
+                       cgroup_id=cgroup_id or None,
+                       workload=self.resolver.resolve(cgroup_id) if cgroup_id else None)
 
     def _check_reparented(self, now: float) -> None:
         """Children of exited processes: their new parent, from /proc (proc(5) stat

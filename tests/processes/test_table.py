@@ -200,3 +200,15 @@ def test_start_clock_is_ps_arithmetic() -> None:
     assert [clock.iso(t) for t in (12345, 12399, 12400)] == [
         "2023-11-14T22:15:23.450000Z", "2023-11-14T22:15:23.990000Z",
         "2023-11-14T22:15:24.000000Z"]
+
+
+def test_exited_known_ends_a_known_process_and_leaves_an_unknown_one_to_exited() -> None:
+    t = table()
+    t.seed(iter([proc(1, 0), proc(10), proc(11, ppid=10)]))
+    assert t.exited_known(pid_id(99), 1, pid_id(1), "x", 0, None, None) is None
+    assert t.get(pid_id(99)) is None
+    p = t.exited_known(pid_id(11), 1, pid_id(1), "2026-12-03T00:00:00.000000000Z", None,
+                       "SIGKILL", False)
+    assert p is not None and not p.alive and p.exit_signal == "SIGKILL" and p.ppid == 1
+    assert t.live_pid(11) is None and t.children_ids(pid_id(10)) == []
+    assert t.stats()["exited"] == 1

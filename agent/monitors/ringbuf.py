@@ -46,8 +46,20 @@ def ringbuf_supported() -> bool:
     return platform.machine() in ("x86_64", "AMD64")
 
 
+def linger_for(byte_rate: float, room: int, longest: float) -> float:
+    """The pause after a batch: ``longest``, shortened so that ``room`` bytes are not
+    filled meanwhile at ``byte_rate``; never under LINGER_S."""
+    fill_s = room / byte_rate if byte_rate > 0 else longest
+    return max(LINGER_S, min(longest, fill_s))
+
+
 class RingReader:
-    def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], int | None]) -> None:
+    def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], int | None],
+                 linger_s: float = LINGER_S) -> None:
+        """``linger_s``: the pause after a batch under load. A consumer that need not
+        see each record at once (the process tracker) takes a longer one: fewer,
+        larger batches. The pause is shortened so that at the rate of the last window
+        the buffer fills to a quarter at most meanwhile."""
         if data_size & (data_size - 1):
             raise ValueError("a ring buffer's size is a power of two")
         page = mmap.PAGESIZE
@@ -66,14 +78,20 @@ class RingReader:
         self._epoll.register(map_fd, select.EPOLLIN)
         self._window_start = time.monotonic()
         self._window_count = 0
+        self._window_bytes = 0
         self._busy = False
+        self._linger_max = linger_s
+        self._linger = LINGER_S
+        self._quarter = data_size // 4
+        self._consumed_bytes = 0  # by the last consume()
         self.records = 0
 
     def consume(self, limit: int = MAX_RECORDS) -> int:
         """Hands every committed record (at most ``limit``) to the handler."""
-        cons = self._cons.value
+        cons = start = self._cons.value
         prod = self._prod[0]
         if cons >= prod:
+            self._consumed_bytes = 0
             return 0
         base, mask, u32, data, handle = (self._base, self._mask, self._u32, self._data_map,
                                          self._handle)
@@ -111,6 +129,7 @@ class RingReader:
                 break
             prod = new_prod
         self.records += n
+        self._consumed_bytes = cons - start
         return n
 
     def poll(self, timeout_ms: int, limit: int = MAX_RECORDS) -> int:
@@ -120,16 +139,20 @@ class RingReader:
             n = self.consume(limit)
         self._account(n)
         if 0 < n < limit and self._busy:
-            time.sleep(LINGER_S)  # let a batch build up instead of a wake-up per event
+            time.sleep(self._linger)  # let a batch build up instead of a wake-up per event
         return n
 
     def _account(self, n: int) -> None:
         self._window_count += n
+        self._window_bytes += self._consumed_bytes
         now = time.monotonic()
         span = now - self._window_start
         if span >= RATE_WINDOW_S:
             self._busy = self._window_count / span > BUSY_RATE
-            self._window_start, self._window_count = now, 0
+            if self._linger_max > LINGER_S:
+                self._linger = linger_for(self._window_bytes / span, self._quarter,
+                                          self._linger_max)
+            self._window_start, self._window_count, self._window_bytes = now, 0, 0
 
     def close(self) -> None:
         self._epoll.close()

@@ -60,6 +60,10 @@ HEAD = struct.Struct("=QQQQIIIIIiII16s")
 FILENAME_AT = HEAD.size
 ARGS_AT = FILENAME_AT + FILENAME_SIZE
 POLL_MS = 100
+# Under load, the pause between two batches of records (RingReader's linger): nothing
+# needs a process record within milliseconds, and a wake-up per few records cost the
+# tracker more than the records themselves (bench/RESULTS.md, exec_storm serve).
+BATCH_LINGER_S = 0.02
 HOUSEKEEPING_S = 1.0  # counters read, exited entries pruned
 REPARENT_AFTER_S = 0.05
 REPARENT_TRIES = 4
@@ -145,7 +149,7 @@ class ProcessTracker:
         ring = self._bpf[b"records"]
         if ringbuf_supported():
             self._reader: RingReader | None = RingReader(ring.map_fd, ring.max_entries,
-                                                         self._on_record)
+                                                         self._on_record, BATCH_LINGER_S)
         else:
             self._reader = None
             ring.open_ring_buffer(lambda _ctx, data, size: self._on_record(

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from agent.monitors.ringbuf import RingReader, ringbuf_supported
+from agent.monitors.ringbuf import LINGER_S, RingReader, linger_for, ringbuf_supported
 
 # On getppid() of this process: N records of 8 + (i % 5) * 8 bytes carrying the counter,
 # every third one reserved and then discarded.
@@ -77,3 +77,15 @@ def test_reads_every_committed_record_once_and_skips_discarded_ones() -> None:
         b.cleanup()
     assert made == 600
     assert got == [i for i in range(600) if i % 3 != 2]
+
+
+@pytest.mark.parametrize(("byte_rate", "room", "longest", "pause"), [
+    (0.0, 65536, 0.02, 0.02),             # nothing measured yet: the longest pause
+    (1_000_000.0, 65536, 0.02, 0.02),     # 1 MB/s fills 64 KiB in 65 ms: no shortening
+    (6_553_600.0, 65536, 0.02, 0.01),     # 6.5 MB/s fills it in 10 ms
+    (1e9, 65536, 0.02, LINGER_S),         # never under the monitors' pause
+    (1_000_000.0, 65536, LINGER_S, LINGER_S),
+])
+def test_linger_leaves_room_at_the_last_rate(byte_rate: float, room: int, longest: float,
+                                             pause: float) -> None:
+    assert linger_for(byte_rate, room, longest) == pytest.approx(pause)

@@ -111,6 +111,7 @@ static __always_inline u32 cgroup_ancestry_kinds(u64 cg)
     return kinds;
 }
 
+#ifdef CGROUP_SLOT
 /* The last verdict of this CPU, in front of cgroup_verdicts: a task looping on
  * syscalls finds its cgroup here at the cost of an array access and a few compares,
  * where an LRU hash lookup hashes the key and marks the entry (the LRU's reference
@@ -124,7 +125,8 @@ static __always_inline u32 cgroup_ancestry_kinds(u64 cg)
  * when seq was even and unchanged around its reads. seq only grows, so an unchanged
  * value means no write happened in between. All of it happens on one CPU (this
  * CPU's copy, migration disabled), which sees its own accesses in program order:
- * only the compiler must not reorder them (the barriers). */
+ * only the compiler must not reorder them (the barriers). Compiled in with CGROUP_SLOT
+ * (BccMonitor.cflags: kernels with BPF_CMPXCHG, Linux 5.12+). */
 struct cgroup_slot {
     u64 seq;
     u64 cg;
@@ -167,6 +169,7 @@ static __always_inline void cgroup_slot_put(struct cgroup_slot *s, u64 cg, u32 g
     CG_BARRIER();
     CG_READ_ONCE(s->seq) = seq + 2;
 }
+#endif
 
 /* The cgroup and container filters. The ancestor walk costs a helper call and a lookup
  * per level, too much for every syscall: its result is cached per cgroup id, tagged
@@ -186,11 +189,13 @@ static __always_inline int cgroup_match(u32 flags)
     idx = TF_CGROUP_EPOCH;
     u32 *epochp = target_flags.lookup(&idx);
     u32 epoch = epochp ? *epochp : 0;
+    u32 kinds;
+#ifdef CGROUP_SLOT
     u32 zero = 0;
     struct cgroup_slot *slot = cgroup_last.lookup(&zero);
-    u32 kinds;
     if (slot && cgroup_slot_get(slot, cg, gen, epoch, &kinds))
         return (kinds & need) == need;
+#endif
     struct cgroup_verdict *v = cgroup_verdicts.lookup(&cg);
     if (v && v->gen == gen && v->epoch == epoch) {
         kinds = v->kinds;
@@ -199,8 +204,10 @@ static __always_inline int cgroup_match(u32 flags)
         struct cgroup_verdict fresh = {.gen = gen, .epoch = epoch, .kinds = kinds};
         cgroup_verdicts.update(&cg, &fresh);
     }
+#ifdef CGROUP_SLOT
     if (slot)
         cgroup_slot_put(slot, cg, gen, epoch, kinds);
+#endif
     return (kinds & need) == need;
 }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.kernel.capabilities import CMPXCHG_KERNEL, kernel_version
 from agent.kernel.cgroups import Cgroups, with_cgroup_ids
 from agent.model.targets import TargetSet
 from tests.support.cgroups import cgroup_dir, spawn_in
@@ -267,12 +268,23 @@ def counted_round(m, p: subprocess.Popen) -> int:
 
 
 BUILDS = pytest.mark.parametrize("latency", [True, False], ids=["latency", "counts-only"])
+# With the per-CPU slot (kernels with BPF_CMPXCHG) and without it (the LRU cache alone,
+# as on older kernels).
+SLOT = pytest.mark.parametrize("slot", [True, False], ids=["slot", "lru-only"])
 
 
+def with_slot(slot: bool):
+    """before_load for loaded_monitor: the monitor compiled with or without the slot."""
+    if slot and kernel_version() < CMPXCHG_KERNEL:
+        pytest.skip(f"the per-CPU slot needs BPF_CMPXCHG (Linux {CMPXCHG_KERNEL})")
+    return lambda m: setattr(m, "cgroup_slot", slot)
+
+
+@SLOT
 @BUILDS
 def test_target_change_between_two_calls_on_one_cpu(sink: CollectingSink,
                                                     rounds_workload: Path,
-                                                    latency: bool) -> None:
+                                                    latency: bool, slot: bool) -> None:
     """The same process, cgroup and CPU; the cgroup target changes between two of its
     calls (its pid stays targeted, ANDed): each round is counted exactly as the target
     of that moment says, never as the verdict its CPU cached before the change (the
@@ -280,7 +292,8 @@ def test_target_change_between_two_calls_on_one_cpu(sink: CollectingSink,
     steps = [(f"{ROOT}/T", True), (f"{ROOT}/S", False), (f"{ROOT}/T/inner", True),
              (f"{ROOT}/S", False), (ROOT, True)]
     with tree() as dirs, on_one_cpu(dirs["T/inner/nested"], rounds_workload) as p, \
-            loaded_monitor("syscall", sink, per_process=True, latency=latency) as m:
+            loaded_monitor("syscall", sink, before_load=with_slot(slot), per_process=True,
+                           latency=latency) as m:
         counted = []
         for target, _ in steps:
             m.set_targets(cgroup_targets({target}, pids=frozenset({p.pid})))
@@ -288,16 +301,18 @@ def test_target_change_between_two_calls_on_one_cpu(sink: CollectingSink,
     assert counted == [(target, N_ROUND if matched else 0) for target, matched in steps]
 
 
+@SLOT
 @BUILDS
 def test_process_moved_between_two_calls_on_one_cpu(sink: CollectingSink,
                                                     rounds_workload: Path,
-                                                    latency: bool) -> None:
+                                                    latency: bool, slot: bool) -> None:
     """The same target (the subtree of T and the process's pid) and CPU; the process
     moves to another cgroup between two of its calls: each round is counted as its
     cgroup of that moment says."""
     steps = [("T", True), ("S", False), ("T/inner/nested", True), ("S", False), ("T", True)]
     with tree() as dirs, on_one_cpu(dirs["T"], rounds_workload) as p, \
-            loaded_monitor("syscall", sink, per_process=True, latency=latency) as m:
+            loaded_monitor("syscall", sink, before_load=with_slot(slot), per_process=True,
+                           latency=latency) as m:
         m.set_targets(cgroup_targets({f"{ROOT}/T"}, pids=frozenset({p.pid})))
         counted = []
         for name, _ in steps:

@@ -113,9 +113,9 @@ static __always_inline u32 cgroup_ancestry_kinds(u64 cg)
 
 #ifdef CGROUP_SLOT
 /* The last verdict of this CPU, in front of cgroup_verdicts: a task looping on
- * syscalls finds its cgroup here at the cost of an array access and a few compares,
- * where an LRU hash lookup hashes the key and marks the entry (the LRU's reference
- * bit, a write to memory every CPU shares).
+ * syscalls finds its cgroup here at the cost of an array access (inlined by the
+ * verifier) and a few compares, where an LRU hash lookup is a call that hashes the key
+ * and walks its bucket (and sets the entry's reference bit when it is clear).
  *
  * One CPU's programs can still interleave on its slot: a program interrupted by
  * another one (a softirq's), or preempted where the kernel runs programs with

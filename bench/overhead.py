@@ -218,6 +218,24 @@ class Peer(Config):
         return {self.proc.pid} if self.proc else set()
 
 
+CGROUP_MATCHING = "syscall monitor, cgroup target matching the workload (its own)"
+CGROUP_GOAL = 1.10  # issue 17: the per-call cost with a cgroup target, x no target
+
+
+def cgroup_ratios(results: Results, wls: list[Workload], configs: list[Config]) -> str:
+    """Issue 17's cost goal side by side with its reference: the monitor with a cgroup
+    target matching the workload against the same monitor without a target."""
+    names = {c.name for c in configs}
+    if CGROUP_MATCHING not in names or "syscall monitor" not in names:
+        return ""
+    ratios = []
+    for w in wls:
+        ratio = results.median(CGROUP_MATCHING, w.name) / results.median("syscall monitor", w.name)
+        ratios.append(f"{w.name} {ratio:.2f}x")
+    return (f"cgroup target matching / no target (CPU s medians; goal <= {CGROUP_GOAL:.2f}x): "
+            + ", ".join(ratios))
+
+
 def configurations() -> list[Config]:
     from agent.model.targets import TargetSet
 
@@ -236,7 +254,7 @@ def configurations() -> list[Config]:
         # Target pid 1 alone: the workload is a process the filter excludes.
         Monitor("syscall monitor, workload excluded (target pid 1, follow_children off)",
                 TargetSet(pids=frozenset({1}), follow_children=False)),
-        CgroupMonitor("syscall monitor, cgroup target matching the workload (its own)", "own"),
+        CgroupMonitor(CGROUP_MATCHING, "own"),
         CgroupMonitor("syscall monitor, cgroup target excluding the workload", "other"),
         Monitor("syscall monitor, latency off (counts+errors)", latency=False),
         Monitor("syscall monitor, latency off, workload excluded (target pid 1, no follow)",
@@ -377,14 +395,20 @@ def main() -> int:
     configs = [c for c in configurations()
                if not args.only or c.name in ("no agent", FLOOR, FLOOR_RAW, "syscall monitor")
                or any(text in c.name for text in args.only)]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         wls = workloads(Path(tmp), args.dd_count, args.getppid)
         t0 = time.monotonic()
         results = run(args.reps, wls, configs)
         elapsed = time.monotonic() - t0
+    load_after = os.getloadavg()
     print(f"Kernel {platform.release()}, {os.cpu_count()} CPUs; medians of {args.reps} "
-          f"alternating runs; bench took {elapsed:.0f} s.\n")
+          f"alternating runs; bench took {elapsed:.0f} s; load average (1 min) before/after "
+          f"{load_before[0]:.2f}/{load_after[0]:.2f}.\n")
     print(table(results, wls, configs))
+    ratios = cgroup_ratios(results, wls, configs)
+    if ratios:
+        print(f"\n{ratios}")
     print("\nCPU s: median user+system time of the workload process; x columns divide it by "
           "the no-agent, empty-perf-tracepoint and empty-raw-tracepoint floor medians "
           "(both hooks); +ns/syscall: (median - no-agent median) / syscalls "

@@ -50,7 +50,8 @@
 BPF_HASH(target_pids, u32, u8, MAX_TARGET_PIDS + MAX_FOLLOWED);
 BPF_HASH(target_uids, u32, u8, MAX_TARGET_UIDS);
 BPF_HASH(target_comms, struct comm_key, u8, MAX_TARGET_COMMS);
-/* [0]: TF_* flags; [TF_CGROUP_GEN]: the generation of target_cgroups. */
+/* [0]: TF_* flags; [TF_CGROUP_GEN], [TF_CGROUP_EPOCH]: the generations of
+ * target_cgroups, userspace's and the kernel's (types.h). */
 BPF_ARRAY(target_flags, u32, TF_ENTRIES);
 /* cgroup v2 id -> CG_* kinds. A plain hash: container cgroups added by the kernel never
  * evict an operator's path; a full map is counted (CNT_CGROUPS_FULL). */
@@ -110,12 +111,74 @@ static __always_inline u32 cgroup_ancestry_kinds(u64 cg)
     return kinds;
 }
 
+#ifdef CGROUP_SLOT
+/* The last verdict of this CPU, in front of cgroup_verdicts: a task looping on
+ * syscalls finds its cgroup here at the cost of an array access (inlined by the
+ * verifier) and a few compares, where an LRU hash lookup is a call that hashes the key
+ * and walks its bucket (and sets the entry's reference bit when it is clear).
+ *
+ * One CPU's programs can still interleave on its slot: a program interrupted by
+ * another one (a softirq's), or preempted where the kernel runs programs with
+ * migration disabled only (uprobes: bpf_prog_run_array_uprobe()). So it is a
+ * sequence lock of one CPU: seq is odd while a writer fills the slot, and only the
+ * writer whose compare-and-swap made it odd writes; a reader takes the fields only
+ * when seq was even and unchanged around its reads. seq only grows, so an unchanged
+ * value means no write happened in between. All of it happens on one CPU (this
+ * CPU's copy, migration disabled), which sees its own accesses in program order:
+ * only the compiler must not reorder them (the barriers). Compiled in with CGROUP_SLOT
+ * (BccMonitor.cflags: kernels with BPF_CMPXCHG, Linux 5.12+). */
+struct cgroup_slot {
+    u64 seq;
+    u64 cg;
+    u32 gen;
+    u32 epoch;
+    u32 kinds;
+    u32 _pad;
+};
+BPF_PERCPU_ARRAY(cgroup_last, struct cgroup_slot, 1);
+
+#define CG_BARRIER() asm volatile("" ::: "memory")
+#define CG_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+
+static __always_inline int cgroup_slot_get(struct cgroup_slot *s, u64 cg, u32 gen,
+                                           u32 epoch, u32 *kinds)
+{
+    u64 seq = CG_READ_ONCE(s->seq);
+    CG_BARRIER();
+    if ((seq & 1) || s->cg != cg || s->gen != gen || s->epoch != epoch)
+        return 0;
+    u32 k = s->kinds;
+    CG_BARRIER();
+    if (CG_READ_ONCE(s->seq) != seq)
+        return 0;
+    *kinds = k;
+    return 1;
+}
+
+static __always_inline void cgroup_slot_put(struct cgroup_slot *s, u64 cg, u32 gen,
+                                            u32 epoch, u32 kinds)
+{
+    u64 seq = CG_READ_ONCE(s->seq);
+    if ((seq & 1) || __sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq)
+        return;  /* another program on this CPU is writing it: leave it to that one */
+    CG_BARRIER();
+    s->cg = cg;
+    s->gen = gen;
+    s->epoch = epoch;
+    s->kinds = kinds;
+    CG_BARRIER();
+    CG_READ_ONCE(s->seq) = seq + 2;
+}
+#endif
+
 /* The cgroup and container filters. The ancestor walk costs a helper call and a lookup
  * per level, too much for every syscall: its result is cached per cgroup id, tagged
- * with the generation userspace bumps after changing target_cgroups (a walk that raced
- * a change was tagged with the old generation, so it is never used). The kernel's own
- * insertions (cgroup_mkdir below) need no bump: they are of new ids, with no verdicts
- * cached yet for them or for any cgroup under them. */
+ * with the generation userspace bumps after changing target_cgroups and the epoch the
+ * kernel bumps after removing from it (cgroup_rmdir below). Both are read before the
+ * walk, so a walk that raced a change carries the old value and is never used. The
+ * kernel's insertions (cgroup_mkdir below) need no bump: they are of new ids, with no
+ * verdicts cached yet for them or for any cgroup under them. A task moved to another
+ * cgroup has another id, hence another verdict. */
 static __always_inline int cgroup_match(u32 flags)
 {
     u32 need = ((flags & TF_CGROUPS) ? CG_PATH : 0) | ((flags & TF_CONTAINERS) ? CG_CONTAINER : 0);
@@ -123,15 +186,28 @@ static __always_inline int cgroup_match(u32 flags)
     u32 idx = TF_CGROUP_GEN;
     u32 *genp = target_flags.lookup(&idx);
     u32 gen = genp ? *genp : 0;
+    idx = TF_CGROUP_EPOCH;
+    u32 *epochp = target_flags.lookup(&idx);
+    u32 epoch = epochp ? *epochp : 0;
     u32 kinds;
+#ifdef CGROUP_SLOT
+    u32 zero = 0;
+    struct cgroup_slot *slot = cgroup_last.lookup(&zero);
+    if (slot && cgroup_slot_get(slot, cg, gen, epoch, &kinds))
+        return (kinds & need) == need;
+#endif
     struct cgroup_verdict *v = cgroup_verdicts.lookup(&cg);
-    if (v && v->gen == gen) {
+    if (v && v->gen == gen && v->epoch == epoch) {
         kinds = v->kinds;
     } else {
         kinds = cgroup_ancestry_kinds(cg);
-        struct cgroup_verdict fresh = {.gen = gen, .kinds = kinds};
+        struct cgroup_verdict fresh = {.gen = gen, .epoch = epoch, .kinds = kinds};
         cgroup_verdicts.update(&cg, &fresh);
     }
+#ifdef CGROUP_SLOT
+    if (slot)
+        cgroup_slot_put(slot, cg, gen, epoch, kinds);
+#endif
     return (kinds & need) == need;
 }
 
@@ -159,10 +235,11 @@ static __always_inline int current_pid_uid_match(u32 flags)
 static __always_inline int current_matches(void)
 {
     u32 flags = active_filters();
+    /* No target: one test of the flags word (ready, no filter on). */
+    if ((flags & (TF_READY | TF_FILTERS)) == TF_READY)
+        return 1;
     if (!(flags & TF_READY))
         return 0;
-    if (!(flags & TF_FILTERS))
-        return 1;
     if (!current_pid_uid_match(flags))
         return 0;
     if (flags & TF_COMMS) {
@@ -329,15 +406,24 @@ TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
 
 /* A removed cgroup's id is never reused (cgroup ids are 64-bit kernfs node ids): its
  * container entry and cached verdict only take room. An operator's path stays listed
- * (userspace reports it as no longer existing). Tracepoint cgroup:cgroup_rmdir. */
+ * (userspace reports it as no longer existing). Tracepoint cgroup:cgroup_rmdir.
+ * rmdir(2) of a cgroup needs it unpopulated, yet a task past cgroup_exit() in its
+ * do_exit() still has it as its cgroup (and a dying child cgroup has it as an
+ * ancestor): the epoch bump after a removal makes every cached verdict stale, those of
+ * this id included, wherever a program may have cached them meanwhile. */
 TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
 {
     if (args->root != CGROUP2_HIERARCHY)
         return 0;
     u64 id = args->id;
     u8 *kind = target_cgroups.lookup(&id);
-    if (kind && *kind == CG_CONTAINER)
+    if (kind && *kind == CG_CONTAINER) {
         target_cgroups.delete(&id);
+        u32 idx = TF_CGROUP_EPOCH;
+        u32 *epoch = target_flags.lookup(&idx);
+        if (epoch)
+            __sync_fetch_and_add(epoch, 1);
+    }
     cgroup_verdicts.delete(&id);
     return 0;
 }

@@ -21,9 +21,12 @@
 #define TF_CONTAINERS 64  /* container prefixes: ids with CG_CONTAINER in target_cgroups */
 #define TF_FILTERS (TF_PIDS | TF_UIDS | TF_COMMS | TF_CGROUPS | TF_CONTAINERS)
 /* target_flags[TF_CGROUP_GEN]: the generation of target_cgroups, bumped by userspace
- * after every change it makes there; a cached verdict of another generation is stale. */
-#define TF_CGROUP_GEN 1
-#define TF_ENTRIES    2
+ * after every change it makes there; a cached verdict of another generation is stale.
+ * target_flags[TF_CGROUP_EPOCH]: the same for the kernel's own removals from
+ * target_cgroups (common.h cgroup_rmdir), which only the kernel bumps. */
+#define TF_CGROUP_GEN   1
+#define TF_CGROUP_EPOCH 2
+#define TF_ENTRIES      3
 
 /* counters[] indices; agent/monitors/bcc.py KERNEL_COUNTERS mirrors this list. */
 #define CNT_SEEN          0  /* events that matched the targets in the kernel */
@@ -66,9 +69,11 @@ struct container_key {
 };
 
 /* cgroup_verdicts: the kinds (CG_*) a cgroup and its ancestors carry, cached per
- * current cgroup id, valid while gen equals target_flags[TF_CGROUP_GEN]. */
+ * current cgroup id, valid while gen and epoch equal target_flags[TF_CGROUP_GEN] and
+ * target_flags[TF_CGROUP_EPOCH]. */
 struct cgroup_verdict {
     u32 gen;
+    u32 epoch;
     u32 kinds;
 };
 

@@ -147,11 +147,22 @@ def _check_uprobes(tracefs: Path | None, config: dict[str, str]) -> Feature:
     return Feature(bool(config), "CONFIG_UPROBE_EVENTS=y" if config else "cannot tell")
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel, or of ``release`` as `uname -r` prints it."""
+    major, minor = (int(x) for x in re.findall(r"\d+", release or platform.release())[:2])
+    return major, minor
+
+
+# BPF_ATOMIC's compare-and-exchange (BPF_CMPXCHG) came with Linux 5.12; common.h's
+# per-CPU cgroup verdict slot (CGROUP_SLOT) needs it.
+CMPXCHG_KERNEL = (5, 12)
+
+
 def _check_ringbuf(kallsyms: set[str]) -> Feature:
     # BPF_MAP_TYPE_RINGBUF came with 5.8; its helpers show in kallsyms where readable.
     if "bpf_ringbuf_output" in kallsyms:
         return Feature(True, "bpf_ringbuf_output in kallsyms")
-    major, minor = (int(x) for x in re.findall(r"\d+", platform.release())[:2])
+    major, minor = kernel_version()
     ok = (major, minor) >= (5, 8)
     return Feature(ok, f"kernel {major}.{minor} {'>=' if ok else '<'} 5.8")
 

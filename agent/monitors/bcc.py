@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.kernel import procfs
+from agent.kernel.capabilities import CMPXCHG_KERNEL, kernel_version
 from agent.kernel.cgroups import container_cgroups
 from agent.model.events import Event, MonotonicClock
 from agent.model.targets import TargetSet
@@ -109,6 +110,9 @@ class BccMonitor(BaseMonitor[OptionsT]):
         self._cgroups_synced: tuple[Any, ...] | None = None
         self._cgroup_paths: dict[int, str] = {}  # id -> operator's path
         self.cgroups_full = 0
+        # common.h's per-CPU cgroup verdict slot, where the kernel has the atomic it
+        # takes; without it every call with a cgroup target looks up the LRU cache.
+        self.cgroup_slot = kernel_version() >= CMPXCHG_KERNEL
 
     # -- kernel side ---------------------------------------------------------------
     def extra_cflags(self) -> dict[str, int | str]:
@@ -142,6 +146,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
         flags += [f"-D{k}={v}" for k, v in defines.items()]
         if self.use_ringbuf:
             flags.append("-DUSE_RINGBUF")
+        if self.cgroup_slot:
+            flags.append("-DCGROUP_SLOT")
         return flags
 
     def load(self) -> None:

@@ -8,8 +8,16 @@ import platform
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent.kernel import btf
-from agent.kernel.capabilities import CapabilityReport, Feature, build_report
+from agent.kernel.capabilities import (
+    CMPXCHG_KERNEL,
+    CapabilityReport,
+    Feature,
+    build_report,
+    kernel_version,
+)
 from agent.monitors.registry import discover_monitors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +36,21 @@ def test_report_matches_the_host() -> None:
         assert report.feature("kprobes").available == config_kprobes
     names = [m.name for m in report.monitors]
     assert "exec" in names
+
+
+@pytest.mark.parametrize(("release", "version", "has_cmpxchg"), [
+    ("6.18.44-fc-v1147", (6, 18), True),
+    ("5.12.0", (5, 12), True),
+    ("5.11.22-100.fc32.x86_64", (5, 11), False),
+    ("5.4.0-150-generic", (5, 4), False),
+    ("4.18.0-553.el8_10.x86_64", (4, 18), False),
+    ("10.0.1", (10, 0), True),
+])
+def test_kernel_version_of_a_release(release: str, version: tuple[int, int],
+                                     has_cmpxchg: bool) -> None:
+    """`uname -r` strings as distributions print them; the slot's kernel gate."""
+    assert kernel_version(release) == version
+    assert (kernel_version(release) >= CMPXCHG_KERNEL) == has_cmpxchg
 
 
 def test_btf_offsets_agree_with_bpftool() -> None:

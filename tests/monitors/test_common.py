@@ -58,7 +58,7 @@ def test_event_header_layout() -> None:
 
 def test_map_key_sizes() -> None:
     assert struct_sizes(TYPES_H, ["comm_key", "container_key", "cgroup_verdict"]) == {
-        "comm_key": COMM_LEN, "container_key": 4 + CONTAINER_ID_LEN, "cgroup_verdict": 8}
+        "comm_key": COMM_LEN, "container_key": 4 + CONTAINER_ID_LEN, "cgroup_verdict": 12}
 
 
 def test_constants_match_python() -> None:

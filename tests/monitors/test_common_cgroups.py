@@ -3,6 +3,7 @@ directories, the test's own processes moved in, exact events and counts per moni
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.kernel.capabilities import CMPXCHG_KERNEL, kernel_version
 from agent.kernel.cgroups import Cgroups, with_cgroup_ids
 from agent.model.targets import TargetSet
 from tests.support.cgroups import cgroup_dir, spawn_in
 from tests.support.kernel import CollectingSink, compile_c
 from tests.support.monitors import drain, loaded_monitor, wait_for_events
-from tests.support.workloads import calls_c
+from tests.support.workloads import calls_c, rounds_c
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
@@ -215,6 +217,133 @@ def test_live_cgroup_edit_takes_effect_at_once(sink: CollectingSink, workload: P
         assert seen == [(f"{ROOT}/T", True), (f"{ROOT}/S", False),
                         (f"{ROOT}/T/inner", True), (ROOT, True)]
         assert m.read_targets()["cgroups"] == [ROOT]
+
+
+# -- the per-CPU verdict slot (common.h cgroup_last): one process on one CPU ------------
+N_ROUND = 1000
+
+
+@pytest.fixture(scope="module")
+def rounds_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory.mktemp("cgroup-rounds"), "rounds", rounds_c(N_ROUND))
+
+
+@contextmanager
+def on_one_cpu(d: Path, workload: Path) -> Iterator[subprocess.Popen]:
+    """The rounds workload started in ``d`` and pinned to one CPU: its rounds meet the
+    slot its previous round left on that CPU, as long as no other task wrote there in
+    between (the tests below target its pid too: the pid check comes first, so no other
+    task reaches the cgroup check)."""
+    p = spawn_in(d, [str(workload)])
+    try:
+        os.sched_setaffinity(p.pid, {max(os.sched_getaffinity(0))})
+        yield p
+    finally:
+        p.stdin.close()  # type: ignore[union-attr]  # EOF: it exits
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def move(p: subprocess.Popen, d: Path) -> None:
+    """cgroups(7): a process moves to a cgroup when its pid is written to cgroup.procs."""
+    (d / "cgroup.procs").write_text(str(p.pid))
+
+
+def getppid_count(m, pid: int) -> int:
+    """The getppid calls counted for ``pid`` (per_process statistics)."""
+    for proc in m.stats()["processes"]:
+        if proc["pid"] == pid:
+            return next((s["count"] for s in proc["syscalls"] if s["name"] == "getppid"), 0)
+    return 0
+
+
+def counted_round(m, p: subprocess.Popen) -> int:
+    """One round of the workload: the getppid calls the monitor counted for it."""
+    before = getppid_count(m, p.pid)
+    run(p)
+    return getppid_count(m, p.pid) - before
+
+
+BUILDS = pytest.mark.parametrize("latency", [True, False], ids=["latency", "counts-only"])
+# With the per-CPU slot (kernels with BPF_CMPXCHG) and without it (the LRU cache alone,
+# as on older kernels).
+SLOT = pytest.mark.parametrize("slot", [True, False], ids=["slot", "lru-only"])
+
+
+def with_slot(slot: bool):
+    """before_load for loaded_monitor: the monitor compiled with or without the slot."""
+    if slot and kernel_version() < CMPXCHG_KERNEL:
+        pytest.skip(f"the per-CPU slot needs BPF_CMPXCHG (Linux {CMPXCHG_KERNEL})")
+    return lambda m: setattr(m, "cgroup_slot", slot)
+
+
+@SLOT
+@BUILDS
+def test_target_change_between_two_calls_on_one_cpu(sink: CollectingSink,
+                                                    rounds_workload: Path,
+                                                    latency: bool, slot: bool) -> None:
+    """The same process, cgroup and CPU; the cgroup target changes between two of its
+    calls (its pid stays targeted, ANDed): each round is counted exactly as the target
+    of that moment says, never as the verdict its CPU cached before the change (the
+    generation)."""
+    steps = [(f"{ROOT}/T", True), (f"{ROOT}/S", False), (f"{ROOT}/T/inner", True),
+             (f"{ROOT}/S", False), (ROOT, True)]
+    with tree() as dirs, on_one_cpu(dirs["T/inner/nested"], rounds_workload) as p, \
+            loaded_monitor("syscall", sink, before_load=with_slot(slot), per_process=True,
+                           latency=latency) as m:
+        counted = []
+        for target, _ in steps:
+            m.set_targets(cgroup_targets({target}, pids=frozenset({p.pid})))
+            counted.append((target, counted_round(m, p)))
+    assert counted == [(target, N_ROUND if matched else 0) for target, matched in steps]
+
+
+@SLOT
+@BUILDS
+def test_process_moved_between_two_calls_on_one_cpu(sink: CollectingSink,
+                                                    rounds_workload: Path,
+                                                    latency: bool, slot: bool) -> None:
+    """The same target (the subtree of T and the process's pid) and CPU; the process
+    moves to another cgroup between two of its calls: each round is counted as its
+    cgroup of that moment says."""
+    steps = [("T", True), ("S", False), ("T/inner/nested", True), ("S", False), ("T", True)]
+    with tree() as dirs, on_one_cpu(dirs["T"], rounds_workload) as p, \
+            loaded_monitor("syscall", sink, before_load=with_slot(slot), per_process=True,
+                           latency=latency) as m:
+        m.set_targets(cgroup_targets({f"{ROOT}/T"}, pids=frozenset({p.pid})))
+        counted = []
+        for name, _ in steps:
+            move(p, dirs[name])
+            counted.append((name, counted_round(m, p)))
+    assert counted == [(name, N_ROUND if matched else 0) for name, matched in steps]
+
+
+def test_container_cgroup_removed_and_made_again_on_one_cpu(sink: CollectingSink,
+                                                            rounds_workload: Path) -> None:
+    """A container's cgroup removed and made again under the same name is a new cgroup,
+    matched from its creation (cgroup_mkdir); the process moved in and out of each on
+    one CPU is counted exactly while inside a matched one."""
+    path = f"{ROOT}/system.slice/docker-{CONTAINER}.scope"
+    other = f"{ROOT}/system.slice/docker-{OTHER}.scope"
+    with cgroup_dir(f"{ROOT}/outside") as outside, \
+            on_one_cpu(outside, rounds_workload) as p, \
+            loaded_monitor("syscall", sink, per_process=True) as m:
+        m.set_targets(cgroup_targets(containers={CONTAINER[:12]}, pids=frozenset({p.pid})))
+        counted = []
+        for cgroup in (path, path, other, path):
+            with cgroup_dir(cgroup) as d:
+                move(p, d)
+                counted.append((cgroup, counted_round(m, p)))
+                move(p, outside)
+                counted.append(("outside", counted_round(m, p)))
+        assert m.container_cgroup_ids() == set()  # each removed again: cgroup_rmdir
+    assert counted == [
+        (path, N_ROUND), ("outside", 0), (path, N_ROUND), ("outside", 0),
+        (other, 0), ("outside", 0), (path, N_ROUND), ("outside", 0),
+    ]
 
 
 # -- the workload fields on syscall and func events, per runtime naming -------------------

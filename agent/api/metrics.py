@@ -126,6 +126,9 @@ def _processes(stats: dict[str, Any]) -> Iterator[Metric]:
     for kind, n in sorted(tracker["records"].items()):
         records.add_metric([kind], float(n))
     yield records
+    yield CounterMetricFamily("ebpf_agent_process_tracker_catch_up_timeouts",
+                              "events whose ancestors stage gave up waiting for the tracker",
+                              value=tracker["catch_up_timeouts"])
     yield GaugeMetricFamily("ebpf_agent_process_tracker_running",
                             "1 while the process tracker runs",
                             value=1.0 if tracker["state"] == "running" else 0.0)

@@ -90,7 +90,8 @@ class Agent:
             self.tracker = ProcessTracker(p, self.processes, report.kernel_offsets,
                                           default_resolver(), local_identity())
             if p.event_ancestors:
-                stages.append(AncestorStage(self.processes, p.event_ancestors))
+                stages.append(AncestorStage(self.processes, p.event_ancestors,
+                                            self.tracker.catch_up))
         try:
             self.manager = MonitorManager(
                 registry,

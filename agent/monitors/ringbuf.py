@@ -24,6 +24,7 @@ import ctypes
 import mmap
 import platform
 import select
+import threading
 import time
 from collections.abc import Callable
 
@@ -84,6 +85,7 @@ class RingReader:
         self._linger = LINGER_S
         self._quarter = data_size // 4
         self._consumed_bytes = 0  # by the last consume()
+        self._nudged = threading.Event()  # cuts a linger short (nudge())
         self.records = 0
 
     def consume(self, limit: int = MAX_RECORDS) -> int:
@@ -138,8 +140,10 @@ class RingReader:
             self._epoll.poll(timeout_ms / 1000)  # releases the GIL while it waits
             n = self.consume(limit)
         self._account(n)
-        if 0 < n < limit and self._busy:
-            time.sleep(self._linger)  # let a batch build up instead of a wake-up per event
+        # Under load, let a batch build up instead of a wake-up per event (nudge() ends
+        # the wait early).
+        if 0 < n < limit and self._busy and self._nudged.wait(self._linger):
+            self._nudged.clear()
         return n
 
     def _account(self, n: int) -> None:
@@ -153,6 +157,17 @@ class RingReader:
                 self._linger = linger_for(self._window_bytes / span, self._quarter,
                                           self._linger_max)
             self._window_start, self._window_count, self._window_bytes = now, 0, 0
+
+    # -- any thread -------------------------------------------------------------------
+    def positions(self) -> tuple[int, int]:
+        """(consumer, producer) positions: the records before the producer position are
+        handled once the consumer position has reached it (it is stored after the
+        handler has run)."""
+        return self._cons.value, self._prod[0]
+
+    def nudge(self) -> None:
+        """Ends the current linger: a reader on another thread wants the records now."""
+        self._nudged.set()
 
     def close(self) -> None:
         self._epoll.close()

@@ -299,19 +299,22 @@ class ProcessTable:
             return out
 
     def ancestors_brief(self, parent_process_id: str | None, ppid: int | None,
-                        limit: int) -> list[dict[str, Any]]:
+                        limit: int) -> tuple[list[dict[str, Any]], bool]:
         """(process_id, pid, comm) of up to ``limit`` ancestors of a process whose parent
-        is ``parent_process_id`` (or the live ``ppid``), parent first."""
+        is ``parent_process_id`` (or the live ``ppid``), parent first; and whether the
+        chain is whole (``limit`` long, or ending at a process without a parent) rather
+        than cut at a process the table does not know."""
         with self._lock:
             parent = self._by_id.get(parent_process_id) if parent_process_id else None
             if parent is None and ppid and not parent_process_id:
                 pid_id = self._live.get(ppid)
                 parent = self._by_id.get(pid_id) if pid_id else None
             if parent is None:
-                return []
+                return [], not parent_process_id and not ppid
             chain = [parent, *self._ancestors(parent, limit - 1)]
+            whole = len(chain) >= limit or chain[-1].parent_process_id is None
             return [{"process_id": a.process_id, "pid": a.pid, "comm": a.comm}
-                    for a in chain]
+                    for a in chain], whole
 
     def _ancestors(self, p: Process, limit: int) -> list[Process]:
         out: list[Process] = []

@@ -64,6 +64,9 @@ POLL_MS = 100
 # needs a process record within milliseconds, and a wake-up per few records cost the
 # tracker more than the records themselves (bench/RESULTS.md, exec_storm serve).
 BATCH_LINGER_S = 0.02
+# How long an event's ancestors stage waits at most for the tracker to apply the records
+# produced before the event (catch_up).
+CATCH_UP_S = 0.1
 HOUSEKEEPING_S = 1.0  # counters read, exited entries pruned
 REPARENT_AFTER_S = 0.05
 REPARENT_TRIES = 4
@@ -93,6 +96,10 @@ class ProcessTracker:
         self.parse_errors = 0
         self.seeded = 0
         self.reparented = 0
+        self._applied = threading.Condition()  # notified after each batch while waited on
+        self._waiting = 0
+        self.catch_ups = 0  # waits for the tracker (catch_up), and those that timed out
+        self.catch_up_timeouts = 0
 
     # -- life -----------------------------------------------------------------------
     def start(self) -> None:
@@ -181,12 +188,49 @@ class ProcessTracker:
                 self._reader.poll(POLL_MS)
             else:
                 self._bpf.ring_buffer_poll(POLL_MS)
+            if self._waiting:
+                with self._applied:
+                    self._applied.notify_all()
             now = time.monotonic()
             self._check_reparented(now)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_S
                 self._read_counters()
                 self.table.prune()
+
+    # -- any other thread ---------------------------------------------------------------
+    def catch_up(self, timeout: float = CATCH_UP_S) -> bool:
+        """Waits until every record the kernel produced before this call is applied to
+        the table (at most ``timeout``): an event's process may have forked a moment
+        before its event, and its records travel through another ring buffer. False
+        when it could not (not running, the BCC reader, or the timeout: counted)."""
+        reader = self._reader
+        if reader is None or threading.current_thread() is self._thread:
+            return False
+        try:
+            consumed, target = reader.positions()
+        except ValueError:  # closed meanwhile (its mappings released)
+            return False
+        if consumed >= target:
+            return True
+        self.catch_ups += 1
+
+        def applied() -> bool:
+            try:
+                return reader.positions()[0] >= target
+            except ValueError:
+                return True  # closed: nothing more will be applied
+
+        with self._applied:
+            self._waiting += 1
+            try:
+                reader.nudge()
+                done = self._applied.wait_for(applied, timeout)
+            finally:
+                self._waiting -= 1
+        if not done:
+            self.catch_up_timeouts += 1
+        return done
 
     def _read_counters(self) -> None:
         counters = self._bpf[b"counters"]
@@ -301,7 +345,8 @@ class ProcessTracker:
         return {"state": self.state, "error": self.error, "seeded": self.seeded,
                 "records": dict(self.records), "ring_dropped": self.kernel["dropped"],
                 "cgroups_created": self.kernel["cgroups_created"],
-                "parse_errors": self.parse_errors, "reparented": self.reparented}
+                "parse_errors": self.parse_errors, "reparented": self.reparented,
+                "catch_ups": self.catch_ups, "catch_up_timeouts": self.catch_up_timeouts}
 
 
 def ident_of(identity: ProcessIdentity, pid: int, ticks: int | None) -> str | None:

@@ -52,6 +52,36 @@ def test_the_stage_adds_ancestors_before_encoding(limit: int, event: dict,
             "comm": {30: "bash", 20: "sshd"}[want[0]]}
 
 
+@pytest.mark.parametrize(("known", "calls", "want"), [
+    ([entry(1, 0, "init"), entry(20, 1, "sshd")], 0, [20, 1]),  # whole: no wait
+    ([entry(1, 0, "init")], 1, [20, 1]),  # 20 unknown: the tracker applies its fork
+])
+def test_a_cut_chain_waits_for_the_tracker_then_looks_again(
+        known: list[Process], calls: int, want: list[int]) -> None:
+    table = ProcessTable(100, 10, 60)
+    table.seed(iter(known))
+    waited: list[int] = []
+
+    def catch_up() -> bool:  # what ProcessTracker.catch_up does: the late record applied
+        waited.append(1)
+        table.forked(entry(20, 1, "sshd"))
+        return True
+
+    stage = AncestorStage(table, 5, catch_up)
+    event: dict = {"parent_process_id": f"{BOOT}-1-20", "ppid": 20}
+    stage(event)
+    assert [a["pid"] for a in event["ancestors"]] == want
+    assert len(waited) == calls
+
+
+def test_a_tracker_that_cannot_catch_up_leaves_the_chain_as_it_is() -> None:
+    table = ProcessTable(100, 10, 60)
+    stage = AncestorStage(table, 5, lambda: False)
+    event: dict = {"parent_process_id": f"{BOOT}-1-20", "ppid": 20}
+    stage(event)
+    assert event["ancestors"] == []
+
+
 def test_off_by_default_no_ancestors_key() -> None:
     sink = MonitorSink()
     consumer = CollectingSink()

@@ -111,11 +111,21 @@ def test_lineage_ancestors_parent_first_and_live_children() -> None:
     out = t.lineage(t.live_pid(11))  # type: ignore[arg-type]
     assert [a["pid"] for a in out["ancestors"]] == [10, 1]
     assert [c["pid"] for c in out["children"]] == [12]  # 13 exited
-    assert t.ancestors_brief(pid_id(11), 11, 2) == [
+    assert t.ancestors_brief(pid_id(11), 11, 2) == ([
         {"process_id": pid_id(11), "pid": 11, "comm": "b"},
-        {"process_id": pid_id(10), "pid": 10, "comm": "a"}]
-    assert t.ancestors_brief(None, 10, 5)[0]["pid"] == 10  # no parent id: the live ppid
-    assert t.ancestors_brief(pid_id(99), 99, 5) == []
+        {"process_id": pid_id(10), "pid": 10, "comm": "a"}], True)
+    chain, whole = t.ancestors_brief(None, 10, 5)  # no parent id: the live ppid
+    assert [a["pid"] for a in chain] == [10, 1] and whole  # init has no parent: whole
+    assert t.ancestors_brief(pid_id(99), 99, 5) == ([], False)  # unknown: maybe late
+    assert t.ancestors_brief(None, 0, 5) == ([], True)  # no parent at all
+
+
+def test_a_chain_cut_at_an_unknown_process_is_not_whole() -> None:
+    t = table()
+    t.seed(iter([proc(10, 5), proc(11, 10)]))  # 10's parent, 5, is unknown
+    chain, whole = t.ancestors_brief(pid_id(11), 11, 5)
+    assert [a["pid"] for a in chain] == [11, 10] and not whole
+    assert t.ancestors_brief(pid_id(11), 11, 2)[1]  # the limit reached: whole
 
 
 def test_ancestry_stops_at_a_cycle() -> None:

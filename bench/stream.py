@@ -11,7 +11,9 @@ pids so background activity on the host is filtered out in the kernel, and print
   --clients SSE fan-outs): the agent's intake from the kernel, its CPU, each client's
   rate (client 1 decodes every event and measures receipt - ts_ns: p50/p99/max), and
   the accounting: produced (submitted + dropped in the kernel) == delivered + kernel
-  drops + userspace-queue drops + parse errors + this client's in-band `dropped`;
+  drops + parse errors + this client's in-band `dropped` (the JSONL writer's own queue
+  drops, `events_dropped_userspace`, are printed beside it: that consumer is not on the
+  stream's path);
 - memory (exec+syscall running, one client): RSS idle, peak under the flood, 6 s after,
   and a bare BCC process holding the same programs;
 - low rate: an exec every 10 ms, one decoding SSE client, default settings: latency
@@ -411,12 +413,12 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     print(f"\n== {title} (generator ran {s['gen_time']:.1f}s)")
     print(f"  kernel: seen {k.get('seen', 0)}  produced (submitted+dropped) {produced}  "
           f"dropped in kernel {dk}  delivered to userspace {intake}  "
-          f"dropped in userspace queues {du}  parse errors {parse}")
+          f"parse errors {parse}  JSONL writer dropped (its own queue) {du}")
     print(f"  agent intake from the kernel {intake / s['gen_time']:,.0f} ev/s  "
           f"agent CPU {s['cpu']:.2f} s ({s['cpu'] / s['gen_time'] * 100:.0f}% of one CPU)")
     balanced = 0
     for r in results:
-        if produced == r.received + dk + du + parse + r.missed:
+        if produced == r.received + dk + parse + r.missed:
             balanced += 1
     rates = sorted(r.rate() for r in results)
     total = sum(r.received for r in results)
@@ -431,14 +433,14 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
               f"per client min/median/max {rates[0]:,.0f}/{rates[len(rates) // 2]:,.0f}/"
               f"{rates[-1]:,.0f} ev/s  dropped total {sum(r.missed for r in results)}")
-    print(f"  accounting produced == delivered + kernel + userspace + parse + subscriber "
+    print(f"  accounting produced == delivered + kernel + parse + subscriber "
           f"drops: {balanced}/{len(results)} clients balanced"
           + ("" if balanced == len(results) else "  <-- MISMATCH"))
     if balanced != len(results):
         bad = [r for r in results
-               if produced != r.received + dk + du + parse + r.missed][:3]
+               if produced != r.received + dk + parse + r.missed][:3]
         for r in bad:
-            print(f"    e.g. {produced} != {r.received} + {dk} + {du} + {parse} + {r.missed}")
+            print(f"    e.g. {produced} != {r.received} + {dk} + {parse} + {r.missed}")
     now, before, kind = s["streams"], s["before"], s["kind"].split("-")[0]
 
     def delta(key: str) -> int:

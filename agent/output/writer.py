@@ -342,7 +342,8 @@ class OutputWriter:
         pending = self._pending
         # One JSONL file and the hub's bytes (the flood's case): lines are appended in
         # runs of up to LINES_PER_APPEND, one join each, not one _write per event.
-        jsonl = self._formats[0] if self._bytes_only and len(self._formats) == 1 else None
+        only = self._formats[0] if len(self._formats) == 1 else None
+        jsonl = only if isinstance(only, JsonlFormat) else None
         lines: list[bytes] = []
         for _ in range(len(pending)):
             item = pending.popleft()

@@ -24,7 +24,7 @@ from agent.api.deps import ContextDep, HubDep, SettingsDep
 from agent.api.models import ERROR_RESPONSES
 from agent.model.filters import StreamFilters
 from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
-from agent.stream.wire import sse_chunk, ws_array, ws_messages
+from agent.stream.wire import sse_chunk, ws_array_of, ws_messages_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=ERROR_RESPONSES)
@@ -243,8 +243,10 @@ async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float,
                    as_array: bool = False) -> str:
     watcher = asyncio.create_task(_watch_client(websocket, sub))
     try:
-        while (batch := await sub.next_batch()) is not None:
-            messages = [ws_array(batch)] if as_array else ws_messages(batch)
+        # Read as SSE frames (one slice of the ring when unfiltered, shared by subscribers
+        # in step) and turned into WebSocket objects in one pass (agent/stream/wire.py).
+        while (batch := await sub.next_batch(sse=True)) is not None:
+            messages = [ws_array_of(batch)] if as_array else ws_messages_of(batch)
             sub.inflight = batch.count
             # One deadline per batch: wait_for per frame wrapped every send in a task,
             # which capped a client at ~20k frames/s.

@@ -354,9 +354,179 @@ static PyTypeObject RingStoreType = {
     .tp_members = RingStore_members,
 };
 
+/* -- WebSocket messages from SSE frames (agent/stream/wire.py: the reference) ---------- */
+typedef struct {
+    char *p;
+    size_t len, cap;
+} out_t;
+
+static int out_put(out_t *o, const char *s, size_t n) {
+    if (o->len + n > o->cap) {
+        size_t cap = o->cap ? o->cap : 4096;
+        while (cap < o->len + n)
+            cap *= 2;
+        char *p = PyMem_Realloc(o->p, cap);
+        if (!p) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        o->p = p;
+        o->cap = cap;
+    }
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+    return 0;
+}
+
+/* A monitor name as a JSON string, as orjson writes it: '"', '\\' and bytes below 0x20
+ * escaped (\b \t \n \f \r by name, the rest as \u00XX), everything else as is. */
+static int out_json_str(out_t *o, const unsigned char *s, size_t n) {
+    static const char HEX[] = "0123456789abcdef";
+    if (out_put(o, "\"", 1) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        char esc[6];
+        const char *e = NULL;
+        size_t en = 2;
+        switch (c) {
+        case '"': e = "\\\""; break;
+        case '\\': e = "\\\\"; break;
+        case '\b': e = "\\b"; break;
+        case '\t': e = "\\t"; break;
+        case '\n': e = "\\n"; break;
+        case '\f': e = "\\f"; break;
+        case '\r': e = "\\r"; break;
+        default:
+            if (c < 0x20) {
+                memcpy(esc, "\\u00", 4);
+                esc[4] = HEX[c >> 4];
+                esc[5] = HEX[c & 15];
+                e = esc;
+                en = 6;
+            }
+        }
+        if (e ? out_put(o, e, en) < 0 : out_put(o, (const char *)&c, 1) < 0)
+            return -1;
+    }
+    return out_put(o, "\"", 1);
+}
+
+static int bad_frame(void) {
+    PyErr_SetString(PyExc_ValueError, "not a run of SSE event frames");
+    return -1;
+}
+
+/* Each frame "id: N\nevent: M\ndata: J\n\n" of ``frames`` as {"id":N,"event":"M","data":J},
+ * appended to ``o`` (separated by ``sep`` when ``list`` is NULL) or to ``list`` as bytes. */
+static int ws_objects(const char *s, Py_ssize_t n, out_t *o, PyObject *list, int first) {
+    const char *end = s + n;
+    while (s < end) {
+        if (end - s < 4 || memcmp(s, "id: ", 4))
+            return bad_frame();
+        const char *id = s + 4, *nl = memchr(id, '\n', end - id);
+        if (!nl || nl == id || end - nl < 8 || memcmp(nl, "\nevent: ", 8))
+            return bad_frame();
+        for (const char *d = id; d < nl; d++)
+            if (*d < '0' || *d > '9')
+                return bad_frame();
+        const char *name = nl + 8, *nl2 = memchr(name, '\n', end - name);
+        if (!nl2 || end - nl2 < 7 || memcmp(nl2, "\ndata: ", 7))
+            return bad_frame();
+        const char *json = nl2 + 7, *nl3 = memchr(json, '\n', end - json);
+        if (!nl3 || end - nl3 < 2 || nl3[1] != '\n')
+            return bad_frame();
+        size_t start = o->len;
+        if (!list && !first && out_put(o, ",", 1) < 0)
+            return -1;
+        if (out_put(o, "{\"id\":", 6) < 0 || out_put(o, id, nl - id) < 0 ||
+            out_put(o, ",\"event\":", 9) < 0 ||
+            out_json_str(o, (const unsigned char *)name, nl2 - name) < 0 ||
+            out_put(o, ",\"data\":", 8) < 0 || out_put(o, json, nl3 - json) < 0 ||
+            out_put(o, "}", 1) < 0)
+            return -1;
+        if (list) {
+            PyObject *b = PyBytes_FromStringAndSize(o->p + start, o->len - start);
+            if (!b || PyList_Append(list, b) < 0) {
+                Py_XDECREF(b);
+                return -1;
+            }
+            Py_DECREF(b);
+            o->len = start;
+        }
+        first = 0;
+        s = nl3 + 2;
+    }
+    return 0;
+}
+
+static int missed_object(out_t *o, long long missed) {
+    char tmp[64];
+    int k = snprintf(tmp, sizeof tmp, "{\"event\":\"dropped\",\"missed\":%lld}", missed);
+    return out_put(o, tmp, k);
+}
+
+static PyObject *ws_array(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer frames;
+    long long missed;
+    if (!PyArg_ParseTuple(args, "y*L:ws_array", &frames, &missed))
+        return NULL;
+    out_t o = {0};
+    PyObject *res = NULL;
+    if (out_put(&o, "[", 1) < 0 || (missed && missed_object(&o, missed) < 0) ||
+        ws_objects(frames.buf, frames.len, &o, NULL, !missed) < 0 || out_put(&o, "]", 1) < 0)
+        goto done;
+    res = PyBytes_FromStringAndSize(o.p, o.len);
+done:
+    PyMem_Free(o.p);
+    PyBuffer_Release(&frames);
+    return res;
+}
+
+static PyObject *ws_messages(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer frames;
+    long long missed;
+    if (!PyArg_ParseTuple(args, "y*L:ws_messages", &frames, &missed))
+        return NULL;
+    out_t o = {0};
+    PyObject *list = PyList_New(0);
+    if (!list)
+        goto fail;
+    if (missed) {
+        if (missed_object(&o, missed) < 0)
+            goto fail;
+        PyObject *b = PyBytes_FromStringAndSize(o.p, o.len);
+        if (!b || PyList_Append(list, b) < 0) {
+            Py_XDECREF(b);
+            goto fail;
+        }
+        Py_DECREF(b);
+        o.len = 0;
+    }
+    if (ws_objects(frames.buf, frames.len, &o, list, 1) < 0)
+        goto fail;
+    PyMem_Free(o.p);
+    PyBuffer_Release(&frames);
+    return list;
+fail:
+    Py_XDECREF(list);
+    PyMem_Free(o.p);
+    PyBuffer_Release(&frames);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"ws_array", ws_array, METH_VARARGS,
+     "ws_array(frames, missed) -> bytes: SSE event frames as one JSON array of WebSocket "
+     "objects (agent/stream/wire.py)"},
+    {"ws_messages", ws_messages, METH_VARARGS,
+     "ws_messages(frames, missed) -> list[bytes]: one WebSocket object per frame"},
+    {NULL}};
+
 static struct PyModuleDef ringstore_module = {
     PyModuleDef_HEAD_INIT, "agent.stream._ringstore",
-    "The stream hub's ring store compiled (agent/stream/ring.py).", -1, NULL,
+    "The stream hub's ring store compiled (agent/stream/ring.py) and the WebSocket messages "
+    "built from its frames (agent/stream/wire.py).", -1, module_methods,
     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__ringstore(void) {

@@ -10,7 +10,10 @@ Then the whole poller path from a syscall record (decode + publish), side by sid
 the Python decoder (a dict, encoded in publish) and the compiled one (a Record carrying
 its bytes: agent/monitors/compiled.py), in the same run; and the hub's ring store alone
 (EventHub.offer of a compiled Record), the Python reference against the compiled store
-(agent/stream/ring.py).
+(agent/stream/ring.py); and the reading side, CPU per event on the event loop for one
+subscriber (monitor filter, as bench/stream.py's clients): an SSE chunk, a WebSocket
+batch=true array built per event (read_events + ws_array: the path before issue 19) and
+from the SSE frames (read_sse + ws_array_of: compiled, and the Python reference).
 """
 
 from __future__ import annotations
@@ -111,6 +114,34 @@ def store_round(events: int, store: str, record: Any) -> float:
     return (time.thread_time_ns() - t0) / events
 
 
+def read_round(record: Any, how: str) -> float:
+    """One subscriber reading a full ring; thread CPU per event read."""
+    from agent.stream.hub import Filters
+    from agent.stream.wire import py_ws_array_of, sse_chunk, ws_array, ws_array_of
+
+    hub = EventHub(capacity=1 << 17)
+    sub = hub.subscribe("ws", Filters(monitors=frozenset({"syscall"})), last_event_id=0)
+    for _ in range(1 << 17):
+        hub.offer(record, record.data)
+    n = 0
+    t0 = time.thread_time_ns()
+    while True:
+        if how == "sse":
+            b = sub.read_sse(8192)
+            body = sse_chunk(b)
+        elif how == "ws per event":
+            b = sub.read(512)
+            body = ws_array(b)
+        else:
+            b = sub.read_sse(512)
+            body = ws_array_of(b) if how == "ws from frames" else py_ws_array_of(b)
+        if not b.count:
+            break
+        n += b.count
+        assert body
+    return (time.thread_time_ns() - t0) / n
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", type=int, default=200_000)
@@ -142,6 +173,10 @@ def main() -> int:
         print(f"EventHub.offer alone (ring store): python {stores['python']:.0f} ns, compiled "
               f"{stores['compiled']:.0f} ns per event "
               f"({stores['python'] / stores['compiled']:.2f}x)")
+        ways = ("sse", "ws per event", "ws from frames", "ws from frames (python)")
+        reads = {w: min(read_round(record, w) for _ in range(args.rounds)) for w in ways}
+        print("reading side, event loop CPU per event (one subscriber, monitor filter): "
+              + ", ".join(f"{w} {ns:.0f} ns" for w, ns in reads.items()))
     else:
         print(f"compiled ring store not built: {ring.IMPORT_ERROR}")
     return 0

@@ -125,10 +125,10 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
         PyObject *s = PyObject_Str(monitor);
         Py_DECREF(monitor);
         monitor = s;
-        if (!monitor)
-            goto done;
     }
-    v[K_MONITOR] = monitor;
+    v[K_MONITOR] = monitor; /* released at done */
+    if (!monitor)
+        goto done;
     PyObject *id = PyDict_GetItemWithError(r->monitor_ids, monitor);
     if (id) {
         Py_INCREF(id);
@@ -148,11 +148,11 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
         goto done;
     }
     head = PyList_GET_ITEM(r->monitor_heads, mid);
+    Py_INCREF(head); /* released at done */
     if (!PyBytes_Check(head)) {
         PyErr_SetString(PyExc_TypeError, "offer: a frame head is not bytes");
         goto done;
     }
-    Py_INCREF(head);
 
     /* -- the store (no Python code from here to its end) ---------------------------- */
     {

@@ -171,6 +171,28 @@ def test_an_error_reading_the_event_stores_nothing() -> None:
     assert (c.next, c.first, c.head) == (1, 1, 0)
 
 
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize(("event", "register", "heads", "error"), [
+    ({"monitor": Unprintable()}, lambda n: 0, [b"h"], RuntimeError),  # str(monitor) fails
+    ({"monitor": "m"}, lambda n: 5, [b"h"], ValueError),  # an id without a head
+    ({"monitor": "m"}, lambda n: -1, [b"h"], ValueError),
+    ({"monitor": "m"}, lambda n: "0", [b"h"], TypeError),  # not an int
+    ({"monitor": "m"}, lambda n: 0, ["not bytes"], TypeError),
+])
+def test_a_failed_store_raises_and_leaves_the_ring_as_it_was(
+        event: dict[str, Any], register: Any, heads: list[Any], error: type) -> None:
+    store = make_store("compiled", RingArrays.allocate(4, 64 * 1024), {}, heads, register,
+                       lambda: None)
+    for _ in range(3):  # references are not lost or freed twice on the error paths
+        with pytest.raises(error):
+            store.offer(event, b"{}")
+    assert (store.next, store.first, store.head) == (1, 1, 0)
+
+
 class Keyed:
     """A mapping that is not a dict, missing keys raising KeyError."""
 

@@ -159,7 +159,8 @@ class TransportSettings(Section):
     wakeup_every: int = Field(32, ge=1, le=4096)
     # How records become events (agent/monitors/compiled.py): "compiled" the extension
     # built from agent/monitors/fastpath.c at install (an error when it is missing),
-    # "python" the reference decoder, "auto" the extension when it was built.
+    # "python" the reference decoder, "auto" the extension when it was built. The stream
+    # hub's ring store follows (agent/stream/ring.py): Python with "python".
     decoder: Literal["auto", "compiled", "python"] = "auto"
 
     _pow2 = field_validator("ringbuf_pages", "perf_pages")(_power_of_two)

@@ -8,7 +8,12 @@ it less than wall time would; the writer thread drains meanwhile, as in the agen
 
 Then the whole poller path from a syscall record (decode + publish), side by side for
 the Python decoder (a dict, encoded in publish) and the compiled one (a Record carrying
-its bytes: agent/monitors/compiled.py), in the same run.
+its bytes: agent/monitors/compiled.py), in the same run; and the hub's ring store alone
+(EventHub.offer of a compiled Record), the Python reference against the compiled store
+(agent/stream/ring.py); and the reading side, CPU per event on the event loop for one
+subscriber (monitor filter, as bench/stream.py's clients): an SSE chunk, a WebSocket
+batch=true array built per event (read_events + ws_array: the path before issue 19) and
+from the SSE frames (read_sse + ws_array_of: compiled, and the Python reference).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from agent.core.pipeline import MonitorSink  # noqa: E402
 from agent.model.events import Event  # noqa: E402
 from agent.output.writer import OutputWriter  # noqa: E402
+from agent.stream import ring  # noqa: E402
 from agent.stream.hub import EventHub  # noqa: E402
 
 # A syscall-monitor event as bench/stream.py's flood produces them.
@@ -49,7 +55,7 @@ class JsonlOnly:
 
 
 def one_round(directory: Path, events: int) -> float:
-    hub = EventHub()
+    hub = EventHub(store="python")
     writer = OutputWriter("syscall", ["jsonl"], directory, JsonlOnly(), queue_size=1 << 20)
     sink = MonitorSink(consumers=[hub, writer])
     sink.sample_mask = 15  # under load: one latency sample in 16 events
@@ -83,8 +89,9 @@ def syscall_decoders() -> tuple[bytes, dict[str, Any]]:
     return raw, out
 
 
-def record_round(directory: Path, events: int, decode: Any, raw: bytes) -> float:
-    hub = EventHub()
+def record_round(directory: Path, events: int, decode: Any, raw: bytes,
+                 store: str = "python") -> float:
+    hub = EventHub(store=store)
     writer = OutputWriter("syscall", ["jsonl"], directory, JsonlOnly(), queue_size=1 << 20)
     sink = MonitorSink(consumers=[hub, writer])
     sink.sample_mask = 15
@@ -97,6 +104,44 @@ def record_round(directory: Path, events: int, decode: Any, raw: bytes) -> float
     return cpu
 
 
+def store_round(events: int, store: str, record: Any) -> float:
+    """EventHub.offer alone (the ring store), thread CPU per event."""
+    hub = EventHub(store=store)
+    offer, data = hub.offer, record.data
+    t0 = time.thread_time_ns()
+    for _ in range(events):
+        offer(record, data)
+    return (time.thread_time_ns() - t0) / events
+
+
+def read_round(record: Any, how: str) -> float:
+    """One subscriber reading a full ring; thread CPU per event read."""
+    from agent.stream.hub import Filters
+    from agent.stream.wire import py_ws_array_of, sse_chunk, ws_array, ws_array_of
+
+    hub = EventHub(capacity=1 << 17)
+    sub = hub.subscribe("ws", Filters(monitors=frozenset({"syscall"})), last_event_id=0)
+    for _ in range(1 << 17):
+        hub.offer(record, record.data)
+    n = 0
+    t0 = time.thread_time_ns()
+    while True:
+        if how == "sse":
+            b = sub.read_sse(8192)
+            body = sse_chunk(b)
+        elif how == "ws per event":
+            b = sub.read(512)
+            body = ws_array(b)
+        else:
+            b = sub.read_sse(512)
+            body = ws_array_of(b) if how == "ws from frames" else py_ws_array_of(b)
+        if not b.count:
+            break
+        n += b.count
+        assert body
+    return (time.thread_time_ns() - t0) / n
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", type=int, default=200_000)
@@ -104,15 +149,36 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         best = min(one_round(Path(tmp), args.events) for _ in range(args.rounds))
-    print(f"MonitorSink.publish -> hub + JSONL writer: {best:.0f} ns of poller CPU per event "
-          f"(best of {args.rounds} rounds of {args.events:,})")
+    print(f"MonitorSink.publish -> hub (Python store) + JSONL writer: {best:.0f} ns of "
+          f"poller CPU per event (best of {args.rounds} rounds of {args.events:,})")
     raw, decoders = syscall_decoders()
     with tempfile.TemporaryDirectory() as tmp:
         best_of = {mode: min(record_round(Path(tmp), args.events, d, raw)
                              for _ in range(args.rounds)) for mode, d in decoders.items()}
+        if ring.compiled_available():
+            best_of["all compiled"] = min(
+                record_round(Path(tmp), args.events, decoders["compiled"], raw, "compiled")
+                for _ in range(args.rounds))
     py, fast = best_of["python"], best_of["compiled"]
     print(f"syscall record -> decode + publish -> hub + JSONL writer: python decoder "
-          f"{py:.0f} ns, compiled {fast:.0f} ns of poller CPU per event ({py / fast:.2f}x)")
+          f"{py:.0f} ns, compiled {fast:.0f} ns of poller CPU per event ({py / fast:.2f}x)"
+          " (both with the Python ring store)")
+    if "all compiled" in best_of:
+        both = best_of["all compiled"]
+        print(f"  compiled decoder + compiled ring store: {both:.0f} ns ({py / both:.2f}x the "
+              f"python path, {fast / both:.2f}x compiled decoder + Python store)")
+        record = decoders["compiled"](raw)
+        stores = {s: min(store_round(args.events, s, record) for _ in range(args.rounds))
+                  for s in ("python", "compiled")}
+        print(f"EventHub.offer alone (ring store): python {stores['python']:.0f} ns, compiled "
+              f"{stores['compiled']:.0f} ns per event "
+              f"({stores['python'] / stores['compiled']:.2f}x)")
+        ways = ("sse", "ws per event", "ws from frames", "ws from frames (python)")
+        reads = {w: min(read_round(record, w) for _ in range(args.rounds)) for w in ways}
+        print("reading side, event loop CPU per event (one subscriber, monitor filter): "
+              + ", ".join(f"{w} {ns:.0f} ns" for w, ns in reads.items()))
+    else:
+        print(f"compiled ring store not built: {ring.IMPORT_ERROR}")
     return 0
 
 

@@ -95,8 +95,8 @@ make_venv() {
   if [ ! -e "$site/bcc" ]; then
     ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
   fi
-  # The stamp covers the extension's source too: a changed fastpath.c is rebuilt.
-  local stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/monitors/fastpath.c | sha1sum | cut -c1-12)
+  # The stamp covers the extensions' sources too: a changed fastpath.c or ringstore.c is rebuilt.
+  local stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/monitors/fastpath.c agent/stream/ringstore.c | sha1sum | cut -c1-12)
   if [ ! -e "$stamp" ]; then
     log "pip install -e .[dev]"
     .venv/bin/pip install -q --upgrade pip

@@ -23,8 +23,15 @@ from agent.api.access.scopes import needs
 from agent.api.deps import ContextDep, HubDep, SettingsDep
 from agent.api.models import ERROR_RESPONSES
 from agent.model.filters import StreamFilters
-from agent.stream.hub import SSE_BATCH_EVENTS, EventHub, Filters, HubFull, Subscriber
-from agent.stream.wire import sse_chunk, ws_array, ws_messages
+from agent.stream.hub import (
+    DEFAULT_BATCH,
+    SSE_BATCH_EVENTS,
+    EventHub,
+    Filters,
+    HubFull,
+    Subscriber,
+)
+from agent.stream.wire import sse_chunk, ws_array_of, ws_messages_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=ERROR_RESPONSES)
@@ -103,6 +110,9 @@ HEARTBEAT = b": heartbeat\n\n"
 # once). Not agent/monitors/ringbuf.py's LINGER_S, which paces a poller thread.
 BUSY_STREAM_BATCH = 256
 BUSY_STREAM_WAIT_S = 0.003
+# Events per WebSocket message in the batch=true mode (one JSON array; unfiltered or
+# monitor-filtered reads are also bounded by SSE_BATCH_BYTES of frames).
+WS_ARRAY_BATCH = 2048
 
 
 class SubscriberStream(Response):
@@ -243,8 +253,11 @@ async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float,
                    as_array: bool = False) -> str:
     watcher = asyncio.create_task(_watch_client(websocket, sub))
     try:
-        while (batch := await sub.next_batch()) is not None:
-            messages = [ws_array(batch)] if as_array else ws_messages(batch)
+        # Read as SSE frames (one slice of the ring when unfiltered, shared by subscribers
+        # in step) and turned into WebSocket objects in one pass (agent/stream/wire.py).
+        limit = WS_ARRAY_BATCH if as_array else DEFAULT_BATCH
+        while (batch := await sub.next_batch(limit, sse=True)) is not None:
+            messages = [ws_array_of(batch)] if as_array else ws_messages_of(batch)
             sub.inflight = batch.count
             # One deadline per batch: wait_for per frame wrapped every send in a task,
             # which capped a client at ~20k frames/s.
@@ -252,8 +265,10 @@ async def _pump_ws(websocket: WebSocket, sub: Subscriber, stall_timeout: float,
                 for msg in messages:
                     await websocket.send_text(msg.decode())
             sub.confirm()
-            if batch.count >= BUSY_STREAM_BATCH:
-                await asyncio.sleep(BUSY_STREAM_WAIT_S)  # under load: see SubscriberStream
+            if BUSY_STREAM_BATCH <= batch.count < limit:
+                # Under load (see SubscriberStream); a full batch means more is waiting
+                # already: read it at once.
+                await asyncio.sleep(BUSY_STREAM_WAIT_S)
         if sub.closed_reason == "shutdown":
             await _close(websocket, 1001)  # going away
         return sub.closed_reason or "disconnected"

@@ -69,7 +69,10 @@ class Agent:
         self.exporter: NatsExporter | None = None
         if streams:
             s = settings.stream
-            self.hub = EventHub(s.replay_buffer, s.max_subscribers, s.replay_bytes)
+            # transport.decoder "python" takes the whole per-event path in Python: the
+            # hub's ring store too (agent/stream/ring.py).
+            store = "python" if settings.transport.decoder == "python" else "auto"
+            self.hub = EventHub(s.replay_buffer, s.max_subscribers, s.replay_bytes, store)
             self.register(self.hub)
             self.containers = ContainerBook(s.max_containers)
             self.register(self.containers)

@@ -28,6 +28,9 @@ FORMATS = ("console", "csv", "jsonl")
 DRAIN_INTERVAL_S = 0.05
 SNAPSHOT_BACKLOG = 4  # snapshots waiting for the writer at most (see offer_snapshot)
 FLUSH_BYTES = 1 << 20  # a file's buffer is written out at least at this size
+# Encoded events joined into one append (JSONL-only writers): a failed write loses at
+# most the lines of the run it cut through, each counted.
+LINES_PER_APPEND = 256
 # Event files hold every process's argv: owner only, or owner and one group.
 FILE_MODE, GROUP_FILE_MODE = 0o600, 0o640
 DIR_MODE, GROUP_DIR_MODE = 0o700, 0o750
@@ -337,14 +340,40 @@ class OutputWriter:
         # the queue as fast as this empties it, and an endless pass would never return
         # to the flush below it (snapshot rows and files unwritten until the flood ends).
         pending = self._pending
+        # One JSONL file and the hub's bytes (the flood's case): lines are appended in
+        # runs of up to LINES_PER_APPEND, one join each, not one _write per event.
+        only = self._formats[0] if len(self._formats) == 1 else None
+        jsonl = only if isinstance(only, JsonlFormat) else None
+        lines: list[bytes] = []
         for _ in range(len(pending)):
             item = pending.popleft()
             if type(item) is bytes:
-                self._write({}, item)
-            elif type(item) is tuple:
+                if jsonl is not None:
+                    lines.append(item)
+                    if len(lines) >= LINES_PER_APPEND:
+                        self._write_lines(jsonl, lines)
+                        lines = []
+                else:
+                    self._write({}, item)
+                continue
+            if lines:
+                self._write_lines(jsonl, lines)  # type: ignore[arg-type]
+                lines = []
+            if type(item) is tuple:
                 self._write(*item)
             else:
                 self._write(item)
+        if lines:
+            self._write_lines(jsonl, lines)  # type: ignore[arg-type]
+
+    def _write_lines(self, f: _FileFormat, lines: list[bytes]) -> None:
+        """Encoded events as one append: a write that fails cuts the file back to the
+        end of the last whole run (_FileFormat.flush), the lines
+        of the run it cut counted as lost."""
+        f.append(b"\n".join(lines) + b"\n", len(lines))
+        self._unflushed += len(lines)
+        if f.buffered_bytes >= FLUSH_BYTES:
+            self._flush_events()
 
     def _write(self, event: Event, data: bytes | None = None) -> None:
         lost = False

@@ -17,8 +17,12 @@ the buffer starts again at offset 0), so an unfiltered subscriber's batch is one
 the ring: one memcpy and one socket write for hundreds of events, the same bytes for
 every subscriber, no per-event work on the event loop.
 
-Threading: ``offer`` runs on poller threads under a lock (one poller per monitor);
-everything else runs on the event loop, without the lock, except the figures
+The store itself (``offer``: frame, eviction, filter keys) is agent/stream/ring.py: compiled
+(agent/stream/ringstore.c) or its Python reference.
+
+Threading: ``offer`` runs on poller threads (one per monitor), one store at a time (the
+compiled store is one step under the GIL, the Python one takes a lock); everything else
+runs on the event loop, without the lock, except the figures
 (``stats``, ``totals``): the API reads them on the event loop and the Prometheus scrape
 on a pool thread; they copy what they iterate, so a concurrent change costs at most a
 figure one update old. Readers copy first and check
@@ -33,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +46,7 @@ import orjson
 
 from agent.model.events import Event, encode_event
 from agent.model.filters import StreamFilters, workload_matches
+from agent.stream.ring import NONE, RingArrays, make_store
 
 # How many sequence numbers one read scans at most: bounds the time a subscriber holds the
 # event loop and the size of one SSE chunk / burst of WebSocket frames.
@@ -53,8 +57,6 @@ SSE_BATCH_EVENTS = 8192
 SSE_BATCH_BYTES = 512 * 1024
 DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
 MIN_REPLAY_BYTES = 64 * 1024
-# pid/uid of events that carry none (or not an int): never equal to a filter value.
-NONE = -(2**63)
 # Per-slot index memory: offset (8) + frame length (4) + header length (2) + monitor id
 # (2) + pid (8) + uid (8) + comm hash (8) + cgroup id (8) + process_id hash (8).
 SLOT_BYTES = 56
@@ -246,7 +248,9 @@ class Subscriber:
 
 class EventHub:
     def __init__(self, capacity: int = 65536, max_subscribers: int = 256,
-                 replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES, store: str = "auto") -> None:
+        """``store``: the ring store (agent/stream/ring.py), "auto" (compiled when
+        built), "compiled" or "python"."""
         if capacity < 1:
             raise ValueError("capacity must be positive")
         if replay_bytes < MIN_REPLAY_BYTES:
@@ -254,27 +258,22 @@ class EventHub:
         self.capacity = capacity
         self.replay_bytes = replay_bytes
         self.max_subscribers = max_subscribers
-        # bytearray(n) is calloc'ed: pages become resident as the ring first fills.
-        self._buf = bytearray(replay_bytes)
-        self._mv = memoryview(self._buf)
-        self._off = array("q", bytes(8 * capacity))  # frame start in _buf, per slot
-        self._len = array("I", bytes(4 * capacity))  # frame length
-        self._hdr = array("H", bytes(2 * capacity))  # length of "id: ..data: " before JSON
-        self._mon = array("H", bytes(2 * capacity))  # monitor id (_monitor_ids)
-        self._pid = array("q", bytes(8 * capacity))
-        self._uid = array("q", bytes(8 * capacity))
-        self._comm = array("q", bytes(8 * capacity))  # hash(comm): exact check on a hit
-        self._cgid = array("q", bytes(8 * capacity))  # cgroup_id (NONE: none)
-        self._procid = array("q", bytes(8 * capacity))  # hash(process_id): checked on a hit
+        self._arrays = a = RingArrays.allocate(capacity, replay_bytes)
+        # The readers' views of the ring (the store writes through the same objects).
+        self._buf, self._mv = a.buf, memoryview(a.buf)
+        self._off, self._len, self._hdr, self._mon = a.off, a.len, a.hdr, a.mon
+        self._pid, self._uid, self._comm, self._cgid, self._procid = (
+            a.pid, a.uid, a.comm, a.cgid, a.procid)
         self._monitor_ids: dict[str, int] = {}
         self._monitor_names: list[str] = []
         self._monitor_heads: list[bytes] = []  # b"\nevent: <name>\ndata: "
-        self._head = 0  # where the next frame goes in _buf
-        self._next = 1  # sequence number of the next event; ids start at 1
-        self._first = 1  # oldest sequence number still buffered
-        self._lock = threading.Lock()  # orders publishers (one poller thread per monitor)
+        self._register_lock = threading.Lock()
+        # The ring store (agent/stream/ring.py): compiled or the Python reference.
+        self._ring = make_store(store, a, self._monitor_ids, self._monitor_heads,
+                                self._monitor_id, self._schedule)
+        # The pipeline calls offer once per event: straight into the store.
+        self.offer = self._ring.offer  # type: ignore[method-assign]
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_pending = False
         self._ids = itertools.count(1)
         self.subscribers: dict[int, Subscriber] = {}
         self.waiting: set[Subscriber] = set()
@@ -282,7 +281,6 @@ class EventHub:
         # Totals of subscribers that are gone, so counters never go backwards.
         self._past = Counter[str]()
         self.wakeups = 0
-        self.oversized = 0  # events larger than the whole byte ring: published, not kept
         # The last SSE run read (first seq, end seq, frames): shared by subscribers at
         # the same position. One run (<= SSE_BATCH_BYTES) at most.
         self._chunk: tuple[int, int, bytes] | None = None
@@ -290,15 +288,18 @@ class EventHub:
     # -- the publishing side (poller threads) ----------------------------------------
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._ring.arm()
 
     def _monitor_id(self, name: str) -> int:
-        mid = self._monitor_ids.get(name)
-        if mid is None:  # monitor names come from the registry: a handful
-            mid = self._monitor_ids[name] = len(self._monitor_names)
-            self._monitor_names.append(name)
-            self._monitor_heads.append(b"\nevent: " + name.encode("utf-8", "replace")
-                                       + b"\ndata: ")
-        return mid
+        """The store's ``register``: a monitor's id, added on its first event."""
+        with self._register_lock:  # two pollers' first events at once
+            mid = self._monitor_ids.get(name)
+            if mid is None:  # monitor names come from the registry: a handful
+                self._monitor_heads.append(b"\nevent: " + name.encode("utf-8", "replace")
+                                           + b"\ndata: ")
+                self._monitor_names.append(name)
+                mid = self._monitor_ids[name] = len(self._monitor_names) - 1
+            return mid
 
     def publish(self, event: Event) -> bytes:
         """Encodes ``event`` and offers it; returns the bytes (tests and benches: in the
@@ -310,78 +311,22 @@ class EventHub:
     def offer(self, event: Event, data: bytes) -> None:
         """A consumer of the pipeline (agent/core/pipeline.py), on a poller thread:
         thread-safe, non-blocking, O(1) in the number of subscribers. ``data``: the
-        event's JSON (encode_event)."""
-        get = event.get
-        monitor = get("monitor", "")
-        with self._lock:
-            self._store(data, monitor if type(monitor) is str else str(monitor),
-                        get("pid"), get("uid"), get("comm"), get("cgroup_id"),
-                        get("process_id"))
-            schedule = not self._wake_pending and self._loop is not None
-            if schedule:
-                self._wake_pending = True
-        if schedule:
-            # One callback in flight at a time: a burst of events costs one wake-up, and a
-            # busy loop coalesces everything published until it gets to the callback.
-            try:
-                self._loop.call_soon_threadsafe(self._wake)  # type: ignore[union-attr]
-            except RuntimeError:  # the loop is closed: shutting down
-                self._wake_pending = False
+        event's JSON (encode_event). Replaced in __init__ by the store's own offer (no
+        Python frame per event); this is its contract."""
+        self._ring.offer(event, data)
 
-    def _store(self, data: bytes, monitor: str, pid: Any, uid: Any, comm: Any,
-               cgroup_id: Any = None, process_id: Any = None) -> None:
-        """Append one frame (caller holds the lock). The hot path of every event: kept to
-        one formatted frame, one slice copy and flat array stores."""
-        seq = self._next
-        mid = self._monitor_ids.get(monitor)
-        if mid is None:
-            mid = self._monitor_id(monitor)
-        frame = b"id: %d%s%s\n\n" % (seq, self._monitor_heads[mid], data)
-        size = len(frame)
-        cap, buf_size = self.capacity, self.replay_bytes
-        if size > buf_size:
-            # Cannot be kept: it is published (counted, numbered) but born evicted, so
-            # every subscriber counts it as missed.
-            self.oversized += 1
-            self._next = self._first = seq + 1
-            self._head = 0
+    def _schedule(self) -> None:
+        """The store found no wake-up pending (poller thread): one callback in flight at
+        a time, so a burst of events costs one wake-up, and a busy loop coalesces
+        everything published until it gets to the callback. Without a loop (yet) the
+        flag stays set: attach_loop and waiting subscribers re-arm it."""
+        loop = self._loop
+        if loop is None:
             return
-        start = tail = self._head
-        wrapped = start + size > buf_size
-        if wrapped:
-            start = 0  # the tail of the buffer is given up this round
-        end = start + size
-        # Evict (advance _first) before overwriting: see the module docstring. Frames lie
-        # in sequence order, so the ones in the way are the oldest ones.
-        first, off, ln = self._first, self._off, self._len
-        if seq - first >= cap:
-            first = seq - cap + 1
-        while first < seq:
-            i = first % cap
-            o = off[i]
-            # Wrapped: [0, end) plus the abandoned tail [tail, buf_size) are in the way.
-            in_the_way = (o < end or o + ln[i] > tail) if wrapped else (
-                o < end and o + ln[i] > start)
-            if not in_the_way:
-                break
-            first += 1
-        self._first = first
-        self._mv[start:end] = frame
-        i = seq % cap
-        off[i] = start
-        ln[i] = size
-        self._hdr[i] = size - len(data) - 2
-        self._mon[i] = mid
-        self._pid[i] = pid if type(pid) is int and NONE < pid < -NONE else NONE
-        self._uid[i] = uid if type(uid) is int and NONE < uid < -NONE else NONE
-        self._comm[i] = hash(comm) if type(comm) is str else NONE
-        # cgroup ids are u64: the ones above the signed range (never seen: kernfs ids
-        # count up from 1) are kept as NONE and pass no workload filter.
-        self._cgid[i] = cgroup_id if type(cgroup_id) is int and 0 <= cgroup_id < -NONE \
-            else NONE
-        self._procid[i] = hash(process_id) if type(process_id) is str else NONE
-        self._head = end
-        self._next = seq + 1  # last: readers trust seq < _next
+        try:
+            loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: shutting down
+            self._ring.arm()
 
     def _wake(self) -> None:
         # With nobody waiting (every subscriber busy sending) the flag stays set: the
@@ -393,13 +338,27 @@ class EventHub:
             return
         # Cleared before waking: an event published from now on schedules a new wake-up,
         # and one published before it is visible to the subscribers woken below.
-        self._wake_pending = False
+        self._ring.arm()
         for sub in list(self.waiting):
             sub.wake()
 
     def arm(self) -> None:
         """The next publish schedules a wake-up (a subscriber is about to wait)."""
-        self._wake_pending = False
+        self._ring.arm()
+
+    # -- the store's counters ----------------------------------------------------------
+    @property
+    def _next(self) -> int:
+        return self._ring.next
+
+    @property
+    def _first(self) -> int:
+        return self._ring.first
+
+    @property
+    def oversized(self) -> int:
+        """Events larger than the whole byte ring: published, not kept."""
+        return self._ring.oversized
 
     # -- the reading side (event loop) ----------------------------------------------
     @property
@@ -614,7 +573,7 @@ class EventHub:
         if first >= nxt:
             return 0
         lo = self._off[first % cap]
-        hi = self._head
+        hi = self._ring.head
         return hi - lo if hi > lo else self.replay_bytes - lo + hi  # approx. after a wrap
 
     def stats(self) -> dict[str, Any]:

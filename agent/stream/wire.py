@@ -1,12 +1,16 @@
 """The bytes subscribers receive. Built from the event JSON the hub encoded once, never
 re-serialized: SSE frames and WebSocket text frames carry the same bytes as JSONL. SSE
-frames are stored ready-made in the hub's ring (agent/stream/hub.py)."""
+frames are stored ready-made in the hub's ring (agent/stream/hub.py); WebSocket messages
+are made from a batch of them (``ws_array_of``, ``ws_messages_of``: compiled in
+agent/stream/ringstore.c, the Python functions here being the reference and fallback).
+"""
 
 from __future__ import annotations
 
 import orjson
 
 from agent.stream.hub import Batch, HubEvent
+from agent.stream.ring import _ringstore
 
 
 def sse_event(ev: HubEvent) -> bytes:
@@ -55,3 +59,44 @@ def ws_array(batch: Batch) -> bytes:
     parts = [ws_missed(batch.missed)] if batch.missed else []
     parts += [ws_event(ev) for ev in batch.events]
     return b"[" + b",".join(parts) + b"]"
+
+
+# -- from a batch of SSE frames (read_sse): what the WebSocket routes send ----------------
+def ws_objects(frames: bytes) -> list[bytes]:
+    """Each SSE event frame as the WebSocket object ws_event makes (the reference of
+    ringstore.c's ws_objects)."""
+    out = []
+    for frame in frames.split(b"\n\n")[:-1]:
+        head, data = frame.split(b"\ndata: ", 1)
+        seq, monitor = head.split(b"\nevent: ", 1)
+        if not seq.startswith(b"id: "):
+            raise ValueError("not a run of SSE event frames")
+        name = monitor.decode("utf-8", "replace")
+        out.append(b'{"id":%d%s%s}' % (int(seq[4:]), _ws_head(name), data))
+    return out
+
+
+def py_ws_array_of(batch: Batch) -> bytes:
+    parts = [ws_missed(batch.missed)] if batch.missed else []
+    return b"[" + b",".join(parts + ws_objects(batch.frames)) + b"]"
+
+
+def py_ws_messages_of(batch: Batch) -> list[bytes]:
+    return ([ws_missed(batch.missed)] if batch.missed else []) + ws_objects(batch.frames)
+
+
+def ws_array_of(batch: Batch) -> bytes:
+    """A read_sse batch as one JSON array (the ``batch`` mode): equal to ws_array of the
+    same events read one by one."""
+    if _ringstore is None:
+        return py_ws_array_of(batch)
+    data: bytes = _ringstore.ws_array(batch.frames, batch.missed)
+    return data
+
+
+def ws_messages_of(batch: Batch) -> list[bytes]:
+    """A read_sse batch as one JSON text per event (and one for a missed count)."""
+    if _ringstore is None:
+        return py_ws_messages_of(batch)
+    messages: list[bytes] = _ringstore.ws_messages(batch.frames, batch.missed)
+    return messages

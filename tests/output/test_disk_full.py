@@ -136,6 +136,31 @@ def test_partial_writes_are_cut_back_to_a_line_boundary(
     assert failure_logs(caplog) == (1, 1)
 
 
+@pytest.mark.parametrize("per_round", [10, 300, 1000])
+def test_runs_of_encoded_lines_are_cut_back_whole_and_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_round: int) -> None:
+    """A JSONL-only writer given the hub's bytes appends them in runs: a failed write
+    keeps whole lines only, and every line is either in the file or counted lost."""
+    fault = FailingWrites(4)
+    monkeypatch.setattr(writer_mod.os, "write", fault)
+    w = OutputWriter("m", ["jsonl"], tmp_path, RowMonitor(), queue_size=1 << 16,
+                     flush_interval_s=0.01)
+    total = 5 * per_round
+    try:
+        for round_ in range(5):
+            for i in range(per_round):
+                n = round_ * per_round + i
+                w.offer(event(n, "b"), json.dumps({"n": n, "pad": "x" * 80}).encode())
+            wait_done(w, per_round * (round_ + 1))
+    finally:
+        w.close()
+    assert fault.failures == 0
+    kept = [e["n"] for e in lines_of(tmp_path / "m.jsonl")]
+    assert 0 < w.write_failed < total and w.dropped == w.write_failed
+    assert len(kept) + w.write_failed == total
+    assert kept == sorted(kept) and kept[-1] == total - 1
+
+
 def test_files_are_private_and_the_directory_too(tmp_path: Path) -> None:
     out = tmp_path / "out"
     old = os.umask(0)

@@ -20,11 +20,16 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such process in the table"}}
 
 
-def get_table(ctx: ContextDep) -> ProcessTable:
+async def get_table(ctx: ContextDep) -> ProcessTable:
+    """The table, with every record the kernel produced before the request applied
+    (the tracker reads its records in batches: ProcessTracker.catch_up)."""
     if ctx.agent is None:
         raise HTTPException(503, "the agent is starting")
     if ctx.agent.processes is None:
         raise HTTPException(503, "the process table is off (processes.enabled: false)")
+    tracker = ctx.agent.tracker
+    if tracker is not None and tracker.behind():
+        await run_in_threadpool(tracker.catch_up)
     return ctx.agent.processes
 
 

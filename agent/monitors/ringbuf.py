@@ -56,11 +56,12 @@ def linger_for(byte_rate: float, room: int, longest: float) -> float:
 
 class RingReader:
     def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], int | None],
-                 linger_s: float = LINGER_S) -> None:
-        """``linger_s``: the pause after a batch under load. A consumer that need not
-        see each record at once (the process tracker) takes a longer one: fewer,
-        larger batches. The pause is shortened so that at the rate of the last window
-        the buffer fills to a quarter at most meanwhile."""
+                 linger_s: float = LINGER_S, busy_rate: float = BUSY_RATE) -> None:
+        """``linger_s``: the pause after a batch under load, i.e. above ``busy_rate``
+        records/s. A consumer that need not see each record at once (the process
+        tracker) takes a longer one, at any rate: fewer, larger batches. The pause is
+        shortened so that at the rate of the last window the buffer fills to a quarter
+        at most meanwhile."""
         if data_size & (data_size - 1):
             raise ValueError("a ring buffer's size is a power of two")
         page = mmap.PAGESIZE
@@ -81,6 +82,7 @@ class RingReader:
         self._window_count = 0
         self._window_bytes = 0
         self._busy = False
+        self._busy_rate = busy_rate
         self._linger_max = linger_s
         self._linger = LINGER_S
         self._quarter = data_size // 4
@@ -152,7 +154,7 @@ class RingReader:
         now = time.monotonic()
         span = now - self._window_start
         if span >= RATE_WINDOW_S:
-            self._busy = self._window_count / span > BUSY_RATE
+            self._busy = self._window_count / span > self._busy_rate
             if self._linger_max > LINGER_S:
                 self._linger = linger_for(self._window_bytes / span, self._quarter,
                                           self._linger_max)

@@ -60,9 +60,10 @@ HEAD = struct.Struct("=QQQQIIIIIiII16s")
 FILENAME_AT = HEAD.size
 ARGS_AT = FILENAME_AT + FILENAME_SIZE
 POLL_MS = 100
-# Under load, the pause between two batches of records (RingReader's linger): nothing
-# needs a process record within milliseconds, and a wake-up per few records cost the
-# tracker more than the records themselves (bench/RESULTS.md, exec_storm serve).
+# The pause between two batches of records (RingReader's linger), at any rate: whoever
+# needs the table current asks for it (catch_up: the ancestors stage, the API), and a
+# wake-up per few records cost the tracker more than the records themselves
+# (bench/RESULTS.md, exec_storm serve).
 BATCH_LINGER_S = 0.02
 # How long an event's ancestors stage waits at most for the tracker to apply the records
 # produced before the event (catch_up).
@@ -90,6 +91,7 @@ class ProcessTracker:
         self._thread: threading.Thread | None = None
         self._bpf: Any = None
         self._cgroup_fd = -1
+        self._reader: RingReader | None = None
         self._reparent: deque[tuple[float, int, str, int]] = deque()  # due, tries, id, old ppid
         self.records = {"fork": 0, "exec": 0, "exit": 0}
         self.kernel = dict.fromkeys(COUNTERS, 0)
@@ -155,8 +157,8 @@ class ProcessTracker:
             self._bpf = BPF(text=SOURCE.read_text(), cflags=self.cflags())
         ring = self._bpf[b"records"]
         if ringbuf_supported():
-            self._reader: RingReader | None = RingReader(ring.map_fd, ring.max_entries,
-                                                         self._on_record, BATCH_LINGER_S)
+            self._reader = RingReader(ring.map_fd, ring.max_entries, self._on_record,
+                                      BATCH_LINGER_S, busy_rate=0)
         else:
             self._reader = None
             ring.open_ring_buffer(lambda _ctx, data, size: self._on_record(
@@ -172,8 +174,7 @@ class ProcessTracker:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        if getattr(self, "_reader", None) is not None:
-            assert self._reader is not None
+        if self._reader is not None:
             self._reader.close()
             self._reader = None
         if self._bpf is not None:
@@ -199,6 +200,14 @@ class ProcessTracker:
                 self.table.prune()
 
     # -- any other thread ---------------------------------------------------------------
+    def behind(self) -> bool:
+        """Records the kernel produced that are not applied yet (any thread)."""
+        reader = self._reader
+        try:
+            return reader is not None and reader.positions()[0] < reader.positions()[1]
+        except ValueError:
+            return False
+
     def catch_up(self, timeout: float = CATCH_UP_S) -> bool:
         """Waits until every record the kernel produced before this call is applied to
         the table (at most ``timeout``): an event's process may have forked a moment

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,43 @@ def descendants_chain(top: int, depth: int) -> list[int]:
     return wait_for(chain, f"a chain of {depth}")
 
 
+def sleeping_in(pid: int, comm: str) -> bool:
+    """proc(5) stat: the process runs ``comm`` and is asleep (state S)."""
+    with open(f"/proc/{pid}/stat") as f:
+        name, rest = f.read().rsplit(")", 1)
+    return name.split("(", 1)[1] == comm and rest.split()[0] == "S"
+
+
 def proc_ancestry(pid: int) -> list[int]:
     out = []
     while pid != 1:
         pid = proc_ppid(pid)
         out.append(pid)
     return out
+
+
+def test_a_process_is_in_the_table_as_soon_as_it_has_exec_ed(client: TestClient) -> None:
+    """The tracker reads its records in batches; a request catches it up first, so
+    a process that exec'd before the request is there without waiting."""
+    for _ in range(20):
+        time.sleep(0.2)  # the tracker idle: the fork's record starts its next batch
+        child = subprocess.Popen(["/bin/sleep", "30"])
+        pid = child.pid
+        try:
+            # In nanosleep(2): its exec (and the tracepoint after it) is over. Polled
+            # closely, so the request comes well within the tracker's batch interval.
+            deadline = time.monotonic() + 20
+            while not sleeping_in(pid, "sleep"):
+                assert time.monotonic() < deadline, "sleep(1) did not start"
+                time.sleep(0.0005)
+            ident = IDENT().of_pid(pid)
+            body = live(client, pid)  # at once: no wait_for
+            assert body is not None
+            assert (body["process_id"], body["comm"], body["argv"]) == (
+                ident, "sleep", ["/bin/sleep", "30"])
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_a_four_level_chain_has_the_ancestry_proc_shows(client: TestClient) -> None:

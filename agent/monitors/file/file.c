@@ -15,6 +15,12 @@
  * would itself name), crossing mounts through struct mount. Every offset comes from
  * BTF (-D OFF_*). The path is the directory's path + "/" + the argument, not
  * normalised ("." and ".." stay as given); what cannot be known is said (res).
+ * Composing a directory's path is most of what a relative call costs, and find, tar
+ * and rm make run after run of calls in one directory: each CPU keeps the paths it
+ * composed (file_dirs, below) and walks again only when one may have changed.
+ *
+ * A call the filters drop costs sys_exit only a look at file_inflight (no pending
+ * call anywhere: nothing to find), not a lookup in file_pending.
  */
 #include "common.h"
 #include "file.h"
@@ -32,8 +38,14 @@
     !defined(OFF_DENTRY_D_PARENT) || !defined(OFF_DENTRY_D_NAME) || \
     !defined(OFF_QSTR_NAME) || !defined(OFF_VFSMOUNT_MNT_ROOT) || \
     !defined(OFF_MOUNT_MNT) || !defined(OFF_MOUNT_MNT_PARENT) || \
-    !defined(OFF_MOUNT_MNT_MOUNTPOINT)
+    !defined(OFF_MOUNT_MNT_MOUNTPOINT) || !defined(OFF_DENTRY_D_INODE) || \
+    !defined(OFF_INODE_I_INO) || !defined(OFF_INODE_I_GENERATION)
 #error "the BTF offsets of the path walk (OFF_*) must be defined"
+#endif
+/* struct path is { struct vfsmount *mnt; struct dentry *dentry; } (include/linux/path.h):
+ * read whole, in one copy. */
+#if OFF_PATH_MNT > 8 || OFF_PATH_DENTRY > 8 || OFF_PATH_MNT == OFF_PATH_DENTRY
+#error "struct path is not two pointers in 16 bytes"
 #endif
 
 /* include/linux/err.h: [-MAX_ERRNO, -1] is an error return */
@@ -56,6 +68,37 @@ struct file_walk {
     u32 done;                  /* reached a root: names[] is the whole path */
 };
 
+/* file_dirs: directory paths composed by dir_path(), per CPU, direct-mapped by
+ * (dentry, mount). Per CPU, because only the CPU that owns a slot writes it and a
+ * tracepoint program runs with preemption off: an entry is never rewritten while it is
+ * read (a shared hash map's element can be recycled for another key under a reader).
+ * An entry is used only while all of these still hold:
+ * - the same directory: the slot's dentry and mount, and the inode behind the dentry
+ *   (its address, number and generation): a dentry freed and reallocated for another
+ *   directory has another inode, or the same address with another number/generation;
+ * - the same root (task->fs->root): a chrooted task composes from its own root;
+ * - no rename or mount change since (file_dir_gen, bumped at the exit of rename*,
+ *   mount, umount, move_mount and pivot_root: the calls that move a directory or change
+ *   the mount tree; read before the walk, so a walk that raced one is stored stale);
+ * - composed less than FILE_DIR_TTL_NS ago: a directory a network filesystem's server
+ *   renamed is moved in the dcache at a later lookup, with no local call to see. */
+#define FILE_DIR_SLOTS 256
+#define FILE_DIR_TTL_NS 1000000000ULL
+struct file_dir {
+    u64 dentry;
+    u64 mnt;
+    u64 root_dentry;
+    u64 root_mnt;
+    u64 inode;
+    u64 ino;
+    u64 born_ns;               /* bpf_ktime_get_ns() when composed */
+    u32 igen;
+    u32 gen;                   /* file_dir_gen when the walk began */
+    u32 len;                   /* bytes of path (no NUL; "" for the root) */
+    u32 _pad;
+    char path[FILE_PATH_SIZE];
+};
+
 /* Per-CPU work area: the event under construction, the composed path (twice the path
  * size so that a masked offset plus a full-size read stays inside), the dentry names
  * of a walk, the top-list key. */
@@ -75,6 +118,11 @@ BPF_PERCPU_ARRAY(file_scratch, struct file_scratch, 1);
  * counted (FILE_CNT_TOP_NEW) so userspace knows how many were evicted. */
 BPF_TABLE("lru_hash", struct file_top_key, struct file_top_val, file_top, TOP_ENTRIES);
 BPF_PERCPU_ARRAY(file_counters, u64, FILE_NR_COUNTERS);
+BPF_PERCPU_ARRAY(file_dirs, struct file_dir, FILE_DIR_SLOTS);
+BPF_ARRAY(file_dir_gen, u32, 1);
+/* [0]: calls waiting in file_pending (at least: a replaced stale entry is not
+ * subtracted). 0 lets every sys_exit return without a lookup. */
+BPF_ARRAY(file_inflight, s64, 1);
 
 static __always_inline void file_count(u32 idx)
 {
@@ -141,6 +189,13 @@ static __always_inline int walk_step(struct file_scratch *s)
     return 0;
 }
 
+/* The file_dirs slot of a directory. */
+static __always_inline u32 dir_slot(u64 dentry, u64 mnt)
+{
+    u64 h = (dentry ^ (mnt << 7)) * 0x9E3779B97F4A7C15ULL;  /* Fibonacci hashing */
+    return (u32)(h >> 56) & (FILE_DIR_SLOTS - 1);
+}
+
 /* The directory a relative path is looked up from, as an absolute path in s->buf
  * (no trailing '/': "" for the root); returns its length, or -1 when it cannot be
  * known (dirfd not open, a walk longer than FILE_MAX_WALK, a path too long). */
@@ -151,11 +206,12 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     u64 fs = rd(task + OFF_TASK_STRUCT_FS);
     if (!fs)
         return -1;
-    w->root_mnt = rd(fs + OFF_FS_STRUCT_ROOT + OFF_PATH_MNT);
-    w->root_dentry = rd(fs + OFF_FS_STRUCT_ROOT + OFF_PATH_DENTRY);
+    u64 path[2] = {};
+    bpf_probe_read_kernel(path, sizeof(path), (void *)(fs + OFF_FS_STRUCT_ROOT));
+    w->root_mnt = path[OFF_PATH_MNT / 8];
+    w->root_dentry = path[OFF_PATH_DENTRY / 8];
     if (dfd == FILE_AT_FDCWD) {
-        w->mnt = rd(fs + OFF_FS_STRUCT_PWD + OFF_PATH_MNT);
-        w->dentry = rd(fs + OFF_FS_STRUCT_PWD + OFF_PATH_DENTRY);
+        bpf_probe_read_kernel(path, sizeof(path), (void *)(fs + OFF_FS_STRUCT_PWD));
     } else {
         if (dfd < 0)
             return -1;
@@ -169,11 +225,36 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
         u64 file = rd(fd_array + (u64)dfd * 8);
         if (!file)
             return -1;
-        w->mnt = rd(file + OFF_FILE_F_PATH + OFF_PATH_MNT);
-        w->dentry = rd(file + OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+        bpf_probe_read_kernel(path, sizeof(path), (void *)(file + OFF_FILE_F_PATH));
     }
-    if (!w->mnt || !w->dentry)
+    u64 mnt = path[OFF_PATH_MNT / 8], dentry = path[OFF_PATH_DENTRY / 8];
+    if (!mnt || !dentry)
         return -1;
+    w->mnt = mnt;
+    w->dentry = dentry;
+
+    u32 zero = 0;
+    u32 *genp = file_dir_gen.lookup(&zero);
+    u32 gen = genp ? *(volatile u32 *)genp : 0;
+    u64 inode = rd(dentry + OFF_DENTRY_D_INODE);
+    u64 ino = rd(inode + OFF_INODE_I_INO);
+    u32 igen = 0;
+    bpf_probe_read_kernel(&igen, sizeof(igen), (void *)(inode + OFF_INODE_I_GENERATION));
+    u64 now = bpf_ktime_get_ns();
+    u32 slot = dir_slot(dentry, mnt);
+    struct file_dir *d = file_dirs.lookup(&slot);
+    if (!d)
+        return -1;
+    if (d->dentry == dentry && d->mnt == mnt && d->inode == inode && d->ino == ino &&
+        d->igen == igen && d->gen == gen && d->root_dentry == w->root_dentry &&
+        d->root_mnt == w->root_mnt && now - d->born_ns < FILE_DIR_TTL_NS) {
+        u32 len = d->len;
+        if (len < FILE_PATH_SIZE - 1) {
+            bpf_probe_read_kernel(s->buf, FILE_PATH_SIZE, d->path);
+            return len;
+        }
+    }
+    file_count(FILE_CNT_DIR_WALKS);
     w->mnt_root = rd(w->mnt + OFF_VFSMOUNT_MNT_ROOT);
     w->n = 0;
     w->done = 0;
@@ -202,6 +283,17 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     }
     if (off >= FILE_PATH_SIZE - 1)
         return -1;
+    d->dentry = dentry;
+    d->mnt = mnt;
+    d->root_dentry = w->root_dentry;
+    d->root_mnt = w->root_mnt;
+    d->inode = inode;
+    d->ino = ino;
+    d->igen = igen;
+    d->gen = gen;
+    d->born_ns = now;
+    d->len = off;
+    bpf_probe_read_kernel(d->path, FILE_PATH_SIZE, s->buf);
     return off;
 }
 
@@ -231,10 +323,10 @@ static __always_inline u8 read_path(struct file_scratch *s, char *out, int dfd, 
     u32 o = off;
     s->buf[win(o)] = '/';
     o++;
-    len = bpf_probe_read_user_str(&s->buf[win(o)], FILE_PATH_SIZE,
-                                  (void *)uptr);
+    /* the argument as read above (out, a map value: no second read of user memory) */
+    len = bpf_probe_read_kernel_str(&s->buf[win(o)], FILE_PATH_SIZE, out);
     if (len < 1)
-        return FILE_RES_NONE;  /* read a moment ago; keep the relative path then */
+        return FILE_RES_NONE;
     if (o + len > FILE_PATH_SIZE)
         *cut = 1;
     bpf_probe_read_kernel(out, FILE_PATH_SIZE, s->buf);
@@ -356,8 +448,16 @@ static __always_inline int on_enter(u16 op, int dfd, const char *path, int dfd2,
         e->evflags |= FILE_EF_LATE;
     fill_event_hdr(&e->hdr, bpf_ktime_get_ns());
     u32 tid = e->hdr.tid;
-    if (file_pending.update(&tid, p))
+    /* BPF_NOEXIST: a stale entry of this thread (replaced below) is already counted in
+     * file_inflight; an undercount would make sys_exit skip a waiting call. */
+    int err = file_pending.insert(&tid, p);
+    if (!err) {
+        s64 *inflight = file_inflight.lookup(&zero);
+        if (inflight)
+            __sync_fetch_and_add(inflight, 1);
+    } else if (err != -ERR_EEXIST || file_pending.update(&tid, p)) {
         count(CNT_PENDING_FULL);
+    }
     return 0;
 }
 
@@ -390,17 +490,29 @@ static __always_inline void top_account(struct file_scratch *s, struct file_even
     }
 }
 
+/* The call of this thread leaves file_pending. */
+static __always_inline void pending_done(u32 tid, s64 *inflight)
+{
+    if (!file_pending.delete(&tid))
+        __sync_fetch_and_add(inflight, -1);
+}
+
 static __always_inline int on_exit(void *ctx, long ret)
 {
+    u32 zero = 0;
+    s64 *inflight = file_inflight.lookup(&zero);
+    /* A thread's own sys_enter stored its call before this: if none is waiting
+     * anywhere, neither is this thread's (the common case under a prefix filter). */
+    if (!inflight || *(volatile s64 *)inflight <= 0)
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct file_pending *p = file_pending.lookup(&tid);
     if (!p)
         return 0;
     struct file_config *cfg = file_cfg();
-    u32 zero = 0;
     struct file_scratch *s = file_scratch.lookup(&zero);
     if (!cfg || !s) {
-        file_pending.delete(&tid);
+        pending_done(tid, inflight);
         return 0;
     }
     struct file_event *e = &p->e;
@@ -413,7 +525,7 @@ static __always_inline int on_exit(void *ctx, long ret)
          * (FILE_RES_NONE: path_from "unknown", and it matches no prefix). */
         if (!fill_paths(s, p, cfg, two, 0)) {
             file_count(FILE_CNT_FILTERED);
-            file_pending.delete(&tid);
+            pending_done(tid, inflight);
             return 0;
         }
         e->evflags &= ~FILE_EF_LATE;
@@ -421,12 +533,12 @@ static __always_inline int on_exit(void *ctx, long ret)
     e->ret = ret;
     top_account(s, e, ret);
     if ((cfg->flags & FILE_CFG_ERRORS_ONLY) && !(ret < 0 && ret >= -FILE_MAX_ERRNO)) {
-        file_pending.delete(&tid);
+        pending_done(tid, inflight);
         return 0;
     }
     count(CNT_SEEN);
     submit_event(ctx, e, two ? sizeof(*e) : offsetof(struct file_event, path2));
-    file_pending.delete(&tid);
+    pending_done(tid, inflight);
     return 0;
 }
 
@@ -449,6 +561,46 @@ static __always_inline u32 open_mode(u64 flags, u32 mode)
     {                                            \
         return on_exit(args, args->ret);         \
     }
+
+/* A directory may have moved, or the mount tree changed: the paths in file_dirs may be
+ * stale (every CPU's: the generation is shared). Bumped at sys_exit, after the move,
+ * whatever the result (a failed call costs one needless walk per directory). */
+static __always_inline void dirs_moved(void)
+{
+    u32 zero = 0;
+    u32 *gen = file_dir_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+}
+
+#define FILE_EXIT_MOVES(name)                    \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name)  \
+    {                                            \
+        dirs_moved();                            \
+        return on_exit(args, args->ret);         \
+    }
+
+/* The calls that change the mount tree (mount(2) with MS_MOVE, umount2(2) whose
+ * tracepoint is sys_exit_umount, move_mount(2), pivot_root(2)): compiled in when this
+ * kernel has them (HAVE_MOVES_<NAME> from userspace). */
+#define MOUNT_EXIT(name)                         \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name)  \
+    {                                            \
+        dirs_moved();                            \
+        return 0;                                \
+    }
+#ifdef HAVE_MOVES_MOUNT
+MOUNT_EXIT(mount)
+#endif
+#ifdef HAVE_MOVES_UMOUNT
+MOUNT_EXIT(umount)
+#endif
+#ifdef HAVE_MOVES_MOVE_MOUNT
+MOUNT_EXIT(move_mount)
+#endif
+#ifdef HAVE_MOVES_PIVOT_ROOT
+MOUNT_EXIT(pivot_root)
+#endif
 
 #ifdef HAVE_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
@@ -518,7 +670,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_rename)
     return on_enter(FILE_OP_RENAME, FILE_AT_FDCWD, args->oldname, FILE_AT_FDCWD,
                     args->newname, 0, 0, 1, 1);
 }
-FILE_EXIT(rename)
+FILE_EXIT_MOVES(rename)
 #endif
 
 #ifdef HAVE_RENAMEAT
@@ -527,7 +679,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
     return on_enter(FILE_OP_RENAMEAT, args->olddfd, args->oldname, args->newdfd,
                     args->newname, 0, 0, 1, 1);
 }
-FILE_EXIT(renameat)
+FILE_EXIT_MOVES(renameat)
 #endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
@@ -535,7 +687,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
     return on_enter(FILE_OP_RENAMEAT2, args->olddfd, args->oldname, args->newdfd,
                     args->newname, args->flags, 0, 1, 1);
 }
-FILE_EXIT(renameat2)
+FILE_EXIT_MOVES(renameat2)
 
 #ifdef HAVE_MKDIR
 TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)

@@ -80,10 +80,12 @@ struct file_walk {
  * - no rename or mount change since (file_dir_gen, bumped at the exit of rename*,
  *   mount, umount, move_mount and pivot_root: the calls that move a directory or change
  *   the mount tree; read before the walk, so a walk that raced one is stored stale);
- * - composed less than FILE_DIR_TTL_NS ago: a directory a network filesystem's server
- *   renamed is moved in the dcache at a later lookup, with no local call to see. */
+ * - composed less than FILE_DIR_TTL_JIFFIES ago (1 s at HZ=1000, 10 s at HZ=100; jiffies
+ *   because bpf_ktime_get_ns() costs as much as several reads): a directory a network
+ *   filesystem's server renamed is moved in the dcache at a later lookup, with no local
+ *   call to see. */
 #define FILE_DIR_SLOTS 256
-#define FILE_DIR_TTL_NS 1000000000ULL
+#define FILE_DIR_TTL_JIFFIES 1024
 struct file_dir {
     u64 dentry;
     u64 mnt;
@@ -91,7 +93,7 @@ struct file_dir {
     u64 root_mnt;
     u64 inode;
     u64 ino;
-    u64 born_ns;               /* bpf_ktime_get_ns() when composed */
+    u64 born;                  /* bpf_jiffies64() when composed */
     u32 igen;
     u32 gen;                   /* file_dir_gen when the walk began */
     u32 len;                   /* bytes of path (no NUL; "" for the root) */
@@ -138,6 +140,15 @@ static __always_inline u32 win(u32 off)
 {
     asm volatile("" : "+r"(off));
     return off & (FILE_PATH_SIZE - 1);
+}
+
+/* A copy's size as the verifier sees it: at most 2 * FILE_PATH_SIZE - 1 (the callers
+ * keep it to what fits; the mask, kept by the barrier, only bounds it for the verifier,
+ * which cannot follow the comparisons clang leaves on another register). */
+static __always_inline u32 size_of_copy(u32 n)
+{
+    asm volatile("" : "+r"(n));
+    return n & (2 * FILE_PATH_SIZE - 1);
 }
 
 static __always_inline u64 rd(u64 addr)
@@ -240,17 +251,17 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     u64 ino = rd(inode + OFF_INODE_I_INO);
     u32 igen = 0;
     bpf_probe_read_kernel(&igen, sizeof(igen), (void *)(inode + OFF_INODE_I_GENERATION));
-    u64 now = bpf_ktime_get_ns();
+    u64 now = bpf_jiffies64();
     u32 slot = dir_slot(dentry, mnt);
     struct file_dir *d = file_dirs.lookup(&slot);
     if (!d)
         return -1;
     if (d->dentry == dentry && d->mnt == mnt && d->inode == inode && d->ino == ino &&
         d->igen == igen && d->gen == gen && d->root_dentry == w->root_dentry &&
-        d->root_mnt == w->root_mnt && now - d->born_ns < FILE_DIR_TTL_NS) {
+        d->root_mnt == w->root_mnt && now - d->born < FILE_DIR_TTL_JIFFIES) {
         u32 len = d->len;
         if (len < FILE_PATH_SIZE - 1) {
-            bpf_probe_read_kernel(s->buf, FILE_PATH_SIZE, d->path);
+            bpf_probe_read_kernel(s->buf, size_of_copy(len), d->path);
             return len;
         }
     }
@@ -291,9 +302,9 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     d->ino = ino;
     d->igen = igen;
     d->gen = gen;
-    d->born_ns = now;
+    d->born = now;
     d->len = off;
-    bpf_probe_read_kernel(d->path, FILE_PATH_SIZE, s->buf);
+    bpf_probe_read_kernel(d->path, size_of_copy(off) & (FILE_PATH_SIZE - 1), s->buf);
     return off;
 }
 
@@ -323,14 +334,18 @@ static __always_inline u8 read_path(struct file_scratch *s, char *out, int dfd, 
     u32 o = off;
     s->buf[win(o)] = '/';
     o++;
-    /* the argument as read above (out, a map value: no second read of user memory) */
-    len = bpf_probe_read_kernel_str(&s->buf[win(o)], FILE_PATH_SIZE, out);
-    if (len < 1)
-        return FILE_RES_NONE;
-    if (o + len > FILE_PATH_SIZE)
+    /* The argument as read above, len bytes with its NUL, copied from out (a map
+     * value) rather than read from user memory again; copies here are of the bytes
+     * used, not of whole buffers: their cost grows with the size. */
+    u32 n = len > FILE_PATH_SIZE - 1 ? FILE_PATH_SIZE - 1 : len;  /* o < FILE_PATH_SIZE */
+    bpf_probe_read_kernel(&s->buf[win(o)], size_of_copy(n) & (FILE_PATH_SIZE - 1), out);
+    u32 total = o + n;
+    if (total > FILE_PATH_SIZE) {
         *cut = 1;
-    bpf_probe_read_kernel(out, FILE_PATH_SIZE, s->buf);
-    out[FILE_PATH_SIZE - 1] = 0;
+        total = FILE_PATH_SIZE;
+    }
+    bpf_probe_read_kernel(out, size_of_copy(total), s->buf);
+    out[(total - 1) & (FILE_PATH_SIZE - 1)] = 0;
     return dfd == FILE_AT_FDCWD ? FILE_RES_CWD : FILE_RES_DIRFD;
 }
 

@@ -346,8 +346,9 @@ def test_relative_paths_after_the_directory_moved(file_monitor, tmp_path: Path) 
         ("open", f"{t}/z/g", ""),
     ]
     assert all(e["ret"] >= 0 for e in events)
-    # tmp_path, a (once, then kept), b, c (after each rename), tmp_path again, z; not 200
-    assert 4 <= walks <= 20
+    # tmp_path, a (once, then kept), b, c (after each rename), tmp_path again, z: about 6,
+    # not 200; a rename or mount anywhere on the machine meanwhile adds one each
+    assert 4 <= walks <= 50
 
 
 @pytest.mark.usefixtures("kernel")

@@ -39,7 +39,8 @@
     !defined(OFF_QSTR_NAME) || !defined(OFF_VFSMOUNT_MNT_ROOT) || \
     !defined(OFF_MOUNT_MNT) || !defined(OFF_MOUNT_MNT_PARENT) || \
     !defined(OFF_MOUNT_MNT_MOUNTPOINT) || !defined(OFF_DENTRY_D_INODE) || \
-    !defined(OFF_INODE_I_INO) || !defined(OFF_INODE_I_GENERATION)
+    !defined(OFF_INODE_I_INO) || !defined(OFF_INODE_I_GENERATION) || \
+    !defined(OFF_MOUNT_ID)
 #error "the BTF offsets of the path walk (OFF_*) must be defined"
 #endif
 /* struct path is { struct vfsmount *mnt; struct dentry *dentry; } (include/linux/path.h):
@@ -76,6 +77,8 @@ struct file_walk {
  * - the same directory: the slot's dentry and mount, and the inode behind the dentry
  *   (its address, number and generation): a dentry freed and reallocated for another
  *   directory has another inode, or the same address with another number/generation;
+ *   and the mount's id (mnt_id_unique where the kernel has it): a mount freed with its
+ *   namespace, with no umount(2) to see, and another allocated at its address;
  * - the same root (task->fs->root): a chrooted task composes from its own root;
  * - no rename or mount change since (file_dir_gen, bumped at the exit of rename*,
  *   mount, umount, move_mount and pivot_root: the calls that move a directory or change
@@ -93,6 +96,7 @@ struct file_dir {
     u64 root_mnt;
     u64 inode;
     u64 ino;
+    u64 mnt_id;                /* struct mount at OFF_MOUNT_ID (8 bytes) */
     u64 born;                  /* bpf_jiffies64() when composed */
     u32 igen;
     u32 gen;                   /* file_dir_gen when the walk began */
@@ -251,14 +255,16 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     u64 ino = rd(inode + OFF_INODE_I_INO);
     u32 igen = 0;
     bpf_probe_read_kernel(&igen, sizeof(igen), (void *)(inode + OFF_INODE_I_GENERATION));
+    u64 mnt_id = rd(mnt - OFF_MOUNT_MNT + OFF_MOUNT_ID);  /* vfsmount is in struct mount */
     u64 now = bpf_jiffies64();
     u32 slot = dir_slot(dentry, mnt);
     struct file_dir *d = file_dirs.lookup(&slot);
     if (!d)
         return -1;
     if (d->dentry == dentry && d->mnt == mnt && d->inode == inode && d->ino == ino &&
-        d->igen == igen && d->gen == gen && d->root_dentry == w->root_dentry &&
-        d->root_mnt == w->root_mnt && now - d->born < FILE_DIR_TTL_JIFFIES) {
+        d->igen == igen && d->mnt_id == mnt_id && d->gen == gen &&
+        d->root_dentry == w->root_dentry && d->root_mnt == w->root_mnt &&
+        now - d->born < FILE_DIR_TTL_JIFFIES) {
         u32 len = d->len;
         if (len < FILE_PATH_SIZE - 1) {
             bpf_probe_read_kernel(s->buf, size_of_copy(len), d->path);
@@ -300,6 +306,7 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     d->root_mnt = w->root_mnt;
     d->inode = inode;
     d->ino = ino;
+    d->mnt_id = mnt_id;
     d->igen = igen;
     d->gen = gen;
     d->born = now;

@@ -92,9 +92,16 @@ MOUNT_CALLS = ("mount", "umount", "move_mount", "pivot_root")
 
 
 def walk_offsets() -> dict[str, int]:
-    """``{"OFF_DENTRY_D_PARENT": 24, ...}`` from this kernel's BTF; BTFError if one is missing."""
+    """``{"OFF_DENTRY_D_PARENT": 24, ...}`` from this kernel's BTF; BTFError if one is missing.
+    OFF_MOUNT_ID: what tells a struct mount from one later allocated at its address:
+    ``mnt_id_unique`` (64-bit, never reused; Linux 6.8+), else ``mnt_id``."""
     btf = vmlinux_btf()
-    return {f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in WALK_FIELDS}
+    out = {f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in WALK_FIELDS}
+    try:
+        out["OFF_MOUNT_ID"] = btf.member_offset("mount", "mnt_id_unique")
+    except BTFError:
+        out["OFF_MOUNT_ID"] = btf.member_offset("mount", "mnt_id")
+    return out
 
 
 # -- decoding -----------------------------------------------------------------------------

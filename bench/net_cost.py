@@ -2,8 +2,12 @@
 the same tracepoint, on a connection storm over loopback (one process connects, accepts,
 writes a byte each way and closes, COUNT times). Workload CPU time (user + system:
 on loopback the whole handshake, and so every sock:inet_sock_set_state program, runs in
-the workload's syscalls and their softirqs), medians of alternating runs. No assertion:
-it prints a table.
+the workload's syscalls and their softirqs), medians of alternating runs. A fifth
+configuration isolates what a syscall tracepoint alone costs (the monitor's accept(2)
+hook is one): the minimal program plus an empty sys_exit_accept4 program. Then each
+configuration once more with the kernel's BPF run-time accounting on
+(tests/support/bpfstats.py): ns per connection inside the programs. No assertion: it
+prints tables.
 
     .venv/bin/python bench/net_cost.py [--reps 5] [--connections 20000]
 """
@@ -85,15 +89,31 @@ def nothing() -> Iterator[None]:
     yield
 
 
-@contextmanager
-def minimal() -> Iterator[None]:
-    from bcc import BPF
+# Any syscalls: tracepoint sets the syscall-tracing flag on every task, so every
+# syscall of the machine takes the slow entry/exit path, whether or not its own
+# tracepoint has a program.
+EMPTY_ACCEPT_EXIT = r"""
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+    return 0;
+}
+"""
 
-    b = BPF(text=MINIMAL)
-    try:
-        yield
-    finally:
-        b.cleanup()
+
+def bcc_program(text: str) -> Callable[[], Iterator[None]]:
+    @contextmanager
+    def run() -> Iterator[None]:
+        from bcc import BPF
+
+        b = BPF(text=text)
+        try:
+            yield
+        finally:
+            b.cleanup()
+    return run
+
+
+minimal = bcc_program(MINIMAL)
 
 
 def net_monitor(**options: object) -> Callable[[], Iterator[None]]:
@@ -116,6 +136,7 @@ def net_monitor(**options: object) -> Callable[[], Iterator[None]]:
 VARIANTS: list[tuple[str, Callable[[], object]]] = [
     ("no program", nothing),
     ("minimal: one counting program on sock:inet_sock_set_state", minimal),
+    ("minimal + an empty sys_exit_accept4 program", bcc_program(MINIMAL + EMPTY_ACCEPT_EXIT)),
     ("net monitor, all events", net_monitor()),
     ("net monitor, events: [close]", net_monitor(events=["close"])),
 ]
@@ -129,7 +150,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 1
+    from tests.support.bpfstats import bpf_stats_enabled, prog_times, runs_between
+
     samples: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
+    in_programs: dict[str, list[float]] = {name: [] for name, _ in VARIANTS}
+    stats_conns = max(1, args.connections // 4)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "net_storm.c"
         src.write_text(STORM_C)
@@ -141,6 +166,11 @@ def main() -> int:
                 with variant():  # type: ignore[attr-defined]
                     time.sleep(0.2)
                     samples[name].append(cpu_of(binary, args.connections))
+                    with bpf_stats_enabled():
+                        before = prog_times()
+                        cpu_of(binary, stats_conns)
+                        ran = runs_between(before, prog_times())
+                    in_programs[name].append(sum(t for _r, t in ran.values()) / stats_conns)
             print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
     none = statistics.median(samples[VARIANTS[0][0]])
     floor = statistics.median(samples[VARIANTS[1][0]])
@@ -148,13 +178,14 @@ def main() -> int:
     print(f"{n} loopback connections per run (connect, accept, 1 byte each way, close), "
           f"workload CPU, medians of {args.reps} runs\n")
     print("| configuration | CPU s | us/connection | x minimal | +us/connection over minimal "
-          "| spread (min-max s) |")
-    print("|---|---:|---:|---:|---:|---|")
+          "| spread (min-max s) | ns/connection in the programs (bpf_stats) |")
+    print("|---|---:|---:|---:|---:|---|---:|")
     for name, _ in VARIANTS:
         v = samples[name]
         med = statistics.median(v)
         print(f"| {name} | {med:.3f} | {med / n * 1e6:.1f} | {med / floor:.2f} | "
-              f"{(med - floor) / n * 1e6:+.2f} | {min(v):.3f}-{max(v):.3f} |")
+              f"{(med - floor) / n * 1e6:+.2f} | {min(v):.3f}-{max(v):.3f} | "
+              f"{statistics.median(in_programs[name]):.0f} |")
     print(f"\nno program: {none / n * 1e6:.1f} us/connection")
     return 0
 

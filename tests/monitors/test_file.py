@@ -4,6 +4,7 @@ a failing open), with the prefix, writes_only and errors_only filters in the ker
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -282,6 +283,101 @@ def test_prefix_matching_nothing_yields_no_event(file_monitor, tree: Path) -> No
                                 include_prefixes=["/no-such-prefix/"])
     assert events == []
     assert m.kernel_counters()["prefix_filtered"] - before >= 20
+
+
+# A Python workload pinned to one CPU (each CPU keeps its own directory paths: pinned,
+# every call after the first in a directory uses the kept path unless it was dropped).
+# -I: no cwd in sys.path (nothing opened in the tree but what the script opens).
+PINNED = "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+
+
+def python_workload(script: str) -> list[str]:
+    return ["/usr/bin/python3", "-I", "-S", "-c", PINNED + script]
+
+
+def calls_of(events: list[Event]) -> list[tuple[str, str, str]]:
+    """(op kind, path, path2): open/rename/... whatever the C library chose (mkdir or
+    mkdirat, rename or renameat2)."""
+    kind = {"open": "open", "openat": "open", "openat2": "open", "creat": "open",
+            "unlink": "unlink", "unlinkat": "unlink", "rmdir": "rmdir", "mkdir": "mkdir",
+            "mkdirat": "mkdir", "rename": "rename", "renameat": "rename", "renameat2": "rename"}
+    return [("rmdir" if e["op"] == "unlinkat" and "AT_REMOVEDIR" in e["flags"] else kind[e["op"]],
+             e["path"], e["path2"]) for e in events]
+
+
+@pytest.mark.usefixtures("kernel")
+def test_relative_paths_after_the_directory_moved(file_monitor, tmp_path: Path) -> None:
+    """Calls relative to the working directory and to a dirfd, many in one directory
+    (its path is kept per CPU, file.c file_dirs), then after that directory was renamed,
+    removed and replaced: every path is the directory's path at the call, and the
+    directory was walked only a few times for the 200 calls in it."""
+    m, _sink = file_monitor
+    script = (
+        "os.mkdir('a'); os.chdir('a')\n"
+        "os.close(os.open('f', os.O_WRONLY | os.O_CREAT, 0o600))\n"
+        "for _ in range(200):\n    os.close(os.open('f', os.O_RDONLY))\n"
+        "os.close(os.open('/etc/hostname', os.O_RDONLY))\n"  # outside the prefix
+        "os.rename('../a', '../b')\n"
+        "os.close(os.open('f', os.O_RDONLY))\n"
+        "d = os.open('.', os.O_RDONLY | os.O_DIRECTORY)\n"
+        "os.close(os.open('f', os.O_RDONLY, dir_fd=d))\n"
+        "os.rename('../b', '../c')\n"
+        "os.close(os.open('f', os.O_RDONLY, dir_fd=d))\n"
+        "os.close(d)\n"
+        "os.chdir('..'); os.unlink('c/f'); os.rmdir('c'); os.mkdir('z'); os.chdir('z')\n"
+        "os.close(os.open('g', os.O_WRONLY | os.O_CREAT, 0o600))\n"
+    )
+    t = str(tmp_path)
+    before = m.kernel_counters()["dir_walks"]
+    _pid, events = run_workload(file_monitor, python_workload(script), tmp_path,
+                                include_prefixes=[t + "/"])
+    walks = m.kernel_counters()["dir_walks"] - before
+    assert calls_of(events) == [
+        ("mkdir", f"{t}/a", ""),
+        *[("open", f"{t}/a/f", "")] * 201,
+        ("rename", f"{t}/a/../a", f"{t}/a/../b"),
+        ("open", f"{t}/b/f", ""),
+        ("open", f"{t}/b/.", ""),
+        ("open", f"{t}/b/f", ""),
+        ("rename", f"{t}/b/../b", f"{t}/b/../c"),
+        ("open", f"{t}/c/f", ""),
+        ("unlink", f"{t}/c/f", ""),
+        ("rmdir", f"{t}/c", ""),
+        ("mkdir", f"{t}/z", ""),
+        ("open", f"{t}/z/g", ""),
+    ]
+    assert all(e["ret"] >= 0 for e in events)
+    # every call that waited for its sys_exit was taken out, and counted out: the count
+    # that lets sys_exit skip its lookup is back to 0 (a drift up would cost, down lose)
+    assert len(m.bpf[b"file_pending"]) == 0
+    assert m.bpf[b"file_inflight"][ctypes.c_int(0)].value == 0
+    # tmp_path, a (once, then kept), b, c (after each rename), tmp_path again, z: about 6,
+    # not 200; a rename or mount anywhere on the machine meanwhile adds one each
+    assert 4 <= walks <= 50
+
+
+@pytest.mark.usefixtures("kernel")
+def test_relative_paths_after_their_mount_moved(file_monitor, tmp_path: Path) -> None:
+    """A directory on a tmpfs moved to another mount point (mount(2) MS_MOVE, in a
+    private mount namespace): the call after the move names the new place."""
+    script = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "os.mkdir('m1'); os.mkdir('m2')\n"
+        "assert libc.mount(b'none', b'm1', b'tmpfs', 0, None) == 0, ctypes.get_errno()\n"
+        "os.mkdir('m1/d'); os.chdir('m1/d')\n"
+        "for _ in range(3):\n    os.close(os.open('f', os.O_WRONLY | os.O_CREAT, 0o600))\n"
+        "assert libc.mount(b'../../m1', b'../../m2', None, 8192, None) == 0\n"  # MS_MOVE
+        "os.close(os.open('f', os.O_RDONLY))\n"
+    )
+    t = str(tmp_path)
+    argv = ["unshare", "--mount", "--propagation", "private", *python_workload(script)]
+    _pid, events = run_workload(file_monitor, argv, tmp_path, include_prefixes=[t + "/"])
+    assert calls_of(events) == [
+        ("mkdir", f"{t}/m1", ""), ("mkdir", f"{t}/m2", ""), ("mkdir", f"{t}/m1/d", ""),
+        *[("open", f"{t}/m1/d/f", "")] * 3,
+        ("open", f"{t}/m2/d/f", ""),
+    ]
 
 
 @pytest.mark.usefixtures("kernel")

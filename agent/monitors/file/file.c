@@ -15,6 +15,12 @@
  * would itself name), crossing mounts through struct mount. Every offset comes from
  * BTF (-D OFF_*). The path is the directory's path + "/" + the argument, not
  * normalised ("." and ".." stay as given); what cannot be known is said (res).
+ * Composing a directory's path is most of what a relative call costs, and find, tar
+ * and rm make run after run of calls in one directory: each CPU keeps the paths it
+ * composed (file_dirs, below) and walks again only when one may have changed.
+ *
+ * A call the filters drop costs sys_exit only a look at file_inflight (no pending
+ * call anywhere: nothing to find), not a lookup in file_pending.
  */
 #include "common.h"
 #include "file.h"
@@ -32,8 +38,15 @@
     !defined(OFF_DENTRY_D_PARENT) || !defined(OFF_DENTRY_D_NAME) || \
     !defined(OFF_QSTR_NAME) || !defined(OFF_VFSMOUNT_MNT_ROOT) || \
     !defined(OFF_MOUNT_MNT) || !defined(OFF_MOUNT_MNT_PARENT) || \
-    !defined(OFF_MOUNT_MNT_MOUNTPOINT)
+    !defined(OFF_MOUNT_MNT_MOUNTPOINT) || !defined(OFF_DENTRY_D_INODE) || \
+    !defined(OFF_INODE_I_INO) || !defined(OFF_INODE_I_GENERATION) || \
+    !defined(OFF_MOUNT_ID)
 #error "the BTF offsets of the path walk (OFF_*) must be defined"
+#endif
+/* struct path is { struct vfsmount *mnt; struct dentry *dentry; } (include/linux/path.h):
+ * read whole, in one copy. */
+#if OFF_PATH_MNT > 8 || OFF_PATH_DENTRY > 8 || OFF_PATH_MNT == OFF_PATH_DENTRY
+#error "struct path is not two pointers in 16 bytes"
 #endif
 
 /* include/linux/err.h: [-MAX_ERRNO, -1] is an error return */
@@ -56,6 +69,42 @@ struct file_walk {
     u32 done;                  /* reached a root: names[] is the whole path */
 };
 
+/* file_dirs: directory paths composed by dir_path(), per CPU, direct-mapped by
+ * (dentry, mount). Per CPU, because only the CPU that owns a slot writes it and a
+ * tracepoint program runs with preemption off: an entry is never rewritten while it is
+ * read (a shared hash map's element can be recycled for another key under a reader).
+ * An entry is used only while all of these still hold:
+ * - the same directory: the slot's dentry and mount, and the inode behind the dentry
+ *   (its address, number and generation): a dentry freed and reallocated for another
+ *   directory has another inode, or the same address with another number/generation;
+ *   and the mount's id (mnt_id_unique where the kernel has it): a mount freed with its
+ *   namespace, with no umount(2) to see, and another allocated at its address;
+ * - the same root (task->fs->root): a chrooted task composes from its own root;
+ * - no rename or mount change since (file_dir_gen, bumped at the exit of rename*,
+ *   mount, umount, move_mount and pivot_root: the calls that move a directory or change
+ *   the mount tree; read before the walk, so a walk that raced one is stored stale);
+ * - composed less than FILE_DIR_TTL_JIFFIES ago (1 s at HZ=1000, 10 s at HZ=100; jiffies
+ *   because bpf_ktime_get_ns() costs as much as several reads): a directory a network
+ *   filesystem's server renamed is moved in the dcache at a later lookup, with no local
+ *   call to see. */
+#define FILE_DIR_SLOTS 256
+#define FILE_DIR_TTL_JIFFIES 1024
+struct file_dir {
+    u64 dentry;
+    u64 mnt;
+    u64 root_dentry;
+    u64 root_mnt;
+    u64 inode;
+    u64 ino;
+    u64 mnt_id;                /* struct mount at OFF_MOUNT_ID (8 bytes) */
+    u64 born;                  /* bpf_jiffies64() when composed */
+    u32 igen;
+    u32 gen;                   /* file_dir_gen when the walk began */
+    u32 len;                   /* bytes of path (no NUL; "" for the root) */
+    u32 _pad;
+    char path[FILE_PATH_SIZE];
+};
+
 /* Per-CPU work area: the event under construction, the composed path (twice the path
  * size so that a masked offset plus a full-size read stays inside), the dentry names
  * of a walk, the top-list key. */
@@ -75,6 +124,11 @@ BPF_PERCPU_ARRAY(file_scratch, struct file_scratch, 1);
  * counted (FILE_CNT_TOP_NEW) so userspace knows how many were evicted. */
 BPF_TABLE("lru_hash", struct file_top_key, struct file_top_val, file_top, TOP_ENTRIES);
 BPF_PERCPU_ARRAY(file_counters, u64, FILE_NR_COUNTERS);
+BPF_PERCPU_ARRAY(file_dirs, struct file_dir, FILE_DIR_SLOTS);
+BPF_ARRAY(file_dir_gen, u32, 1);
+/* [0]: calls waiting in file_pending (at least: a replaced stale entry is not
+ * subtracted). 0 lets every sys_exit return without a lookup. */
+BPF_ARRAY(file_inflight, s64, 1);
 
 static __always_inline void file_count(u32 idx)
 {
@@ -90,6 +144,15 @@ static __always_inline u32 win(u32 off)
 {
     asm volatile("" : "+r"(off));
     return off & (FILE_PATH_SIZE - 1);
+}
+
+/* A copy's size as the verifier sees it: at most 2 * FILE_PATH_SIZE - 1 (the callers
+ * keep it to what fits; the mask, kept by the barrier, only bounds it for the verifier,
+ * which cannot follow the comparisons clang leaves on another register). */
+static __always_inline u32 size_of_copy(u32 n)
+{
+    asm volatile("" : "+r"(n));
+    return n & (2 * FILE_PATH_SIZE - 1);
 }
 
 static __always_inline u64 rd(u64 addr)
@@ -141,6 +204,13 @@ static __always_inline int walk_step(struct file_scratch *s)
     return 0;
 }
 
+/* The file_dirs slot of a directory. */
+static __always_inline u32 dir_slot(u64 dentry, u64 mnt)
+{
+    u64 h = (dentry ^ (mnt << 7)) * 0x9E3779B97F4A7C15ULL;  /* Fibonacci hashing */
+    return (u32)(h >> 56) & (FILE_DIR_SLOTS - 1);
+}
+
 /* The directory a relative path is looked up from, as an absolute path in s->buf
  * (no trailing '/': "" for the root); returns its length, or -1 when it cannot be
  * known (dirfd not open, a walk longer than FILE_MAX_WALK, a path too long). */
@@ -151,11 +221,12 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     u64 fs = rd(task + OFF_TASK_STRUCT_FS);
     if (!fs)
         return -1;
-    w->root_mnt = rd(fs + OFF_FS_STRUCT_ROOT + OFF_PATH_MNT);
-    w->root_dentry = rd(fs + OFF_FS_STRUCT_ROOT + OFF_PATH_DENTRY);
+    u64 path[2] = {};
+    bpf_probe_read_kernel(path, sizeof(path), (void *)(fs + OFF_FS_STRUCT_ROOT));
+    w->root_mnt = path[OFF_PATH_MNT / 8];
+    w->root_dentry = path[OFF_PATH_DENTRY / 8];
     if (dfd == FILE_AT_FDCWD) {
-        w->mnt = rd(fs + OFF_FS_STRUCT_PWD + OFF_PATH_MNT);
-        w->dentry = rd(fs + OFF_FS_STRUCT_PWD + OFF_PATH_DENTRY);
+        bpf_probe_read_kernel(path, sizeof(path), (void *)(fs + OFF_FS_STRUCT_PWD));
     } else {
         if (dfd < 0)
             return -1;
@@ -169,11 +240,38 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
         u64 file = rd(fd_array + (u64)dfd * 8);
         if (!file)
             return -1;
-        w->mnt = rd(file + OFF_FILE_F_PATH + OFF_PATH_MNT);
-        w->dentry = rd(file + OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+        bpf_probe_read_kernel(path, sizeof(path), (void *)(file + OFF_FILE_F_PATH));
     }
-    if (!w->mnt || !w->dentry)
+    u64 mnt = path[OFF_PATH_MNT / 8], dentry = path[OFF_PATH_DENTRY / 8];
+    if (!mnt || !dentry)
         return -1;
+    w->mnt = mnt;
+    w->dentry = dentry;
+
+    u32 zero = 0;
+    u32 *genp = file_dir_gen.lookup(&zero);
+    u32 gen = genp ? *(volatile u32 *)genp : 0;
+    u64 inode = rd(dentry + OFF_DENTRY_D_INODE);
+    u64 ino = rd(inode + OFF_INODE_I_INO);
+    u32 igen = 0;
+    bpf_probe_read_kernel(&igen, sizeof(igen), (void *)(inode + OFF_INODE_I_GENERATION));
+    u64 mnt_id = rd(mnt - OFF_MOUNT_MNT + OFF_MOUNT_ID);  /* vfsmount is in struct mount */
+    u64 now = bpf_jiffies64();
+    u32 slot = dir_slot(dentry, mnt);
+    struct file_dir *d = file_dirs.lookup(&slot);
+    if (!d)
+        return -1;
+    if (d->dentry == dentry && d->mnt == mnt && d->inode == inode && d->ino == ino &&
+        d->igen == igen && d->mnt_id == mnt_id && d->gen == gen &&
+        d->root_dentry == w->root_dentry && d->root_mnt == w->root_mnt &&
+        now - d->born < FILE_DIR_TTL_JIFFIES) {
+        u32 len = d->len;
+        if (len < FILE_PATH_SIZE - 1) {
+            bpf_probe_read_kernel(s->buf, size_of_copy(len), d->path);
+            return len;
+        }
+    }
+    file_count(FILE_CNT_DIR_WALKS);
     w->mnt_root = rd(w->mnt + OFF_VFSMOUNT_MNT_ROOT);
     w->n = 0;
     w->done = 0;
@@ -202,6 +300,18 @@ static __always_inline int dir_path(struct file_scratch *s, int dfd)
     }
     if (off >= FILE_PATH_SIZE - 1)
         return -1;
+    d->dentry = dentry;
+    d->mnt = mnt;
+    d->root_dentry = w->root_dentry;
+    d->root_mnt = w->root_mnt;
+    d->inode = inode;
+    d->ino = ino;
+    d->mnt_id = mnt_id;
+    d->igen = igen;
+    d->gen = gen;
+    d->born = now;
+    d->len = off;
+    bpf_probe_read_kernel(d->path, size_of_copy(off) & (FILE_PATH_SIZE - 1), s->buf);
     return off;
 }
 
@@ -231,14 +341,18 @@ static __always_inline u8 read_path(struct file_scratch *s, char *out, int dfd, 
     u32 o = off;
     s->buf[win(o)] = '/';
     o++;
-    len = bpf_probe_read_user_str(&s->buf[win(o)], FILE_PATH_SIZE,
-                                  (void *)uptr);
-    if (len < 1)
-        return FILE_RES_NONE;  /* read a moment ago; keep the relative path then */
-    if (o + len > FILE_PATH_SIZE)
+    /* The argument as read above, len bytes with its NUL, copied from out (a map
+     * value) rather than read from user memory again; copies here are of the bytes
+     * used, not of whole buffers: their cost grows with the size. */
+    u32 n = len > FILE_PATH_SIZE - 1 ? FILE_PATH_SIZE - 1 : len;  /* o < FILE_PATH_SIZE */
+    bpf_probe_read_kernel(&s->buf[win(o)], size_of_copy(n) & (FILE_PATH_SIZE - 1), out);
+    u32 total = o + n;
+    if (total > FILE_PATH_SIZE) {
         *cut = 1;
-    bpf_probe_read_kernel(out, FILE_PATH_SIZE, s->buf);
-    out[FILE_PATH_SIZE - 1] = 0;
+        total = FILE_PATH_SIZE;
+    }
+    bpf_probe_read_kernel(out, size_of_copy(total), s->buf);
+    out[(total - 1) & (FILE_PATH_SIZE - 1)] = 0;
     return dfd == FILE_AT_FDCWD ? FILE_RES_CWD : FILE_RES_DIRFD;
 }
 
@@ -356,8 +470,16 @@ static __always_inline int on_enter(u16 op, int dfd, const char *path, int dfd2,
         e->evflags |= FILE_EF_LATE;
     fill_event_hdr(&e->hdr, bpf_ktime_get_ns());
     u32 tid = e->hdr.tid;
-    if (file_pending.update(&tid, p))
+    /* BPF_NOEXIST: a stale entry of this thread (replaced below) is already counted in
+     * file_inflight; an undercount would make sys_exit skip a waiting call. */
+    int err = file_pending.insert(&tid, p);
+    if (!err) {
+        s64 *inflight = file_inflight.lookup(&zero);
+        if (inflight)
+            __sync_fetch_and_add(inflight, 1);
+    } else if (err != -ERR_EEXIST || file_pending.update(&tid, p)) {
         count(CNT_PENDING_FULL);
+    }
     return 0;
 }
 
@@ -390,17 +512,29 @@ static __always_inline void top_account(struct file_scratch *s, struct file_even
     }
 }
 
+/* The call of this thread leaves file_pending. */
+static __always_inline void pending_done(u32 tid, s64 *inflight)
+{
+    if (!file_pending.delete(&tid))
+        __sync_fetch_and_add(inflight, -1);
+}
+
 static __always_inline int on_exit(void *ctx, long ret)
 {
+    u32 zero = 0;
+    s64 *inflight = file_inflight.lookup(&zero);
+    /* A thread's own sys_enter stored its call before this: if none is waiting
+     * anywhere, neither is this thread's (the common case under a prefix filter). */
+    if (!inflight || *(volatile s64 *)inflight <= 0)
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct file_pending *p = file_pending.lookup(&tid);
     if (!p)
         return 0;
     struct file_config *cfg = file_cfg();
-    u32 zero = 0;
     struct file_scratch *s = file_scratch.lookup(&zero);
     if (!cfg || !s) {
-        file_pending.delete(&tid);
+        pending_done(tid, inflight);
         return 0;
     }
     struct file_event *e = &p->e;
@@ -413,7 +547,7 @@ static __always_inline int on_exit(void *ctx, long ret)
          * (FILE_RES_NONE: path_from "unknown", and it matches no prefix). */
         if (!fill_paths(s, p, cfg, two, 0)) {
             file_count(FILE_CNT_FILTERED);
-            file_pending.delete(&tid);
+            pending_done(tid, inflight);
             return 0;
         }
         e->evflags &= ~FILE_EF_LATE;
@@ -421,12 +555,12 @@ static __always_inline int on_exit(void *ctx, long ret)
     e->ret = ret;
     top_account(s, e, ret);
     if ((cfg->flags & FILE_CFG_ERRORS_ONLY) && !(ret < 0 && ret >= -FILE_MAX_ERRNO)) {
-        file_pending.delete(&tid);
+        pending_done(tid, inflight);
         return 0;
     }
     count(CNT_SEEN);
     submit_event(ctx, e, two ? sizeof(*e) : offsetof(struct file_event, path2));
-    file_pending.delete(&tid);
+    pending_done(tid, inflight);
     return 0;
 }
 
@@ -449,6 +583,46 @@ static __always_inline u32 open_mode(u64 flags, u32 mode)
     {                                            \
         return on_exit(args, args->ret);         \
     }
+
+/* A directory may have moved, or the mount tree changed: the paths in file_dirs may be
+ * stale (every CPU's: the generation is shared). Bumped at sys_exit, after the move,
+ * whatever the result (a failed call costs one needless walk per directory). */
+static __always_inline void dirs_moved(void)
+{
+    u32 zero = 0;
+    u32 *gen = file_dir_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+}
+
+#define FILE_EXIT_MOVES(name)                    \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name)  \
+    {                                            \
+        dirs_moved();                            \
+        return on_exit(args, args->ret);         \
+    }
+
+/* The calls that change the mount tree (mount(2) with MS_MOVE, umount2(2) whose
+ * tracepoint is sys_exit_umount, move_mount(2), pivot_root(2)): compiled in when this
+ * kernel has them (HAVE_MOVES_<NAME> from userspace). */
+#define MOUNT_EXIT(name)                         \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name)  \
+    {                                            \
+        dirs_moved();                            \
+        return 0;                                \
+    }
+#ifdef HAVE_MOVES_MOUNT
+MOUNT_EXIT(mount)
+#endif
+#ifdef HAVE_MOVES_UMOUNT
+MOUNT_EXIT(umount)
+#endif
+#ifdef HAVE_MOVES_MOVE_MOUNT
+MOUNT_EXIT(move_mount)
+#endif
+#ifdef HAVE_MOVES_PIVOT_ROOT
+MOUNT_EXIT(pivot_root)
+#endif
 
 #ifdef HAVE_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
@@ -518,7 +692,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_rename)
     return on_enter(FILE_OP_RENAME, FILE_AT_FDCWD, args->oldname, FILE_AT_FDCWD,
                     args->newname, 0, 0, 1, 1);
 }
-FILE_EXIT(rename)
+FILE_EXIT_MOVES(rename)
 #endif
 
 #ifdef HAVE_RENAMEAT
@@ -527,7 +701,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
     return on_enter(FILE_OP_RENAMEAT, args->olddfd, args->oldname, args->newdfd,
                     args->newname, 0, 0, 1, 1);
 }
-FILE_EXIT(renameat)
+FILE_EXIT_MOVES(renameat)
 #endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
@@ -535,7 +709,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
     return on_enter(FILE_OP_RENAMEAT2, args->olddfd, args->oldname, args->newdfd,
                     args->newname, args->flags, 0, 1, 1);
 }
-FILE_EXIT(renameat2)
+FILE_EXIT_MOVES(renameat2)
 
 #ifdef HAVE_MKDIR
 TRACEPOINT_PROBE(syscalls, sys_enter_mkdir)

@@ -57,7 +57,8 @@
 #define FILE_CNT_TOP_NEW     0  /* paths inserted into file_top (evictions: this - entries) */
 #define FILE_CNT_FILTERED    1  /* calls of targets the prefix filter dropped at sys_enter */
 #define FILE_CNT_UNRESOLVED  2  /* relative paths whose directory could not be known */
-#define FILE_NR_COUNTERS     3
+#define FILE_CNT_DIR_WALKS   3  /* relative paths whose directory was walked (not kept: file.c file_dirs) */
+#define FILE_NR_COUNTERS     4
 
 struct file_config {
     u32 flags;                 /* FILE_CFG_* */

@@ -62,7 +62,7 @@ AT_OPS = frozenset(("openat", "openat2", "unlinkat", "renameat", "renameat2", "m
 FILE_RES = ("absolute", "cwd", "dirfd", "unknown", "unreadable")  # FILE_RES_* order
 FILE_EF_PATH_CUT, FILE_EF_PATH2_CUT = 1, 2
 FILE_CFG_ARMED, FILE_CFG_WRITES_ONLY, FILE_CFG_ERRORS_ONLY = 1, 2, 4
-FILE_COUNTERS = ("top_inserted", "prefix_filtered", "unresolved")  # FILE_CNT_* order
+FILE_COUNTERS = ("top_inserted", "prefix_filtered", "unresolved", "dir_walks")  # FILE_CNT_*
 AT_FDCWD = -100  # include/uapi/linux/fcntl.h
 
 # Each op needs its enter and exit tracepoints. The *at ones exist on every
@@ -82,13 +82,26 @@ WALK_FIELDS = (
     ("dentry", "d_parent"), ("dentry", "d_name"), ("qstr", "name"),
     ("vfsmount", "mnt_root"),
     ("mount", "mnt"), ("mount", "mnt_parent"), ("mount", "mnt_mountpoint"),
+    # what tells a kept directory path (file.c file_dirs) is still the same directory's
+    ("dentry", "d_inode"), ("inode", "i_ino"), ("inode", "i_generation"),
 )
+# The calls besides renames after which a kept directory path may be stale: they change
+# the mount tree (umount2's tracepoint is sys_exit_umount). Hooked at sys_exit when
+# this kernel has them.
+MOUNT_CALLS = ("mount", "umount", "move_mount", "pivot_root")
 
 
 def walk_offsets() -> dict[str, int]:
-    """``{"OFF_DENTRY_D_PARENT": 24, ...}`` from this kernel's BTF; BTFError if one is missing."""
+    """``{"OFF_DENTRY_D_PARENT": 24, ...}`` from this kernel's BTF; BTFError if one is missing.
+    OFF_MOUNT_ID: what tells a struct mount from one later allocated at its address:
+    ``mnt_id_unique`` (64-bit, never reused; Linux 6.8+), else ``mnt_id``."""
     btf = vmlinux_btf()
-    return {f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in WALK_FIELDS}
+    out = {f"OFF_{s.upper()}_{m.upper()}": btf.member_offset(s, m) for s, m in WALK_FIELDS}
+    try:
+        out["OFF_MOUNT_ID"] = btf.member_offset("mount", "mnt_id_unique")
+    except BTFError:
+        out["OFF_MOUNT_ID"] = btf.member_offset("mount", "mnt_id")
+    return out
 
 
 # -- decoding -----------------------------------------------------------------------------
@@ -334,6 +347,15 @@ class FileMonitor(BccMonitor[FileOptions]):
             or (is_dir(base / f"sys_enter_{op}") and is_dir(base / f"sys_exit_{op}"))
         )
 
+    @staticmethod
+    def present_mount_calls() -> tuple[str, ...]:
+        """The MOUNT_CALLS whose sys_exit tracepoint this kernel has."""
+        tracefs = find_tracefs()
+        if tracefs is None:
+            return ()
+        base = tracefs / "events" / "syscalls"
+        return tuple(c for c in MOUNT_CALLS if is_dir(base / f"sys_exit_{c}"))
+
     def extra_cflags(self) -> dict[str, int | str]:
         try:
             offsets = walk_offsets()
@@ -354,6 +376,8 @@ class FileMonitor(BccMonitor[FileOptions]):
         for op in self.ops:
             if op in OPTIONAL_OPS:
                 flags[f"HAVE_{op.upper()}"] = 1
+        for call in self.present_mount_calls():
+            flags[f"HAVE_MOVES_{call.upper()}"] = 1
         return flags
 
     def load(self) -> None:

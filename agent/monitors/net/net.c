@@ -246,8 +246,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     struct net_owner *o = owners.lookup(&sk);
     if (!o)
         return 0;
-    u64 now = bpf_ktime_get_ns();
+    /* The clock only where an event or a duration needs it: bpf_ktime_get_ns() costs
+     * as much as several kernel reads, and most state changes need neither. */
     if (old == NET_TCP_SYN_SENT) {
+        u64 now = bpf_ktime_get_ns();
         /* The handshake's end: the local port is known now. */
         struct net_config *cfg = config();
         o->sport = args->sport;
@@ -276,7 +278,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (new != NET_TCP_CLOSE)
         return 0;
     if (!(o->flags & NET_F_UNOWNED))
-        emit(args, o, NET_CLOSE, now, sk);
+        emit(args, o, NET_CLOSE, bpf_ktime_get_ns(), sk);
     owners.delete(&sk);
     return 0;
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -285,10 +284,9 @@ def test_buffered_never_exceeds_capacity_and_last_error_clears(tmp_path: Path) -
                                  reconnect_max_s=0.3)
         exporter = NatsExporter(cfg, "h")
         exporter.start()
-        assert server.proc is not None
         try:
             wait_for(lambda: exporter.connected)
-            server.proc.send_signal(signal.SIGSTOP)
+            server.freeze()  # stopped: no acknowledgement from here on
             for n in range(20):
                 exporter.offer({"monitor": "fake", "n": n}, b'{"monitor":"fake","n":%d}' % n)
             # The first batch went out and timed out: it is held in flight.
@@ -302,7 +300,7 @@ def test_buffered_never_exceeds_capacity_and_last_error_clears(tmp_path: Path) -
                                                  + frozen["buffered"])
             assert frozen["last_error"]
         finally:
-            server.proc.send_signal(signal.SIGCONT)
+            server.thaw()
         wait_for(lambda: exporter.stats()["published"] == 50, timeout=60)
         settled = exporter.stats()
         assert (settled["buffered"], settled["connected"], settled["last_error"]) == (

@@ -84,14 +84,20 @@ def test_every_event_once_across_a_server_restart(tmp_path: Path) -> None:
         emit(agent, 0, 1500)
         # `produced` counts events buffered, not sent: it can reach 1,500 before the first
         # connection, and a kill then makes the restart that first connection. Wait for
-        # the connection and for acknowledged publishes: the kill lands mid-stream.
+        # the connection and for acknowledged publishes.
         up = wait_stats(agent, lambda s: s["connected"] and s["published"] >= 1)
         assert up["connects"] == 1 and up["dropped"] == 0
-        server.kill()  # in the middle of the stream
+        # Mid-stream every time (the first 1,500 may all be acknowledged by now): with
+        # the server frozen, the next 1,500 go to the open connection and none of them
+        # can be acknowledged; the server then dies under them.
+        server.freeze()
         emit(agent, 1500, 3000)
-        wait_produced(agent, 3000)
+        held = wait_stats(agent, lambda s: s["produced"] == 3000)
+        assert held["connects"] == 1 and held["buffered"] >= 1500, held
+        server.kill()
         down = wait_stats(agent, lambda s: not s["connected"])
         assert down["produced"] == down["published"] + down["dropped"] + down["buffered"]
+        assert down["buffered"] >= 1500 and down["dropped"] == 0, down
         server.start()  # same port, same JetStream store
         emit(agent, 3000, 4500)
         final = wait_settled(agent, 4500)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -126,15 +127,23 @@ def test_run_export_takes_only_known_exporters() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_and_flushes(kernel, tmp_path: Path, sig) -> None:
-    agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--output-dir",
-                              str(tmp_path), "--pid", str(os.getpid())],
-                             stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([CLI, "run", "exec", "--format", "jsonl", "--format", "console",
+                              "--output-dir", str(tmp_path), "--pid", str(os.getpid())],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    console: list[str] = []
+    reader = threading.Thread(target=lambda: console.extend(agent.stdout or ()), daemon=True)
+    reader.start()
     try:
         assert agent.stderr is not None
         assert "running exec" in agent.stderr.readline() + agent.stderr.readline()
         subprocess.run(["/bin/echo", "cli-signal-marker"], stdout=subprocess.DEVNULL,
                        check=True)
-        time.sleep(0.5)
+        # Until the agent's writer had the event (its console line; the JSON line is
+        # written by the same thread), not a fixed 0.5 s: the signal must find it there.
+        deadline = time.monotonic() + 30
+        while not any("cli-signal-marker" in line for line in list(console)):
+            assert time.monotonic() < deadline, "the exec event was not written"
+            time.sleep(0.05)
         agent.send_signal(sig)
         assert agent.wait(timeout=20) == 0
     finally:  # a failed assertion must not leave an agent running with its probes

@@ -354,7 +354,12 @@ def test_stalled_subscriber_is_bounded_counted_and_cut_while_a_fast_one_gets_all
         marker = f"storm-{uuid.uuid4().hex[:8]}"
         fast = read_sse(f"{a.url}/events", a.headers, {"monitor": "exec", "comm": "true"})
         stalled = raw_stalled_client(a.url, a.headers, "/events?monitor=exec")
-        time.sleep(0.5)
+        # Until the agent subscribed the raw request too (not a fixed 0.5 s): subscribed
+        # after the storm, it would have nothing to stall on.
+        deadline = time.monotonic() + 30
+        while len(a.get("/stats").json()["streams"]["subscribers"]) < 2:
+            assert time.monotonic() < deadline, "the raw request was not subscribed"
+            time.sleep(0.05)
         total = 0
         for _ in range(3):  # bursts, so the fast reader never lags 4096 events behind
             subprocess.run([str(storm), "2500", marker], check=True, timeout=120)

@@ -4,6 +4,7 @@ fake agents served in-process, and running ebpf-agentctl."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 from agent.api.app import create_app
 from agent.config import ApiSettings
+from agent.kernel.procfs import STATE, read_stat
 from tests.support.api import REPO, ThreadServer, fake_registry, fake_report, free_port, settings
 
 AGENTCTL = REPO / ".venv" / "bin" / "ebpf-agentctl"
@@ -76,6 +78,25 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def freeze(self, timeout: float = 10) -> None:
+        """SIGSTOP, then until every thread of the server is stopped (state T in
+        /proc/PID/task/TID/stat, proc(5)). kill(2) returns once the signal is queued; the
+        group stop takes effect when a thread of the server dequeues it, and until then
+        (seconds on a loaded machine) another thread can still read a request sent after
+        the signal and answer it."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+        task = f"/proc/{self.proc.pid}/task"
+        deadline = time.monotonic() + timeout
+        while not all((fields := read_stat(int(tid), task)) is None or fields[STATE] == b"T"
+                      for tid in os.listdir(task)):
+            assert time.monotonic() < deadline, "nats-server did not stop"
+            time.sleep(0.01)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

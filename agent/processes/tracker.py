@@ -205,7 +205,7 @@ class ProcessTracker:
         reader = self._reader
         try:
             return reader is not None and reader.positions()[0] < reader.positions()[1]
-        except ValueError:
+        except (ValueError, AttributeError):  # closed meanwhile (RingReader.close)
             return False
 
     def catch_up(self, timeout: float = CATCH_UP_S) -> bool:
@@ -218,7 +218,7 @@ class ProcessTracker:
             return False
         try:
             consumed, target = reader.positions()
-        except ValueError:  # closed meanwhile (its mappings released)
+        except (ValueError, AttributeError):  # closed meanwhile (RingReader.close)
             return False
         if consumed >= target:
             return True
@@ -227,7 +227,7 @@ class ProcessTracker:
         def applied() -> bool:
             try:
                 return reader.positions()[0] >= target
-            except ValueError:
+            except (ValueError, AttributeError):
                 return True  # closed: nothing more will be applied
 
         with self._applied:

@@ -26,6 +26,7 @@ from agent.kernel.cgroups import CgroupError, Cgroups, default_resolver  # noqa:
 from agent.kernel.identity import local_identity  # noqa: E402
 from agent.monitors.registry import discover_monitors  # noqa: E402
 from agent.processes import tracker as tracker_module  # noqa: E402
+from agent.processes.procscan import cgroup_v2_path  # noqa: E402
 from agent.processes.records import FILENAME_SIZE, PROC_EXEC, PROC_EXIT, PROC_FORK  # noqa: E402
 from agent.processes.table import ProcessTable  # noqa: E402
 
@@ -54,11 +55,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     settings = load_settings(DEFAULT_CONFIG, {}, discover_monitors()).processes
-    try:  # this process's own cgroup (cgroups(7): "0::<path>" on cgroup v2)
-        with open("/proc/self/cgroup") as f:
-            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
-        cgroup_id = Cgroups().id_of(path)
-    except (CgroupError, OSError, StopIteration):
+    try:  # this process's own cgroup, as the tracker's seed reads a process's
+        with open("/proc/self/cgroup", "rb") as f:
+            path = cgroup_v2_path(f.read())
+        cgroup_id = Cgroups().id_of(path) if path is not None else 1
+    except (CgroupError, OSError):
         cgroup_id = 1
     recs = records(args.processes, cgroup_id)
     per_record = []

@@ -63,8 +63,7 @@ class StartClock:
     def __init__(self, btime: int, hz: int) -> None:
         self.btime = btime
         self.hz = hz
-        self._second = -1
-        self._prefix = ""
+        self._memo = (-1, "")  # (seconds, "YYYY-MM-DDTHH:MM:SS."): one object, read whole
 
     @classmethod
     def local(cls) -> StartClock:
@@ -80,7 +79,9 @@ class StartClock:
 
     def iso(self, ticks: int) -> str:
         seconds, rest = divmod(ticks, self.hz)
-        if seconds != self._second:  # processes come in bursts: format a second once
+        second, prefix = self._memo
+        if seconds != second:  # processes come in bursts: format a second once
             when = datetime.fromtimestamp(self.btime + seconds, UTC)
-            self._prefix, self._second = when.strftime("%Y-%m-%dT%H:%M:%S."), seconds
-        return f"{self._prefix}{rest * 1_000_000 // self.hz:06d}Z"
+            prefix = when.strftime("%Y-%m-%dT%H:%M:%S.")
+            self._memo = (seconds, prefix)
+        return f"{prefix}{rest * 1_000_000 // self.hz:06d}Z"

@@ -203,10 +203,13 @@ class ProcessTracker:
     def behind(self) -> bool:
         """Records the kernel produced that are not applied yet (any thread)."""
         reader = self._reader
+        if reader is None:
+            return False
         try:
-            return reader is not None and reader.positions()[0] < reader.positions()[1]
+            consumed, produced = reader.positions()
         except (ValueError, AttributeError):  # closed meanwhile (RingReader.close)
             return False
+        return consumed < produced
 
     def catch_up(self, timeout: float = CATCH_UP_S) -> bool:
         """Waits until every record the kernel produced before this call is applied to

@@ -110,6 +110,12 @@ class StreamSettings(Section):
     heartbeat_s: float = Field(15.0, gt=0, le=3600)
     stall_timeout_s: float = Field(10.0, gt=0, le=3600)
     max_subscribers: int = Field(256, ge=1, le=100_000)
+    # A live subscriber whose oldest unread event was stored longer ago than this skips
+    # ahead to the younger ones (the skipped ones are counted as its drops): the latency
+    # of a client slower than the intake stays bounded. 0: never skip (it then reads up
+    # to replay_buffer events behind). A resume (Last-Event-ID) is exempt until it has
+    # caught up once. The event routes take a max_lag_ms query parameter overriding it.
+    max_lag_ms: int = Field(200, ge=0, le=3_600_000)
     # Containers GET /containers keeps event counts for; the least recently seen one is
     # evicted (counted) when full.
     max_containers: int = Field(4096, ge=1, le=1_000_000)

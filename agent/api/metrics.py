@@ -226,7 +226,8 @@ def _streams(hub: dict) -> Iterator[Metric]:
     delivered = CounterMetricFamily("ebpf_agent_stream_events_delivered",
                                     "events sent to subscribers", labels=["kind"])
     dropped = CounterMetricFamily("ebpf_agent_stream_events_dropped",
-                                  "events subscribers lost (slow or stalled)", labels=["kind"])
+                                  "events subscribers lost (evicted, skipped ahead: "
+                                  "max_lag_ms, stalled)", labels=["kind"])
     totals = hub["totals"]
     for kind in ("sse", "ws"):
         subs.add_metric([kind], sum(1 for s in hub["subscribers"] if s["kind"] == kind))

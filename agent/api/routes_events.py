@@ -77,6 +77,12 @@ FiltersDep = Annotated[Filters, Depends(filters)]
 LAST_ID = re.compile(r"[0-9]{1,18}")
 LastIdQuery = Annotated[int | None, Query(
     ge=0, le=2**63 - 1, description="resume after this id (like the Last-Event-ID header)")]
+MAX_LAG_DOC = (
+    "skip ahead when the oldest event this client has not read was stored longer ago than "
+    "this (ms); the skipped events are counted like evicted ones (`dropped` notice, "
+    "/stats). Default `stream.max_lag_ms`; 0: never skip. A resume (Last-Event-ID) is "
+    "exempt until it has caught up with the newest event once.")
+MaxLagQuery = Annotated[int | None, Query(ge=0, le=3_600_000, description=MAX_LAG_DOC)]
 
 
 def resume_from(header: str | None, query: int | None) -> int | None:
@@ -90,9 +96,9 @@ def resume_from(header: str | None, query: int | None) -> int | None:
 
 
 def subscribe(hub: EventHub, kind: str, conn: HTTPConnection, f: Filters,
-              last_id: int | None) -> Subscriber:
+              last_id: int | None, max_lag_ms: int | None = None) -> Subscriber:
     try:
-        return hub.subscribe(kind, f, client_address(conn.scope), last_id)
+        return hub.subscribe(kind, f, client_address(conn.scope), last_id, max_lag_ms)
     except HubFull as e:
         raise HTTPException(503, str(e)) from None
 
@@ -200,10 +206,17 @@ class SubscriberStream(Response):
     "/events",
     dependencies=[Depends(needs("read"))],
     summary="live events as Server-Sent Events",
+    description="Every subscriber reads the shared replay ring at its own position. A live "
+                "client slower than the events skips ahead when its oldest unread event is "
+                "older than `max_lag_ms` (default `stream.max_lag_ms`): the skipped events "
+                "are counted like evicted ones, in the `dropped` notice and /stats. A resume "
+                "(`Last-Event-ID` header or `last_event_id`) replays what the ring holds: it "
+                "is exempt until it has caught up with the newest event once. GET "
+                "/events/ws (WebSocket) takes the same parameters.",
     response_class=EventSourceResponse,
     responses={200: {"description": "id: sequence number, event: monitor name, data: the "
                      "JSON event; `event: dropped` with {\"missed\": N} when this client "
-                     "fell out of the replay buffer",
+                     "fell out of the replay buffer or skipped ahead (max_lag_ms)",
                      "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
 async def events_sse(
@@ -213,8 +226,10 @@ async def events_sse(
     f: FiltersDep,
     last_event_id: LastIdQuery = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    max_lag_ms: MaxLagQuery = None,
 ) -> SubscriberStream:
-    sub = subscribe(hub, "sse", request, f, resume_from(last_event_id_header, last_event_id))
+    sub = subscribe(hub, "sse", request, f, resume_from(last_event_id_header, last_event_id),
+                    max_lag_ms)
     stream = settings.stream
     return SubscriberStream(hub, sub, stream.heartbeat_s, stream.stall_timeout_s)
 
@@ -228,6 +243,7 @@ async def events_ws(
     last_event_id: LastIdQuery = None,
     batch: Annotated[bool, Query(description="send each batch of events as one JSON array "
                                  "per frame (same objects as one-per-frame mode)")] = False,
+    max_lag_ms: MaxLagQuery = None,
 ) -> None:
     # Before accept: a refusal is an HTTP response, not a WebSocket close code. The gate
     # authenticated the handshake (bearer, session cookie or ticket), needs("read") is
@@ -237,7 +253,8 @@ async def events_ws(
         return
     last_id = resume_from(websocket.headers.get("last-event-id"), last_event_id)
     try:
-        sub = ctx.hub.subscribe("ws", f, client_address(websocket.scope), last_id)
+        sub = ctx.hub.subscribe("ws", f, client_address(websocket.scope), last_id,
+                                max_lag_ms)
     except HubFull as e:
         await deny(websocket.scope, websocket.send, 503, str(e))
         return

@@ -72,7 +72,8 @@ class Agent:
             # transport.decoder "python" takes the whole per-event path in Python: the
             # hub's ring store too (agent/stream/ring.py).
             store = "python" if settings.transport.decoder == "python" else "auto"
-            self.hub = EventHub(s.replay_buffer, s.max_subscribers, s.replay_bytes, store)
+            self.hub = EventHub(s.replay_buffer, s.max_subscribers, s.replay_bytes, store,
+                                max_lag_ms=s.max_lag_ms)
             self.register(self.hub)
             self.containers = ContainerBook(s.max_containers)
             self.register(self.containers)

@@ -7,10 +7,18 @@ same bytes as the JSONL output); it copies the event's SSE frame
 bounded twice: in events (``capacity``, the replay_buffer setting) and in bytes
 (``replay_bytes``); whichever fills first evicts the oldest events. Per event the hub
 keeps no Python object, only a few numbers in flat arrays (where its frame starts, its
-length, and the fields filters look at), so its memory is the byte ring plus ~56 bytes
+length, and the fields filters look at), so its memory is the byte ring plus ~64 bytes
 per slot whatever the number of subscribers. A subscriber only keeps its read position;
 one that falls behind the oldest buffered event counts what it missed and is told
 in-band (the ``missed`` count of its next batch).
+
+A live subscriber is also bounded in time (``max_lag_ms``, the stream.max_lag_ms
+setting or the route's query parameter): when the oldest event it has not read was
+stored longer ago than that, it skips ahead to the events stored since, and counts the
+ones skipped exactly as evicted ones (in-band ``missed``, its ``dropped``). Without it a
+client slower than the intake reads a whole replay buffer behind (seconds under load).
+A subscriber that resumes (Last-Event-ID) is exempt until it has caught up with the
+head once: a resume replays what the ring holds.
 
 Frames lie back to back in sequence order (a frame that does not fit before the end of
 the buffer starts again at offset 0), so an unfiltered subscriber's batch is one slice of
@@ -37,7 +45,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -58,8 +68,9 @@ SSE_BATCH_BYTES = 512 * 1024
 DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
 MIN_REPLAY_BYTES = 64 * 1024
 # Per-slot index memory: offset (8) + frame length (4) + header length (2) + monitor id
-# (2) + pid (8) + uid (8) + comm hash (8) + cgroup id (8) + process_id hash (8).
-SLOT_BYTES = 56
+# (2) + pid (8) + uid (8) + comm hash (8) + cgroup id (8) + process_id hash (8) +
+# arrival time (8).
+SLOT_BYTES = 64
 # A subscriber with workload filters remembers the verdict per cgroup id (the cgroup's
 # path, container and unit never change for one id): at most this many, then it starts
 # over.
@@ -161,8 +172,11 @@ class Subscriber:
     client: str
     position: int  # the next sequence number to read
     delivered: int = 0
-    dropped: int = 0
+    dropped: int = 0  # evicted before it read them, skipped (max_lag), never sent
+    skipped: int = 0  # of dropped: skipped ahead over because they were older than max_lag
     inflight: int = 0  # handed to the socket, not yet confirmed sent
+    max_lag_ns: int = 0  # 0: never skip
+    replaying: bool = False  # resumed: exempt from max_lag until it reaches the head once
     connected_at: str = field(default_factory=lambda: _now_iso())
     closed_reason: str | None = None
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -242,19 +256,29 @@ class Subscriber:
             "connected_at": self.connected_at,
             "delivered": self.delivered,
             "dropped": self.dropped + pending_loss,
+            "skipped": self.skipped,
             "lag": self.lag(),
+            "max_lag_ms": self.max_lag_ns // 1_000_000,
+            "replaying": self.replaying,
         }
 
 
 class EventHub:
     def __init__(self, capacity: int = 65536, max_subscribers: int = 256,
-                 replay_bytes: int = DEFAULT_REPLAY_BYTES, store: str = "auto") -> None:
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES, store: str = "auto",
+                 max_lag_ms: int = 0, clock: Callable[[], int] | None = None) -> None:
         """``store``: the ring store (agent/stream/ring.py), "auto" (compiled when
-        built), "compiled" or "python"."""
+        built), "compiled" or "python". ``max_lag_ms``: the subscribers' default (see
+        the module docstring; 0: never skip). ``clock``: monotonic ns, the arrival
+        times' and the readers' (time.monotonic_ns, CLOCK_MONOTONIC; tests fake it)."""
         if capacity < 1:
             raise ValueError("capacity must be positive")
         if replay_bytes < MIN_REPLAY_BYTES:
             raise ValueError(f"replay_bytes must be at least {MIN_REPLAY_BYTES}")
+        if max_lag_ms < 0:
+            raise ValueError("max_lag_ms must be 0 (never skip) or positive")
+        self.max_lag_ms = max_lag_ms
+        self._clock = clock or time.monotonic_ns
         self.capacity = capacity
         self.replay_bytes = replay_bytes
         self.max_subscribers = max_subscribers
@@ -264,13 +288,14 @@ class EventHub:
         self._off, self._len, self._hdr, self._mon = a.off, a.len, a.hdr, a.mon
         self._pid, self._uid, self._comm, self._cgid, self._procid = (
             a.pid, a.uid, a.comm, a.cgid, a.procid)
+        self._at = a.at
         self._monitor_ids: dict[str, int] = {}
         self._monitor_names: list[str] = []
         self._monitor_heads: list[bytes] = []  # b"\nevent: <name>\ndata: "
         self._register_lock = threading.Lock()
         # The ring store (agent/stream/ring.py): compiled or the Python reference.
         self._ring = make_store(store, a, self._monitor_ids, self._monitor_heads,
-                                self._monitor_id, self._schedule)
+                                self._monitor_id, self._schedule, clock)
         # The pipeline calls offer once per event: straight into the store.
         self.offer = self._ring.offer  # type: ignore[method-assign]
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -373,10 +398,44 @@ class EventHub:
     def has_after(self, position: int) -> bool:
         return self._next > position
 
-    def _start(self, sub: Subscriber) -> tuple[int, int]:
-        """(position to read from, events missed before it)."""
+    def _start(self, sub: Subscriber) -> tuple[int, int, int]:
+        """(position to read from, events missed before it, of which skipped over as
+        older than the subscriber's max_lag). Changes nothing: a read that races a
+        publisher calls it again."""
         first, pos = self._first, sub.position
-        return (first, first - pos) if pos < first else (pos, 0)
+        missed = 0
+        if pos < first:
+            pos, missed = first, first - pos
+        if not sub.max_lag_ns or sub.replaying:
+            return pos, missed, 0
+        new = self._younger(pos, self._clock() - sub.max_lag_ns)
+        return new, missed + new - pos, new - pos
+
+    def _younger(self, pos: int, bound: int) -> int:
+        """The first sequence number from ``pos`` stored at or after ``bound`` (the
+        next one when none is): a binary search, arrival times never decrease in
+        sequence order. A publisher evicting meanwhile can only make the answer early
+        (an overwritten slot holds a later time); the read then counts the rest as
+        evicted."""
+        cap, at, end = self.capacity, self._at, self._next
+        if pos >= end or at[pos % cap] >= bound:
+            return pos
+        lo, hi = pos + 1, end  # at[s] < bound for s < lo; the answer is in [lo, hi]
+        while lo < hi:
+            m = (lo + hi) // 2
+            if at[m % cap] < bound:
+                lo = m + 1
+            else:
+                hi = m
+        return lo
+
+    def _moved(self, sub: Subscriber, position: int, missed: int, skipped: int) -> None:
+        """A read's outcome: the new position and what it lost on the way."""
+        sub.position = position
+        sub.dropped += missed
+        sub.skipped += skipped
+        if sub.replaying and position >= self._next:
+            sub.replaying = False  # caught up with the head once: max_lag applies
 
     def read_sse(self, sub: Subscriber, limit: int = SSE_BATCH_EVENTS) -> Batch:
         """The subscriber's next events as SSE frames back to back."""
@@ -385,15 +444,16 @@ class EventHub:
                                 and self._all_from(f.monitors, sub.position, limit)):
             return self._read_filtered(sub, limit, sse=True)
         chunk = self._chunk
-        if chunk is not None and chunk[0] == sub.position and chunk[1] - chunk[0] <= limit:
+        if chunk is not None and chunk[0] == sub.position and chunk[1] - chunk[0] <= limit \
+                and self._start(sub)[0] == sub.position:
             # Another subscriber at the same position just read this run: the same bytes
             # object, no copy (subscribers that keep up move in step, so under fan-out
             # most reads are this).
-            sub.position = chunk[1]
+            self._moved(sub, chunk[1], 0, 0)
             return Batch(frames=chunk[2], count=chunk[1] - chunk[0])
         cap, off, ln = self.capacity, self._off, self._len
         while True:
-            pos, missed = self._start(sub)
+            pos, missed, skipped = self._start(sub)
             end = min(self._next, pos + limit)
             if pos >= end:
                 frames = b""
@@ -406,8 +466,7 @@ class EventHub:
                 break
             # A publisher evicted the start of the run meanwhile (a thread switch in the
             # middle of this read): read again from the new oldest event.
-        sub.position = max(end, pos)
-        sub.dropped += missed
+        self._moved(sub, max(end, pos), missed, skipped)
         if frames:
             self._chunk = (pos, end, frames)  # events never change: valid while kept
         return Batch(missed=missed, frames=frames, count=max(0, end - pos))
@@ -449,7 +508,7 @@ class EventHub:
         return self._read_filtered(sub, limit, sse=False)
 
     def _read_filtered(self, sub: Subscriber, limit: int, sse: bool) -> Batch:
-        pos, missed = self._start(sub)
+        pos, missed, skipped = self._start(sub)
         end = min(self._next, pos + limit)
         cap, off, ln, hdr, mv = self.capacity, self._off, self._len, self._hdr, self._mv
         f = sub.filters
@@ -496,8 +555,7 @@ class EventHub:
         if checks and picked:
             # A hash hit (or a cgroup not yet judged) is checked against the event itself.
             picked = [p for p in picked if p[0] not in checks or self._exact(f, p[1], sse)]
-        sub.position = max(end, pos)
-        sub.dropped += missed
+        self._moved(sub, max(end, pos), missed, skipped)
         if sse:
             return Batch(missed=missed, frames=b"".join(p[1] for p in picked),
                          count=len(picked))
@@ -519,9 +577,12 @@ class EventHub:
         return True
 
     def subscribe(
-        self, kind: str, filters: Filters, client: str = "", last_event_id: int | None = None
+        self, kind: str, filters: Filters, client: str = "", last_event_id: int | None = None,
+        max_lag_ms: int | None = None,
     ) -> Subscriber:
-        """A new subscriber reading live events, or resuming after ``last_event_id``."""
+        """A new subscriber reading live events, or resuming after ``last_event_id``
+        (exempt from max_lag until it has caught up with the head once). ``max_lag_ms``:
+        this subscriber's bound (None: the hub's; 0: never skip)."""
         if self.closed:
             raise HubFull("the agent is shutting down")
         if len(self.subscribers) >= self.max_subscribers:
@@ -530,7 +591,11 @@ class EventHub:
         if last_event_id is not None and last_event_id >= 0:
             # An id from the future (e.g. from before an agent restart) resumes live.
             position = min(last_event_id + 1, self._next)
-        sub = Subscriber(self, next(self._ids), kind, filters, client, position)
+        lag = self.max_lag_ms if max_lag_ms is None else max_lag_ms
+        if lag < 0:
+            raise ValueError("max_lag_ms must be 0 (never skip) or positive")
+        sub = Subscriber(self, next(self._ids), kind, filters, client, position,
+                         max_lag_ns=lag * 1_000_000, replaying=position < self._next)
         self.subscribers[sub.id] = sub
         return sub
 

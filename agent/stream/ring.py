@@ -1,9 +1,10 @@
 """The hub's ring store: what ``EventHub.offer`` does with each event, on a poller thread.
 
 ``RingArrays`` is the memory (allocated once): the byte ring of SSE frames and, per slot,
-a few numbers in flat arrays (where its frame starts, its length, and the keys filters
-look at). The store appends an event's frame (``id: N\\nevent: M\\ndata: <json>\\n\\n``)
-and its keys, evicting the oldest events in the way first (agent/stream/hub.py explains
+a few numbers in flat arrays (where its frame starts, its length, the keys filters
+look at, and when it was stored: a subscriber's max_lag is measured against it). The
+store appends an event's frame (``id: N\\nevent: M\\ndata: <json>\\n\\n``) and its keys,
+evicting the oldest events in the way first (agent/stream/hub.py explains
 the bounds and why readers copy first and check afterwards).
 
 Two implementations of one contract: ``RingStore`` of the extension
@@ -16,6 +17,7 @@ offers the same events to both and compares every byte and slot.
 from __future__ import annotations
 
 import threading
+import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class RingArrays:
     comm: array[int]  # hash(comm): the reader checks exactly on a hit
     cgid: array[int]  # cgroup_id (NONE: none)
     procid: array[int]  # hash(process_id): checked on a hit
+    at: array[int]  # when the store took it: CLOCK_MONOTONIC ns (the store's clock)
 
     @classmethod
     def allocate(cls, capacity: int, replay_bytes: int) -> RingArrays:
@@ -57,7 +60,7 @@ class RingArrays:
             return array(code, bytes(array(code).itemsize * capacity))
 
         return cls(bytearray(replay_bytes), slots("q"), slots("I"), slots("H"), slots("H"),
-                   slots("q"), slots("q"), slots("q"), slots("q"), slots("q"))
+                   slots("q"), slots("q"), slots("q"), slots("q"), slots("q"), slots("q"))
 
 
 class Store(Protocol):
@@ -77,17 +80,22 @@ class Store(Protocol):
 class PyRingStore:
     """The reference store. ``register(name) -> id`` adds a monitor to ``monitor_ids``
     and ``monitor_heads`` (b"\\nevent: <name>\\ndata: "); ``schedule()`` is called when
-    an offer finds no wake-up pending (one per burst: ``arm()`` re-enables it)."""
+    an offer finds no wake-up pending (one per burst: ``arm()`` re-enables it).
+    ``clock``: the arrival time of each event in ns (``at``), time.monotonic_ns when
+    None (the compiled store reads CLOCK_MONOTONIC itself); read in the same step as
+    the store, so arrival times never decrease in sequence order."""
 
     def __init__(self, arrays: RingArrays, monitor_ids: dict[str, int],
                  monitor_heads: list[bytes], register: Callable[[str], int],
-                 schedule: Callable[[], None]) -> None:
+                 schedule: Callable[[], None],
+                 clock: Callable[[], int] | None = None) -> None:
         self.arrays = arrays
         self.capacity = len(arrays.off)
         self.replay_bytes = len(arrays.buf)
         self._mv = memoryview(arrays.buf)
         self._ids, self._heads = monitor_ids, monitor_heads
         self._register, self._schedule = register, schedule
+        self._clock = clock or time.monotonic_ns
         self.head = 0  # where the next frame goes in buf
         self.next = 1  # sequence number of the next event; ids start at 1
         self.first = 1  # oldest sequence number still buffered
@@ -163,6 +171,7 @@ class PyRingStore:
         a.cgid[i] = cgroup_id if type(cgroup_id) is int and 0 <= cgroup_id < -NONE \
             else NONE
         a.procid[i] = hash(process_id) if type(process_id) is str else NONE
+        a.at[i] = self._clock()
         self.head = end
         self.next = seq + 1  # last: readers trust seq < next
 
@@ -173,13 +182,15 @@ def compiled_available() -> bool:
 
 def make_store(mode: str, arrays: RingArrays, monitor_ids: dict[str, int],
                monitor_heads: list[bytes], register: Callable[[str], int],
-               schedule: Callable[[], None]) -> Store:
+               schedule: Callable[[], None],
+               clock: Callable[[], int] | None = None) -> Store:
     """``mode``: "python" (the reference), "compiled" (RuntimeError without the
-    extension) or "auto" (compiled when built)."""
+    extension) or "auto" (compiled when built). ``clock``: see PyRingStore (tests
+    pass a fake one to both)."""
     if mode == "python" or (mode == "auto" and _ringstore is None):
-        return PyRingStore(arrays, monitor_ids, monitor_heads, register, schedule)
+        return PyRingStore(arrays, monitor_ids, monitor_heads, register, schedule, clock)
     if _ringstore is None:
         raise RuntimeError(f"the compiled ring store is not built: {IMPORT_ERROR}")
     store: Store = _ringstore.RingStore(arrays, monitor_ids, monitor_heads, register,
-                                        schedule)
+                                        schedule, clock)
     return store

@@ -22,14 +22,16 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define NONE LLONG_MIN /* a key the event does not carry (agent/stream/ring.py NONE) */
 
-enum { A_BUF, A_OFF, A_LEN, A_HDR, A_MON, A_PID, A_UID, A_COMM, A_CGID, A_PROCID, A_N };
+enum { A_BUF, A_OFF, A_LEN, A_HDR, A_MON, A_PID, A_UID, A_COMM, A_CGID, A_PROCID, A_AT,
+       A_N };
 /* The attributes of RingArrays (agent/stream/ring.py) and their item sizes. */
 static const char *A_NAMES[A_N] = {"buf", "off", "len", "hdr", "mon", "pid", "uid", "comm",
-                                   "cgid", "procid"};
-static const Py_ssize_t A_ITEM[A_N] = {1, 8, 4, 2, 2, 8, 8, 8, 8, 8};
+                                   "cgid", "procid", "at"};
+static const Py_ssize_t A_ITEM[A_N] = {1, 8, 4, 2, 2, 8, 8, 8, 8, 8, 8};
 
 enum { K_MONITOR, K_PID, K_UID, K_COMM, K_CGROUP_ID, K_PROCESS_ID, K_N };
 static const char *K_NAMES[K_N] = {"monitor", "pid", "uid", "comm", "cgroup_id", "process_id"};
@@ -44,6 +46,7 @@ typedef struct {
     PyObject *monitor_heads;  /* list: id -> b"\nevent: <name>\ndata: " */
     PyObject *reg;            /* name -> id (adds to both) */
     PyObject *schedule;       /* () -> None: a wake-up for the event loop */
+    PyObject *clock;          /* () -> int ns, or None: CLOCK_MONOTONIC (arrival times) */
     long long capacity, replay_bytes;
     long long head, next, first, oversized;
     int wake_pending;
@@ -153,6 +156,16 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "offer: a frame head is not bytes");
         goto done;
     }
+    long long fake_now = 0; /* a test's clock: read here, where Python code may run */
+    if (r->clock != Py_None) {
+        PyObject *t = PyObject_CallNoArgs(r->clock);
+        if (!t)
+            goto done;
+        fake_now = PyLong_AsLongLong(t);
+        Py_DECREF(t);
+        if (fake_now == -1 && PyErr_Occurred())
+            goto done;
+    }
 
     /* -- the store (no Python code from here to its end) ---------------------------- */
     {
@@ -202,6 +215,16 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
             ((int64_t *)r->views[A_COMM].buf)[i] = comm;
             ((int64_t *)r->views[A_CGID].buf)[i] = cgid;
             ((int64_t *)r->views[A_PROCID].buf)[i] = procid;
+            /* The arrival time, in the same step as the store: never decreasing in
+             * sequence order (what a subscriber's max_lag search relies on).
+             * CLOCK_MONOTONIC is Python's time.monotonic_ns() on Linux. */
+            long long now = fake_now;
+            if (r->clock == Py_None) {
+                struct timespec ts;
+                clock_gettime(CLOCK_MONOTONIC, &ts);
+                now = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+            }
+            ((int64_t *)r->views[A_AT].buf)[i] = now;
             r->head = end;
             r->next = seq + 1;
         }
@@ -236,10 +259,10 @@ static void release(RingStore *r) {
 
 static int RingStore_init(RingStore *r, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"arrays", "monitor_ids", "monitor_heads", "register",
-                             "schedule", NULL};
-    PyObject *arrays, *ids, *heads, *reg, *schedule;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!OO", kwlist, &arrays, &PyDict_Type, &ids,
-                                     &PyList_Type, &heads, &reg, &schedule))
+                             "schedule", "clock", NULL};
+    PyObject *arrays, *ids, *heads, *reg, *schedule, *clock = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!OO|O", kwlist, &arrays, &PyDict_Type,
+                                     &ids, &PyList_Type, &heads, &reg, &schedule, &clock))
         return -1;
     if (r->held) {
         PyErr_SetString(PyExc_RuntimeError, "RingStore is initialised once");
@@ -284,10 +307,12 @@ static int RingStore_init(RingStore *r, PyObject *args, PyObject *kw) {
     Py_INCREF(heads);
     Py_INCREF(reg);
     Py_INCREF(schedule);
+    Py_INCREF(clock);
     r->monitor_ids = ids;
     r->monitor_heads = heads;
     r->reg = reg;
     r->schedule = schedule;
+    r->clock = clock;
     r->head = 0;
     r->next = r->first = 1;
     r->oversized = 0;
@@ -302,6 +327,7 @@ static int RingStore_traverse(RingStore *r, visitproc visit, void *arg) {
     Py_VISIT(r->monitor_heads);
     Py_VISIT(r->reg);
     Py_VISIT(r->schedule);
+    Py_VISIT(r->clock);
     return 0;
 }
 
@@ -311,6 +337,7 @@ static int RingStore_clear(RingStore *r) {
     Py_CLEAR(r->monitor_heads);
     Py_CLEAR(r->reg);
     Py_CLEAR(r->schedule);
+    Py_CLEAR(r->clock);
     return 0;
 }
 

@@ -1,8 +1,10 @@
 """SSE and WebSocket streams through a real uvicorn server (in a thread) with a fake
-monitor: framing, filters, Last-Event-ID resume, in-band drops, prompt shutdown."""
+monitor: framing, filters, Last-Event-ID resume, in-band drops, max_lag skips, prompt
+shutdown."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -190,3 +192,115 @@ def test_ws_batch_mode_sends_json_arrays_of_the_usual_objects(server: ThreadServ
             got += frame
     assert [m["id"] for m in got] == list(range(1, 21))
     assert got[0] == {"id": 1, "event": "fake", "data": {"monitor": "fake", "pid": 5, "n": 0}}
+
+
+# -- max_lag: a live client this far behind skips ahead --------------------------------
+@pytest.fixture
+def lag_server() -> Iterator[ThreadServer]:
+    s = settings(stream={"replay_buffer": 32, "heartbeat_s": 0.5, "max_lag_ms": 100})
+    app = create_app(s, fake_registry(), report=fake_report())
+    with thread_server(app, s) as srv:
+        httpx.post(f"{srv.url}/monitors/fake/start", json={}).raise_for_status()
+        yield srv
+
+
+def subscribers(srv: ThreadServer) -> list[dict[str, Any]]:
+    subs: list[dict[str, Any]] = httpx.get(f"{srv.url}/stats").json()["streams"]["subscribers"]
+    return subs
+
+
+def emit_while_the_loop_is_busy(srv: ThreadServer, n: int, busy_s: float) -> None:
+    """Publishes ``n`` events while the server's event loop is held for ``busy_s`` after
+    them (a loop too busy to read: the subscribers read them that much later)."""
+    hub = context_of(srv.app).hub
+    assert hub is not None and hub._loop is not None
+    gate, held = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        gate.wait(15)
+
+    hub._loop.call_soon_threadsafe(hold)
+    assert held.wait(15)
+    start = published(srv)
+    emit(srv, *({"pid": 1, "n": i} for i in range(n)))
+    wait_published(srv, start + n)
+    time.sleep(busy_s)
+    gate.set()
+
+
+def open_stream(srv: ThreadServer, kind: str, query: str) -> Any:
+    if kind == "sse":
+        return read_sse(f"{srv.url}/events?{query}")
+    return read_ws(srv.url.replace("http", "ws") + f"/events/ws?{query}")
+
+
+@pytest.mark.parametrize("kind", ["sse", "ws"])
+@pytest.mark.parametrize(("query", "skips"), [
+    ("", True),  # stream.max_lag_ms (100) applies
+    ("max_lag_ms=50", True),
+    ("max_lag_ms=0", False),  # the query parameter disables it for this client
+    ("max_lag_ms=60000", False),  # ... or raises it above the events' age
+])
+def test_a_live_client_behind_by_more_than_max_lag_skips_ahead_and_is_told(
+        lag_server: ThreadServer, kind: str, query: str, skips: bool) -> None:
+    reader = open_stream(lag_server, kind, query)
+    try:
+        deadline = time.monotonic() + 10
+        while not subscribers(lag_server):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        emit_while_the_loop_is_busy(lag_server, 5, busy_s=0.4)
+        emit(lag_server, {"pid": 2, "n": 5})  # young: delivered in every case
+        got = []
+        while not got or got[-1].data.get("n") != 5:
+            got.append(reader.wait_for(lambda m: True))
+        if skips:
+            assert [(m.event, m.data) for m in got] == [
+                ("dropped", {"missed": 5} if kind == "sse" else
+                 {"event": "dropped", "missed": 5}),
+                ("fake", {"monitor": "fake", "pid": 2, "n": 5})]
+        else:
+            assert [m.id for m in got] == [1, 2, 3, 4, 5, 6]
+        (sub,) = subscribers(lag_server)
+        want = {"delivered": 1, "dropped": 5, "skipped": 5} if skips else {
+            "delivered": 6, "dropped": 0, "skipped": 0}
+        assert {k: sub[k] for k in want} == want
+        assert sub["delivered"] + sub["dropped"] == published(lag_server)  # balances
+    finally:
+        reader.stop()
+    totals = httpx.get(f"{lag_server.url}/stats").json()["streams"]["totals"]
+    assert totals[f"{kind}_dropped"] == (5 if skips else 0)
+    metrics = httpx.get(f"{lag_server.url}/metrics").text
+    assert (f'ebpf_agent_stream_events_dropped_total{{kind="{kind}"}} '
+            f'{5.0 if skips else 0.0}') in metrics
+
+
+@pytest.mark.parametrize("kind", ["sse", "ws"])
+def test_a_resume_replays_old_events_whatever_max_lag(lag_server: ThreadServer,
+                                                      kind: str) -> None:
+    emit(lag_server, *({"pid": 1, "n": i} for i in range(5)))
+    wait_published(lag_server, 5)
+    time.sleep(0.3)  # every buffered event is now older than max_lag (100 ms)
+    reader = open_stream(lag_server, kind, "last_event_id=0")
+    try:
+        assert [reader.wait_for(lambda m: True).id for _ in range(5)] == [1, 2, 3, 4, 5]
+        (sub,) = subscribers(lag_server)
+        assert (sub["dropped"], sub["skipped"], sub["max_lag_ms"]) == (0, 0, 100)
+    finally:
+        reader.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "3600001", "abc", "1.5", ""])
+def test_a_bad_max_lag_is_refused(lag_server: ThreadServer, value: str) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    r = httpx.get(f"{lag_server.url}/events", params={"max_lag_ms": value})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "max_lag_ms"]
+    url = lag_server.url.replace("http", "ws") + f"/events/ws?max_lag_ms={value}"
+    with pytest.raises(InvalidStatus) as e, connect(url, open_timeout=15):
+        pass
+    assert e.value.response.status_code == 403  # a refused handshake, as for filters
+    assert subscribers(lag_server) == []

@@ -1,12 +1,14 @@
 """The hub's ring store: the compiled one (agent/stream/ringstore.c) against the Python
 reference (agent/stream/ring.py), byte for byte and slot for slot, on the same events:
 wrap-arounds, evictions by count and by bytes, an event larger than the ring, keys of
-odd types and extreme values; and the hub on each store."""
+odd types and extreme values, arrival times; and the hub on each store, with a fake
+clock for max_lag (a live subscriber skips ahead over events older than it)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -24,9 +26,11 @@ BIG = 2**63
 
 
 class Pair:
-    """One store of each kind, each with its own arrays and monitor table."""
+    """One store of each kind, each with its own arrays and monitor table; one fake
+    clock (``now``, ns) for both."""
 
     def __init__(self, capacity: int, replay_bytes: int) -> None:
+        self.now = 0
         self.stores: list[Any] = []
         self.arrays: list[RingArrays] = []
         self.schedules = [0, 0]
@@ -47,7 +51,8 @@ class Pair:
                 self.schedules[k] += 1
 
             self.arrays.append(a)
-            self.stores.append(make_store(mode, a, ids, heads, register, schedule))
+            self.stores.append(make_store(mode, a, ids, heads, register, schedule,
+                                          lambda: self.now))
 
     def offer(self, event: dict[str, Any], data: bytes | None = None) -> None:
         data = encode_event(event) if data is None else data
@@ -61,7 +66,8 @@ class Pair:
             assert getattr(py, name) == getattr(c, name), name
         a, b = self.arrays
         assert a.buf == b.buf
-        for name in ("off", "len", "hdr", "mon", "pid", "uid", "comm", "cgid", "procid"):
+        for name in ("off", "len", "hdr", "mon", "pid", "uid", "comm", "cgid", "procid",
+                     "at"):
             assert getattr(a, name) == getattr(b, name), name
         assert self.names[0] == self.names[1]
         assert self.schedules[0] == self.schedules[1]
@@ -115,6 +121,7 @@ def test_the_compiled_store_writes_what_the_reference_writes(
         capacity: int, replay_bytes: int, sizes: list[int]) -> None:
     p = Pair(capacity, replay_bytes)
     for i, size in enumerate(sizes):
+        p.now = 1_000 * i + 5
         monitor = ("exec", "syscall", "func")[i % 3]
         p.offer(ev(i, monitor=monitor, pad="p" * size))
         if i % 97 == 0:
@@ -136,6 +143,28 @@ def test_frames_and_keys_are_where_readers_look() -> None:
     assert (a.comm[1], a.procid[1]) == (hash("sh"), hash("b-1-101"))
     p.offer({"monitor": "exec", "pid": "x"}, b"{}")
     assert p.arrays[1].pid[2] == NONE
+
+
+@pytest.mark.parametrize("mode", ["python", "compiled"])
+def test_arrival_times_are_the_monotonic_clock_without_a_fake_one(mode: str) -> None:
+    a = RingArrays.allocate(8, 64 * 1024)
+    store = make_store(mode, a, {}, [b"\nevent: x\ndata: "], lambda n: 0, lambda: None)
+    before = time.monotonic_ns()
+    for _ in range(3):
+        store.offer({"monitor": "x"}, b"{}")
+    after = time.monotonic_ns()
+    assert before <= a.at[1] <= a.at[2] <= a.at[3] <= after
+
+
+def test_a_failing_clock_stores_nothing() -> None:
+    def clock() -> int:
+        raise RuntimeError("no time")
+
+    store = make_store("compiled", RingArrays.allocate(4, 64 * 1024), {},
+                       [b"\nevent: x\ndata: "], lambda n: 0, lambda: None, clock)
+    with pytest.raises(RuntimeError, match="no time"):
+        store.offer({"monitor": "x"}, b"{}")
+    assert (store.next, store.first, store.head) == (1, 1, 0)
 
 
 def test_wake_up_is_scheduled_once_per_burst() -> None:
@@ -266,3 +295,143 @@ def test_hub_on_each_store_delivers_every_event_in_order_from_threads(store: str
     assert seqs == list(range(1, 15_001))
     assert monitors == {"m0", "m1", "m2"}
     assert wakeups < 15_000 / 4
+
+
+# -- max_lag: a live subscriber skips ahead (fake clock, both stores) ----------------------
+MS = 1_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def lagging_hub(store: str, max_lag_ms: int, capacity: int = 1000) -> tuple[EventHub, Clock]:
+    clock = Clock()
+    return EventHub(capacity=capacity, store=store, max_lag_ms=max_lag_ms, clock=clock), clock
+
+
+def publish_at(hub: EventHub, clock: Clock, times_ms: list[int]) -> None:
+    for t in times_ms:
+        clock.now = t * MS
+        hub.publish(ev(t))
+
+
+def read_ids(sub: Any, sse: bool, filtered: bool) -> tuple[list[int], int]:
+    """One read: the ids delivered and the in-band missed count."""
+    if sse:
+        batch = sub.read_sse()
+        ids = [int(line[4:]) for line in batch.frames.split(b"\n") if line.startswith(b"id: ")]
+    else:
+        batch = sub.read()
+        ids = [e.seq for e in batch.events]
+    return ids, batch.missed
+
+
+# (hub max_lag, the subscriber's own, published at (ms), read at (ms), resume after id,
+#  ids delivered, missed/skipped)
+LAG_CASES = [
+    # 200 ms bound, read at 1000: events stored before 800 are skipped, counted.
+    (200, None, [0, 100, 700, 800, 900, 1000], 1000, None, [4, 5, 6], 3),
+    # Nothing older than the bound: nothing skipped.
+    (200, None, [900, 950, 1000], 1000, None, [1, 2, 3], 0),
+    # Every unread event older than the bound: all skipped, none delivered.
+    (200, None, [0, 100, 200], 1000, None, [], 3),
+    # 0 disables: the old behaviour, everything delivered however old.
+    (0, None, [0, 100, 700, 800], 1000, None, [1, 2, 3, 4], 0),
+    # The subscriber's own bound (the query parameter) overrides the hub's, both ways.
+    (0, 150, [0, 100, 700, 900], 1000, None, [4], 3),
+    (200, 0, [0, 100, 700, 900], 1000, None, [1, 2, 3, 4], 0),
+    (200, 500, [0, 100, 700, 900], 1000, None, [3, 4], 2),
+    # A resume replays what the ring holds, however old (exempt until caught up).
+    (200, None, [0, 100, 700, 800, 900], 1000, 1, [2, 3, 4, 5], 0),
+    (200, None, [0, 100, 700, 800, 900], 1000, 0, [1, 2, 3, 4, 5], 0),
+    # A resume from the head (nothing to replay) is live at once.
+    (200, None, [0, 100, 700], 1000, 3, [], 0),
+]
+
+
+@pytest.mark.parametrize("store", ["python", "compiled"])
+@pytest.mark.parametrize(("sse", "filtered"), [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize(("hub_lag", "sub_lag", "times", "read_at", "resume", "ids", "skipped"),
+                         LAG_CASES)
+def test_a_live_subscriber_skips_events_older_than_max_lag_and_counts_them(
+        store: str, sse: bool, filtered: bool, hub_lag: int, sub_lag: int | None,
+        times: list[int], read_at: int, resume: int | None, ids: list[int],
+        skipped: int) -> None:
+    hub, clock = lagging_hub(store, hub_lag)
+    f = Filters(pids=frozenset(range(100_000))) if filtered else Filters()
+    kind = "sse" if sse else "ws"
+    if resume is None:  # live: subscribed before the events
+        sub = hub.subscribe(kind, f, max_lag_ms=sub_lag)
+        publish_at(hub, clock, times)
+    else:  # resuming after the events
+        publish_at(hub, clock, times)
+        sub = hub.subscribe(kind, f, last_event_id=resume, max_lag_ms=sub_lag)
+    clock.now = read_at * MS
+    got, missed = read_ids(sub, sse, filtered)
+    assert got == ids
+    assert missed == skipped == sub.skipped == sub.dropped
+    stats = sub.as_dict()
+    assert stats["dropped"] == skipped and stats["skipped"] == skipped
+    # The accounting balances: every event published is delivered or counted dropped.
+    assert len(got) + sub.dropped == hub.next_seq - sub_start(resume)
+    assert read_ids(sub, sse, filtered) == ([], 0)  # nothing read twice, nothing lost
+
+
+def sub_start(resume: int | None) -> int:
+    return 1 if resume is None else resume + 1
+
+
+@pytest.mark.parametrize("store", ["python", "compiled"])
+def test_a_resume_is_exempt_until_it_caught_up_once_then_skips(store: str) -> None:
+    hub, clock = lagging_hub(store, 200)
+    publish_at(hub, clock, [0, 10, 20, 30])
+    sub = hub.subscribe("sse", Filters(), last_event_id=0)
+    assert sub.replaying and sub.as_dict()["replaying"]
+    clock.now = 5000 * MS  # every event long older than the bound
+    batch = hub.read_sse(sub, limit=2)  # a partial read: still replaying
+    assert (batch.count, batch.missed, sub.replaying) == (2, 0, True)
+    batch = hub.read_sse(sub, limit=2)
+    assert (batch.count, batch.missed, sub.replaying) == (2, 0, False)  # at the head
+    # From now on it is live: old events are skipped.
+    publish_at(hub, clock, [5000, 5100])
+    clock.now = 5400 * MS
+    assert read_ids(sub, True, False) == ([], 2)
+    assert (sub.skipped, sub.dropped) == (2, 2)
+
+
+@pytest.mark.parametrize("store", ["python", "compiled"])
+def test_skipped_and_evicted_add_up_in_one_notice(store: str) -> None:
+    hub, clock = lagging_hub(store, 200, capacity=16)
+    sub = hub.subscribe("sse", Filters())
+    publish_at(hub, clock, list(range(0, 2000, 50)))  # 40 events: 24 evicted, 16 kept
+    clock.now = 2000 * MS  # kept: stored at 1200..1950; younger than 1800: 1800..1950
+    got, missed = read_ids(sub, True, False)
+    assert got == [37, 38, 39, 40]
+    assert (missed, sub.dropped, sub.skipped) == (36, 36, 12)
+    assert hub.totals()["sse_dropped"] == 36 and hub.totals()["sse_delivered"] == 0
+
+
+@pytest.mark.parametrize("store", ["python", "compiled"])
+def test_shared_chunks_do_not_carry_a_lagging_subscriber_past_its_bound(store: str) -> None:
+    hub, clock = lagging_hub(store, 200)
+    fast = hub.subscribe("sse", Filters(), max_lag_ms=0)
+    slow = hub.subscribe("sse", Filters())
+    publish_at(hub, clock, [0, 100, 900])
+    clock.now = 1000 * MS
+    assert read_ids(fast, True, False) == ([1, 2, 3], 0)  # the run is now the shared chunk
+    assert read_ids(slow, True, False) == ([3], 2)
+
+
+@pytest.mark.parametrize("bad", [-1, -200])
+def test_a_negative_max_lag_is_refused(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_lag_ms"):
+        EventHub(capacity=16, max_lag_ms=bad)
+    hub = EventHub(capacity=16)
+    with pytest.raises(ValueError, match="max_lag_ms"):
+        hub.subscribe("sse", Filters(), max_lag_ms=bad)
+    assert hub.subscribers == {}

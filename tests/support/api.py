@@ -122,6 +122,11 @@ def settings(**overrides: Any) -> Settings:
         api = dict(overrides.get("api") or {})
         api.setdefault("auth", "none")
         overrides["api"] = api
+    # Live readers never skip ahead here (stream.max_lag_ms 0): on a loaded machine a
+    # test's loop may well be slower than the default bound. The tests of max_lag set it.
+    stream = dict(overrides.get("stream") or {})
+    stream.setdefault("max_lag_ms", 0)
+    overrides["stream"] = stream
     return Settings(**overrides)
 
 
@@ -218,7 +223,9 @@ class Agent:
 
 def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
     base: dict[str, Any] = {
-        "stream": {"heartbeat_s": 0.5},  # readers notice stop() at the next heartbeat
+        # Readers notice stop() at the next heartbeat; they never skip ahead (see
+        # settings()).
+        "stream": {"heartbeat_s": 0.5, "max_lag_ms": 0},
         "output": {"directory": str(tmp_path / "out"), "formats": []},
         "monitors": {"exec": {"enabled": True}},
         # Never the real /run/ebpf-agent: a generated token lands in the test's tmp dir.

@@ -163,6 +163,11 @@ class TransportSettings(Section):
     # Wake the consumer once per this many events (per CPU); 1 = every event. Events
     # in between wait at most one poll timeout (100 ms).
     wakeup_every: int = Field(32, ge=1, le=4096)
+    # Ring buffer readers (agent/monitors/ringbuf.py), below their busy rate: after a
+    # batch, wait this long for more events instead of a wake-up per event (an event
+    # that finds the reader idle is handed on at once). The added latency is this at
+    # most; 0: every event at once.
+    max_delay_ms: int = Field(50, ge=0, le=1000)
     # How records become events (agent/monitors/compiled.py): "compiled" the extension
     # built from agent/monitors/fastpath.c at install (an error when it is missing),
     # "python" the reference decoder, "auto" the extension when it was built. The stream

@@ -174,7 +174,8 @@ class BccMonitor(BaseMonitor[OptionsT]):
     def open_buffer(self) -> None:
         if self.use_ringbuf and ringbuf_supported():
             table = self.bpf[b"events"]
-            self._reader = RingReader(table.map_fd, table.max_entries, self._on_record)
+            self._reader = RingReader(table.map_fd, table.max_entries, self._on_record,
+                                      max_delay_s=self.ctx.transport.max_delay_ms / 1000)
         elif self.use_ringbuf:
             self.bpf[b"events"].open_ring_buffer(self._on_raw_event)
         else:

@@ -41,6 +41,14 @@ RELEASE_EVERY = 256
 BUSY_RATE = 2000
 LINGER_S = 0.001
 RATE_WINDOW_S = 0.1
+# Below BUSY_RATE a reader given a max_delay (transport.max_delay_ms) pauses that long
+# after a batch instead: at 100 events/s a wake-up per event (epoll return, a loop
+# callback, one socket write per client) cost more than the events themselves; with the
+# pause one wake-up carries the events of max_delay. An event that finds the reader
+# idle (nothing arrived during the last pause) is delivered at once: the reader waits in
+# epoll, which the kernel wakes for the first record in an empty buffer (flags 0 of
+# bpf_ringbuf_output: adaptive notification, see agent/bpf/common.h). So the added
+# latency is max_delay at most, and a reader with nothing to read costs nothing.
 
 
 def ringbuf_supported() -> bool:
@@ -56,12 +64,15 @@ def linger_for(byte_rate: float, room: int, longest: float) -> float:
 
 class RingReader:
     def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], int | None],
-                 linger_s: float = LINGER_S, busy_rate: float = BUSY_RATE) -> None:
+                 linger_s: float = LINGER_S, busy_rate: float = BUSY_RATE,
+                 max_delay_s: float = 0.0) -> None:
         """``linger_s``: the pause after a batch under load, i.e. above ``busy_rate``
         records/s. A consumer that need not see each record at once (the process
         tracker) takes a longer one, at any rate: fewer, larger batches. The pause is
         shortened so that at the rate of the last window the buffer fills to a quarter
-        at most meanwhile."""
+        at most meanwhile. ``max_delay_s``: the pause after a batch below
+        ``busy_rate`` (0: none, each record is handed on at once; the comment below
+        BUSY_RATE says why and what it costs in latency)."""
         if data_size & (data_size - 1):
             raise ValueError("a ring buffer's size is a power of two")
         page = mmap.PAGESIZE
@@ -85,6 +96,7 @@ class RingReader:
         self._busy_rate = busy_rate
         self._linger_max = linger_s
         self._linger = LINGER_S
+        self._max_delay = max_delay_s
         self._quarter = data_size // 4
         self._consumed_bytes = 0  # by the last consume()
         self._nudged = threading.Event()  # cuts a linger short (nudge())
@@ -142,10 +154,12 @@ class RingReader:
             self._epoll.poll(timeout_ms / 1000)  # releases the GIL while it waits
             n = self.consume(limit)
         self._account(n)
-        # Under load, let a batch build up instead of a wake-up per event (nudge() ends
-        # the wait early).
-        if 0 < n < limit and self._busy and self._nudged.wait(self._linger):
-            self._nudged.clear()
+        # Under load, let a batch build up instead of a wake-up per event; below it, for
+        # max_delay if given (nudge() ends either wait early).
+        if 0 < n < limit:
+            pause = self._linger if self._busy else self._max_delay
+            if pause and self._nudged.wait(pause):
+                self._nudged.clear()
         return n
 
     def _account(self, n: int) -> None:

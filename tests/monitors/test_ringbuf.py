@@ -89,3 +89,55 @@ def test_reads_every_committed_record_once_and_skips_discarded_ones() -> None:
 def test_linger_leaves_room_at_the_last_rate(byte_rate: float, room: int, longest: float,
                                              pause: float) -> None:
     assert linger_for(byte_rate, room, longest) == pytest.approx(pause)
+
+
+class Pauses:
+    """Stands in for the reader's nudge event: records each pause instead of waiting."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return False
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize(("max_delay", "busy", "pauses"), [
+    (0.04, False, [0.04]),  # below the busy rate: a batch is followed by max_delay
+    (0.0, False, []),  # 0: every record at once, no pause
+    (0.04, True, [LINGER_S]),  # under load: the usual short linger, not max_delay
+    (0.0, True, [LINGER_S]),
+])
+def test_after_a_batch_the_reader_pauses_max_delay_below_the_busy_rate(
+        max_delay: float, busy: bool, pauses: list[float]) -> None:
+    if not ringbuf_supported():
+        pytest.skip("the mmap reader runs on x86-64 only (memory ordering)")
+    from bcc import BPF
+
+    b = BPF(text=PROG, cflags=[f"-DTARGET={os.getpid()}",
+                               f"-DNR_GETPPID={NR_GETPPID[os.uname().machine]}"])
+    try:
+        table = b[b"rb"]
+        got: list[int] = []
+        reader = RingReader(table.map_fd, table.max_entries,
+                            lambda raw: got.append(struct.unpack("<Q", raw)[0]),
+                            max_delay_s=max_delay)
+        fake = Pauses()
+        reader._nudged = fake  # type: ignore[assignment]
+        reader._busy = busy
+        reader._window_start = float("inf")  # the rate window never closes: busy stays
+        try:
+            assert reader.poll(0) == 0 and fake.waits == []  # nothing read: no pause
+            for _ in range(4):
+                os.getppid()  # records 0, 1, 3 (2 is discarded)
+            assert reader.poll(100) == 4 and got == [0, 1, 3]
+            assert fake.waits == pauses
+        finally:
+            reader.close()
+    finally:
+        b.cleanup()

@@ -115,7 +115,7 @@ class StreamSettings(Section):
     # of a client slower than the intake stays bounded. 0: never skip (it then reads up
     # to replay_buffer events behind). A resume (Last-Event-ID) is exempt until it has
     # caught up once. The event routes take a max_lag_ms query parameter overriding it.
-    max_lag_ms: int = Field(200, ge=0, le=3_600_000)
+    max_lag_ms: int = Field(100, ge=0, le=3_600_000)
     # Containers GET /containers keeps event counts for; the least recently seen one is
     # evicted (counted) when full.
     max_containers: int = Field(4096, ge=1, le=1_000_000)

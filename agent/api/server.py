@@ -111,6 +111,9 @@ def check_tls_files(certfile: Path, keyfile: Path) -> None:
 
 
 # -- sockets -----------------------------------------------------------------------------
+NOTSENT_LOWAT = 128 * 1024  # bytes queued unsent per connection at most (see tcp_socket)
+
+
 def tcp_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(
@@ -119,6 +122,12 @@ def tcp_socket(host: str, port: int) -> socket.socket:
         raise StartupRefused(f"api.host {host!r}: cannot resolve: {e.strerror}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Event streams: a client slower than the events would have megabytes of frames
+    # waiting unsent in its socket (the send buffer autotunes up to tcp_wmem's maximum),
+    # hundreds of ms old before they leave, unseen by the hub's stream.max_lag_ms.
+    # TCP_NOTSENT_LOWAT (tcp(7)) bounds the unsent part only, not the data in flight, so
+    # throughput is not capped; accepted sockets inherit it from the listener.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
     try:
         sock.bind(addr)
     except OSError as e:

@@ -91,6 +91,16 @@ static int hash_key(PyObject *v, long long *out) {
     return 0;
 }
 
+/* ``o`` (a new reference, or NULL with an error set) as a long long; the reference is
+ * released. -1 on an error. */
+static int take_ll(PyObject *o, long long *out) {
+    if (!o)
+        return -1;
+    *out = PyLong_AsLongLong(o);
+    Py_DECREF(o);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "offer(event, data)");
@@ -139,12 +149,8 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
         if (PyErr_Occurred())
             goto done;
         id = PyObject_CallOneArg(r->reg, monitor);
-        if (!id)
-            goto done;
     }
-    mid = PyLong_AsLongLong(id);
-    Py_DECREF(id);
-    if (mid == -1 && PyErr_Occurred())
+    if (take_ll(id, &mid) < 0)
         goto done;
     if (mid < 0 || mid > 0xffff || mid >= PyList_GET_SIZE(r->monitor_heads)) {
         PyErr_SetString(PyExc_ValueError, "offer: no frame head for this monitor id");
@@ -157,15 +163,8 @@ static PyObject *RingStore_offer(RingStore *r, PyObject *const *args, Py_ssize_t
         goto done;
     }
     long long fake_now = 0; /* a test's clock: read here, where Python code may run */
-    if (r->clock != Py_None) {
-        PyObject *t = PyObject_CallNoArgs(r->clock);
-        if (!t)
-            goto done;
-        fake_now = PyLong_AsLongLong(t);
-        Py_DECREF(t);
-        if (fake_now == -1 && PyErr_Occurred())
-            goto done;
-    }
+    if (r->clock != Py_None && take_ll(PyObject_CallNoArgs(r->clock), &fake_now) < 0)
+        goto done;
 
     /* -- the store (no Python code from here to its end) ---------------------------- */
     {

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,8 +42,9 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
 NR_GETPPID = {"x86_64": 110, "aarch64": 173}
 
 
-@pytest.mark.usefixtures("kernel")
-def test_reads_every_committed_record_once_and_skips_discarded_ones() -> None:
+@pytest.fixture
+def ring_program(kernel: Any) -> Iterator[Any]:
+    """PROG loaded for this process: its BPF object (the ring is ``b[b"rb"]``)."""
     if not ringbuf_supported():
         pytest.skip("the mmap reader runs on x86-64 only (memory ordering)")
     from bcc import BPF
@@ -49,33 +52,36 @@ def test_reads_every_committed_record_once_and_skips_discarded_ones() -> None:
     b = BPF(text=PROG, cflags=[f"-DTARGET={os.getpid()}",
                                f"-DNR_GETPPID={NR_GETPPID[os.uname().machine]}"])
     try:
-        table = b[b"rb"]
-        got: list[int] = []
-
-        def handle(raw: bytes) -> int:
-            assert len(raw) == 8
-            got.append(struct.unpack("<Q", raw)[0])
-            return -1 if len(got) == 10 else 0  # stop once, after the tenth record
-
-        reader = RingReader(table.map_fd, table.max_entries, handle)
-        try:
-            for _ in range(300):
-                os.getppid()
-            # Stopped by the handler at the tenth delivered record; the four discarded
-            # ones before it count as consumed records too.
-            assert reader.poll(100) == 14 and len(got) == 10
-            while reader.poll(10):
-                pass
-            for _ in range(300):  # a second round after the reader caught up
-                os.getppid()
-            while reader.poll(10):
-                pass
-        finally:
-            reader.close()
-        made = int(b[b"n"][ctypes.c_int(0)].value)
+        yield b
     finally:
         b.cleanup()
-    assert made == 600
+
+
+def test_reads_every_committed_record_once_and_skips_discarded_ones(ring_program: Any) -> None:
+    table = ring_program[b"rb"]
+    got: list[int] = []
+
+    def handle(raw: bytes) -> int:
+        assert len(raw) == 8
+        got.append(struct.unpack("<Q", raw)[0])
+        return -1 if len(got) == 10 else 0  # stop once, after the tenth record
+
+    reader = RingReader(table.map_fd, table.max_entries, handle)
+    try:
+        for _ in range(300):
+            os.getppid()
+        # Stopped by the handler at the tenth delivered record; the four discarded
+        # ones before it count as consumed records too.
+        assert reader.poll(100) == 14 and len(got) == 10
+        while reader.poll(10):
+            pass
+        for _ in range(300):  # a second round after the reader caught up
+            os.getppid()
+        while reader.poll(10):
+            pass
+    finally:
+        reader.close()
+    assert int(ring_program[b"n"][ctypes.c_int(0)].value) == 600
     assert got == [i for i in range(600) if i % 3 != 2]
 
 
@@ -106,7 +112,6 @@ class Pauses:
     def clear(self) -> None: ...
 
 
-@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(("max_delay", "busy", "pauses"), [
     (0.04, False, [0.04]),  # below the busy rate: a batch is followed by max_delay
     (0.0, False, []),  # 0: every record at once, no pause
@@ -114,30 +119,21 @@ class Pauses:
     (0.0, True, [LINGER_S]),
 ])
 def test_after_a_batch_the_reader_pauses_max_delay_below_the_busy_rate(
-        max_delay: float, busy: bool, pauses: list[float]) -> None:
-    if not ringbuf_supported():
-        pytest.skip("the mmap reader runs on x86-64 only (memory ordering)")
-    from bcc import BPF
-
-    b = BPF(text=PROG, cflags=[f"-DTARGET={os.getpid()}",
-                               f"-DNR_GETPPID={NR_GETPPID[os.uname().machine]}"])
+        ring_program: Any, max_delay: float, busy: bool, pauses: list[float]) -> None:
+    table = ring_program[b"rb"]
+    got: list[int] = []
+    reader = RingReader(table.map_fd, table.max_entries,
+                        lambda raw: got.append(struct.unpack("<Q", raw)[0]),
+                        max_delay_s=max_delay)
+    fake = Pauses()
+    reader._nudged = fake  # type: ignore[assignment]
+    reader._busy = busy
+    reader._window_start = float("inf")  # the rate window never closes: busy stays
     try:
-        table = b[b"rb"]
-        got: list[int] = []
-        reader = RingReader(table.map_fd, table.max_entries,
-                            lambda raw: got.append(struct.unpack("<Q", raw)[0]),
-                            max_delay_s=max_delay)
-        fake = Pauses()
-        reader._nudged = fake  # type: ignore[assignment]
-        reader._busy = busy
-        reader._window_start = float("inf")  # the rate window never closes: busy stays
-        try:
-            assert reader.poll(0) == 0 and fake.waits == []  # nothing read: no pause
-            for _ in range(4):
-                os.getppid()  # records 0, 1, 3 (2 is discarded)
-            assert reader.poll(100) == 4 and got == [0, 1, 3]
-            assert fake.waits == pauses
-        finally:
-            reader.close()
+        assert reader.poll(0) == 0 and fake.waits == []  # nothing read: no pause
+        for _ in range(4):
+            os.getppid()  # records 0, 1, 3 (2 is discarded)
+        assert reader.poll(100) == 4 and got == [0, 1, 3]
+        assert fake.waits == pauses
     finally:
-        b.cleanup()
+        reader.close()

@@ -434,16 +434,15 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-/* Submit one event; a full buffer is a counted drop, never a silent one. */
-static __always_inline void submit_event(void *ctx, void *data, u64 size)
-{
 #ifdef USE_RINGBUF
-    /* Flags 0 is the kernel's adaptive notification: bpf_ringbuf_commit() wakes the
-     * consumer when it had read everything before this record (the buffer was empty to
-     * it), so an event at a low rate is delivered at once. Under load the consumer is
-     * behind and is not woken per event (it batches: agent/monitors/ringbuf.py);
-     * WAKEUP_EVERY events per CPU still force a wake-up, a backstop for a consumer that
-     * went to sleep. */
+/* Flags 0 is the kernel's adaptive notification: bpf_ringbuf_commit() wakes the
+ * consumer when it had read everything before this record (the buffer was empty to
+ * it), so an event at a low rate is delivered at once. Under load the consumer is
+ * behind and is not woken per event (it batches: agent/monitors/ringbuf.py);
+ * WAKEUP_EVERY events per CPU still force a wake-up, a backstop for a consumer that
+ * went to sleep. */
+static __always_inline u64 ringbuf_wakeup_flags(void)
+{
     u64 flags = 0;
     u32 idx = CNT_SINCE_WAKEUP;
     u64 *since = counters.lookup(&idx);
@@ -451,11 +450,51 @@ static __always_inline void submit_event(void *ctx, void *data, u64 size)
         *since = 0;
         flags = BPF_RB_FORCE_WAKEUP;
     }
-    int err = events.ringbuf_output(data, size, flags);
+    return flags;
+}
+#endif
+
+/* Submit one event; a full buffer is a counted drop, never a silent one. */
+static __always_inline void submit_event(void *ctx, void *data, u64 size)
+{
+#ifdef USE_RINGBUF
+    int err = events.ringbuf_output(data, size, ringbuf_wakeup_flags());
 #else
     int err = events.perf_submit(ctx, data, size);
 #endif
     count(err ? CNT_DROPPED : CNT_SUBMITTED);
 }
+
+/* An event built in place, for a monitor whose events are large or frequent enough
+ * that building one on the stack and copying it (submit_event) shows. With the ring
+ * buffer, event_reserve() is room in the buffer itself (bpf_ringbuf_reserve(),
+ * bpf-helpers(7)): the event is written where the consumer reads it and handed over by
+ * event_commit() without a copy; NULL when the buffer is full (a counted drop); the
+ * verifier holds a reserved record to one event_commit() on every path. With a perf
+ * buffer, bpf_perf_event_output() copies from memory the program owns: the monitor
+ * builds the event in a per-CPU array of its own and event_commit() copies it. Either
+ * memory holds an earlier event's bytes: the monitor sets every field, padding
+ * included. (A function, not a macro: BCC rewrites map calls only outside macros;
+ * inlined, `size` is the constant bpf_ringbuf_reserve() needs.) */
+#ifdef USE_RINGBUF
+static __always_inline void *event_reserve(u64 size)
+{
+    void *e = events.ringbuf_reserve(size);
+    if (!e)
+        count(CNT_DROPPED);
+    return e;
+}
+
+static __always_inline void event_commit(void *ctx, void *e, u64 size)
+{
+    events.ringbuf_submit(e, ringbuf_wakeup_flags());
+    count(CNT_SUBMITTED);
+}
+#else
+static __always_inline void event_commit(void *ctx, void *e, u64 size)
+{
+    count(events.perf_submit(ctx, e, size) ? CNT_DROPPED : CNT_SUBMITTED);
+}
+#endif
 
 #endif /* EBPF_AGENT_COMMON_H */

@@ -431,14 +431,14 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-/* Ring buffer notification: flags 0 to bpf_ringbuf_output()/bpf_ringbuf_submit(), the
- * kernel's adaptive mode: the commit wakes the consumer when it had read everything
- * before this record (the buffer was empty to it), so an event at a low rate is
- * delivered at once. Under load the consumer is behind and is not woken per event (it
- * batches: agent/monitors/ringbuf.py). No forced wake-up on top (BPF_RB_FORCE_WAKEUP):
- * none is needed, since the consumer sleeps only after finding the buffer empty and the
- * ring buffer's poll reports unread data level-triggered; and each wake-up is an
- * irq_work the committing program pays (a self-interrupt, costly in a VM). */
+/* Ring buffer notification: flags 0 to bpf_ringbuf_output(), the kernel's adaptive
+ * mode: the commit wakes the consumer when it had read everything before this record
+ * (the buffer was empty to it), so an event at a low rate is delivered at once. Under
+ * load the consumer is behind and is not woken per event (it batches:
+ * agent/monitors/ringbuf.py). No forced wake-up on top (BPF_RB_FORCE_WAKEUP): none is
+ * needed, since the consumer sleeps only after finding the buffer empty and the ring
+ * buffer's poll reports unread data level-triggered; and each wake-up is an irq_work
+ * the committing program pays (a self-interrupt, costly in a VM). */
 #define RINGBUF_NOTIFY 0
 
 /* Submit one event; a full buffer is a counted drop, never a silent one. */
@@ -451,37 +451,5 @@ static __always_inline void submit_event(void *ctx, void *data, u64 size)
 #endif
     count(err ? CNT_DROPPED : CNT_SUBMITTED);
 }
-
-/* An event built in place, for a monitor whose events are large or frequent enough
- * that building one on the stack and copying it (submit_event) shows. With the ring
- * buffer, event_reserve() is room in the buffer itself (bpf_ringbuf_reserve(),
- * bpf-helpers(7)): the event is written where the consumer reads it and handed over by
- * event_commit() without a copy; NULL when the buffer is full (a counted drop); the
- * verifier holds a reserved record to one event_commit() on every path. With a perf
- * buffer, bpf_perf_event_output() copies from memory the program owns: the monitor
- * builds the event in a per-CPU array of its own and event_commit() copies it. Either
- * memory holds an earlier event's bytes: the monitor sets every field, padding
- * included. (A function, not a macro: BCC rewrites map calls only outside macros;
- * inlined, `size` is the constant bpf_ringbuf_reserve() needs.) */
-#ifdef USE_RINGBUF
-static __always_inline void *event_reserve(u64 size)
-{
-    void *e = events.ringbuf_reserve(size);
-    if (!e)
-        count(CNT_DROPPED);
-    return e;
-}
-
-static __always_inline void event_commit(void *ctx, void *e, u64 size)
-{
-    events.ringbuf_submit(e, RINGBUF_NOTIFY);
-    count(CNT_SUBMITTED);
-}
-#else
-static __always_inline void event_commit(void *ctx, void *e, u64 size)
-{
-    count(events.perf_submit(ctx, e, size) ? CNT_DROPPED : CNT_SUBMITTED);
-}
-#endif
 
 #endif /* EBPF_AGENT_COMMON_H */

@@ -305,9 +305,8 @@ def test_reset_connection(monitor) -> None:
     ("ringbuf", ["connect", "accept"], "127.0.0.1"),
 ])
 def test_transports_and_event_kinds(transport: str, kinds: list[str], host: str) -> None:
-    """Events are built in place (the ring buffer's memory, or with a perf buffer a
-    per-CPU scratch that held the previous event): exact fields on both transports, only
-    the kinds asked for, and the per-endpoint stats exact whichever kinds are emitted."""
+    """Exact fields on both transports, only the kinds asked for (the others are not
+    built), and the per-endpoint stats exact whichever kinds are emitted."""
     sink = CollectingSink()
     with loaded_monitor("net", sink, transport=TransportSettings(kind=transport),
                         events=kinds) as m:

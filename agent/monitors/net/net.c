@@ -37,9 +37,6 @@ BPF_HASH(port_include, u16, u8, MAX_PORT_FILTERS);
 BPF_HASH(port_exclude, u16, u8, MAX_PORT_FILTERS);
 BPF_LPM_TRIE(addr_include, struct net_addr_key, u8, MAX_ADDR_FILTERS);
 BPF_LPM_TRIE(addr_exclude, struct net_addr_key, u8, MAX_ADDR_FILTERS);
-#ifndef USE_RINGBUF
-BPF_PERCPU_ARRAY(net_scratch, struct net_event, 1);  /* with a perf buffer: new_event() */
-#endif
 
 static __always_inline void net_count(u32 idx)
 {
@@ -187,27 +184,13 @@ static __always_inline int wanted(u32 bit)
     return cfg && (cfg->events & bit);
 }
 
-/* An event of the socket's owner, built in place (common.h: event_reserve()): in the
- * ring buffer, or with a perf buffer in net_scratch. Both hold an earlier event's
- * bytes: every field is set here, a close's payload fields by the caller. NULL when the
- * ring buffer is full. */
-static __always_inline struct net_event *new_event(struct net_owner *o, u8 kind, u64 now,
-                                                   u64 duration_ns)
+/* The fields every event has, from the owner record; `e` is zeroed. */
+static __always_inline void fill_event(struct net_event *e, struct net_owner *o, u8 kind,
+                                       u64 now, u64 duration_ns)
 {
-    count(CNT_SEEN);
-#ifdef USE_RINGBUF
-    struct net_event *e = event_reserve(sizeof(struct net_event));
-#else
-    u32 zero = 0;
-    struct net_event *e = net_scratch.lookup(&zero);
-#endif
-    if (!e)
-        return 0;
     __builtin_memcpy(&e->hdr, &o->hdr, sizeof(e->hdr));
     e->hdr.ts_ns = now;
     if (o->family == NET_AF_INET) {  /* the event: IPv4 in the first 4 bytes */
-        __builtin_memset(e->saddr, 0, 16);
-        __builtin_memset(e->daddr, 0, 16);
         __builtin_memcpy(e->saddr, o->saddr + 12, 4);
         __builtin_memcpy(e->daddr, o->daddr + 12, 4);
     } else {
@@ -215,24 +198,23 @@ static __always_inline struct net_event *new_event(struct net_owner *o, u8 kind,
         __builtin_memcpy(e->daddr, o->daddr, 16);
     }
     e->duration_ns = duration_ns;
-    e->bytes_sent = 0;
-    e->bytes_received = 0;
-    e->retransmits = 0;
-    e->error = 0;
     e->sport = o->sport;
     e->dport = o->dport;
     e->family = o->family;
     e->kind = kind;
-    e->_pad = 0;
     e->flags = o->flags;
-    e->_pad2 = 0;
-    return e;
 }
 
 /* The socket's pending error (sock.sk_err): errno or 0. */
 static __always_inline void read_sk_err(struct net_event *e, u64 sk)
 {
     bpf_probe_read_kernel(&e->error, sizeof(e->error), (void *)(sk + OFF_SOCK_SK_ERR));
+}
+
+static __always_inline void send_event(void *ctx, struct net_event *e)
+{
+    count(CNT_SEEN);
+    submit_event(ctx, e, sizeof(*e));
 }
 
 /* An active open's result (the handshake's end, SYN_SENT -> ESTABLISHED or CLOSE):
@@ -250,11 +232,10 @@ static __always_inline void on_connect_result(void *ctx, struct net_owner *o, u6
     }
     if (!wanted(NET_EV_CONNECT))
         return;
-    struct net_event *e = new_event(o, NET_CONNECT, now, now - o->hdr.ts_ns);
-    if (!e)
-        return;
-    read_sk_err(e, sk);
-    event_commit(ctx, e, sizeof(*e));
+    struct net_event e = {};
+    fill_event(&e, o, NET_CONNECT, now, now - o->hdr.ts_ns);
+    read_sk_err(&e, sk);
+    send_event(ctx, &e);
 }
 
 /* An owned connection reached CLOSE: its bytes into the endpoint, the close event. */
@@ -266,15 +247,13 @@ static __always_inline void on_close(void *ctx, struct net_owner *o, u64 sk)
     if (!wanted(NET_EV_CLOSE))
         return;
     u64 now = bpf_ktime_get_ns();
-    struct net_event *e = new_event(o, NET_CLOSE, now,
-                                    o->established_ns ? now - o->established_ns : 0);
-    if (!e)
-        return;
-    e->bytes_sent = p.sent;
-    e->bytes_received = p.received;
-    e->retransmits = p.retransmits;
-    read_sk_err(e, sk);
-    event_commit(ctx, e, sizeof(*e));
+    struct net_event e = {};
+    fill_event(&e, o, NET_CLOSE, now, o->established_ns ? now - o->established_ns : 0);
+    e.bytes_sent = p.sent;
+    e.bytes_received = p.received;
+    e.retransmits = p.retransmits;
+    read_sk_err(&e, sk);
+    send_event(ctx, &e);
 }
 
 /* connect(2), process context: the owner is the current task. `o` holds the
@@ -418,9 +397,9 @@ static __always_inline int on_accept_exit(void *ctx, long ret)
     ep_add(o, 1, 0, 0, 0);
     if (!wanted(NET_EV_ACCEPT))
         return 0;
-    struct net_event *e = new_event(o, NET_ACCEPT, now, now - o->established_ns);
-    if (e)  /* duration: the time in the accept queue */
-        event_commit(ctx, e, sizeof(*e));
+    struct net_event e = {};
+    fill_event(&e, o, NET_ACCEPT, now, now - o->established_ns);  /* in the accept queue */
+    send_event(ctx, &e);
     return 0;
 }
 

@@ -160,8 +160,9 @@ class TransportSettings(Section):
     kind: Literal["auto", "ringbuf", "perf"] = "auto"
     ringbuf_pages: int = Field(512, ge=1, le=65536)
     perf_pages: int = Field(64, ge=1, le=4096)
-    # Wake the consumer once per this many events (per CPU); 1 = every event. Events
-    # in between wait at most one poll timeout (100 ms).
+    # Perf buffer: wake the consumer once per this many events (per CPU); 1 = every
+    # event. Events in between wait at most one poll timeout (100 ms). The ring buffer
+    # wakes it when it had read everything (agent/bpf/common.h: RINGBUF_NOTIFY).
     wakeup_every: int = Field(32, ge=1, le=4096)
     # Ring buffer readers (agent/monitors/ringbuf.py), below their busy rate: after a
     # batch, wait this long for more events instead of a wake-up per event (an event

@@ -27,8 +27,8 @@ log() { printf '[image] %s\n' "$*" >&2; }
 
 # What docker/Dockerfile COPYs (less .dockerignore's caches) and the Dockerfile itself.
 source_hash() {
-  find docker/Dockerfile pyproject.toml README.md agent config -type f \
-       ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+  find docker/Dockerfile pyproject.toml setup.py README.md agent config -type f \
+       ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -print0 \
     | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
 }
 

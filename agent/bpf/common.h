@@ -26,9 +26,6 @@
 #ifndef MAX_TARGET_CONTAINERS
 #error "MAX_TARGET_CONTAINERS must be defined (targets.max_containers)"
 #endif
-#ifndef WAKEUP_EVERY
-#error "WAKEUP_EVERY must be defined (transport.wakeup_every)"
-#endif
 #ifndef RINGBUF_PAGES
 #error "RINGBUF_PAGES must be defined (transport.ringbuf_pages)"
 #endif
@@ -434,24 +431,21 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
+/* Ring buffer notification: flags 0 to bpf_ringbuf_output(), the kernel's adaptive
+ * mode: the commit wakes the consumer when it had read everything before this record
+ * (the buffer was empty to it), so an event at a low rate is delivered at once. Under
+ * load the consumer is behind and is not woken per event (it batches:
+ * agent/monitors/ringbuf.py). No forced wake-up on top (BPF_RB_FORCE_WAKEUP): none is
+ * needed, since the consumer sleeps only after finding the buffer empty and the ring
+ * buffer's poll reports unread data level-triggered; and each wake-up is an irq_work
+ * the committing program pays (a self-interrupt, costly in a VM). */
+#define RINGBUF_NOTIFY 0
+
 /* Submit one event; a full buffer is a counted drop, never a silent one. */
 static __always_inline void submit_event(void *ctx, void *data, u64 size)
 {
 #ifdef USE_RINGBUF
-    /* Flags 0 is the kernel's adaptive notification: bpf_ringbuf_commit() wakes the
-     * consumer when it had read everything before this record (the buffer was empty to
-     * it), so an event at a low rate is delivered at once. Under load the consumer is
-     * behind and is not woken per event (it batches: agent/monitors/ringbuf.py);
-     * WAKEUP_EVERY events per CPU still force a wake-up, a backstop for a consumer that
-     * went to sleep. */
-    u64 flags = 0;
-    u32 idx = CNT_SINCE_WAKEUP;
-    u64 *since = counters.lookup(&idx);
-    if (since && ++*since >= WAKEUP_EVERY) {
-        *since = 0;
-        flags = BPF_RB_FORCE_WAKEUP;
-    }
-    int err = events.ringbuf_output(data, size, flags);
+    int err = events.ringbuf_output(data, size, RINGBUF_NOTIFY);
 #else
     int err = events.perf_submit(ctx, data, size);
 #endif

@@ -35,8 +35,7 @@
 #define CNT_FOLLOW_FULL   3  /* a child could not be followed: followed_pids full */
 #define CNT_PENDING_FULL  4  /* monitor-specific in-flight table full */
 #define CNT_CGROUPS_FULL  5  /* a container's new cgroup could not be targeted: target_cgroups full */
-#define CNT_SINCE_WAKEUP  7  /* ring buffer: events since the consumer was last woken */
-#define NR_COUNTERS       8
+#define NR_COUNTERS       6
 
 struct comm_key { char comm[COMM_LEN]; };
 

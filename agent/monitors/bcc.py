@@ -139,7 +139,6 @@ class BccMonitor(BaseMonitor[OptionsT]):
             "MAX_TARGET_CGROUPS": lim.cgroups,
             "MAX_TARGET_CONTAINERS": lim.containers,
             "RINGBUF_PAGES": t.ringbuf_pages,
-            "WAKEUP_EVERY": t.wakeup_every,
             **self.extra_cflags(),
         }
         flags = [f"-I{self.source_dir()}", f"-I{BPF_DIR}", "-Wno-macro-redefined"]
@@ -245,8 +244,9 @@ class BccMonitor(BaseMonitor[OptionsT]):
         guarantees by quiescing the programs."""
         if self.bpf is None or self._stopping:
             return
-        # Producers wake us only every `wakeup_every` events: drain what is there after
-        # every wait, woken or timed out.
+        # Producers do not wake us for every event (the perf buffer every `wakeup_every`
+        # events, the ring buffer when we had read everything): drain what is there
+        # after every wait, woken or timed out.
         if self._reader is not None:
             if not self._stopping:
                 self._budget = CONSUME_BUDGET

@@ -40,7 +40,12 @@ RELEASE_EVERY = 256
 # not saturated producer costs one consumer cycle per LINGER_S, not one per event.
 BUSY_RATE = 2000
 LINGER_S = 0.001
-RATE_WINDOW_S = 0.1
+# The interval: short, so that a burst is seen as load within its first 10 ms. Until
+# then the reader waits for a wake-up after each batch, and a reader that keeps up is
+# woken per event, each wake-up an irq_work the producing program pays (a burst of
+# connections that started after an idle 100 ms window paid one per event for its
+# first 100 ms: bench/net_cost.py).
+RATE_WINDOW_S = 0.01
 # Below BUSY_RATE a reader given a max_delay (transport.max_delay_ms) pauses that long
 # after a batch instead: at 100 events/s a wake-up per event (epoll return, a loop
 # callback, one socket write per client) cost more than the events themselves; with the
@@ -48,7 +53,9 @@ RATE_WINDOW_S = 0.1
 # idle (nothing arrived during the last pause) is delivered at once: the reader waits in
 # epoll, which the kernel wakes for the first record in an empty buffer (flags 0 of
 # bpf_ringbuf_output: adaptive notification, see agent/bpf/common.h). So the added
-# latency is max_delay at most, and a reader with nothing to read costs nothing.
+# latency is max_delay at most, and a reader with nothing to read costs nothing. A burst
+# that starts during a pause waits for its end (then the reader is busy): the ring must
+# hold max_delay of the burst, or the kernel drops (counted) what does not fit.
 
 
 def ringbuf_supported() -> bool:

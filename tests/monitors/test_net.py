@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from agent.config import TransportSettings
 from agent.model.events import Event
 from agent.model.targets import TargetSet
 from agent.monitors.net import monitor as net
@@ -294,6 +295,51 @@ def test_reset_connection(monitor) -> None:
     assert (c_close["pid"], c_close["reset"], c_close["error"], c_close["closed_by"]) == (
         cli.pid, "received", "ECONNRESET", "peer")
     assert (s_close["pid"], s_close["closed_by"]) == (srv.proc.pid, "local")
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("transport, kinds, host", [
+    ("perf", ["connect", "accept", "close"], "::1"),
+    ("perf", ["close"], "127.0.0.1"),
+    ("ringbuf", ["close"], "::1"),
+    ("ringbuf", ["connect", "accept"], "127.0.0.1"),
+])
+def test_transports_and_event_kinds(transport: str, kinds: list[str], host: str) -> None:
+    """Exact fields on both transports, only the kinds asked for (the others are not
+    built), and the per-endpoint stats exact whichever kinds are emitted."""
+    sink = CollectingSink()
+    with loaded_monitor("net", sink, transport=TransportSettings(kind=transport),
+                        events=kinds) as m:
+        assert m.use_ringbuf is (transport == "ringbuf")
+        clients = []
+        with server(host, 2, 5678) as srv:
+            for sent in (1234, 0):
+                cli = start_client(host, srv.port, sent)
+                assert cli.received == 5678
+                clients.append((cli, sent))
+            assert srv.received() == [1234, 0]
+        per_connection = [k for k in kinds for _side in (["out", "in"] if k == "close" else [k])]
+        events = wait_for(m, sink, of_port(srv.port), 2 * len(per_connection))
+        stats = m.stats(limit=10000)
+    assert sorted(e["event"] for e in events) == sorted(2 * per_connection)
+    for cli, sent in clients:
+        mine = [e for e in events if cli.sport in (e["sport"], e["dport"])]
+        for e in mine:
+            NetMonitor.EventModel.model_validate(e)
+            out = e["direction"] == "out"
+            assert (e["pid"], e["comm"], e["daddr"]) == (
+                (cli.pid, CLIENT_COMM, host) if out else (srv.proc.pid, SERVER_COMM, host))
+            assert e["error"] is None
+            if e["event"] == "close":
+                assert (e["bytes_sent"], e["bytes_received"]) == (
+                    (sent, 5678) if out else (5678, sent))
+            else:
+                assert e["bytes_sent"] is None and e["retransmits"] is None
+    rows = {(r["direction"], r["port"]): r for r in stats["top_lists"]["by_bytes"]["rows"]
+            if r["address"] == host}
+    got = {d: (r["connections"], r["failures"], r["bytes_sent"], r["bytes_received"])
+           for (d, port), r in rows.items() if port == srv.port}
+    assert got == {"out": (2, 0, 1234, 2 * 5678), "in": (2, 0, 2 * 5678, 1234)}
 
 
 # -- filters and targets ----------------------------------------------------------------------

@@ -151,6 +151,19 @@ def test_image_has_the_entry_point(rootfs: Rootfs) -> None:
     assert binary.is_file() and os.access(binary, os.X_OK)
 
 
+def test_image_runs_the_compiled_per_event_path(rootfs: Rootfs) -> None:
+    """The image's wheel was built with gcc in its own stage (docker/Dockerfile): the
+    agent in the image decodes and stores events with the extensions, not the Python
+    fallbacks, and the image that runs has no compiler."""
+    python = "/opt/ebpf-agent/.venv/bin/python"
+    done = in_image(rootfs, [python, "-c",
+                             "from agent.monitors import compiled; from agent.stream import ring; "
+                             "print(compiled.available(), ring.compiled_available())"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
+    assert not (rootfs.path / "usr/bin/gcc").exists()
+
+
 def test_check_runs_in_the_image_against_the_host_kernel(rootfs: Rootfs) -> None:
     done = in_image(rootfs, [ENTRYPOINT, "check", "--json"])
     assert done.returncode == 0, done.stderr

@@ -140,6 +140,13 @@ static __always_inline void ep_add(struct net_owner *o, u64 conns, u64 fails, u6
         __sync_fetch_and_add(&v->bytes_received, recv);
 }
 
+/* What a close reads from struct tcp_sock. */
+struct net_payload {
+    u64 sent;
+    u64 received;
+    u32 retransmits;
+};
+
 /* Payload bytes both ways, at the close. tcp_sock.bytes_acked and bytes_received count
  * sequence space (RFC 4898 tcpEStatsAppHCThruOctetsAcked/Received), where a SYN and a
  * FIN take one number each: bytes_acked includes our SYN (an active open: snd_una starts
@@ -147,13 +154,14 @@ static __always_inline void ep_add(struct net_owner *o, u64 conns, u64 fails, u6
  * once acknowledged (snd_una reached write_seq after a FIN was queued: the socket
  * entered FIN_WAIT1 or LAST_ACK, tcp_close_state); bytes_received includes the peer's
  * FIN once it arrived (tcp_fin() sets SOCK_DONE, net/ipv4/tcp_input.c). */
-static __always_inline void payload_bytes(struct net_owner *o, u64 sk, struct net_event *e)
+static __always_inline void payload_bytes(struct net_owner *o, u64 sk, struct net_payload *p)
 {
     u64 acked = 0, received = 0, sk_flags = 0;
     u32 snd_una = 0, write_seq = 0;
+    p->retransmits = 0;
     bpf_probe_read_kernel(&acked, sizeof(acked), (void *)(sk + OFF_TCP_SOCK_BYTES_ACKED));
     bpf_probe_read_kernel(&received, sizeof(received), (void *)(sk + OFF_TCP_SOCK_BYTES_RECEIVED));
-    bpf_probe_read_kernel(&e->retransmits, sizeof(e->retransmits),
+    bpf_probe_read_kernel(&p->retransmits, sizeof(p->retransmits),
                           (void *)(sk + OFF_TCP_SOCK_TOTAL_RETRANS));
     bpf_probe_read_kernel(&snd_una, sizeof(snd_una), (void *)(sk + OFF_TCP_SOCK_SND_UNA));
     bpf_probe_read_kernel(&write_seq, sizeof(write_seq), (void *)(sk + OFF_TCP_SOCK_WRITE_SEQ));
@@ -164,44 +172,88 @@ static __always_inline void payload_bytes(struct net_owner *o, u64 sk, struct ne
         acked--;
     if ((sk_flags & (1 << NET_SOCK_DONE)) && received)
         received--;
-    e->bytes_sent = acked;
-    e->bytes_received = received;
+    p->sent = acked;
+    p->received = received;
 }
 
-static __always_inline void emit(void *ctx, struct net_owner *o, u8 kind, u64 now, u64 sk)
+/* Whether the options ask for events of this kind (net_config.events): the event is
+ * built only then; the aggregation does not depend on it. */
+static __always_inline int wanted(u32 bit)
 {
-    struct net_event e = {};
-    __builtin_memcpy(&e.hdr, &o->hdr, sizeof(e.hdr));
-    e.hdr.ts_ns = now;
-    if (o->family == NET_AF_INET) {  /* the event: IPv4 in the first 4 bytes */
-        __builtin_memcpy(e.saddr, o->saddr + 12, 4);
-        __builtin_memcpy(e.daddr, o->daddr + 12, 4);
-    } else {
-        __builtin_memcpy(e.saddr, o->saddr, 16);
-        __builtin_memcpy(e.daddr, o->daddr, 16);
-    }
-    e.sport = o->sport;
-    e.dport = o->dport;
-    e.family = o->family;
-    e.kind = kind;
-    e.flags = o->flags;
-    if (kind == NET_CONNECT) {
-        e.duration_ns = now - o->hdr.ts_ns;
-    } else if (kind == NET_ACCEPT) {
-        e.duration_ns = now - o->established_ns;  /* time in the accept queue */
-    } else {
-        e.duration_ns = o->established_ns ? now - o->established_ns : 0;
-        payload_bytes(o, sk, &e);
-        ep_add(o, 0, 0, e.bytes_sent, e.bytes_received);
-    }
-    if (kind != NET_ACCEPT)
-        bpf_probe_read_kernel(&e.error, sizeof(e.error), (void *)(sk + OFF_SOCK_SK_ERR));
     struct net_config *cfg = config();
-    u32 bit = kind == NET_CONNECT ? NET_EV_CONNECT : kind == NET_ACCEPT ? NET_EV_ACCEPT : NET_EV_CLOSE;
-    if (!cfg || !(cfg->events & bit))
-        return;
+    return cfg && (cfg->events & bit);
+}
+
+/* The fields every event has, from the owner record; `e` is zeroed. */
+static __always_inline void fill_event(struct net_event *e, struct net_owner *o, u8 kind,
+                                       u64 now, u64 duration_ns)
+{
+    __builtin_memcpy(&e->hdr, &o->hdr, sizeof(e->hdr));
+    e->hdr.ts_ns = now;
+    if (o->family == NET_AF_INET) {  /* the event: IPv4 in the first 4 bytes */
+        __builtin_memcpy(e->saddr, o->saddr + 12, 4);
+        __builtin_memcpy(e->daddr, o->daddr + 12, 4);
+    } else {
+        __builtin_memcpy(e->saddr, o->saddr, 16);
+        __builtin_memcpy(e->daddr, o->daddr, 16);
+    }
+    e->duration_ns = duration_ns;
+    e->sport = o->sport;
+    e->dport = o->dport;
+    e->family = o->family;
+    e->kind = kind;
+    e->flags = o->flags;
+}
+
+/* The socket's pending error (sock.sk_err): errno or 0. */
+static __always_inline void read_sk_err(struct net_event *e, u64 sk)
+{
+    bpf_probe_read_kernel(&e->error, sizeof(e->error), (void *)(sk + OFF_SOCK_SK_ERR));
+}
+
+static __always_inline void send_event(void *ctx, struct net_event *e)
+{
     count(CNT_SEEN);
-    submit_event(ctx, &e, sizeof(e));
+    submit_event(ctx, e, sizeof(*e));
+}
+
+/* An active open's result (the handshake's end, SYN_SENT -> ESTABLISHED or CLOSE):
+ * the endpoint's connections or failures, the connect event. */
+static __always_inline void on_connect_result(void *ctx, struct net_owner *o, u64 sk,
+                                              int established)
+{
+    u64 now = bpf_ktime_get_ns();
+    if (established) {
+        o->flags |= NET_F_ESTABLISHED;
+        o->established_ns = now;
+        ep_add(o, 1, 0, 0, 0);
+    } else {
+        ep_add(o, 0, 1, 0, 0);
+    }
+    if (!wanted(NET_EV_CONNECT))
+        return;
+    struct net_event e = {};
+    fill_event(&e, o, NET_CONNECT, now, now - o->hdr.ts_ns);
+    read_sk_err(&e, sk);
+    send_event(ctx, &e);
+}
+
+/* An owned connection reached CLOSE: its bytes into the endpoint, the close event. */
+static __always_inline void on_close(void *ctx, struct net_owner *o, u64 sk)
+{
+    struct net_payload p;
+    payload_bytes(o, sk, &p);
+    ep_add(o, 0, 0, p.sent, p.received);
+    if (!wanted(NET_EV_CLOSE))
+        return;
+    u64 now = bpf_ktime_get_ns();
+    struct net_event e = {};
+    fill_event(&e, o, NET_CLOSE, now, o->established_ns ? now - o->established_ns : 0);
+    e.bytes_sent = p.sent;
+    e.bytes_received = p.received;
+    e.retransmits = p.retransmits;
+    read_sk_err(&e, sk);
+    send_event(ctx, &e);
 }
 
 /* connect(2), process context: the owner is the current task. `o` holds the
@@ -243,13 +295,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             on_passive_established(&o, sk);
         return 0;
     }
+    /* Of the other changes, only these touch the owner record: the handshake's end, a
+     * FIN queued (FIN_WAIT1, LAST_ACK) or received (CLOSE_WAIT), the end (CLOSE).
+     * FIN_WAIT2, CLOSING, TIME_WAIT, LISTEN and a request's SYN_RECV return here,
+     * before the lookup. */
+    if (old != NET_TCP_SYN_SENT && new != NET_TCP_FIN_WAIT1 && new != NET_TCP_CLOSE_WAIT
+        && new != NET_TCP_LAST_ACK && new != NET_TCP_CLOSE)
+        return 0;
     struct net_owner *o = owners.lookup(&sk);
     if (!o)
         return 0;
     /* The clock only where an event or a duration needs it: bpf_ktime_get_ns() costs
      * as much as several kernel reads, and most state changes need neither. */
     if (old == NET_TCP_SYN_SENT) {
-        u64 now = bpf_ktime_get_ns();
         /* The handshake's end: the local port is known now. */
         struct net_config *cfg = config();
         o->sport = args->sport;
@@ -257,16 +315,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             owners.delete(&sk);
             return 0;
         }
-        if (new == NET_TCP_ESTABLISHED)
-            o->flags |= NET_F_ESTABLISHED;
-        emit(args, o, NET_CONNECT, now, sk);
-        if (new == NET_TCP_ESTABLISHED) {
-            o->established_ns = now;
-            ep_add(o, 1, 0, 0, 0);
-        } else {
-            ep_add(o, 0, 1, 0, 0);
+        on_connect_result(args, o, sk, new == NET_TCP_ESTABLISHED);
+        if (new != NET_TCP_ESTABLISHED)
             owners.delete(&sk);
-        }
         return 0;
     }
     if (new == NET_TCP_FIN_WAIT1 || new == NET_TCP_LAST_ACK)
@@ -278,7 +329,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (new != NET_TCP_CLOSE)
         return 0;
     if (!(o->flags & NET_F_UNOWNED))
-        emit(args, o, NET_CLOSE, bpf_ktime_get_ns(), sk);
+        on_close(args, o, sk);
     owners.delete(&sk);
     return 0;
 }
@@ -344,7 +395,11 @@ static __always_inline int on_accept_exit(void *ctx, long ret)
     fill_event_hdr(&o->hdr, now);
     o->flags &= ~NET_F_UNOWNED;
     ep_add(o, 1, 0, 0, 0);
-    emit(ctx, o, NET_ACCEPT, now, sk);
+    if (!wanted(NET_EV_ACCEPT))
+        return 0;
+    struct net_event e = {};
+    fill_event(&e, o, NET_ACCEPT, now, now - o->established_ns);  /* in the accept queue */
+    send_event(ctx, &e);
     return 0;
 }
 

@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
+import operator
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +114,8 @@ class ClientResult:
     first: float = 0.0
     last: float = 0.0
     decoded: int = 0
+    bad: int = 0  # chunks whose frames did not parse or whose ids went backwards
+    cpu_s: float = 0.0  # the client process's CPU (all its clients), set on client 0
     latencies_us: list[float] | None = None
 
     def rate(self) -> float:
@@ -118,21 +123,28 @@ class ClientResult:
         return self.received / span if span > 0 else 0.0
 
 
+# One SSE event frame as the agent writes it (agent/stream/hub.py): the id and the JSON.
+SSE_EVENT = re.compile(rb"id: ([0-9]+)\nevent: [^\n]*\ndata: ([^\n]*)\n\n")
+
+
 class Frames:
-    """SSE frames -> counts (and decoded events with latency when ``decode``)."""
+    """SSE frames -> counts (and, when ``decode``, every event's JSON parsed, ids checked
+    increasing, latency taken). Frames are split at C speed (one regex scan per chunk)
+    and each event's JSON is parsed by orjson: no Python work per event beyond that."""
 
     def __init__(self, r: ClientResult, decode: bool) -> None:
         self.r, self.decode, self.tail = r, decode, b""
+        self.last_id = 0
         if decode:
             r.latencies_us = []
 
     def feed(self, data: bytes) -> None:
-        buf = self.tail + data
+        buf = self.tail + data if self.tail else data
         cut = buf.rfind(b"\n\n") + 2
         if cut < 2:
             self.tail = buf
             return
-        whole, self.tail = buf[:cut], buf[cut:]
+        whole, self.tail = (buf, b"") if cut == len(buf) else (buf[:cut], buf[cut:])
         r = self.r
         frames = whole.count(b"\n\n")
         dropped = whole.count(b"event: dropped\n")
@@ -149,16 +161,23 @@ class Frames:
         r.last = now
         r.received += n
         if self.decode:
-            now_ns = time.monotonic_ns()
-            lat = r.latencies_us
-            for f in whole.split(b"\n\n")[:-1]:
-                i = f.find(b"\ndata: ")
-                if i < 0 or f.startswith(b"event: dropped"):
-                    continue
-                ev = orjson.loads(f[i + 7:])
-                r.decoded += 1
-                if r.decoded % 16 == 0 or len(lat) < 100_000:  # type: ignore[arg-type]
-                    lat.append((now_ns - ev["ts_ns"]) / 1000)  # type: ignore[union-attr]
+            self._decode(whole, n)
+
+    def _decode(self, whole: bytes, n: int) -> None:
+        r, now_ns = self.r, time.monotonic_ns()
+        pairs = SSE_EVENT.findall(whole)
+        events = [orjson.loads(d) for _, d in pairs]  # every event's JSON, parsed
+        ids = list(map(int, [i for i, _ in pairs]))
+        # Every event frame parsed, ids strictly increasing across the whole stream.
+        if len(events) != n or ids[0] <= self.last_id or not all(
+                map(operator.lt, ids, itertools.islice(ids, 1, None))):
+            r.bad += 1
+        self.last_id = ids[-1] if ids else self.last_id
+        r.decoded += len(events)
+        lat = r.latencies_us
+        assert lat is not None
+        step = 1 if len(lat) < 100_000 else 16
+        lat.extend([(now_ns - e["ts_ns"]) / 1000 for e in events[::step]])
 
 
 async def sse_client(host: str, port: int, path: str, r: ClientResult, decode: bool,
@@ -233,8 +252,10 @@ def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
             tasks.append(asyncio.create_task(coro))
         await asyncio.sleep(1.0)  # all connected (checked through /stats by the parent)
         connected.set()
+        cpu0 = time.process_time()
         while not stop.is_set():
             await asyncio.sleep(0.1)
+        results[0].cpu_s = time.process_time() - cpu0
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -431,7 +452,10 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     agg = total / (last - first) if last > first else 0.0
     r0 = results[0]
     print(f"  client 1 (decodes every event): delivered {r0.received}  decoded {r0.decoded}  "
-          f"subscriber dropped {r0.missed}  rate {r0.rate():,.0f} ev/s")
+          f"subscriber dropped {r0.missed}  rate {r0.rate():,.0f} ev/s"
+          + (f"  <-- {r0.bad} chunks with bad frames or ids" if r0.bad else ""))
+    print(f"  client process (niced, all its clients) CPU {r0.cpu_s:.2f} s "
+          f"({r0.cpu_s / s['gen_time'] * 100:.0f}% of one CPU)")
     print(f"  client 1 latency (receipt - ts_ns): {percentiles(r0.latencies_us or [])}")
     if len(results) > 1:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
@@ -537,11 +561,14 @@ def run_anchor(binary: Path, duration: float, workdir: Path) -> float:
 
 # -- memory baseline: a bare BCC process holding the same programs ------------------------
 BARE = r"""
-import time
+import ctypes, time
+import agent.monitors.bcc
 from agent.kernel.capabilities import build_report
 from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext
 from agent.monitors.registry import discover_monitors
+# BCC's own memory behaviour (the reference): without the agent's trim after a build.
+agent.monitors.bcc._MALLOC_TRIM = None
 reg = discover_monitors()
 report = build_report(reg)
 class Null:
@@ -554,20 +581,25 @@ for name, opts in (("exec", {}), ("syscall", {"slow_threshold_us": 0, "histogram
     m.load()
     held.append(m)
 time.sleep(2)
-print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0], flush=True)
+rss = lambda: open("/proc/self/status").read().split("VmRSS:")[1].split()[0]
+print(rss(), flush=True)
+ctypes.CDLL(None).malloc_trim(0)  # the same process trimmed as the agent trims
+print(rss(), flush=True)
 for m in held:
     m.close()
 """
 
 
-def bare_bcc_rss() -> float:
+def bare_bcc_rss() -> tuple[float, float]:
+    """(RSS as BCC leaves it, the same after malloc_trim(0)), MB."""
     out = subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True,
                          cwd=str(REPO), timeout=300)
     try:
-        return int(out.stdout.strip().splitlines()[-1]) / 1024
-    except (ValueError, IndexError):
+        plain, trimmed = out.stdout.strip().splitlines()[-2:]
+        return int(plain) / 1024, int(trimmed) / 1024
+    except ValueError:
         print(out.stderr[-2000:], file=sys.stderr)
-        return 0.0
+        return 0.0, 0.0
 
 
 # -- low rate: an exec every 10 ms, latency and agent CPU per event ------------------------
@@ -676,7 +708,7 @@ def main() -> int:
         for n in args.clients:
             figures[("sse", n)] = report(source, run_scenario(
                 url, agent.pid, source, binary, "sse", n, args.duration, args.generators))
-        bare = bare_bcc_rss()
+        bare, bare_trimmed = bare_bcc_rss()
         low = run_low_rate(url, agent.pid, workdir, args.low_rate_seconds, "this agent")
     finally:
         agent.terminate()
@@ -712,7 +744,9 @@ def main() -> int:
     print(f"  RSS at full load <= 1.3x a bare BCC process: peak {m['peak']:.0f} MB (exec+"
           f"syscall running, one client) vs bare {bare:.0f} MB = "
           f"{m['peak'] / (bare or 1):.2f}x  (idle {m['idle']:.0f} MB, 6 s after the load "
-          f"{m['after']:.0f} MB: {(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle)")
+          f"{m['after']:.0f} MB: {(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle; the "
+          f"bare process after malloc_trim(0) {bare_trimmed:.0f} MB: "
+          f"{m['peak'] / (bare_trimmed or 1):.2f}x)")
     if args.compare_python:
         py, purl = start_agent(workdir, formats=["jsonl"], decoder="python", tag="python")
         try:

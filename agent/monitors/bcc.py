@@ -71,17 +71,19 @@ def build_bpf(text: str, cflags: list[str]) -> Any:
     of it once the object is loaded; glibc keeps those freed pages in its heaps (the
     arena of the thread that compiled), so the process's RSS stayed at its peak of every
     compile. malloc_trim(3) returns the free pages of every arena to the kernel (since
-    glibc 2.8 it walks all arenas, not only the main heap); it is called once per build,
-    not per event, and is a no-op where the C library has no malloc_trim. Lowering
-    M_ARENA_MAX (mallopt(3)) instead would make the poller and the event loop contend for
-    one arena on every allocation, and would not give the compile's pages back."""
+    glibc 2.8 it walks all arenas, not only the main heap); it runs once per build
+    (failed or not), never per event, and not at all where the C library has no
+    malloc_trim. Lowering M_ARENA_MAX (mallopt(3)) instead would make the poller and the
+    event loop contend for one arena on every allocation, and would not give the
+    compile's pages back."""
     from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
 
     with COMPILE_LOCK:
-        bpf = BPF(text=text, cflags=cflags)
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
-    return bpf
+        try:
+            return BPF(text=text, cflags=cflags)
+        finally:  # a failed compile frees its memory too
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
 
 
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only

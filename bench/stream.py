@@ -335,8 +335,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of a process, or (``tid``) of one of its threads."""
+    with open(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -387,7 +388,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
         if memory:
             time.sleep(2)
             mem["idle"] = rss_mb(agent_pid)
-        cpu0 = cpu_s(agent_pid)
+        cpu0, loop0 = cpu_s(agent_pid), cpu_s(agent_pid, agent_pid)
         t0 = time.monotonic()
         for g in gens:
             g.stdin.write(b"g")  # type: ignore[union-attr]
@@ -398,7 +399,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
             time.sleep(0.2)
         gen_time = time.monotonic() - t0
         _wait_drained(progress)
-        cpu = cpu_s(agent_pid) - cpu0
+        cpu, loop_cpu = cpu_s(agent_pid) - cpu0, cpu_s(agent_pid, agent_pid) - loop0
         mon = httpx.get(f"{url}/monitors/{source}/stats", timeout=60).json()
         streams = httpx.get(f"{url}/stats", timeout=60).json()["streams"]
         stop.set()
@@ -419,7 +420,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
         httpx.put(f"{url}/targets/pids", json=[])
     return {"kind": kind, "clients": n_clients, "gen_time": gen_time, "monitor": mon,
             "streams": streams, "before": before, "results": results, "mem": mem,
-            "cpu": cpu}
+            "cpu": cpu, "loop_cpu": loop_cpu}
 
 
 def _wait_drained(progress: list[Any], quiet_s: float = 1.5, limit_s: float = 60) -> None:
@@ -482,6 +483,9 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
               f"per client min/median/max {rates[0]:,.0f}/{rates[len(rates) // 2]:,.0f}/"
               f"{rates[-1]:,.0f} ev/s  dropped total {sum(r.missed for r in results)}")
+    if total:  # the main thread runs the event loop: every send to the clients
+        print(f"  agent event loop thread CPU {s['loop_cpu']:.2f} s: "
+              f"{s['loop_cpu'] / total * 1e9:,.0f} ns per event delivered to the clients")
     print(f"  accounting produced == delivered + kernel + parse + subscriber "
           f"drops: {balanced}/{len(results)} clients balanced"
           + ("" if balanced == len(results) else "  <-- MISMATCH"))
@@ -498,6 +502,7 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     print(f"  hub: published {now['published'] - before['published']}  server-side "
           f"subscribers: delivered {delta('delivered')} dropped {delta('dropped')}")
     return {"intake": intake / s["gen_time"], "client1": r0.rate(), "min": rates[0],
+            "client_cpu": r0.cpu_s / s["gen_time"], "agent_cpu": s["cpu"] / s["gen_time"],
             "p99_ms": p99_ms(r0.latencies_us or []), "cpu_us": s["cpu"] / intake * 1e6
             if intake else float("nan")}
 
@@ -747,7 +752,9 @@ def main() -> int:
     print("\n== summary: goal, figure, reference (issue 19)")
     if anchor:
         print(f"  one SSE client >= 1.0x the BCC reader: {f1['client1']:,.0f} decoded ev/s "
-              f"vs anchor {anchor:,.0f} records/s = {f1['client1'] / anchor:.2f}x")
+              f"vs anchor {anchor:,.0f} records/s = {f1['client1'] / anchor:.2f}x  (agent "
+              f"intake {f1['intake']:,.0f} ev/s = {f1['intake'] / anchor:.2f}x; CPU: agent "
+              f"{f1['agent_cpu']:.0%}, client {f1['client_cpu']:.0%} of one CPU)")
     sse1 = f1["client1"] or 1.0
     print(f"  WebSocket batch=true >= 0.9x SSE: {figures[('ws-batch', 1)]['client1']:,.0f} vs "
           f"{f1['client1']:,.0f} ev/s = {figures[('ws-batch', 1)]['client1'] / sse1:.2f}x"

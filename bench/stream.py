@@ -28,7 +28,7 @@ pids so background activity on the host is filtered out in the kernel, and print
 Clients run niced (they stand for other hosts). No assertions: it prints figures.
 Usage: .venv/bin/python bench/stream.py [--duration 8] [--clients 10 50]
 [--source auto|syscall|exec] [--decoder auto|compiled|python] [--compare-python]
-[--baseline-src DIR]
+[--baseline-src DIR] [--agent PATH]
 """
 from __future__ import annotations
 
@@ -707,10 +707,17 @@ def main() -> int:
     p.add_argument("--compare-python", action="store_true",
                    help="also run one SSE client and the low-rate scenario against this "
                         "tree's agent with transport.decoder=python, in the same run")
+    p.add_argument("--agent", type=Path, default=None,
+                   help="the ebpf-agent executable to measure (e.g. another checkout's "
+                        ".venv/bin/ebpf-agent, before/after in the same bench); default "
+                        "this tree's")
     p.add_argument("--baseline-src", type=Path, default=None,
                    help="also run the low-rate scenario against the agent package of this "
                         "checkout (e.g. `git archive main | tar -x -C DIR`)")
     args = p.parse_args()
+    if args.agent is not None:
+        global AGENT
+        AGENT = args.agent.absolute()
     if os.geteuid() != 0 or shutil.which("gcc") is None:
         print("bench/stream.py needs root and gcc", file=sys.stderr)
         return 1

@@ -1,21 +1,31 @@
 """Chunks written straight to the connection (agent/api/chunked.py) and the SSE route's
 use of them (agent/api/routes_events.py SubscriberStream), with a fake uvicorn
 connection: the bytes on the wire, flow control, a closed connection, and the
-subscriber's accounting. The real server path is tests/api/test_streams.py."""
+subscriber's accounting; and a large replay through the real server, plain and TLS (the
+rest of the real server path: tests/api/test_streams.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import shutil
+import ssl
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.api.access.connguard import CONN_KEY
+from agent.api.app import context_of, create_app
 from agent.api.chunked import JOIN_BELOW, ChunkedBody
 from agent.api.routes_events import SubscriberStream
 from agent.stream.hub import Batch, EventHub, Filters
 from agent.stream.wire import HEARTBEAT, sse_chunk, sse_parts
+from tests.support.api import fake_registry, fake_report, settings, thread_server
 
 
 class FakeTransport:
@@ -203,3 +213,50 @@ def test_a_subscriber_that_fell_behind_gets_the_missed_count_in_band() -> None:
     assert ids_on_the_wire(conn) == list(range(937, 1001))
     totals = hub.totals()
     assert (totals["sse_delivered"], totals["sse_dropped"]) == (64, 936)
+
+
+# -- the real server ------------------------------------------------------------------
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_large_replay_arrives_whole_over_http_and_tls(tmp_path: Path, tls: bool) -> None:
+    # 3,000 events of ~700 bytes resumed from the start: chunks far above the size the
+    # route joins (agent/api/chunked.py), so the frames go to the transport as they are.
+    api: dict[str, Any] = {}
+    verify: Any = True
+    if tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl not installed")
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "1", "-subj", "/CN=127.0.0.1", "-addext",
+                        "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                        str(cert)], check=True, capture_output=True)
+        api = {"tls_certfile": str(cert), "tls_keyfile": str(key)}
+        verify = ssl.create_default_context(cafile=str(cert))
+    s = settings(api=api, stream={"replay_buffer": 4096})
+    app = create_app(s, fake_registry(), report=fake_report())
+    with thread_server(app, s) as srv:
+        url = srv.url.replace("http://", "https://") if tls else srv.url
+        httpx.post(f"{url}/monitors/fake/start", json={}, verify=verify).raise_for_status()
+        inbox = context_of(srv.app).registry.get("fake").inbox  # type: ignore[attr-defined]
+        for i in range(3000):
+            inbox.put({"pid": i, "argv": ["é" * 300, f"n{i}"]})
+        hub = context_of(srv.app).hub
+        assert hub is not None
+        deadline = time.monotonic() + 10
+        while hub.next_seq <= 3000:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        got: list[tuple[int, dict[str, Any]]] = []
+        with httpx.Client(verify=verify, timeout=30) as c, \
+                c.stream("GET", f"{url}/events?last_event_id=0") as r:
+            assert r.status_code == 200
+            seq = 0
+            for line in r.iter_lines():
+                if line.startswith("id: "):
+                    seq = int(line[4:])
+                elif line.startswith("data: "):
+                    got.append((seq, json.loads(line[6:])))
+                if len(got) == 3000:
+                    break
+    assert [g[0] for g in got] == list(range(1, 3001))
+    assert [g[1]["argv"] for g in got] == [["é" * 300, f"n{i}"] for i in range(3000)]

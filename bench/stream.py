@@ -28,15 +28,18 @@ pids so background activity on the host is filtered out in the kernel, and print
 Clients run niced (they stand for other hosts). No assertions: it prints figures.
 Usage: .venv/bin/python bench/stream.py [--duration 8] [--clients 10 50]
 [--source auto|syscall|exec] [--decoder auto|compiled|python] [--compare-python]
-[--baseline-src DIR]
+[--baseline-src DIR] [--agent PATH]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
+import operator
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +114,8 @@ class ClientResult:
     first: float = 0.0
     last: float = 0.0
     decoded: int = 0
+    bad: int = 0  # chunks whose frames did not parse or whose ids went backwards
+    cpu_s: float = 0.0  # the client process's CPU (all its clients), set on client 0
     latencies_us: list[float] | None = None
 
     def rate(self) -> float:
@@ -118,71 +123,106 @@ class ClientResult:
         return self.received / span if span > 0 else 0.0
 
 
-class Frames:
-    """SSE frames -> counts (and decoded events with latency when ``decode``)."""
+# One SSE event frame as the agent writes it (agent/stream/hub.py): the id and the JSON.
+SSE_EVENT = re.compile(rb"id: ([0-9]+)\nevent: [^\n]*\ndata: ([^\n]*)\n\n")
+SSE_DROPPED = re.compile(rb'event: dropped\ndata: \{"missed":([0-9]+)\}\n\n')
+READ_BUFFER = 4 << 20
 
-    def __init__(self, r: ClientResult, decode: bool) -> None:
-        self.r, self.decode, self.tail = r, decode, b""
+
+class SseClient(asyncio.BufferedProtocol):
+    """One SSE stream read into one preallocated buffer (no copy on the way, no per-chunk
+    objects). Events are counted at C speed over the complete frames in the buffer (the
+    chunked encoding's size lines contain no blank line, so they need no parsing); with
+    ``decode``, every event's JSON is parsed (orjson), its id checked increasing across
+    the stream and its latency (receipt - ts_ns) taken."""
+
+    def __init__(self, r: ClientResult, decode: bool, progress: Any) -> None:
+        self.r, self.decode, self.progress = r, decode, progress
+        self.buf = bytearray(READ_BUFFER)
+        self.view = memoryview(self.buf)
+        self.fill = 0
+        self.started = False
+        self.last_id = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if decode:
             r.latencies_us = []
 
-    def feed(self, data: bytes) -> None:
-        buf = self.tail + data
-        cut = buf.rfind(b"\n\n") + 2
-        if cut < 2:
-            self.tail = buf
-            return
-        whole, self.tail = buf[:cut], buf[cut:]
-        r = self.r
-        frames = whole.count(b"\n\n")
-        dropped = whole.count(b"event: dropped\n")
-        heartbeats = whole.count(b": heartbeat\n")
-        if dropped:
-            for f in whole.split(b"\n\n"):
-                if f.startswith(b"event: dropped"):
-                    r.missed += orjson.loads(f.split(b"data: ", 1)[1])["missed"]
-        n = frames - dropped - heartbeats
-        if n <= 0:
-            return
-        now = time.monotonic()
-        r.first = r.first or now
-        r.last = now
-        r.received += n
-        if self.decode:
-            now_ns = time.monotonic_ns()
-            lat = r.latencies_us
-            for f in whole.split(b"\n\n")[:-1]:
-                i = f.find(b"\ndata: ")
-                if i < 0 or f.startswith(b"event: dropped"):
-                    continue
-                ev = orjson.loads(f[i + 7:])
-                r.decoded += 1
-                if r.decoded % 16 == 0 or len(lat) < 100_000:  # type: ignore[arg-type]
-                    lat.append((now_ns - ev["ts_ns"]) / 1000)  # type: ignore[union-attr]
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.fill:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # After the headers, buf[0] is the newline that ended the last complete frame
+        # (or the headers): the frames from index 1 on each follow a newline.
+        buf, start, end = self.buf, 1, self.fill + nbytes
+        if not self.started:
+            i = buf.find(b"\r\n\r\n", 0, end)
+            if i < 0 or not buf.startswith(b"HTTP/1.1 200"):
+                if i >= 0 or end == len(buf):
+                    self.done.set_exception(RuntimeError(bytes(buf[:end]).decode(
+                        errors="replace")))
+                self.fill = end
+                return
+            self.started, start = True, i + 4
+        cut = buf.rfind(b"\n\n", start, end) + 2
+        if cut >= 2:
+            self._frames(start, cut)
+            start = cut
+        if start > 1:  # keep the incomplete frame, and the newline before it, in front
+            buf[:end - start + 1] = buf[start - 1:end]
+            self.fill = end - start + 1
+        else:
+            self.fill = end
+        if self.fill == len(buf):
+            self.done.set_exception(RuntimeError("an SSE frame larger than the buffer"))
+
+    def _frames(self, start: int, end: int) -> None:
+        buf, r = self.buf, self.r
+        # An event frame starts "\nid: " (after the previous frame or a chunk's size
+        # line; JSON has no raw newline): counted in one pass; the dropped frames and
+        # heartbeats are looked for only when the frames outnumber the events.
+        n = buf.count(b"\nid: ", start - 1, end)
+        if buf.count(b"\n\n", start, end) != n:
+            r.missed += sum(map(int, SSE_DROPPED.findall(buf, start, end)))
+        if n > 0:
+            now = time.monotonic()
+            r.first = r.first or now
+            r.last = now
+            r.received += n
+            if self.decode:
+                self._decode(start, end, n)
+        self.progress.value = r.received + r.missed
+
+    def _decode(self, start: int, end: int, n: int) -> None:
+        r, now_ns = self.r, time.monotonic_ns()
+        pairs = SSE_EVENT.findall(self.buf, start, end)
+        events = [orjson.loads(d) for _, d in pairs]  # every event's JSON, parsed
+        ids = list(map(int, [i for i, _ in pairs]))
+        # Every event frame parsed, ids strictly increasing across the whole stream.
+        if len(events) != n or not ids or ids[0] <= self.last_id or not all(
+                map(operator.lt, ids, itertools.islice(ids, 1, None))):
+            r.bad += 1
+        self.last_id = ids[-1] if ids else self.last_id
+        r.decoded += len(events)
+        lat = r.latencies_us
+        assert lat is not None
+        step = 1 if len(lat) < 100_000 else 16
+        lat.extend([(now_ns - e["ts_ns"]) / 1000 for e in events[::step]])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 async def sse_client(host: str, port: int, path: str, r: ClientResult, decode: bool,
                      progress: Any) -> None:
-    reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head.decode(errors="replace"))
-    chunked = b"chunked" in head.lower()
-    frames = Frames(r, decode)
-    while True:
-        if chunked:
-            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-            if size == 0:
-                return
-            data = await reader.readexactly(size + 2)
-            frames.feed(data[:-2])
-        else:
-            data = await reader.read(1 << 20)
-            if not data:
-                return
-            frames.feed(data)
-        progress.value = r.received + r.missed
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_connection(
+        lambda: SseClient(r, decode, progress), host, port)
+    try:
+        transport.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await client.done
+    finally:
+        transport.close()
 
 
 async def ws_client(url: str, r: ClientResult, decode: bool, progress: Any) -> None:
@@ -233,8 +273,10 @@ def client_process(kind: str, url: str, n: int, stop: Any, connected: Any,
             tasks.append(asyncio.create_task(coro))
         await asyncio.sleep(1.0)  # all connected (checked through /stats by the parent)
         connected.set()
+        cpu0 = time.process_time()
         while not stop.is_set():
             await asyncio.sleep(0.1)
+        results[0].cpu_s = time.process_time() - cpu0
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -293,8 +335,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of a process, or (``tid``) of one of its threads."""
+    with open(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -345,7 +388,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
         if memory:
             time.sleep(2)
             mem["idle"] = rss_mb(agent_pid)
-        cpu0 = cpu_s(agent_pid)
+        cpu0, loop0 = cpu_s(agent_pid), cpu_s(agent_pid, agent_pid)
         t0 = time.monotonic()
         for g in gens:
             g.stdin.write(b"g")  # type: ignore[union-attr]
@@ -356,7 +399,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
             time.sleep(0.2)
         gen_time = time.monotonic() - t0
         _wait_drained(progress)
-        cpu = cpu_s(agent_pid) - cpu0
+        cpu, loop_cpu = cpu_s(agent_pid) - cpu0, cpu_s(agent_pid, agent_pid) - loop0
         mon = httpx.get(f"{url}/monitors/{source}/stats", timeout=60).json()
         streams = httpx.get(f"{url}/stats", timeout=60).json()["streams"]
         stop.set()
@@ -377,7 +420,7 @@ def run_scenario(url: str, agent_pid: int, source: str, binary: Path, kind: str,
         httpx.put(f"{url}/targets/pids", json=[])
     return {"kind": kind, "clients": n_clients, "gen_time": gen_time, "monitor": mon,
             "streams": streams, "before": before, "results": results, "mem": mem,
-            "cpu": cpu}
+            "cpu": cpu, "loop_cpu": loop_cpu}
 
 
 def _wait_drained(progress: list[Any], quiet_s: float = 1.5, limit_s: float = 60) -> None:
@@ -431,12 +474,18 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     agg = total / (last - first) if last > first else 0.0
     r0 = results[0]
     print(f"  client 1 (decodes every event): delivered {r0.received}  decoded {r0.decoded}  "
-          f"subscriber dropped {r0.missed}  rate {r0.rate():,.0f} ev/s")
+          f"subscriber dropped {r0.missed}  rate {r0.rate():,.0f} ev/s"
+          + (f"  <-- {r0.bad} chunks with bad frames or ids" if r0.bad else ""))
+    print(f"  client process (niced, all its clients) CPU {r0.cpu_s:.2f} s "
+          f"({r0.cpu_s / s['gen_time'] * 100:.0f}% of one CPU)")
     print(f"  client 1 latency (receipt - ts_ns): {percentiles(r0.latencies_us or [])}")
     if len(results) > 1:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
               f"per client min/median/max {rates[0]:,.0f}/{rates[len(rates) // 2]:,.0f}/"
               f"{rates[-1]:,.0f} ev/s  dropped total {sum(r.missed for r in results)}")
+    if total:  # the main thread runs the event loop: every send to the clients
+        print(f"  agent event loop thread CPU {s['loop_cpu']:.2f} s: "
+              f"{s['loop_cpu'] / total * 1e9:,.0f} ns per event delivered to the clients")
     print(f"  accounting produced == delivered + kernel + parse + subscriber "
           f"drops: {balanced}/{len(results)} clients balanced"
           + ("" if balanced == len(results) else "  <-- MISMATCH"))
@@ -453,6 +502,7 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     print(f"  hub: published {now['published'] - before['published']}  server-side "
           f"subscribers: delivered {delta('delivered')} dropped {delta('dropped')}")
     return {"intake": intake / s["gen_time"], "client1": r0.rate(), "min": rates[0],
+            "client_cpu": r0.cpu_s / s["gen_time"], "agent_cpu": s["cpu"] / s["gen_time"],
             "p99_ms": p99_ms(r0.latencies_us or []), "cpu_us": s["cpu"] / intake * 1e6
             if intake else float("nan")}
 
@@ -537,11 +587,14 @@ def run_anchor(binary: Path, duration: float, workdir: Path) -> float:
 
 # -- memory baseline: a bare BCC process holding the same programs ------------------------
 BARE = r"""
-import time
+import ctypes, time
+import agent.monitors.bcc
 from agent.kernel.capabilities import build_report
 from agent.model.targets import TargetSet
 from agent.monitors.contract import MonitorContext
 from agent.monitors.registry import discover_monitors
+# BCC's own memory behaviour (the reference): without the agent's trim after a build.
+agent.monitors.bcc._MALLOC_TRIM = None
 reg = discover_monitors()
 report = build_report(reg)
 class Null:
@@ -554,20 +607,25 @@ for name, opts in (("exec", {}), ("syscall", {"slow_threshold_us": 0, "histogram
     m.load()
     held.append(m)
 time.sleep(2)
-print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0], flush=True)
+rss = lambda: open("/proc/self/status").read().split("VmRSS:")[1].split()[0]
+print(rss(), flush=True)
+ctypes.CDLL(None).malloc_trim(0)  # the same process trimmed as the agent trims
+print(rss(), flush=True)
 for m in held:
     m.close()
 """
 
 
-def bare_bcc_rss() -> float:
+def bare_bcc_rss() -> tuple[float, float]:
+    """(RSS as BCC leaves it, the same after malloc_trim(0)), MB."""
     out = subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True,
                          cwd=str(REPO), timeout=300)
     try:
-        return int(out.stdout.strip().splitlines()[-1]) / 1024
-    except (ValueError, IndexError):
+        plain, trimmed = out.stdout.strip().splitlines()[-2:]
+        return int(plain) / 1024, int(trimmed) / 1024
+    except ValueError:
         print(out.stderr[-2000:], file=sys.stderr)
-        return 0.0
+        return 0.0, 0.0
 
 
 # -- low rate: an exec every 10 ms, latency and agent CPU per event ------------------------
@@ -649,10 +707,17 @@ def main() -> int:
     p.add_argument("--compare-python", action="store_true",
                    help="also run one SSE client and the low-rate scenario against this "
                         "tree's agent with transport.decoder=python, in the same run")
+    p.add_argument("--agent", type=Path, default=None,
+                   help="the ebpf-agent executable to measure (e.g. another checkout's "
+                        ".venv/bin/ebpf-agent, before/after in the same bench); default "
+                        "this tree's")
     p.add_argument("--baseline-src", type=Path, default=None,
                    help="also run the low-rate scenario against the agent package of this "
                         "checkout (e.g. `git archive main | tar -x -C DIR`)")
     args = p.parse_args()
+    if args.agent is not None:
+        global AGENT
+        AGENT = args.agent.absolute()
     if os.geteuid() != 0 or shutil.which("gcc") is None:
         print("bench/stream.py needs root and gcc", file=sys.stderr)
         return 1
@@ -676,7 +741,7 @@ def main() -> int:
         for n in args.clients:
             figures[("sse", n)] = report(source, run_scenario(
                 url, agent.pid, source, binary, "sse", n, args.duration, args.generators))
-        bare = bare_bcc_rss()
+        bare, bare_trimmed = bare_bcc_rss()
         low = run_low_rate(url, agent.pid, workdir, args.low_rate_seconds, "this agent")
     finally:
         agent.terminate()
@@ -694,7 +759,9 @@ def main() -> int:
     print("\n== summary: goal, figure, reference (issue 19)")
     if anchor:
         print(f"  one SSE client >= 1.0x the BCC reader: {f1['client1']:,.0f} decoded ev/s "
-              f"vs anchor {anchor:,.0f} records/s = {f1['client1'] / anchor:.2f}x")
+              f"vs anchor {anchor:,.0f} records/s = {f1['client1'] / anchor:.2f}x  (agent "
+              f"intake {f1['intake']:,.0f} ev/s = {f1['intake'] / anchor:.2f}x; CPU: agent "
+              f"{f1['agent_cpu']:.0%}, client {f1['client_cpu']:.0%} of one CPU)")
     sse1 = f1["client1"] or 1.0
     print(f"  WebSocket batch=true >= 0.9x SSE: {figures[('ws-batch', 1)]['client1']:,.0f} vs "
           f"{f1['client1']:,.0f} ev/s = {figures[('ws-batch', 1)]['client1'] / sse1:.2f}x"
@@ -712,7 +779,9 @@ def main() -> int:
     print(f"  RSS at full load <= 1.3x a bare BCC process: peak {m['peak']:.0f} MB (exec+"
           f"syscall running, one client) vs bare {bare:.0f} MB = "
           f"{m['peak'] / (bare or 1):.2f}x  (idle {m['idle']:.0f} MB, 6 s after the load "
-          f"{m['after']:.0f} MB: {(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle)")
+          f"{m['after']:.0f} MB: {(m['after'] / m['idle'] - 1) * 100:+.0f}% of idle; the "
+          f"bare process after malloc_trim(0) {bare_trimmed:.0f} MB: "
+          f"{m['peak'] / (bare_trimmed or 1):.2f}x)")
     if args.compare_python:
         py, purl = start_agent(workdir, formats=["jsonl"], decoder="python", tag="python")
         try:

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from agent.api.access.origin import deny
 from agent.api.access.principal import client_address, principal_of
 from agent.api.access.scopes import needs
+from agent.api.chunked import ChunkedBody
 from agent.api.deps import ContextDep, HubDep, SettingsDep
 from agent.api.models import ERROR_RESPONSES
 from agent.model.filters import StreamFilters
@@ -31,7 +32,7 @@ from agent.stream.hub import (
     HubFull,
     Subscriber,
 )
-from agent.stream.wire import sse_chunk, ws_array_of, ws_messages_of
+from agent.stream.wire import sse_chunk, sse_parts, ws_array_of, ws_messages_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=ERROR_RESPONSES)
@@ -110,7 +111,6 @@ SSE_HEADERS = [
     (b"connection", b"keep-alive"),
     (b"x-accel-buffering", b"no"),
 ]
-HEARTBEAT = b": heartbeat\n\n"
 # A batch this large means the stream is busy: wait BUSY_STREAM_WAIT_S before reading
 # again (the added latency is that, only under load; at low rates every event goes out at
 # once). Not agent/monitors/ringbuf.py's LINGER_S, which paces a poller thread.
@@ -122,7 +122,8 @@ WS_ARRAY_BATCH = 2048
 
 
 class SubscriberStream(Response):
-    """An SSE response streaming one subscriber's batches: one ASGI send per batch and no
+    """An SSE response streaming one subscriber's batches: one chunk per batch, written
+    to the connection (agent/api/chunked.py) or through one ASGI send, and no
     per-send task, cancel scope or timer (sse-starlette cost ~10x the hub's work per
     batch at low rates). Two helper tasks per connection: one notices the client going
     away, one sends heartbeats on an idle stream and cuts a send that stayed blocked
@@ -149,11 +150,20 @@ class SubscriberStream(Response):
             await send({"type": "http.response.start", "status": 200,
                         "headers": SSE_HEADERS})
             self._last_send = loop.time()
+            # Straight to the connection where it is uvicorn's (agent/api/chunked.py): no
+            # copy of the frames per client on the way; otherwise through ASGI send.
+            body = ChunkedBody.of(scope)
             while (batch := await sub.next_batch(SSE_BATCH_EVENTS, sse=True)) is not None:
-                body = sse_chunk(batch) if batch.count or batch.missed else HEARTBEAT
                 sub.inflight = batch.count
                 self._sending_since = loop.time()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                if body is None:
+                    await send({"type": "http.response.body", "body": sse_chunk(batch),
+                                "more_body": True})
+                elif not await body.write(*sse_parts(batch)):  # the client is gone
+                    sub.dropped += sub.inflight  # read for it, never written: lost
+                    sub.inflight = 0
+                    sub.close("disconnected")
+                    break
                 self._last_send, self._sending_since = loop.time(), None
                 sub.confirm()
                 if batch.count >= BUSY_STREAM_BATCH:

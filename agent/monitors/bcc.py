@@ -62,6 +62,32 @@ STOP_CONSUMING = -1
 # program on its thread; both take this lock around BPF() and cleanup().
 COMPILE_LOCK = threading.Lock()
 
+
+def build_bpf(text: str, cflags: list[str]) -> Any:
+    """A BCC object compiled from ``text``: the one place the agent builds them (its
+    monitors and the process tracker), under COMPILE_LOCK.
+
+    Compiling a program makes clang/LLVM allocate tens of MB through malloc and free most
+    of it once the object is loaded; glibc keeps those freed pages in its heaps (the
+    arena of the thread that compiled), so the process's RSS stayed at its peak of every
+    compile. malloc_trim(3) returns the free pages of every arena to the kernel (since
+    glibc 2.8 it walks all arenas, not only the main heap); it runs once per build
+    (failed or not), never per event, and not at all where the C library has no
+    malloc_trim. Lowering M_ARENA_MAX (mallopt(3)) instead would make the poller and the
+    event loop contend for one arena on every allocation, and would not give the
+    compile's pages back."""
+    from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
+
+    with COMPILE_LOCK:
+        try:
+            return BPF(text=text, cflags=cflags)
+        finally:  # a failed compile frees its memory too
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
 
@@ -150,16 +176,13 @@ class BccMonitor(BaseMonitor[OptionsT]):
         return flags
 
     def load(self) -> None:
-        from bcc import BPF  # imported here: no BPF work (or libbcc loading) at import time
-
         self.__dict__.pop("decoder", None)  # built anew for what this load resolves
         if self.ctx.transport.decoder == "compiled" and not compiled.available():
             raise MonitorError(f"{self.name}: transport.decoder is 'compiled' but the"
                                f" extension is not built ({compiled.IMPORT_ERROR});"
                                " reinstall with gcc and the Python headers")
         try:
-            with COMPILE_LOCK:
-                self.bpf = BPF(text=self.bpf_text(), cflags=self.cflags())
+            self.bpf = build_bpf(self.bpf_text(), self.cflags())
             self.set_targets(self.ctx.targets)  # tracepoints are live already: see TF_READY
             self.attach()
             self.open_buffer()

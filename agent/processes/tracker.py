@@ -34,7 +34,7 @@ from agent.kernel.cgroups import CgroupError, CgroupResolver, normalize
 from agent.kernel.identity import ProcessIdentity, stat_start_ticks
 from agent.model.events import MonotonicClock, decode_c_string
 from agent.model.workload import Workload, workload_of
-from agent.monitors.bcc import COMPILE_LOCK
+from agent.monitors.bcc import COMPILE_LOCK, build_bpf
 from agent.monitors.ringbuf import RingReader, ringbuf_supported
 from agent.processes import procscan
 from agent.processes.process import Process, StartClock
@@ -151,10 +151,7 @@ class ProcessTracker:
         return [f"-I{SOURCE.parent}", *(f"-D{k}={v}" for k, v in defines.items())]
 
     def _load(self) -> None:
-        from bcc import BPF  # no libbcc at import time
-
-        with COMPILE_LOCK:
-            self._bpf = BPF(text=SOURCE.read_text(), cflags=self.cflags())
+        self._bpf = build_bpf(SOURCE.read_text(), self.cflags())
         ring = self._bpf[b"records"]
         if ringbuf_supported():
             self._reader = RingReader(ring.map_fd, ring.max_entries, self._on_record,

@@ -22,10 +22,21 @@ def sse_missed(missed: int) -> bytes:
     return b'event: dropped\ndata: {"missed":%d}\n\n' % missed
 
 
+HEARTBEAT = b": heartbeat\n\n"
+
+
+def sse_parts(batch: Batch) -> tuple[bytes, bytes]:
+    """(head, body) of one chunk per batch, sent one after the other without joining
+    them: the ``dropped`` frame when the batch has a missed count, then the events'
+    frames; a heartbeat comment when the batch is empty (an idle stream)."""
+    body = batch.frames or b"".join(sse_event(ev) for ev in batch.events)
+    head = sse_missed(batch.missed) if batch.missed else b""
+    return (head, body) if head or body else (b"", HEARTBEAT)
+
+
 def sse_chunk(batch: Batch) -> bytes:
     """One chunk per batch: one socket write for up to a batch of events."""
-    body = batch.frames or b"".join(sse_event(ev) for ev in batch.events)
-    return sse_missed(batch.missed) + body if batch.missed else body
+    return b"".join(sse_parts(batch))
 
 
 _WS_EVENT: dict[str, bytes] = {}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import atexit
 import gc
+import sys
 import weakref
 from typing import Any
 
+import pytest
+
 from agent.model.targets import TargetSet
+from agent.monitors import bcc
 from agent.monitors.contract import MonitorContext
 from agent.monitors.registry import default_registry
 from tests.support.monitors import CollectingSink, loaded_monitor
@@ -64,3 +68,35 @@ def test_a_real_bpf_object_is_released_after_close(kernel: None) -> None:
             refs.append(weakref.ref(monitor.bpf))
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+
+class FakeBcc:
+    """The bcc module build_bpf imports, with a BPF class that records when it runs
+    (whether under COMPILE_LOCK) or fails like a program that does not compile."""
+
+    def __init__(self, calls: list[Any], fail: bool) -> None:
+        class BPF:
+            def __init__(self, text: str, cflags: list[str]) -> None:
+                calls.append(("BPF", text, cflags, bcc.COMPILE_LOCK.locked()))
+                if fail:
+                    raise RuntimeError("clang: error")
+
+        self.BPF = BPF
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_build_bpf_compiles_under_the_lock_then_trims_the_heaps(monkeypatch: Any,
+                                                                 fail: bool) -> None:
+    calls: list[Any] = []
+    monkeypatch.setitem(sys.modules, "bcc", FakeBcc(calls, fail))
+    monkeypatch.setattr(bcc, "_MALLOC_TRIM",
+                        lambda pad: calls.append(("trim", pad, bcc.COMPILE_LOCK.locked())))
+    if fail:
+        with pytest.raises(RuntimeError, match="clang: error"):
+            bcc.build_bpf("int x;", ["-DX=1"])
+    else:
+        assert type(bcc.build_bpf("int x;", ["-DX=1"])).__name__ == "BPF"
+    # Compiled under the lock, then malloc_trim(0) once, failed or not; lock released.
+    assert calls == [("BPF", "int x;", ["-DX=1"], True), ("trim", 0, True)]
+    assert not bcc.COMPILE_LOCK.locked()

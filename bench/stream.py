@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import itertools
 import json
 import multiprocessing as mp
@@ -41,9 +42,12 @@ import operator
 import os
 import re
 import shutil
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +121,10 @@ class ClientResult:
     bad: int = 0  # chunks whose frames did not parse or whose ids went backwards
     cpu_s: float = 0.0  # the client process's CPU (all its clients), set on client 0
     latencies_us: list[float] | None = None
+    bytes: int = 0  # read from the socket
+    # Bytes still waiting in this client's own socket receive queue (FIONREAD, tcp(7))
+    # each time it parsed a batch: the part of its latency no sender can shorten.
+    queued: list[int] | None = None
 
     def rate(self) -> float:
         span = self.last - self.first
@@ -127,6 +135,14 @@ class ClientResult:
 SSE_EVENT = re.compile(rb"id: ([0-9]+)\nevent: [^\n]*\ndata: ([^\n]*)\n\n")
 SSE_DROPPED = re.compile(rb'event: dropped\ndata: \{"missed":([0-9]+)\}\n\n')
 READ_BUFFER = 4 << 20
+
+
+def receive_queue_ms(r: ClientResult) -> tuple[float, float]:
+    """p50 and p99 of the client's queued bytes, as ms of its mean read rate."""
+    span = r.last - r.first
+    rate = r.bytes / span if span > 0 else 0.0
+    q = statistics.quantiles(r.queued or [0, 0], n=100)
+    return (q[49] / rate * 1e3, q[98] / rate * 1e3) if rate else (0.0, 0.0)
 
 
 class SseClient(asyncio.BufferedProtocol):
@@ -144,8 +160,13 @@ class SseClient(asyncio.BufferedProtocol):
         self.started = False
         self.last_id = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.fd = -1
         if decode:
             r.latencies_us = []
+            r.queued = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.fd = transport.get_extra_info("socket").fileno()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.view[self.fill:]
@@ -154,6 +175,7 @@ class SseClient(asyncio.BufferedProtocol):
         # After the headers, buf[0] is the newline that ended the last complete frame
         # (or the headers): the frames from index 1 on each follow a newline.
         buf, start, end = self.buf, 1, self.fill + nbytes
+        self.r.bytes += nbytes
         if not self.started:
             i = buf.find(b"\r\n\r\n", 0, end)
             if i < 0 or not buf.startswith(b"HTTP/1.1 200"):
@@ -207,6 +229,9 @@ class SseClient(asyncio.BufferedProtocol):
         assert lat is not None
         step = 1 if len(lat) < 100_000 else 16
         lat.extend([(now_ns - e["ts_ns"]) / 1000 for e in events[::step]])
+        assert r.queued is not None
+        r.queued.append(struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD,
+                                                       b"\0\0\0\0"))[0])
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -479,6 +504,12 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     print(f"  client process (niced, all its clients) CPU {r0.cpu_s:.2f} s "
           f"({r0.cpu_s / s['gen_time'] * 100:.0f}% of one CPU)")
     print(f"  client 1 latency (receipt - ts_ns): {percentiles(r0.latencies_us or [])}")
+    if r0.queued:
+        wait = receive_queue_ms(r0)
+        queued_p99 = statistics.quantiles(r0.queued, n=100)[98]
+        print(f"  client 1 own receive queue when it parsed: p50 {wait[0]:.0f} ms  p99 "
+              f"{wait[1]:.0f} ms of its reading (p99 {queued_p99:,.0f} bytes; part of the "
+              "latency above that only the client's buffer sizes set)")
     if len(results) > 1:
         print(f"  {len(results)} clients: delivered total {total}  aggregate {agg:,.0f} ev/s  "
               f"per client min/median/max {rates[0]:,.0f}/{rates[len(rates) // 2]:,.0f}/"
@@ -504,7 +535,8 @@ def report(source: str, s: dict[str, Any]) -> dict[str, float]:
     return {"intake": intake / s["gen_time"], "client1": r0.rate(), "min": rates[0],
             "client_cpu": r0.cpu_s / s["gen_time"], "agent_cpu": s["cpu"] / s["gen_time"],
             "p99_ms": p99_ms(r0.latencies_us or []), "cpu_us": s["cpu"] / intake * 1e6
-            if intake else float("nan")}
+            if intake else float("nan"),
+            "queue_p99_ms": receive_queue_ms(r0)[1] if r0.queued else float("nan")}
 
 
 # -- the anchor: a minimal BCC Python reader of the same flood ----------------------------
@@ -772,7 +804,8 @@ def main() -> int:
               f"{f1['intake']:,.0f} ev/s = {f['intake'] / f1['intake']:.2f}x  (slowest "
               f"client {f['min']:,.0f} ev/s)")
     print(f"  heavy load, one SSE client, p99 kernel -> client <= 250 ms: "
-          f"{f1['p99_ms']:,.0f} ms  (agent CPU per event at full load {f1['cpu_us']:.2f} us)")
+          f"{f1['p99_ms']:,.0f} ms  (of it, the client's own receive queue: p99 "
+          f"{f1['queue_p99_ms']:,.0f} ms; agent CPU per event at full load {f1['cpu_us']:.2f} us)")
     print(f"  CPU per event at 100 events/s <= 1.2x the batched mode: {low['cpu_us']:,.0f} vs "
           f"{batched['cpu_us']:,.0f} us = {low['cpu_us'] / (batched['cpu_us'] or 1):.2f}x  "
           f"(p99 latency {low['p99_ms']:.2f} vs {batched['p99_ms']:.2f} ms)")

@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nats-creds", help="NATS credentials file")
     s.add_argument("--duration", type=float, help="stop after this many seconds")
     s.add_argument("--count", type=int, help="stop after this many events")
+    s.add_argument("--max-lag-ms", dest="max_lag_ms", type=int, metavar="MS",
+                   help="each host skips ahead (counted as missed) when this stream falls "
+                   "this far behind; 0: never (default: the agent's stream.max_lag_ms)")
     s.add_argument("--no-renew", action="store_true", help="do not renew the hosts' leases")
     s.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds without data (not even a heartbeat) before a host counts "
@@ -389,6 +392,8 @@ async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
                              cgroup=args.cgroup, unit=args.unit)
     except ValueError as e:
         raise ops.UsageError(str(e)) from None
+    if args.max_lag_ms is not None and args.max_lag_ms < 0:
+        raise ops.UsageError("--max-lag-ms: 0 (never skip) or a positive number of ms")
     emit = _emitter(args.output)
     if args.source:
         if not args.source.startswith(("nats://", "tls://")):
@@ -398,7 +403,8 @@ async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
         return EXIT_OK
     assert fleet is not None
     merged = MergedEvents(fleet, filters, emit, _notice, renew=not args.no_renew,
-                          idle_timeout=args.idle_timeout, max_events=args.count)
+                          idle_timeout=args.idle_timeout, max_events=args.count,
+                          max_lag_ms=args.max_lag_ms)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -109,8 +109,11 @@ class HostStream:
 class MergedEvents:
     def __init__(self, fleet: Fleet, filters: StreamFilters, emit: Emit, notice: Notice,
                  renew: bool = True, idle_timeout: float = IDLE_TIMEOUT_S,
-                 max_events: int | None = None) -> None:
+                 max_events: int | None = None, max_lag_ms: int | None = None) -> None:
+        """``max_lag_ms``: asked of every host's stream (the agents' max_lag_ms query
+        parameter; None: each agent's stream.max_lag_ms)."""
         self.fleet = fleet
+        self.max_lag_ms = max_lag_ms
         self.filters = filters
         self.emit = emit
         self.notice = notice
@@ -175,7 +178,10 @@ class MergedEvents:
         headers = dict(c.headers)
         if s.last_id is not None:
             headers["Last-Event-ID"] = str(s.last_id)
-        async with c.http.stream("GET", s.host.url + "/events", params=tuple(self.filters.params()),
+        params = tuple(self.filters.params())
+        if self.max_lag_ms is not None:
+            params += (("max_lag_ms", str(self.max_lag_ms)),)
+        async with c.http.stream("GET", s.host.url + "/events", params=params,
                                  headers=headers) as r:
             if r.status_code != 200:
                 body = await read_body(r, f"the answer to {EVENTS}")

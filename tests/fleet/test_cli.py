@@ -293,3 +293,26 @@ def test_events_resume_with_last_event_id_after_a_disconnect(agents: list[FakeAg
         proxy.down()
     assert code == 0
     assert [json.loads(line)["marker"] for line in ev.out] == ["r1", "r2", "r3", "r4"]
+
+
+@pytest.mark.parametrize(("option", "bound"), [([], 0), (["--max-lag-ms", "250"], 250),
+                                               (["--max-lag-ms", "0"], 0)])
+def test_events_asks_each_host_for_its_max_lag(agents: list[FakeAgent], option: list[str],
+                                               bound: int) -> None:
+    """--max-lag-ms is each host's max_lag_ms query parameter: the agents' /stats show it
+    on the controller's subscription (these agents' own stream.max_lag_ms is 0)."""
+    ev = Background(*hosts(agents), "events", "-o", "json", *option)
+    try:
+        for name in "abc":
+            ev.wait_line(ev.err, lambda s, n=name: s == f"ebpf-agentctl: {n}: streaming")
+        for a in agents:
+            subs = api(a, "GET", "/stats").json()["streams"]["subscribers"]
+            assert [(s["kind"], s["max_lag_ms"]) for s in subs] == [("sse", bound)]
+    finally:
+        ev.stop()
+
+
+def test_events_refuses_a_negative_max_lag(agents: list[FakeAgent]) -> None:
+    r = agentctl(*hosts(agents), "events", "--max-lag-ms", "-1")
+    assert r.returncode == 2
+    assert "--max-lag-ms: 0 (never skip) or a positive number of ms" in r.stderr

@@ -398,6 +398,8 @@ async def _events(args: argparse.Namespace, fleet: Fleet | None) -> int:
     if args.source:
         if not args.source.startswith(("nats://", "tls://")):
             raise ops.UsageError("--from: expected nats://HOST:PORT")
+        if args.max_lag_ms is not None:
+            raise ops.UsageError("--max-lag-ms: the hosts' streams only, not --from")
         await nats_events(args.source, args.subject, filters, emit, _notice, args.duration,
                           args.count, token=args.nats_token, creds=args.nats_creds)
         return EXIT_OK

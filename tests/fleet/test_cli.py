@@ -312,7 +312,13 @@ def test_events_asks_each_host_for_its_max_lag(agents: list[FakeAgent], option: 
         ev.stop()
 
 
-def test_events_refuses_a_negative_max_lag(agents: list[FakeAgent]) -> None:
-    r = agentctl(*hosts(agents), "events", "--max-lag-ms", "-1")
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-lag-ms", "-1"], "--max-lag-ms: 0 (never skip) or a positive number of ms"),
+    (["--max-lag-ms", "100", "--from", "nats://127.0.0.1:1"],
+     "--max-lag-ms: the hosts' streams only, not --from"),
+])
+def test_events_refuses_a_max_lag_it_cannot_apply(agents: list[FakeAgent], args: list[str],
+                                                  message: str) -> None:
+    r = agentctl(*hosts(agents), "events", *args)
     assert r.returncode == 2
-    assert "--max-lag-ms: 0 (never skip) or a positive number of ms" in r.stderr
+    assert message in r.stderr

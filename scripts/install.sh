@@ -19,6 +19,8 @@ DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool bpftrace linux-headers-amd64 pyt
   python3-dev
   # strace: the ground truth the file monitor's kernel tests compare with.
   strace
+  # openssl: the self-signed certificates of the TLS tests (tests/support/api.py).
+  openssl
   # chromium: the headless browser the /ui tests drive through Playwright.
   # The consumers the packaging tests run (tests/packaging): Prometheus and promtool,
   # systemd-analyze, and the daemonless image build (buildah, debootstrap).

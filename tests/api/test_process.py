@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -30,6 +29,7 @@ from tests.support.api import (
     free_port,
     read_sse,
     read_ws,
+    self_signed_cert,
     start_agent,
     write_config,
 )
@@ -464,12 +464,7 @@ if __name__ == "__main__":
 
 
 def test_tls_and_non_loopback_with_a_token(tmp_path: Path, kernel: None) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     path = write_config(tmp_path, {"api": {"tls_certfile": str(cert), "tls_keyfile": str(key)},
                                    "monitors": {"exec": {"enabled": False}}})

@@ -467,3 +467,13 @@ def wait_tracker(agent: Agent, timeout: float = 120) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("the process tracker did not start")
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, valid one day, made by openssl (make install
+    installs it): what api.tls_certfile/tls_keyfile take and a client trusts as its CA."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,13 @@ from agent.api.chunked import JOIN_BELOW, ChunkedBody
 from agent.api.routes_events import SubscriberStream
 from agent.stream.hub import Batch, EventHub, Filters
 from agent.stream.wire import HEARTBEAT, sse_chunk, sse_parts
-from tests.support.api import fake_registry, fake_report, settings, thread_server
+from tests.support.api import (
+    fake_registry,
+    fake_report,
+    self_signed_cert,
+    settings,
+    thread_server,
+)
 
 
 class FakeTransport:
@@ -217,19 +221,21 @@ def test_a_subscriber_that_fell_behind_gets_the_missed_count_in_band() -> None:
 
 # -- the real server ------------------------------------------------------------------
 @pytest.mark.parametrize("tls", [False, True])
-def test_a_large_replay_arrives_whole_over_http_and_tls(tmp_path: Path, tls: bool) -> None:
+def test_a_large_replay_arrives_whole_over_http_and_tls(tmp_path: Path, tls: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # 3,000 events of ~700 bytes resumed from the start: chunks far above the size the
     # route joins (agent/api/chunked.py), so the frames go to the transport as they are.
+    # The writers the route gets are kept: the real server's connection must be one
+    # ChunkedBody writes to (else the route falls back to ASGI send and this test would
+    # not cover the direct writes).
+    writers: list[ChunkedBody | None] = []
+    real_of = ChunkedBody.of
+    monkeypatch.setattr(ChunkedBody, "of", classmethod(
+        lambda cls, scope: writers.append(real_of(scope)) or writers[-1]))
     api: dict[str, Any] = {}
     verify: Any = True
     if tls:
-        if shutil.which("openssl") is None:
-            pytest.skip("openssl not installed")
-        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-                        "1", "-subj", "/CN=127.0.0.1", "-addext",
-                        "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
-                        str(cert)], check=True, capture_output=True)
+        cert, key = self_signed_cert(tmp_path)
         api = {"tls_certfile": str(cert), "tls_keyfile": str(key)}
         verify = ssl.create_default_context(cafile=str(cert))
     s = settings(api=api, stream={"replay_buffer": 4096})
@@ -260,3 +266,4 @@ def test_a_large_replay_arrives_whole_over_http_and_tls(tmp_path: Path, tls: boo
                     break
     assert [g[0] for g in got] == list(range(1, 3001))
     assert [g[1]["argv"] for g in got] == [["é" * 300, f"n{i}"] for i in range(3000)]
+    assert len(writers) == 1 and writers[0] is not None and writers[0].chunks >= 2
